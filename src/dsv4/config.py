@@ -1,0 +1,245 @@
+"""One flat model configuration whose field names follow the official DeepSeek-V4 config.json.
+
+Layer kinds come from ``compress_ratios`` as in the official inference code (model.py):
+0 = sliding window only (SWA), 4 = CSA (overlapped compressor + lightning indexer),
+any other m > 1 = HCA (plain pooling over m tokens), and this project's 1 = DSA (raw-token
+indexer, no compressor). The list may carry one extra entry per MTP layer (official layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+CSA_RATIO = 4  # official rule: ratio 4 <=> overlapped compressor + indexer
+
+_warned_extra: set[tuple[str, ...]] = set()
+
+
+class ConfigError(ValueError):
+    """An impossible configuration: the message names the field and the rule."""
+
+
+@dataclass
+class ModelConfig:
+    # sizes
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    # MoE
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    routed_scaling_factor: float = 1.5
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    num_hash_layers: int = 3
+    first_k_dense_replace: int = 0
+    swiglu_limit: float = 10.0
+    hidden_act: str = "silu"
+    # attention
+    sliding_window: int = 128
+    compress_ratios: list[int] = field(default_factory=lambda: [0, 0] + [4, 128] * 20 + [4, 0])
+    compress_rope_theta: float = 160000.0
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                                 "beta_fast": 32, "beta_slow": 1}
+    )
+    max_position_embeddings: int = 1048576
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # mHC
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # misc
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict | None = None
+    # training-time constants (dsv4 names; spec sections 3 and 5)
+    seq_aux_loss_alpha: float = 1e-4
+    bias_update_speed: float = 1e-3
+    mtp_loss_weight: float = 0.3
+    # unknown fields of a config.json, kept so to_json() writes them back
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    def compress_ratio(self, layer_id: int) -> int:
+        """Ratio of main layer ``layer_id``; MTP layers use index num_hidden_layers + k (0 if absent)."""
+        if layer_id < len(self.compress_ratios):
+            return self.compress_ratios[layer_id]
+        return 0
+
+    def layer_kind(self, layer_id: int) -> str:
+        m = self.compress_ratio(layer_id)
+        if m == 0:
+            return "swa"
+        if m == 1:
+            return "dsa"
+        if m == CSA_RATIO:
+            return "csa"
+        return "hca"
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [self.layer_kind(i) for i in range(self.num_hidden_layers)]
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def need(cond: bool, name: str, rule: str):
+            if not cond:
+                raise ConfigError(f"{name}={getattr(self, name, None)!r}: {rule}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "q_lora_rank", "o_groups", "o_lora_rank", "moe_intermediate_size", "n_routed_experts",
+                     "num_experts_per_tok", "sliding_window", "hc_mult", "hc_sinkhorn_iters",
+                     "index_n_heads", "index_head_dim", "max_position_embeddings"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.index_topk > 0, "index_topk", "must be >= 1 (the indexer selects at least one entry)")
+        need(self.num_key_value_heads == 1, "num_key_value_heads", "V4 attention is single-KV-head MQA; must be 1")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups",
+             f"num_attention_heads ({self.num_attention_heads}) must be divisible by o_groups")
+        need(0 < self.qk_rope_head_dim <= self.head_dim and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"must be even and in (0, head_dim={self.head_dim}]")
+        need(self.index_head_dim % 2 == 0 and self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+             f"must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"cannot exceed n_routed_experts ({self.n_routed_experts})")
+        need(self.n_shared_experts in (0, 1), "n_shared_experts", "must be 0 or 1")
+        need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",
+             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(self.scoring_func in ("sqrtsoftplus", "sigmoid", "softmax"), "scoring_func",
+             "must be one of sqrtsoftplus, sigmoid, softmax")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        n, n_all = self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers
+        need(len(self.compress_ratios) in (n, n_all), "compress_ratios",
+             f"needs one entry per layer: {n} (num_hidden_layers) or {n_all} (layers + MTP layers), "
+             f"got {len(self.compress_ratios)}")
+        need(all(r >= 0 for r in self.compress_ratios), "compress_ratios", "entries must be >= 0")
+        for k in range(n, len(self.compress_ratios)):
+            need(self.compress_ratios[k] == 0, "compress_ratios", f"MTP entry {k} must be 0 (MTP blocks are SWA)")
+        need(self.hc_eps > 0 and self.rms_norm_eps > 0, "hc_eps", "epsilons must be > 0")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind in ("yarn", "default", None), "rope_scaling", "only yarn rope scaling is supported")
+
+    # ------------------------------------------------------------------ json io
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        if d.get("model_type") == "deepseek_v4" and "layer_types" in d and "compress_ratios" not in d:
+            d = _from_transformers_dict(d)
+        if "text_config" in d and isinstance(d["text_config"], dict):
+            d = {**d["text_config"], **{k: v for k, v in d.items() if k == "quantization_config"}}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names and k != "extra"}}
+        key = tuple(sorted(extra))
+        if extra and key not in _warned_extra:
+            _warned_extra.add(key)
+            warnings.warn(f"config: keeping unknown fields {sorted(extra)}", stacklevel=2)
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **overrides) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ConfigError(f"unknown config field(s) {bad}; valid fields: {sorted(names - {'extra'})}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        path = PRESET_DIR / f"{name}.json"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name!r}; available: {available_presets()}")
+        return cls.from_json(path)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _from_transformers_dict(d: dict) -> dict:
+    """Map a transformers DeepseekV4Config dict (layer_types, compress_rates, rope_parameters) to ours."""
+    d = dict(d)
+    rates = d.pop("compress_rates", None) or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    kind_ratio = {"sliding_attention": 0, "compressed_sparse_attention": rates["compressed_sparse_attention"],
+                  "heavily_compressed_attention": rates["heavily_compressed_attention"]}
+    if kind_ratio["compressed_sparse_attention"] != CSA_RATIO:
+        raise ConfigError("compress_rates: the CSA rate must be 4 (official rule: ratio 4 <=> CSA)")
+    d["compress_ratios"] = [kind_ratio[t] for t in d.pop("layer_types")]
+    mlp = d.pop("mlp_layer_types", None)
+    if mlp is not None:
+        d["num_hash_layers"] = sum(1 for t in mlp if t == "hash_moe")
+    rp = d.pop("rope_parameters", None) or {}
+    if isinstance(rp.get("main"), dict):
+        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
+        comp = rp.get("compress", {})
+        d["compress_rope_theta"] = comp.get("rope_theta", d.get("compress_rope_theta", 160000.0))
+        if comp.get("rope_type") == "yarn":
+            d["rope_scaling"] = {"type": "yarn", "factor": comp["factor"],
+                                 "original_max_position_embeddings": comp["original_max_position_embeddings"],
+                                 "beta_fast": comp.get("beta_fast", 32), "beta_slow": comp.get("beta_slow", 1)}
+        else:
+            d["rope_scaling"] = None
+        prf = comp.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if prf is not None:
+            d["qk_rope_head_dim"] = int(round(d["head_dim"] * prf))
+    for k in ("partial_rotary_factor", "model_type", "architectures", "transformers_version", "output_router_logits",
+              "router_aux_loss_coef", "router_jitter_noise", "use_cache", "pad_token_id", "attention_bias",
+              "mlp_bias", "attention_dropout", "dtype", "num_local_experts", "intermediate_size"):
+        d.pop(k, None)
+    return d

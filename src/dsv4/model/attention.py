@@ -1,0 +1,86 @@
+"""V4 attention, one module for every layer type (spec section 2; official model.py `Attention`).
+
+q = RoPE(rms(RMSNorm(h W_qa) W_qb)) per head; kv = RoPE(RMSNorm(h W_kv)) is key AND value (MQA).
+Keys of query t: the raw window (t - n_win, t] plus, per layer kind,
+  swa: nothing more;  hca: all complete compressed entries;  csa: indexer top-k compressed entries;
+  dsa (ratio 1): indexer top-k raw tokens outside the window (the union keeps each key once).
+Output: de-rotate the rope dims at -t, then grouped projection W_oa (per group) and W_ob.
+The core softmax lives in dsv4.kernels.attention so faster kernels slot in there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.kernels.attention import attention_reference, selection_mask
+from dsv4.model.compressor import Compressor
+from dsv4.model.indexer import Indexer, visible_entries
+from dsv4.model.norm import RMSNorm, rms_norm
+from dsv4.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+        self.kind, self.ratio = cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
+        self.n_heads, self.head_dim, self.window, self.groups = h, c, cfg.sliding_window, cfg.o_groups
+        self.eps, self.scale = cfg.rms_norm_eps, c ** -0.5
+        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, h * c, bias=False)
+        self.wkv = nn.Linear(d, c, bias=False)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
+        if self.kind in ("csa", "hca"):
+            self.compressor = Compressor(d, c, self.ratio, overlap=self.kind == "csa", eps=cfg.rms_norm_eps)
+        if self.kind in ("csa", "dsa"):
+            self.indexer = Indexer(cfg, self.ratio)
+
+    @property
+    def uses_compress_rope(self) -> bool:
+        return self.kind != "swa"
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped output projection: group g's heads -> W_oa[g] (o_lora_rank each), concat -> W_ob."""
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, self.groups, -1)
+        w = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
+        o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
+        return self.wo_b(o)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                stats: dict | None = None) -> torch.Tensor:
+        """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]. stats collects indexer data."""
+        b, t, _ = x.shape
+        c_q = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+
+        entries = entry_mask = None
+        if self.kind == "hca":
+            entries = self.compressor(x, cos, sin)
+            entry_mask = visible_entries(positions, entries.shape[1], self.ratio).expand(b, t, -1)
+        elif self.kind in ("csa", "dsa"):
+            entries = self.compressor(x, cos, sin) if self.kind == "csa" else kv
+            idx, scores, visible = self.indexer(x, c_q, cos, sin, positions)
+            entry_mask = selection_mask(idx, entries.shape[1])
+            if self.kind == "dsa":  # union with the window: a raw token is attended once
+                entry_mask = entry_mask & ~(positions[:, None] - positions[None, :] < self.window)
+            if stats is not None:
+                stats.setdefault("indexer", []).append((scores, visible, entry_mask))
+        want_probs = stats is not None and self.kind in ("csa", "dsa")
+        res = attention_reference(q, kv, self.attn_sink, self.scale, self.window, positions, positions,
+                                  entries, entry_mask, return_entry_probs=want_probs)
+        if want_probs:
+            o, probs = res
+            stats.setdefault("entry_probs", []).append(probs)
+        else:
+            o = res
+        o = apply_rope(o, cos, sin, inverse=True)
+        return self.project_out(o)

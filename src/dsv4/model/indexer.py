@@ -1,0 +1,54 @@
+"""Lightning indexer (DeepSeek-V3.2 DSA; V4 report section 2.3.1; spec section 2).
+
+Score(t, s) = sum_j w_tj * ReLU(q_tj . k_s) with q = c_q W_q (n_I heads of c_I, RoPE), w = h W_w
+scaled by c_I^-1/2 n_I^-1/2, and keys k_s from the indexer's own compressor (CSA) or, for DSA
+(ratio 1), from its own per-token projection. Entry s is visible to query t iff s < (t + 1) // m.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.kernels.topk import topk_indices
+from dsv4.model.compressor import Compressor
+from dsv4.model.rope import apply_rope
+
+
+def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
+    """[*, T] absolute query positions -> [*, T, N] bool: entry s is causally complete for query t."""
+    limit = (positions + 1) // ratio
+    return torch.arange(n_entries, device=positions.device) < limit.unsqueeze(-1)
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int):
+        super().__init__()
+        self.ratio, self.n_heads, self.head_dim, self.topk = ratio, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, overlap=ratio == CSA_RATIO,
+                                     eps=cfg.rms_norm_eps)
+
+    def queries(self, h: torch.Tensor, c_q: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> q [B, T, n_I, c_I] (roped, fp32), head weights [B, T, n_I] (fp32, scaled)."""
+        q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).float()
+        w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return q, w
+
+    @staticmethod
+    def score(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [B,T,n,c], w [B,T,n], keys [B,N,c] -> scores [B,T,N] (fp32)."""
+        s = torch.einsum("btnc,bsc->btns", q, keys.float()).relu_()
+        return torch.einsum("btns,btn->bts", s, w)
+
+    def forward(self, h, c_q, cos, sin, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N])."""
+        keys = self.compressor(h, cos, sin)
+        q, w = self.queries(h, c_q, cos, sin)
+        scores = self.score(q, w, keys)
+        visible = visible_entries(positions, keys.shape[1], self.ratio)
+        visible = visible.expand(scores.shape)
+        return topk_indices(scores, self.topk, visible), scores, visible

@@ -1,0 +1,178 @@
+"""DeepSeekMoE as in V4 (spec section 3; official model.py `Gate`, `Expert`, `MoE`).
+
+Router scores s = f(x W_g^T) in fp32 with f in {sqrtsoftplus, sigmoid, softmax}. Learned layers select
+top-k of s + b (b = `gate.bias`, a non-gradient balancing bias); hash layers take tid2eid[token].
+Weights are the unbiased s of the chosen experts, normalised to sum 1, times routed_scaling_factor.
+Experts: W2(silu(clamp(W1 x, max=L)) * clamp(W3 x, -L, L)); one shared expert is always added.
+Routed experts are stored stacked ([E, ...]) but the state dict uses the official per-expert names
+`experts.{e}.w1.weight`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    gate = F.linear(x, w1)
+    up = F.linear(x, w3)
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+class Expert(nn.Module):
+    """A single SwiGLU expert (used as the shared expert)."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)
+
+
+class Experts(nn.Module):
+    """E routed experts, stacked: w1, w3 [E, I, d], w2 [E, d, I]."""
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.n, self.limit = n, limit
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+        self.register_state_dict_post_hook(Experts._split_state)
+        self.register_load_state_dict_pre_hook(Experts._stack_state)
+
+    @staticmethod
+    def _split_state(module, state_dict, prefix, local_metadata):
+        for name in ("w1", "w2", "w3"):
+            stacked = state_dict.pop(prefix + name)
+            for e in range(module.n):
+                state_dict[f"{prefix}{e}.{name}.weight"] = stacked[e]
+
+    @staticmethod
+    def _stack_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("w1", "w2", "w3"):
+            keys = [f"{prefix}{e}.{name}.weight" for e in range(module.n)]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+    def forward_reference(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Plain per-token loop over its k experts (test oracle)."""
+        out = torch.zeros_like(x)
+        for j in range(idx.shape[1]):
+            for e in range(self.n):
+                sel = (idx[:, j] == e).nonzero().squeeze(-1)
+                if sel.numel():
+                    y = swiglu(x[sel], self.w1[e], self.w2[e], self.w3[e], self.limit)
+                    out.index_add_(0, sel, y * weights[sel, j, None].to(y.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d], idx/weights [N, k] -> [N, d]. Tokens grouped by expert: one matmul per used expert."""
+        n_tok, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n).tolist()
+        tok = order // k
+        xs = x[tok]
+        ws = weights.flatten()[order].to(x.dtype)
+        outs, start = [], 0
+        for e, cnt in enumerate(counts):
+            if cnt:
+                outs.append(swiglu(xs[start:start + cnt], self.w1[e], self.w2[e], self.w3[e], self.limit))
+            start += cnt
+        ys = torch.cat(outs) * ws[:, None]
+        return torch.zeros_like(x).index_add_(0, tok, ys)
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool):
+        super().__init__()
+        self.topk, self.n, self.func = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.scoring_func
+        self.scale, self.norm, self.hash = cfg.routed_scaling_factor, cfg.norm_topk_prob, hash_routed
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if hash_routed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
+        if self.func == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(-1)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None):
+        """x [N, d] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E])."""
+        s = self.scores(x)
+        if self.hash:
+            if input_ids is None:
+                raise ValueError("hash-routed MoE layer needs input_ids")
+            idx = self.tid2eid[input_ids.reshape(-1)].long()
+        else:
+            idx = torch.topk(s + self.bias, self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        if self.norm:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scale, idx, s
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.n, self.k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Gate(cfg, hash_routed=layer_id < cfg.num_hash_layers)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                     cfg.swiglu_limit) if cfg.n_shared_experts else None
+        self.alpha = cfg.seq_aux_loss_alpha
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None, reference: bool = False):
+        """x [B,T,d] -> (y [B,T,d], sequence-wise balance loss (0-dim) or None)."""
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        w, idx, s = self.gate(flat, input_ids)
+        experts = self.experts.forward_reference if reference else self.experts
+        y = experts(flat, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        counts = torch.bincount(idx.flatten(), minlength=self.n).to(self.load.dtype)
+        if self.training:
+            self.load += counts  # consumed by update_bias() after the optimiser step
+        aux = None
+        if self.training and not self.gate.hash and self.alpha > 0:
+            aux = self.balance_loss(idx.view(b, t, -1), s.view(b, t, -1))
+        return y.view(b, t, d), aux
+
+    def balance_loss(self, idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """L = alpha sum_i f_i P_i per sequence, f_i = E/(K T) #routed to i, P_i = mean_t s_it / sum_j s_jt."""
+        b, t, _ = idx.shape
+        f = torch.zeros(b, self.n, device=idx.device).scatter_add_(1, idx.flatten(1),
+                                                                    torch.ones(b, t * self.k, device=idx.device))
+        f = f * self.n / (self.k * t)
+        p = (s / s.sum(-1, keepdim=True)).mean(1)
+        return self.alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """Aux-loss-free balancing: b_i += gamma * sign(mean_load - load_i); resets the load counter."""
+        if not self.gate.hash and self.load.sum() > 0:
+            self.gate.bias += gamma * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+    @torch.no_grad()
+    def max_violation(self, load: torch.Tensor | None = None) -> float:
+        """MaxVio = max_i load_i / mean_i load_i - 1."""
+        load = self.load if load is None else load
+        return (load.max() / load.mean().clamp_min(1e-9) - 1).item()

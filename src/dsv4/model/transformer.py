@@ -1,0 +1,174 @@
+"""The V4 transformer: embedding, blocks with two mHC units each, hc head, LM head and MTP.
+
+This is the only file that knows the block order (spec sections 1 and 5; official model.py
+`Block`, `MTPBlock`, `Transformer`). Parameter names equal the official checkpoint keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.attention import Attention
+from dsv4.model.mhc import hc_head, hc_post, hc_pre, init_hc_head, init_hc_unit
+from dsv4.model.moe import MoE
+from dsv4.model.norm import RMSNorm
+from dsv4.model.rope import Rotary
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: position i predicts token i+1+k
+    aux_loss: torch.Tensor | None = None  # sum of MoE sequence-wise balance losses (training only)
+    stats: dict | None = None  # per-layer data (indexer scores, mHC maps) when asked for
+    hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id, self.cfg = layer_id, cfg
+        self.attn = Attention(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        mix, hcd = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.hidden_size
+        for unit in ("attn", "ffn"):
+            setattr(self, f"hc_{unit}_fn", nn.Parameter(torch.empty(mix, hcd, dtype=torch.float32)))
+            setattr(self, f"hc_{unit}_base", nn.Parameter(torch.empty(mix, dtype=torch.float32)))
+            setattr(self, f"hc_{unit}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
+
+    def _hc(self, unit: str, x: torch.Tensor):
+        c = self.cfg
+        return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
+                      getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, x, input_ids, rope, positions, stats=None, reference=False):
+        """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None)."""
+        u, post, res = self._hc("attn", x)
+        if stats is not None:
+            stats.setdefault("res_maps", []).append(res.detach())
+        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats), x, post, res)
+        u, post, res = self._hc("ffn", x)
+        if stats is not None:
+            stats.setdefault("res_maps", []).append(res.detach())
+        y, aux = self.ffn(self.ffn_norm(u), input_ids, reference=reference)
+        return hc_post(y, x, post, res), aux
+
+
+class MTPBlock(Block):
+    """x = e_proj(enorm(Emb(t_{i+1}))) + h_proj(hnorm(X_i)) per stream, one SWA block, own hc head + norm."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        d, hc = cfg.hidden_size, cfg.hc_mult
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(hc, hc * d, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False):
+        """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
+        x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
+        x, aux = super().forward(x, input_ids, rope, positions, stats, reference)
+        c = self.cfg
+        h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
+        return self.norm(h), x, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hc = cfg.hidden_size, cfg.hc_mult
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.empty(hc, hc * d, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        r = cfg.qk_rope_head_dim
+        self.rope_main = Rotary(r, cfg.rope_theta)
+        self.rope_compress = Rotary(r, cfg.compress_rope_theta, cfg.rope_scaling)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Linear/embedding ~ N(0, initializer_range); norms 1; sinks, ape 0; mHC near a plain residual;
+        tid2eid: K distinct random experts per token."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std, hc = self.cfg.initializer_range, self.cfg.hc_mult
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("w1", "w2", "w3") or name.endswith("ffn.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif leaf in ("attn_sink", "ape"):
+                p.zero_()
+        owners = [self] + list(self.mtp)
+        for blk in list(self.layers) + list(self.mtp):
+            for unit in ("attn", "ffn"):
+                init_hc_unit(getattr(blk, f"hc_{unit}_fn"), getattr(blk, f"hc_{unit}_scale"),
+                             getattr(blk, f"hc_{unit}_base"), hc, std)
+            gate = blk.ffn.gate
+            if gate.hash:
+                gate.tid2eid.copy_(torch.rand(gate.tid2eid.shape[0], gate.n, generator=gen).argsort(-1)[:, :gate.topk])
+            else:
+                gate.bias.zero_()
+        for o in owners:
+            init_hc_head(o.hc_head_fn, o.hc_head_scale, o.hc_head_base, hc, std)
+
+    # --------------------------------------------------------------- forward
+    def ropes(self, positions: torch.Tensor):
+        return {"main": self.rope_main.cos_sin(positions), "compress": self.rope_compress.cos_sin(positions)}
+
+    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
+                reference: bool = False) -> ModelOutput:
+        """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
+        ropes = self.ropes(positions)
+        stats = {} if return_stats else None
+        h = self.embed(input_ids)
+        x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
+        aux = []
+        for layer in self.layers:
+            rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
+            x, a = layer(x, input_ids, rope, positions, stats, reference)
+            if a is not None:
+                aux.append(a)
+        c = self.cfg
+        out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
+        logits = self.head(out)
+        mtp_logits = []
+        if return_mtp:
+            xk = x
+            for k, blk in enumerate(self.mtp, start=1):
+                if t - k < 1:
+                    break
+                emb = self.embed(input_ids[:, k:])
+                cos, sin = ropes["main"]
+                hk, xk, a = blk(xk[:, : t - k], emb, input_ids[:, k:], (cos[: t - k], sin[: t - k]),
+                                positions[: t - k], None, reference)
+                if a is not None:
+                    aux.append(a)
+                mtp_logits.append(self.head(hk))
+        return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None, stats, x)

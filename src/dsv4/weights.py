@@ -1,0 +1,78 @@
+"""Safetensors weight IO (never pickle): single files or HF-style shards with an index, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # clone: views that share storage (stacked experts split per expert) must be separate tensors
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 0) -> None:
+    """Write model.safetensors, or shards + model.safetensors.index.json when max_shard_bytes > 0."""
+    directory = Path(directory)
+    if max_shard_bytes <= 0:
+        _atomic_save(state, directory / SINGLE)
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, directory / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    tmp = directory / (INDEX + ".tmp")
+    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    os.replace(tmp, directory / INDEX)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a .safetensors file, or a directory holding model.safetensors or an index + shards."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / INDEX).exists():
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            out = {}
+            for f in files:
+                out.update(load_state_dict(path / f))
+            return out
+        if (path / SINGLE).exists():
+            path = path / SINGLE
+        else:
+            raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"corrupt or unreadable safetensors file {path}: {e}") from None

@@ -1,0 +1,35 @@
+import warnings
+
+import pytest
+import torch
+
+from dsv4 import ModelConfig
+
+warnings.filterwarnings("ignore", message="config: keeping unknown fields")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def small_config(**overrides) -> ModelConfig:
+    """A tiny V4 config with every main layer kind (swa, csa, hca m'=16, csa) and both router kinds."""
+    base = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, head_dim=32, qk_rope_head_dim=8,
+                q_lora_rank=32, o_lora_rank=32, moe_intermediate_size=64, index_n_heads=16, index_head_dim=16,
+                index_topk=16, sliding_window=16, compress_ratios=[0, 4, 16, 4, 0], num_hash_layers=1)
+    base.update(overrides)
+    return ModelConfig.preset("tiny").replace(**base)
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Perturb parameters that start at 0/1 (norms, sinks, ape, mHC gates, balancing bias) so tests see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("ape", "attn_sink", "_base", "_scale")) or "norm" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for n, b in model.named_buffers():
+            if n.endswith("gate.bias"):
+                b.normal_(0, 0.1, generator=g)
+
+
+@pytest.fixture
+def small_cfg():
+    return small_config()
