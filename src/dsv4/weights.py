@@ -76,3 +76,34 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"corrupt or unreadable safetensors file {path}: {e}") from None
+
+
+def save_model(model, directory: str | Path) -> None:
+    """config.json + model.safetensors with the official tensor names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model.state_dict(), directory)
+    model.cfg.to_json(directory / "config.json")
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | None = None):
+    """Build a Transformer from config.json and load its safetensors weights (strict names and shapes)."""
+    from dsv4.config import ModelConfig
+    from dsv4.model.transformer import Transformer
+
+    directory = Path(directory)
+    cfg = ModelConfig.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_state_dict(directory)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.rope_main.__init__(cfg.qk_rope_head_dim, cfg.rope_theta)
+    model.rope_compress.__init__(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
+    for mod in model.modules():  # non-persistent buffers are still on meta
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
+    return model.to(dtype) if dtype is not None else model
