@@ -95,7 +95,9 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None):
     cfg = ModelConfig.from_json(directory / "config.json")
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = load_state_dict(directory)
+    from dsv4.quant.formats import dequantize_state_dict
+
+    state = dequantize_state_dict(load_state_dict(directory))  # official FP8 / MXFP4 checkpoints
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
