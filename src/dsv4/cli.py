@@ -1,0 +1,106 @@
+"""The `dsv4` command. Thin: it parses arguments and calls the library.
+
+  dsv4 info --preset v4-flash | --config path/to/config.json
+  dsv4 convert --from-transformers DIR OUT | --to-transformers DIR OUT
+  dsv4 demo [--preset tiny] [--seed 0] [--tokens 16] [--temperature 0]
+
+Bad input (an unknown preset, a missing file, an invalid config) prints one line
+`dsv4: error: ...` on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsv4.config import ConfigError, available_presets
+
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+def _load_config(args):
+    from dsv4.config import ModelConfig
+
+    if args.config is not None:
+        return ModelConfig.from_json(args.config), str(args.config)
+    return ModelConfig.preset(args.preset), args.preset
+
+
+def cmd_info(args) -> int:
+    from dsv4.info import format_info
+
+    cfg, name = _load_config(args)
+    print(format_info(cfg, name))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    try:
+        from dsv4.convert import transformers as conv
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("dsv4"):
+            raise NotImplementedError(f"conversion is not available in this install ({e})") from None
+        raise
+    if args.from_transformers is not None:
+        conv.convert_from_transformers_dir(args.from_transformers, args.out)
+    else:
+        conv.convert_to_transformers_dir(args.to_transformers, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dsv4.demo import run_demo
+
+    run_demo(preset=args.preset, seed=args.seed, new_tokens=args.tokens, temperature=args.temperature)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 sparse language models in PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="parameter counts, layer schedule and KV-cache size of a config",
+                          description="Count parameters (on the meta device: nothing is allocated), print the "
+                                      "layer schedule and the served KV-cache size.")
+    src = info.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", metavar="NAME", help=f"a built-in preset: {', '.join(available_presets())}")
+    src.add_argument("--config", metavar="FILE", help="a config.json (or a directory holding one)")
+    info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="convert checkpoints to/from the transformers layout")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-transformers", metavar="DIR", help="a transformers DeepseekV4 checkpoint directory")
+    way.add_argument("--to-transformers", metavar="DIR", help="a dsv4 (official layout) checkpoint directory")
+    conv.add_argument("out", metavar="OUT", help="output directory")
+    conv.set_defaults(func=cmd_convert)
+
+    demo = sub.add_parser("demo", help="run a random tiny model: one forward pass and a short generation")
+    demo.add_argument("--preset", default="tiny", metavar="NAME", help="preset to build (default: tiny)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
+    demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 = sampling")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if not isinstance(e, FileNotFoundError) or e.filename is None else f"file not found: {e.filename}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"dsv4: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"dsv4: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
