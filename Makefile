@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip --quiet
+PIP    := $(PY) -m pip --quiet --quiet
 STAMP  := $(VENV)/.dsv4-installed
 PYTEST_ARGS ?=
 
@@ -19,6 +19,7 @@ help:
 
 # torch is installed first and pinned: an unpinned resolve could pull a multi-GB CUDA build.
 # The stamp makes repeated runs instant; editing pyproject.toml re-runs the install.
+# -qq: pip still prints errors, but not the machine-config warnings about missing local index dirs.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "==> installing torch==2.13.0"
