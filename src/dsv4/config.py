@@ -7,6 +7,7 @@ indexer, no compressor). The list may carry one extra entry per MTP layer (offic
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -146,7 +147,8 @@ class ModelConfig:
         need(all(r >= 0 for r in self.compress_ratios), "compress_ratios", "entries must be >= 0")
         for k in range(n, len(self.compress_ratios)):
             need(self.compress_ratios[k] == 0, "compress_ratios", f"MTP entry {k} must be 0 (MTP blocks are SWA)")
-        need(self.hc_eps > 0 and self.rms_norm_eps > 0, "hc_eps", "epsilons must be > 0")
+        need(self.hc_eps > 0, "hc_eps", "must be > 0")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             need(kind in ("yarn", "default", None), "rope_scaling", "only yarn rope scaling is supported")
@@ -198,7 +200,7 @@ class ModelConfig:
         bad = sorted(set(overrides) - names)
         if bad:
             raise ConfigError(f"unknown config field(s) {bad}; valid fields: {sorted(names - {'extra'})}")
-        return dataclasses.replace(self, **overrides)
+        return dataclasses.replace(copy.deepcopy(self), **overrides)
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":

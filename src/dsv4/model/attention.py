@@ -18,10 +18,13 @@ from dsv4.kernels.attention import attention_reference, selection_mask
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
+from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import apply_rope
 
 
-class Attention(nn.Module):
+class Attention(KeepFP32):
+    fp32_names = ("attn_sink",)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads

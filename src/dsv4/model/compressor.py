@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.norm import RMSNorm
+from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import apply_rope
 
 
-class Compressor(nn.Module):
+class Compressor(KeepFP32):
+    fp32_names = ("ape",)
+
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
         super().__init__()
         self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.model.precision import KeepFP32
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
@@ -93,7 +94,9 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, tok, ys)
 
 
-class Gate(nn.Module):
+class Gate(KeepFP32):
+    fp32_names = ("bias",)
+
     def __init__(self, cfg: ModelConfig, hash_routed: bool):
         super().__init__()
         self.topk, self.n, self.func = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.scoring_func
@@ -127,7 +130,9 @@ class Gate(nn.Module):
         return w * self.scale, idx, s
 
 
-class MoE(nn.Module):
+class MoE(KeepFP32):
+    fp32_names = ("load",)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.n, self.k = cfg.n_routed_experts, cfg.num_experts_per_tok

@@ -3,9 +3,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.model.precision import KeepFP32
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(KeepFP32):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32, cast back to the input dtype."""
+
+    fp32_names = ("weight",)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from dsv4.model.precision import KeepFP32
+
 
 def yarn_inv_freq(dim: int, base: float, factor: float, original_len: int, beta_fast: float = 32,
                   beta_slow: float = 1) -> torch.Tensor:
@@ -25,8 +27,10 @@ def yarn_inv_freq(dim: int, base: float, factor: float, original_len: int, beta_
     return freqs / factor * ramp + freqs * (1 - ramp)
 
 
-class Rotary(nn.Module):
+class Rotary(KeepFP32):
     """Holds inv_freq [r/2]; cos_sin(pos) gives fp32 cos, sin of shape [*pos, r/2]."""
+
+    fp32_names = ("inv_freq",)
 
     def __init__(self, dim: int, base: float, scaling: dict | None = None):
         super().__init__()

@@ -16,6 +16,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.mhc import hc_head, hc_post, hc_pre, init_hc_head, init_hc_unit
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
+from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import Rotary
 
 
@@ -28,7 +29,13 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
 
 
-class Block(nn.Module):
+HC_UNIT = tuple(f"hc_{u}_{p}" for u in ("attn", "ffn") for p in ("fn", "base", "scale"))
+HC_HEAD = ("hc_head_fn", "hc_head_base", "hc_head_scale")
+
+
+class Block(KeepFP32):
+    fp32_names = HC_UNIT
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id, self.cfg = layer_id, cfg
@@ -63,6 +70,8 @@ class Block(nn.Module):
 class MTPBlock(Block):
     """x = e_proj(enorm(Emb(t_{i+1}))) + h_proj(hnorm(X_i)) per stream, one SWA block, own hc head + norm."""
 
+    fp32_names = HC_UNIT + HC_HEAD
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg, layer_id)
         d, hc = cfg.hidden_size, cfg.hc_mult
@@ -84,7 +93,9 @@ class MTPBlock(Block):
         return self.norm(h), x, aux
 
 
-class Transformer(nn.Module):
+class Transformer(KeepFP32):
+    fp32_names = HC_HEAD
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

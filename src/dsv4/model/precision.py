@@ -1,0 +1,28 @@
+"""Tensors that stay fp32 whatever `model.to(dtype)` asks (official model.py keeps them fp32):
+RoPE frequencies, norm weights, mHC maps, attention sinks, compressor position biases, the MoE
+balancing bias and load counters. Device moves are honoured; only the dtype cast is skipped.
+"""
+import torch
+from torch import nn
+
+
+class KeepFP32(nn.Module):
+    fp32_names: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {}
+        for name in self.fp32_names:
+            t = self._parameters.get(name, self._buffers.get(name))
+            if t is not None and t.dtype == torch.float32:
+                kept[name] = t.data
+        super()._apply(fn, recurse)
+        for name, orig in kept.items():
+            if name in self._parameters:
+                p = self._parameters[name]
+                if p.dtype != torch.float32:
+                    p.data = orig.to(p.device, torch.float32)
+            else:
+                b = self._buffers[name]
+                if b.dtype != torch.float32:
+                    self._buffers[name] = orig.to(b.device, torch.float32)
+        return self
