@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.kernels.attention import attention_reference, selection_mask
+from dsv4.kernels.attention import IMPLS, selection_mask
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
@@ -43,6 +43,16 @@ class Attention(KeepFP32):
             self.compressor = Compressor(d, c, self.ratio, overlap=self.kind == "csa", eps=cfg.rms_norm_eps)
         if self.kind in ("csa", "dsa"):
             self.indexer = Indexer(cfg, self.ratio)
+        self.impl = "chunked"  # core attention kernel: a key of dsv4.kernels.attention.IMPLS
+
+    def entry_segments(self, segment_ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Document id of the FIRST token each entry pools ([B, N]); an entry is visible to a query only
+        if that id equals the query's (ids are nondecreasing along a packed row, so the whole span is
+        then inside the query's document)."""
+        first = torch.arange(n, device=segment_ids.device) * self.ratio
+        if self.kind == "csa":
+            first = (first - self.ratio).clamp_min(0)
+        return segment_ids[:, first]
 
     @property
     def uses_compress_rope(self) -> bool:
@@ -57,29 +67,36 @@ class Attention(KeepFP32):
         return self.wo_b(o)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                stats: dict | None = None) -> torch.Tensor:
-        """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]. stats collects indexer data."""
+                stats: dict | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
+        ids for sample-level masking (None = one document per row). stats collects indexer data."""
         b, t, _ = x.shape
         c_q = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
 
-        entries = entry_mask = None
-        if self.kind == "hca":
+        entries = entry_mask = same_doc = None
+        if self.kind in ("csa", "hca"):
             entries = self.compressor(x, cos, sin)
+        elif self.kind == "dsa":
+            entries = kv
+        if entries is not None and segment_ids is not None:
+            same_doc = segment_ids[:, :, None] == self.entry_segments(segment_ids, entries.shape[1])[:, None, :]
+        if self.kind == "hca":
             entry_mask = visible_entries(positions, entries.shape[1], self.ratio).expand(b, t, -1)
+            if same_doc is not None:
+                entry_mask = entry_mask & same_doc
         elif self.kind in ("csa", "dsa"):
-            entries = self.compressor(x, cos, sin) if self.kind == "csa" else kv
-            idx, scores, visible = self.indexer(x, c_q, cos, sin, positions)
+            idx, scores, visible = self.indexer(x, c_q, cos, sin, positions, same_doc)
             entry_mask = selection_mask(idx, entries.shape[1])
             if self.kind == "dsa":  # union with the window: a raw token is attended once
                 entry_mask = entry_mask & ~(positions[:, None] - positions[None, :] < self.window)
             if stats is not None:
                 stats.setdefault("indexer", []).append((scores, visible, entry_mask))
         want_probs = stats is not None and self.kind in ("csa", "dsa")
-        res = attention_reference(q, kv, self.attn_sink, self.scale, self.window, positions, positions,
-                                  entries, entry_mask, return_entry_probs=want_probs)
+        res = IMPLS[self.impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
+                               entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
         if want_probs:
             o, probs = res
             stats.setdefault("entry_probs", []).append(probs)

@@ -44,11 +44,12 @@ class Indexer(nn.Module):
         s = torch.einsum("btnc,bsc->btns", q, keys.float()).relu_()
         return torch.einsum("btns,btn->bts", s, w)
 
-    def forward(self, h, c_q, cos, sin, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N])."""
+    def forward(self, h, c_q, cos, sin, positions, same_doc=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N]).
+        same_doc [B,T,N] (optional) restricts visibility to entries of the query's document."""
         keys = self.compressor(h, cos, sin)
         q, w = self.queries(h, c_q, cos, sin)
         scores = self.score(q, w, keys)
         visible = visible_entries(positions, keys.shape[1], self.ratio)
-        visible = visible.expand(scores.shape)
+        visible = visible.expand(scores.shape) if same_doc is None else visible & same_doc
         return topk_indices(scores, self.topk, visible), scores, visible

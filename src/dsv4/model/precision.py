@@ -1,4 +1,4 @@
-"""Tensors that stay fp32 whatever `model.to(dtype)` asks (official model.py keeps them fp32):
+"""Tensors that stay fp32 when `model.to(dtype)` asks for a narrower float (official model.py keeps them fp32):
 RoPE frequencies, norm weights, mHC maps, attention sinks, compressor position biases, the MoE
 balancing bias and load counters. Device moves are honoured; only the dtype cast is skipped.
 """
@@ -19,10 +19,10 @@ class KeepFP32(nn.Module):
         for name, orig in kept.items():
             if name in self._parameters:
                 p = self._parameters[name]
-                if p.dtype != torch.float32:
+                if p.dtype.is_floating_point and p.dtype.itemsize < 4:
                     p.data = orig.to(p.device, torch.float32)
             else:
                 b = self._buffers[name]
-                if b.dtype != torch.float32:
+                if b.dtype.is_floating_point and b.dtype.itemsize < 4:
                     self._buffers[name] = orig.to(b.device, torch.float32)
         return self

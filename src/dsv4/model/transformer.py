@@ -54,12 +54,12 @@ class Block(KeepFP32):
         return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
                       getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, x, input_ids, rope, positions, stats=None, reference=False):
+    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None):
         """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None)."""
         u, post, res = self._hc("attn", x)
         if stats is not None:
             stats.setdefault("res_maps", []).append(res.detach())
-        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats), x, post, res)
+        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats, segment_ids), x, post, res)
         u, post, res = self._hc("ffn", x)
         if stats is not None:
             stats.setdefault("res_maps", []).append(res.detach())
@@ -84,10 +84,10 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
-    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False):
+    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False, segment_ids=None):
         """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
-        x, aux = super().forward(x, input_ids, rope, positions, stats, reference)
+        x, aux = super().forward(x, input_ids, rope, positions, stats, reference, segment_ids)
         c = self.cfg
         h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
         return self.norm(h), x, aux
@@ -149,11 +149,26 @@ class Transformer(KeepFP32):
     def ropes(self, positions: torch.Tensor):
         return {"main": self.rope_main.cos_sin(positions), "compress": self.rope_compress.cos_sin(positions)}
 
+    def set_attention_impl(self, name: str) -> None:
+        """'chunked' (default fast path) or 'reference' (masked dense oracle) for every layer."""
+        from dsv4.kernels.attention import IMPLS
+
+        if name not in IMPLS:
+            raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(IMPLS)}")
+        for mod in self.modules():
+            if hasattr(mod, "impl") and hasattr(mod, "attn_sink"):
+                mod.impl = name
+
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
-                reference: bool = False) -> ModelOutput:
-        """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats)."""
+                reference: bool = False, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
+
+        segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
+        reference=True uses the plain MoE expert loop (the attention oracle is set_attention_impl)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if segment_ids is not None and segment_ids.shape != input_ids.shape:
+            raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device)
         ropes = self.ropes(positions)
@@ -163,7 +178,7 @@ class Transformer(KeepFP32):
         aux = []
         for layer in self.layers:
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
-            x, a = layer(x, input_ids, rope, positions, stats, reference)
+            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids)
             if a is not None:
                 aux.append(a)
         c = self.cfg
@@ -177,8 +192,9 @@ class Transformer(KeepFP32):
                     break
                 emb = self.embed(input_ids[:, k:])
                 cos, sin = ropes["main"]
+                seg = None if segment_ids is None else segment_ids[:, : t - k]
                 hk, xk, a = blk(xk[:, : t - k], emb, input_ids[:, k:], (cos[: t - k], sin[: t - k]),
-                                positions[: t - k], None, reference)
+                                positions[: t - k], None, reference, seg)
                 if a is not None:
                     aux.append(a)
                 mtp_logits.append(self.head(hk))
