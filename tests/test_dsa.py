@@ -2,8 +2,9 @@
 
 The reference below is written from the spec, not from dsv4's code: for each query t it scores every
 raw token s <= t with the lightning indexer (using the module's own weights), takes the top-k with
-the rule "higher score first, then lower position", forms the key set window (t - n_win, t] UNION
-selected (each key once), and runs one softmax with the per-head sink, in float64 with plain loops.
+the rule "higher score first, then lower position" among the tokens OUTSIDE the window (s <= t - n_win;
+window tokens are always attended, so selecting them would waste slots), forms the key set
+window (t - n_win, t] UNION selected (disjoint), and runs one softmax with the per-head sink, in float64 with plain loops.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
             scores = []
             for s in range(t + 1):
                 scores.append(sum(w_i[j] * torch.relu(q_i[j] @ k_i[s]) for j in range(n_i)).item())
-            chosen = sorted(range(t + 1), key=lambda s: (-scores[s], s))[:topk]
+            chosen = sorted(range(max(0, t - window + 1)), key=lambda s: (-scores[s], s))[:topk]
             keys = sorted(set(range(max(0, t - window + 1), t + 1)) | set(chosen))
             sets_b.append(keys)
             scores_b.append(scores)
@@ -132,7 +133,7 @@ def test_dsa_attention_matches_bruteforce(t_len):
     # indexer scores of every visible (s <= t) token
     for bi in range(2):
         for t in range(t_len):
-            assert visible[bi, t].tolist() == [s <= t for s in range(t_len)]
+            assert visible[bi, t].tolist() == [s <= t - WINDOW for s in range(t_len)]
             got = scores[bi, t, : t + 1].double()
             assert torch.allclose(got, torch.tensor(ref_scores[bi][t], dtype=torch.float64), atol=1e-5)
     # key sets: module's window U selected entries == reference's

@@ -3,7 +3,7 @@
 q = RoPE(rms(RMSNorm(h W_qa) W_qb)) per head; kv = RoPE(RMSNorm(h W_kv)) is key AND value (MQA).
 Keys of query t: the raw window (t - n_win, t] plus, per layer kind,
   swa: nothing more;  hca: all complete compressed entries;  csa: indexer top-k compressed entries;
-  dsa (ratio 1): indexer top-k raw tokens outside the window (the union keeps each key once).
+  dsa (ratio 1): indexer top-k of the raw tokens outside the window (disjoint from it).
 Output: de-rotate the rope dims at -t, then grouped projection W_oa (per group) and W_ob.
 The core softmax lives in dsv4.kernels.attention so faster kernels slot in there.
 """
@@ -90,8 +90,6 @@ class Attention(KeepFP32):
         elif self.kind in ("csa", "dsa"):
             idx, scores, visible = self.indexer(x, c_q, cos, sin, positions, same_doc)
             entry_mask = selection_mask(idx, entries.shape[1])
-            if self.kind == "dsa":  # union with the window: a raw token is attended once
-                entry_mask = entry_mask & ~(positions[:, None] - positions[None, :] < self.window)
             if stats is not None:
                 stats.setdefault("indexer", []).append((scores, visible, entry_mask))
         want_probs = stats is not None and self.kind in ("csa", "dsa")

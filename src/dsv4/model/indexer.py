@@ -3,6 +3,8 @@
 Score(t, s) = sum_j w_tj * ReLU(q_tj . k_s) with q = c_q W_q (n_I heads of c_I, RoPE), w = h W_w
 scaled by c_I^-1/2 n_I^-1/2, and keys k_s from the indexer's own compressor (CSA) or, for DSA
 (ratio 1), from its own per-token projection. Entry s is visible to query t iff s < (t + 1) // m.
+In DSA the raw window is always attended, so the indexer ranks only the tokens outside it
+(s <= t - n_win) and the key set window + top-k is disjoint.
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.rope import apply_rope
 
 
-def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
-    """[*, T] absolute query positions -> [*, T, N] bool: entry s is causally complete for query t."""
-    limit = (positions + 1) // ratio
+def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int, exclude_window: int = 0) -> torch.Tensor:
+    """[*, T] absolute query positions -> [*, T, N] bool: entry s is causally complete for query t
+    (s < (t + 1) // m); with exclude_window = n_win (DSA), also outside the raw window (s <= t - n_win)."""
+    limit = (positions + 1 - exclude_window) // ratio
     return torch.arange(n_entries, device=positions.device) < limit.unsqueeze(-1)
 
 
 class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig, ratio: int):
         super().__init__()
+        self.exclude_window = cfg.sliding_window if ratio == 1 else 0
         self.ratio, self.n_heads, self.head_dim, self.topk = ratio, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
@@ -50,6 +54,6 @@ class Indexer(nn.Module):
         keys = self.compressor(h, cos, sin)
         q, w = self.queries(h, c_q, cos, sin)
         scores = self.score(q, w, keys)
-        visible = visible_entries(positions, keys.shape[1], self.ratio)
+        visible = visible_entries(positions, keys.shape[1], self.ratio, self.exclude_window)
         visible = visible.expand(scores.shape) if same_doc is None else visible & same_doc
         return topk_indices(scores, self.topk, visible), scores, visible
