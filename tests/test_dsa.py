@@ -108,11 +108,12 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
 
 def run_module(attn: Attention, x: torch.Tensor, cos, sin):
     positions = torch.arange(x.shape[1])
-    stats = {}
+    stats = {"collect": True}
     with torch.no_grad():
         y = attn(x, cos, sin, positions, stats)
         y_plain = attn(x, cos, sin, positions)
-    scores, visible, entry_mask = stats["indexer"][0]
+    d = stats["indexer"][0]
+    scores, visible, entry_mask = d["scores"], d["visible"], d["entry_mask"]
     return y, y_plain, scores, visible, entry_mask
 
 

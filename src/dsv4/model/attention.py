@@ -16,7 +16,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.kernels.attention import IMPLS, selection_mask
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer, visible_entries
+from dsv4.model.indexer import Indexer, indexer_kl, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import apply_rope
@@ -28,7 +28,7 @@ class Attention(KeepFP32):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
-        self.kind, self.ratio = cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
+        self.layer_id, self.kind, self.ratio = layer_id, cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
         self.n_heads, self.head_dim, self.window, self.groups = h, c, cfg.sliding_window, cfg.o_groups
         self.eps, self.scale = cfg.rms_norm_eps, c ** -0.5
         self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
@@ -69,8 +69,11 @@ class Attention(KeepFP32):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 stats: dict | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
-        ids for sample-level masking (None = one document per row). stats collects indexer data."""
+        ids for sample-level masking (None = one document per row). stats: optional dict; with
+        "indexer_mode" in ("dense", "sparse") the indexer KL loss is appended to stats["indexer_loss"];
+        with "collect" the indexer's scores, selections and the attention mass go to stats["indexer"]."""
         b, t, _ = x.shape
+        mode = None if stats is None else stats.get("indexer_mode")
         c_q = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
@@ -88,16 +91,22 @@ class Attention(KeepFP32):
             if same_doc is not None:
                 entry_mask = entry_mask & same_doc
         elif self.kind in ("csa", "dsa"):
-            idx, scores, visible = self.indexer(x, c_q, cos, sin, positions, same_doc)
-            entry_mask = selection_mask(idx, entries.shape[1])
-            if stats is not None:
-                stats.setdefault("indexer", []).append((scores, visible, entry_mask))
+            # indexer training (spec section 2): its input is detached, so only the indexer learns from
+            # its KL loss; "dense" = warm-up with dense attention over every visible entry
+            xi, cqi = (x.detach(), c_q.detach()) if mode else (x, c_q)
+            idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
+            entry_mask = visible if mode == "dense" else selection_mask(idx, entries.shape[1])
         want_probs = stats is not None and self.kind in ("csa", "dsa")
         res = IMPLS[self.impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
                                entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
         if want_probs:
             o, probs = res
-            stats.setdefault("entry_probs", []).append(probs)
+            if mode:
+                stats.setdefault("indexer_loss", []).append(indexer_kl(scores, probs.detach(), entry_mask))
+            if stats.get("collect", False):
+                stats.setdefault("indexer", []).append(
+                    dict(layer=self.layer_id, scores=scores.detach(), visible=visible, idx=idx,
+                         entry_mask=entry_mask, probs=probs.detach()))
         else:
             o = res
         o = apply_rope(o, cos, sin, inverse=True)

@@ -57,3 +57,21 @@ class Indexer(nn.Module):
         visible = visible_entries(positions, keys.shape[1], self.ratio, self.exclude_window)
         visible = visible.expand(scores.shape) if same_doc is None else visible & same_doc
         return topk_indices(scores, self.topk, visible), scores, visible
+
+
+def indexer_kl(scores: torch.Tensor, attn_mass: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """DSA indexer loss (V3.2 report): mean over queries of KL(p_t || softmax(I_t)) on the allowed entries.
+
+    p_t = the main attention's mass on each entry, summed over heads and L1-normalised over the allowed
+    set (all visible entries in the dense warm-up, the selected ones in sparse training); attn_mass must
+    come detached. Queries with no allowed entry do not count.
+    """
+    mass = torch.where(allowed, attn_mass.float(), 0.0)
+    total = mass.sum(-1, keepdim=True)
+    has = allowed.any(-1) & (total.squeeze(-1) > 0)
+    if not has.any():
+        return scores.sum() * 0.0
+    p = mass / total.clamp_min(1e-30)
+    logq = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), 0.0)
+    return terms.sum(-1)[has].mean()

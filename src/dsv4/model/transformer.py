@@ -25,6 +25,7 @@ class ModelOutput:
     logits: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: position i predicts token i+1+k
     aux_loss: torch.Tensor | None = None  # sum of MoE sequence-wise balance losses (training only)
+    indexer_loss: torch.Tensor | None = None  # sum over indexer layers of the KL loss (indexer_mode only)
     stats: dict | None = None  # per-layer data (indexer scores, mHC maps) when asked for
     hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
 
@@ -57,11 +58,11 @@ class Block(KeepFP32):
     def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None):
         """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None)."""
         u, post, res = self._hc("attn", x)
-        if stats is not None:
+        if stats is not None and stats.get("collect"):
             stats.setdefault("res_maps", []).append(res.detach())
         x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats, segment_ids), x, post, res)
         u, post, res = self._hc("ffn", x)
-        if stats is not None:
+        if stats is not None and stats.get("collect"):
             stats.setdefault("res_maps", []).append(res.detach())
         y, aux = self.ffn(self.ffn_norm(u), input_ids, reference=reference)
         return hc_post(y, x, post, res), aux
@@ -160,11 +161,16 @@ class Transformer(KeepFP32):
                 mod.impl = name
 
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
-                reference: bool = False, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+                reference: bool = False, segment_ids: torch.Tensor | None = None,
+                indexer_mode: str | None = None) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
-        reference=True uses the plain MoE expert loop (the attention oracle is set_attention_impl)."""
+        reference=True uses the plain MoE expert loop (the attention oracle is set_attention_impl).
+        indexer_mode: None (normal), "dense" (warm-up: dense attention over all visible entries + indexer
+        KL) or "sparse" (top-k attention + indexer KL on the selected entries); see spec section 2."""
+        if indexer_mode not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer_mode must be None, 'dense' or 'sparse', got {indexer_mode!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
@@ -172,7 +178,9 @@ class Transformer(KeepFP32):
         b, t = input_ids.shape
         positions = torch.arange(t, device=input_ids.device)
         ropes = self.ropes(positions)
-        stats = {} if return_stats else None
+        stats = {"collect": True} if return_stats else ({} if indexer_mode else None)
+        if stats is not None and indexer_mode:
+            stats["indexer_mode"] = indexer_mode
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
         aux = []
@@ -198,4 +206,6 @@ class Transformer(KeepFP32):
                 if a is not None:
                     aux.append(a)
                 mtp_logits.append(self.head(hk))
-        return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None, stats, x)
+        il = stats.get("indexer_loss") if stats is not None else None
+        return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None,
+                           torch.stack(il).sum() if il else None, stats if return_stats else None, x)

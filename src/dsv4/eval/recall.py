@@ -1,0 +1,39 @@
+"""Indexer mass recall (spec section 10): R = sum over the selected entries of the dense attention mass.
+
+The model runs in the dense warm-up mode, so every visible entry is attended and its mass p (summed
+over heads, L1-normalised over visible entries) is known; R_t = sum_{s in top-k(t)} p_ts. 1 - R bounds
+the output error of sparse attention. The same k picked at random gives the baseline.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv4.kernels.topk import topk_indices
+
+
+@torch.no_grad()
+def indexer_recall(model, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                   seed: int = 0) -> dict[int, dict[str, float]]:
+    """{layer: {"recall": mean R over queries with more visible entries than k, "random": same for a
+    random selection of the same size, "queries": count}}."""
+    was_training = model.training
+    model.eval()
+    out = model(input_ids, segment_ids=segment_ids, indexer_mode="dense", return_stats=True)
+    model.train(was_training)
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    result = {}
+    for rec in out.stats.get("indexer", []):
+        vis, p, idx = rec["visible"], rec["probs"].float(), rec["idx"]
+        p = torch.where(vis, p, 0.0)
+        total = p.sum(-1)
+        k = idx.shape[-1]
+        crowded = (vis.sum(-1) > k) & (total > 0)  # queries where selection is a real choice
+        sel = torch.zeros_like(vis).scatter_(-1, idx.clamp_min(0), idx >= 0) & vis
+        rand_idx = topk_indices(torch.rand(vis.shape, generator=gen, device=vis.device), k, vis)
+        rsel = torch.zeros_like(vis).scatter_(-1, rand_idx.clamp_min(0), rand_idx >= 0) & vis
+        r = (p * sel).sum(-1) / total.clamp_min(1e-30)
+        rr = (p * rsel).sum(-1) / total.clamp_min(1e-30)
+        n = int(crowded.sum())
+        result[rec["layer"]] = {"recall": r[crowded].mean().item() if n else float("nan"),
+                                "random": rr[crowded].mean().item() if n else float("nan"), "queries": n}
+    return result
