@@ -1,0 +1,65 @@
+"""Sampling from a trained run (simple, non-cached: the whole prefix is recomputed per token).
+
+Temperature scaling, then nucleus (top-p) filtering: keep the smallest set of tokens whose probability
+mass reaches p (Holtzman et al. 2019); temperature 0 is greedy. The cached engine lives in dsv4.infer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsv4.data import EOS_ID, load_tokenizer
+from dsv4.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+
+def load_run(run_dir: str | Path):
+    """(model, tokenizer) from a training run directory (its newest checkpoint) or a checkpoint dir."""
+    from dsv4.config import ModelConfig
+    from dsv4.model.transformer import Transformer
+
+    path = Path(run_dir)
+    ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint found in {path}")
+    run = ckpt.parent if (ckpt.parent / "tokenizer.json").exists() else path
+    model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
+    load_checkpoint(ckpt, model)
+    return model.eval(), load_tokenizer(run / "tokenizer.json")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+             seed: int = 0, stop_at_eos: bool = True) -> list[int]:
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tensor([ids])
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(model(x).logits[:, -1], temperature, top_p, gen)
+        if stop_at_eos and nxt.item() == EOS_ID:
+            break
+        new.append(nxt.item())
+        x = torch.cat([x, nxt[:, None]], 1)
+    return new
+
+
+def generate_text(run_dir, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+                  seed: int = 0) -> str:
+    model, tok = load_run(run_dir)
+    ids = tok.encode(prompt).ids
+    return prompt + tok.decode(generate(model, ids, max_new_tokens, temperature, top_p, seed))

@@ -1,0 +1,1 @@
+"""Training: loop, indexer stages, checkpoints, configuration."""

@@ -1,0 +1,103 @@
+"""One flat training configuration; `key=value` overrides may name it or the model config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsv4.config import ConfigError, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str | None = None  # None = the Python standard library of this interpreter
+    out: str = "runs/dsv4"
+    tokenizer: str | None = None  # an existing tokenizer.json; None = train one on the training split
+    steps: int | None = None  # total optimiser steps (including the indexer warm-up)
+    minutes: float | None = None  # or a wall-clock budget; the schedule length is fixed after a few steps
+    batch_size: int = 4
+    seq_len: int = 1024
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.05
+    doc_mask: bool = True  # sample-level attention masks at document boundaries
+    indexer_warmup_steps: int = 30  # stage 1: dense attention, only the indexers learn (KL); 0 = off
+    indexer_lr: float = 1e-3  # DSA paper's warm-up learning rate
+    bias_update_speed: float | None = None  # None = model config's (gamma = 1e-3)
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before stopping with an error
+    log_every: int = 5
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_last: int = 3
+    dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    progress: bool = True
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.minutes is None):
+            raise ConfigError("give exactly one of steps or minutes")
+        for name in ("batch_size", "seq_len", "log_every", "eval_every", "ckpt_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps={self.steps!r}: must be >= 1")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError(f"minutes={self.minutes!r}: must be > 0")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"dtype={self.dtype!r}: must be auto, fp32 or bf16")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
+
+    def to_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _coerce(value: str, like):
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, (list, dict)) or like is None:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def apply_overrides(train: TrainConfig, model: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
+    """Apply `key=value` strings; a key names a TrainConfig or ModelConfig field, else ConfigError."""
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    t_upd, m_upd = {}, {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if key in tfields:
+            t_upd[key] = _coerce(value, getattr(train, key))
+        elif key in mfields:
+            try:
+                m_upd[key] = _coerce(value, getattr(model, key))
+            except ValueError as e:
+                raise ConfigError(f"override {key}: {e}") from None
+        else:
+            raise ConfigError(f"unknown config field {key!r} in override {item!r} (not a training or model field)")
+    return dataclasses.replace(train, **t_upd), model.replace(**m_upd)

@@ -1,0 +1,373 @@
+"""The training loop: raw text -> tokenizer -> packed batches -> a trained V4-style model.
+
+Per step (spec sections 2, 3, 5, 8): loss = LM + mtp_loss_weight * MTP + MoE balance loss + indexer KL;
+Muon + AdamW with warmup/cosine and gradient clipping; after each optimiser step the MoE balancing
+biases move toward uniform load. The lightning indexers train in two stages: a dense warm-up in which
+only the indexers learn (KL to the dense attention), then sparse training with top-k attention, the
+indexer's input detached and its KL restricted to the selected entries. A non-finite loss skips the
+step; `max_bad_steps` in a row stop the run with an error. Checkpoints are atomic and a resumed run
+continues exactly (the batch of a step is a pure function of the seed and the step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.config import ConfigError, ModelConfig
+from dsv4.data import (Batches, DataError, find_files, iter_documents, load_tokenizer, split_files,
+                       token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
+from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
+from dsv4.eval.recall import indexer_recall
+from dsv4.model.mhc import composite_gain
+from dsv4.model.moe import MoE
+from dsv4.model.transformer import Transformer
+from dsv4.optim.groups import build_optimizer
+from dsv4.optim.schedule import clip_grad_norm, lr_at, set_lr
+from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv4.train.config import TrainConfig, apply_overrides
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+def pick_dtype(choice: str) -> torch.dtype:
+    """fp32, bf16, or for 'auto' whichever matmul is faster on this machine (bf16 needs AMX to win)."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    f32 = measure_matmul_peak(torch.float32, n=512, seconds=0.2)
+    b16 = measure_matmul_peak(torch.bfloat16, n=512, seconds=0.2)
+    return torch.bfloat16 if b16 > 1.2 * f32 else torch.float32
+
+
+def lm_losses(out, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token CE (nats/token) and MTP CE (depth k at position i predicts targets[i + k])."""
+    v = out.logits.shape[-1]
+    lm = F.cross_entropy(out.logits.reshape(-1, v).float(), targets.reshape(-1))
+    mtp = None
+    if out.mtp_logits:
+        terms = []
+        for k, lg in enumerate(out.mtp_logits, start=1):
+            terms.append(F.cross_entropy(lg.reshape(-1, v).float(), targets[:, k:].reshape(-1)))
+        mtp = torch.stack(terms).mean()
+    return lm, mtp
+
+
+@dataclass
+class RunData:
+    batches: Batches
+    val_stream: object
+    token_bytes: object
+    val_text_bytes: bytes
+    tokenizer: object
+
+
+@dataclass
+class Trainer:
+    tc: TrainConfig
+    mc: ModelConfig
+    run: Path
+    data: RunData
+    model: Transformer = None
+    optimizer: object = None
+    dtype: torch.dtype = torch.float32
+    state: dict = field(default_factory=dict)
+    log: object = None
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def create(cls, tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> "Trainer":
+        run = Path(tc.out)
+        if resume:
+            if not (run / "train_config.json").exists():
+                raise ConfigError(f"--resume: {run} has no train_config.json (not a dsv4 run directory)")
+            saved = TrainConfig.from_json(run / "train_config.json")
+            saved.progress = tc.progress
+            tc = saved
+            mc = ModelConfig.from_json(run / "model_config.json")
+        else:
+            mc = ModelConfig.preset(tc.preset)
+            tc, mc = apply_overrides(tc, mc, list(overrides))
+            tc.validate()
+            if latest_checkpoint(run) is not None:
+                raise ConfigError(f"{run} already holds checkpoints: pass --resume to continue it, "
+                                  "or choose another --out")
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        run.mkdir(parents=True, exist_ok=True)
+        data = prepare_data(tc, mc, run)
+        t = cls(tc, mc, run, data)
+        t.build(resume)
+        return t
+
+    def build(self, resume: bool) -> None:
+        tc, mc = self.tc, self.mc
+        tc.to_json(self.run / "train_config.json")
+        mc.to_json(self.run / "model_config.json")
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(mc)
+        self.model.init_weights(seed=tc.seed)
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.dtype = pick_dtype(tc.dtype)
+        self.has_indexer = any(k in ("csa", "dsa") for k in mc.layer_kinds)
+        self.warm = tc.indexer_warmup_steps if self.has_indexer else 0
+        self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0,
+                      "tokens": 0}
+        if resume:
+            ck = latest_checkpoint(self.run)
+            if ck is not None:
+                saved = load_checkpoint(ck, self.model, self.optimizer)
+                saved.pop("rng", None)
+                self.state.update(saved)
+                print(f"resumed from {ck} at step {self.state['step']}")
+                self._truncate_metrics(self.state["step"])
+        self.peak = measure_matmul_peak(torch.float32, n=1024, seconds=0.5)
+        self.flops_tok = flops_per_token(mc, tc.seq_len)
+        self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint we resume from (those steps run again)."""
+        path = self.run / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") != "final" and rec.get("step", -1) < step:
+                keep.append(line)
+        path.write_text("".join(x + "\n" for x in keep))
+
+    def write(self, rec: dict) -> None:
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------- steps
+    def set_stage(self, warmup: bool) -> None:
+        """Stage 1 freezes everything but the indexers; stage 2 trains all parameters."""
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(not warmup or ".attn.indexer." in n)
+
+    def train_step(self, step: int) -> dict:
+        tc, model = self.tc, self.model
+        warmup = step < self.warm
+        self.set_stage(warmup)
+        total = self.state["total_steps"] or (step + 10 ** 6)
+        lr = tc.indexer_lr if warmup else lr_at(step - self.warm, tc.lr, tc.warmup_steps, total - self.warm,
+                                                 tc.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        batch = self.data.batches.get(step)
+        seg = batch.segment_ids if tc.doc_mask else None
+        mode = "dense" if warmup else ("sparse" if self.has_indexer else None)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            out = model(batch.input_ids, return_mtp=not warmup, segment_ids=seg, indexer_mode=mode)
+            rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
+            if warmup:
+                loss = out.indexer_loss
+            else:
+                lm, mtp = lm_losses(out, batch.targets)
+                loss = lm
+                rec["lm_loss"] = lm.item()
+                if mtp is not None:
+                    loss = loss + self.mc.mtp_loss_weight * mtp
+                    rec["mtp_loss"] = mtp.item()
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss
+                    rec["aux_loss"] = out.aux_loss.item()
+            if out.indexer_loss is not None:
+                if not warmup:
+                    loss = loss + out.indexer_loss
+                rec["indexer_loss"] = out.indexer_loss.item()
+        rec["loss"] = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        ok = math.isfinite(rec["loss"])
+        if ok:
+            loss.backward()
+            params = [p for p in model.parameters() if p.grad is not None]
+            gn = clip_grad_norm(params, tc.grad_clip) if params else torch.tensor(0.0)
+            rec["grad_norm"] = gn.item()
+            ok = math.isfinite(rec["grad_norm"])
+        if ok:
+            self.optimizer.step()
+            self.state["bad_steps"] = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["bad_steps"] += 1
+            self.state["skipped"] += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient ({rec['loss']}); step skipped", stacklevel=2)
+            if self.state["bad_steps"] >= tc.max_bad_steps:
+                raise TrainingError(f"{self.state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                                    f"(last at step {step}); stopping. Lower lr or check the data.")
+        rec["skipped"] = not ok
+        rec["maxvio"] = [m.max_violation() if m.load.sum() > 0 else 0.0 for m in self.moes]
+        gamma = self.mc.bias_update_speed if tc.bias_update_speed is None else tc.bias_update_speed
+        for m in self.moes:
+            m.update_bias(gamma if ok and not warmup else 0.0)
+        return rec
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, step: int, max_batches: int | None) -> dict:
+        tc, model = self.tc, self.model
+        model.eval()
+        nats, n_tok, n_bytes = 0.0, 0, 0
+        first = None
+        for vb in val_batches(self.data.val_stream, tc.batch_size, tc.seq_len, max_batches,
+                              token_bytes=self.data.token_bytes):
+            first = first or vb
+            seg = vb.segment_ids if tc.doc_mask else None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                logits = model(vb.input_ids, segment_ids=seg).logits
+            nats += F.cross_entropy(logits.flatten(0, 1).float(), vb.targets.flatten(), reduction="sum").item()
+            n_tok += vb.targets.numel()
+            n_bytes += vb.n_bytes
+        rec = {"kind": "val", "step": step, "val_loss": nats / n_tok, "val_bpb": bits_per_byte(nats, n_bytes),
+               "val_tokens": n_tok}
+        ids, seg = first.input_ids[:1], (first.segment_ids[:1] if tc.doc_mask else None)
+        if self.has_indexer:
+            rc = indexer_recall(model, ids, seg)
+            rec["indexer_layers"] = list(rc)
+            rec["indexer_recall"] = [v["recall"] for v in rc.values()]
+            rec["random_recall"] = [v["random"] for v in rc.values()]
+        stats = model(ids, segment_ids=seg, return_stats=True).stats
+        main_maps = stats["res_maps"][: 2 * self.mc.num_hidden_layers]
+        fwd, bwd = composite_gain([r.flatten(0, 1) for r in main_maps])
+        rec["mhc_gain_fwd"], rec["mhc_gain_bwd"] = fwd, bwd
+        model.train()
+        return rec
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        tc, st = self.tc, self.state
+        tokens_per_step = tc.batch_size * tc.seq_len
+        budget = tc.minutes * 60 if tc.minutes else None
+        t0 = time.perf_counter() - st["elapsed"]
+        start = st["step"]
+        bar = None
+        if tc.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=st["total_steps"], initial=start, unit="step", dynamic_ncols=True, desc="train")
+        window_t, window_tok, step_times = time.perf_counter(), 0, []
+        step = start
+        try:
+            while st["total_steps"] is None or step < st["total_steps"]:
+                ts = time.perf_counter()
+                rec = self.train_step(step)
+                dt = time.perf_counter() - ts
+                st["tokens"] += tokens_per_step
+                window_tok += tokens_per_step
+                step += 1
+                st["step"] = step
+                st["elapsed"] = time.perf_counter() - t0
+                if step > self.warm + 1:
+                    step_times.append(dt)
+                if st["total_steps"] is None and len(step_times) >= 3:
+                    st["total_steps"] = self._plan_steps(budget, st["elapsed"], step, sorted(step_times)[1])
+                    if bar is not None:
+                        bar.total = st["total_steps"]
+                        bar.refresh()
+                if step % tc.log_every == 0 or step == st["total_steps"]:
+                    now = time.perf_counter()
+                    rec["tok_per_s"] = window_tok / (now - window_t)
+                    rec["mfu"] = rec["tok_per_s"] * self.flops_tok / self.peak
+                    rec["tokens"] = st["tokens"]
+                    rec["time"] = st["elapsed"]
+                    window_t, window_tok = now, 0
+                    self.write(rec)
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.1e}"}
+                    if "tok_per_s" in rec:
+                        post["tok/s"] = f"{rec['tok_per_s']:.0f}"
+                    bar.set_postfix(post)
+                if step % tc.eval_every == 0 and step != st["total_steps"]:
+                    self.write(self.evaluate(step, tc.eval_batches))
+                if step % tc.ckpt_every == 0 and step != st["total_steps"]:
+                    save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+                if budget is not None and st["elapsed"] > budget * 1.05:
+                    warnings.warn(f"time budget of {tc.minutes} min exceeded at step {step}; stopping early")
+                    st["total_steps"] = step
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            path = save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+            print(f"\ninterrupted: saved {path}; continue with --resume")
+            raise
+        if bar is not None:
+            bar.close()
+        save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+        return self.finish(step)
+
+    def _plan_steps(self, budget, elapsed, step, step_time) -> int:
+        """Fix the schedule length for a --minutes run from the measured step time (kept in the state,
+        so a resumed run uses the same schedule); reserves time for evaluations and the final pass."""
+        n_val = len(self.data.val_stream.tokens) if hasattr(self.data.val_stream, "tokens") else 0
+        tokens_per_step = self.tc.batch_size * self.tc.seq_len
+        fwd_time = step_time / 3 / tokens_per_step  # a forward pass is about a third of a step
+        final_eval = n_val * fwd_time * 1.3
+        periodic = (self.tc.eval_batches * tokens_per_step * fwd_time * 1.5 + 2.0) / self.tc.eval_every
+        left = budget - elapsed - final_eval - 10.0
+        return max(step + 1, step + int(left / (step_time * (1 + 0.03) + periodic)))
+
+    def finish(self, step: int) -> dict:
+        """Full validation pass, xz baseline on the same bytes, a final metrics line."""
+        rec = self.evaluate(step, None)
+        self.write(rec)
+        xz = xz_bits_per_byte(self.data.val_text_bytes)
+        train = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines()]
+        tps = [r["tok_per_s"] for r in train if r.get("kind") == "train" and r.get("stage") == "sparse"
+               and "tok_per_s" in r]
+        final = {"kind": "final", "step": step, "val_bpb": rec["val_bpb"], "val_loss": rec["val_loss"],
+                 "xz_bpb": xz, "val_bytes": len(self.data.val_text_bytes),
+                 "tok_per_s": sum(tps) / len(tps) if tps else None,
+                 "mfu": (sum(tps) / len(tps)) * self.flops_tok / self.peak if tps else None,
+                 "peak_flops": self.peak, "flops_per_token": self.flops_tok, "dtype": str(self.dtype),
+                 "wall_s": self.state["elapsed"], "skipped": self.state["skipped"],
+                 "params": sum(p.numel() for p in self.model.parameters())}
+        self.write(final)
+        return final
+
+
+def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
+    """Find files, split by path hash, train (or load) the tokenizer, tokenize both splits (cached)."""
+    files = find_files(tc.data)
+    train_files, val_files = split_files(files, tc.val_fraction)
+    if not train_files or not val_files:
+        raise DataError(f"need at least 2 documents to split into train and validation, found {len(files)}")
+    tok_path = run / "tokenizer.json"
+    if tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    elif tc.tokenizer:
+        tok = load_tokenizer(tc.tokenizer)
+        shutil.copy(tc.tokenizer, tok_path)
+    else:
+        print(f"training a {mc.vocab_size}-token byte-level BPE on {len(train_files)} files")
+        tok = train_tokenizer((d.text for d in iter_documents(train_files)), mc.vocab_size, tok_path,
+                              show_progress=tc.progress)
+    if tok.get_vocab_size() > mc.vocab_size:
+        raise ConfigError(f"vocab_size={mc.vocab_size}: the tokenizer has {tok.get_vocab_size()} tokens")
+    (run / "cache").mkdir(exist_ok=True)
+    train_stream = tokenize_files_cached(train_files, tok, run / "cache" / "train.npz", show_progress=tc.progress)
+    val_stream = tokenize_files_cached(val_files, tok, run / "cache" / "val.npz", show_progress=tc.progress)
+    tb = token_byte_lengths(tok)
+    val_text = b"".join(d.text.encode("utf-8") for d in iter_documents(val_files))
+    batches = Batches(train_stream, tc.batch_size, tc.seq_len, tc.seed, token_bytes=tb)
+    return RunData(batches, val_stream, tb, val_text, tok)
+
+
+def train(tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> dict:
+    return Trainer.create(tc, overrides, resume).fit()
