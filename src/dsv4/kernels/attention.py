@@ -78,9 +78,14 @@ def attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, sca
         hi = int(torch.searchsorted(kv_pos, qp[-1], right=True))
         wm = _seg_mask(window_mask(qp, kv_pos[lo:hi], window), None if q_seg is None else q_seg[:, s0:s1],
                        None if kv_seg is None else kv_seg[:, lo:hi])
-        em = None if entry_mask is None else entry_mask[:, s0:s1]
-        o, p = _core(q[:, s0:s1], kv[:, lo:hi], sink, scale, wm, entries, em, return_entry_probs)
+        ent = em = None
+        if entries is not None:  # entries no query of the chunk can see are skipped
+            n_hi = int(entry_mask[:, s0:s1].any(1).any(0).nonzero().max()) + 1 if entry_mask[:, s0:s1].any() else 0
+            ent, em = entries[:, :n_hi], entry_mask[:, s0:s1, :n_hi]
+        o, p = _core(q[:, s0:s1], kv[:, lo:hi], sink, scale, wm, ent, em, return_entry_probs)
         outs.append(o)
+        if return_entry_probs and entries is not None:
+            p = torch.nn.functional.pad(p, (0, entries.shape[1] - p.shape[-1]))
         probs.append(p)
     o = torch.cat(outs, 1)
     if return_entry_probs:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.kernels.compiled import fusable
 from dsv4.model.norm import rms_norm
 
 
@@ -25,6 +26,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return p
 
 
+@fusable
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
            eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (u [B,T,d], post [B,T,hc], res [B,T,hc,hc]) for one mHC unit; maps in fp32."""
@@ -40,12 +42,14 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     return u, post, res
 
 
+@fusable
 def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k * out + sum_j res[j, k] X_j  (res applied transposed, as the official code does)."""
     dt = x.dtype
     return post.to(dt).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(res.to(dt).transpose(-1, -2), x)
 
 
+@fusable
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """Final collapse: w = sigmoid(a * x'phi + b) + eps; h = sum_j w_j X_j (no Sinkhorn)."""

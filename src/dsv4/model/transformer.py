@@ -28,6 +28,8 @@ class ModelOutput:
     indexer_loss: torch.Tensor | None = None  # sum over indexer layers of the KL loss (indexer_mode only)
     stats: dict | None = None  # per-layer data (indexer scores, mHC maps) when asked for
     hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
+    h: torch.Tensor | None = None  # final normed hidden [B, T, d] (the LM head's input)
+    mtp_h: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP depth
 
 
 HC_UNIT = tuple(f"hc_{u}_{p}" for u in ("attn", "ffn") for p in ("fn", "base", "scale"))
@@ -162,13 +164,15 @@ class Transformer(KeepFP32):
 
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
                 reference: bool = False, segment_ids: torch.Tensor | None = None,
-                indexer_mode: str | None = None) -> ModelOutput:
+                indexer_mode: str | None = None, compute_logits: bool = True) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
         reference=True uses the plain MoE expert loop (the attention oracle is set_attention_impl).
         indexer_mode: None (normal), "dense" (warm-up: dense attention over all visible entries + indexer
-        KL) or "sparse" (top-k attention + indexer KL on the selected entries); see spec section 2."""
+        KL) or "sparse" (top-k attention + indexer KL on the selected entries); see spec section 2.
+        compute_logits=False skips the LM head (out.logits is None; the trainer applies a fused head + CE
+        to out.h / out.mtp_h)."""
         if indexer_mode not in (None, "dense", "sparse"):
             raise ValueError(f"indexer_mode must be None, 'dense' or 'sparse', got {indexer_mode!r}")
         if input_ids.dim() != 2:
@@ -191,8 +195,8 @@ class Transformer(KeepFP32):
                 aux.append(a)
         c = self.cfg
         out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
-        logits = self.head(out)
-        mtp_logits = []
+        logits = self.head(out) if compute_logits else None
+        mtp_logits, mtp_h = [], []
         if return_mtp:
             xk = x
             for k, blk in enumerate(self.mtp, start=1):
@@ -205,7 +209,9 @@ class Transformer(KeepFP32):
                                 positions[: t - k], None, reference, seg)
                 if a is not None:
                     aux.append(a)
-                mtp_logits.append(self.head(hk))
+                mtp_h.append(hk)
+                if compute_logits:
+                    mtp_logits.append(self.head(hk))
         il = stats.get("indexer_loss") if stats is not None else None
         return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None,
-                           torch.stack(il).sum() if il else None, stats if return_stats else None, x)
+                           torch.stack(il).sum() if il else None, stats if return_stats else None, x, out, mtp_h)

@@ -38,6 +38,7 @@ class TrainConfig:
     keep_last: int = 3
     dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)
     threads: int = 0  # torch threads; 0 = leave torch's default
+    compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
 
     def validate(self) -> None:
@@ -50,6 +51,8 @@ class TrainConfig:
             raise ConfigError(f"steps={self.steps!r}: must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ConfigError(f"minutes={self.minutes!r}: must be > 0")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile={self.compile!r}: must be auto, on or off")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype={self.dtype!r}: must be auto, fp32 or bf16")
         if not 0 <= self.val_fraction < 1:

@@ -26,6 +26,8 @@ from dsv4.data import (Batches, DataError, find_files, iter_documents, load_toke
                        token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
+from dsv4.kernels import compiled
+from dsv4.kernels.loss import linear_cross_entropy
 from dsv4.model.mhc import composite_gain
 from dsv4.model.moe import MoE
 from dsv4.model.transformer import Transformer
@@ -50,15 +52,22 @@ def pick_dtype(choice: str) -> torch.dtype:
     return torch.bfloat16 if b16 > 1.2 * f32 else torch.float32
 
 
-def lm_losses(out, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Next-token CE (nats/token) and MTP CE (depth k at position i predicts targets[i + k])."""
-    v = out.logits.shape[-1]
-    lm = F.cross_entropy(out.logits.reshape(-1, v).float(), targets.reshape(-1))
+def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token CE (nats/token) and MTP CE (depth k at position i predicts targets[i + k]).
+
+    From out.logits, or (when the model ran with compute_logits=False) from out.h with the fused
+    head + CE of dsv4.kernels.loss and the given head weight."""
+    def ce(logits, h, tgt):
+        if logits is not None:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head_weight, tgt.reshape(-1))
+
+    lm = ce(out.logits, out.h, targets)
+    depths = out.mtp_logits or out.mtp_h
     mtp = None
-    if out.mtp_logits:
-        terms = []
-        for k, lg in enumerate(out.mtp_logits, start=1):
-            terms.append(F.cross_entropy(lg.reshape(-1, v).float(), targets[:, k:].reshape(-1)))
+    if depths:
+        terms = [ce(x if out.mtp_logits else None, x, targets[:, k:]) for k, x in enumerate(depths, start=1)]
         mtp = torch.stack(terms).mean()
     return lm, mtp
 
@@ -119,6 +128,8 @@ class Trainer:
         self.model.init_weights(seed=tc.seed)
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
         self.dtype = pick_dtype(tc.dtype)
+        long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
+        compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
         self.has_indexer = any(k in ("csa", "dsa") for k in mc.layer_kinds)
         self.warm = tc.indexer_warmup_steps if self.has_indexer else 0
         self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0,
@@ -173,12 +184,13 @@ class Trainer:
         mode = "dense" if warmup else ("sparse" if self.has_indexer else None)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            out = model(batch.input_ids, return_mtp=not warmup, segment_ids=seg, indexer_mode=mode)
+            out = model(batch.input_ids, return_mtp=not warmup, segment_ids=seg, indexer_mode=mode,
+                        compute_logits=False)
             rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
             if warmup:
                 loss = out.indexer_loss
             else:
-                lm, mtp = lm_losses(out, batch.targets)
+                lm, mtp = lm_losses(out, batch.targets, model.head.weight)
                 loss = lm
                 rec["lm_loss"] = lm.item()
                 if mtp is not None:
