@@ -2,7 +2,7 @@
 
   dsv4 info --preset v4-flash | --config path/to/config.json
   dsv4 convert --from-transformers DIR OUT | --to-transformers DIR OUT
-  dsv4 demo [--preset tiny] [--seed 0] [--tokens 16] [--temperature 0]
+  dsv4 demo [--minutes 8] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --seed S]
   dsv4 report RUN_DIR
@@ -52,9 +52,14 @@ def cmd_convert(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dsv4.demo import run_demo
+    if args.random:
+        from dsv4.demo import run_demo
 
-    run_demo(preset=args.preset, seed=args.seed, new_tokens=args.tokens, temperature=args.temperature)
+        run_demo(preset=args.preset, seed=args.seed, new_tokens=args.tokens, temperature=args.temperature)
+        return 0
+    from dsv4.train_demo import run_train_demo
+
+    run_train_demo(out=args.out, minutes=args.minutes, overrides=args.overrides)
     return 0
 
 
@@ -106,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)
 
-    demo = sub.add_parser("demo", help="run a random tiny model: one forward pass and a short generation")
+    demo = sub.add_parser("demo", help="the main job: train tiny on the stdlib, report, sample (--random: a "
+                                       "random model's forward pass and generation only)")
+    demo.add_argument("--random", action="store_true", help="only run a random model (seconds, no training)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--minutes", type=float, default=8.0, help="training budget (default: 8)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="training/model overrides")
     demo.add_argument("--preset", default="tiny", metavar="NAME", help="preset to build (default: tiny)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
