@@ -25,7 +25,7 @@ def run_train_demo(out: str = "runs/demo", minutes: float = 8.0, overrides: list
         print_fn(f"removing the previous demo run in {run}")
         shutil.rmtree(run)
     tc = TrainConfig(out=str(run), minutes=minutes, batch_size=8, seq_len=512, eval_every=50, eval_batches=4,
-                     ckpt_every=100, log_every=5)
+                     ckpt_every=100, log_every=5, indexer_warmup_steps=10, final_eval_tokens=131072)
     final = train(tc, list(overrides))
     summary = write_report(run)
     samples = {p: generate_text(run, p, max_new_tokens=80, temperature=0.8, top_p=0.95, seed=0)

@@ -97,3 +97,35 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     for token, i in tok.get_vocab().items():
         out[i] = 0 if token in special else len(token)
     return out
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's printable remapping): printable bytes stand for themselves,
+    the others are shifted to code points 256, 257, ... in byte order. char -> byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def ids_to_bytes(tok: Tokenizer, ids) -> bytes:
+    """The exact bytes a run of ids stands for (special tokens contribute nothing). Unlike decode(),
+    this never replaces a UTF-8 sequence cut at a window edge, so byte counts match token_byte_lengths."""
+    table = _byte_alphabet()
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    pieces = {}
+    out = bytearray()
+    for i in ids:
+        i = int(i)
+        if i not in pieces:
+            t = vocab[i]
+            pieces[i] = b"" if t in special else bytes(table[c] for c in t)
+        out += pieces[i]
+    return bytes(out)

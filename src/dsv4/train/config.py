@@ -34,6 +34,7 @@ class TrainConfig:
     log_every: int = 5
     eval_every: int = 100
     eval_batches: int = 8
+    final_eval_tokens: int = 262144  # the closing evaluation (and its xz baseline) covers this many val tokens
     ckpt_every: int = 200
     keep_last: int = 3
     dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)

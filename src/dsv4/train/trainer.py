@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.data import (Batches, DataError, find_files, iter_documents, load_tokenizer, split_files,
+from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_documents, load_tokenizer, split_files,
                        token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
@@ -77,7 +77,6 @@ class RunData:
     batches: Batches
     val_stream: object
     token_bytes: object
-    val_text_bytes: bytes
     tokenizer: object
 
 
@@ -233,6 +232,14 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, step: int, max_batches: int | None) -> dict:
+        was = compiled.enabled()
+        compiled.enable(False)  # eval shapes vary: recompiling would cost more than it saves
+        try:
+            return self._evaluate(step, max_batches)
+        finally:
+            compiled.enable(was)
+
+    def _evaluate(self, step: int, max_batches: int | None) -> dict:
         tc, model = self.tc, self.model
         model.eval()
         nats, n_tok, n_bytes = 0.0, 0, 0
@@ -337,14 +344,18 @@ class Trainer:
 
     def finish(self, step: int) -> dict:
         """Full validation pass, xz baseline on the same bytes, a final metrics line."""
-        rec = self.evaluate(step, None)
+        n_batches = max(1, self.tc.final_eval_tokens // (self.tc.batch_size * self.tc.seq_len))
+        rec = self.evaluate(step, n_batches)
         self.write(rec)
-        xz = xz_bits_per_byte(self.data.val_text_bytes)
+        # xz on exactly the bytes the model was scored on: the targets of the evaluated windows
+        toks = self.data.val_stream.tokens[1: rec["val_tokens"] + 1]
+        val_bytes = ids_to_bytes(self.data.tokenizer, toks)
+        xz = xz_bits_per_byte(val_bytes)
         train = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines()]
         tps = [r["tok_per_s"] for r in train if r.get("kind") == "train" and r.get("stage") == "sparse"
                and "tok_per_s" in r]
         final = {"kind": "final", "step": step, "val_bpb": rec["val_bpb"], "val_loss": rec["val_loss"],
-                 "xz_bpb": xz, "val_bytes": len(self.data.val_text_bytes),
+                 "xz_bpb": xz, "val_bytes": len(val_bytes),
                  "tok_per_s": sum(tps) / len(tps) if tps else None,
                  "mfu": (sum(tps) / len(tps)) * self.flops_tok / self.peak if tps else None,
                  "peak_flops": self.peak, "flops_per_token": self.flops_tok, "dtype": str(self.dtype),
@@ -376,9 +387,8 @@ def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
     train_stream = tokenize_files_cached(train_files, tok, run / "cache" / "train.npz", show_progress=tc.progress)
     val_stream = tokenize_files_cached(val_files, tok, run / "cache" / "val.npz", show_progress=tc.progress)
     tb = token_byte_lengths(tok)
-    val_text = b"".join(d.text.encode("utf-8") for d in iter_documents(val_files))
     batches = Batches(train_stream, tc.batch_size, tc.seq_len, tc.seed, token_bytes=tb)
-    return RunData(batches, val_stream, tb, val_text, tok)
+    return RunData(batches, val_stream, tb, tok)
 
 
 def train(tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> dict:
