@@ -83,8 +83,8 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n).tolist()
         tok = order // k
-        xs = x[tok]
-        ws = weights.flatten()[order].to(x.dtype)
+        xs = x.index_select(0, tok)  # backward is index_add (cheaper than advanced-index scatter)
+        ws = weights.flatten().index_select(0, order).to(x.dtype)
         outs, start = [], 0
         for e, cnt in enumerate(counts):
             if cnt:
