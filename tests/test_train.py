@@ -148,9 +148,6 @@ def test_resumed_run_matches_uninterrupted_run_exactly(runs):
     assert len(fa) == len(fb) == 1 and fa[0]["val_bpb"] == fb[0]["val_bpb"] == runs["final_B"]["val_bpb"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG trainer.py Trainer._truncate_metrics keeps only records with "
-                   "step < checkpoint step, so the val record written at the checkpoint step itself (eval "
-                   "runs before the save, with the same weights) is dropped on resume and never re-evaluated")
 def test_resumed_run_keeps_the_evaluation_logged_at_the_checkpoint_step(runs):
     va = sorted(r["step"] for r in _metrics(runs["A"]) if r["kind"] == "val")
     vb = sorted(r["step"] for r in _metrics(runs["B"]) if r["kind"] == "val")
@@ -158,10 +155,6 @@ def test_resumed_run_keeps_the_evaluation_logged_at_the_checkpoint_step(runs):
     assert vb == va
 
 
-@pytest.mark.xfail(strict=True, reason="BUG trainer.py Trainer.fit: a KeyboardInterrupt raised inside "
-                   "train_step after optimizer.step() (Muon is most of a step's time) is caught and the "
-                   "already-updated weights are saved as ckpt-<step> with state step=<step>; --resume then "
-                   "applies that step a second time")
 def test_interrupt_inside_a_step_still_resumes_exactly(runs, corpus, tokenizer, tmp_path):
     b = tmp_path / "B"
     real_step = Trainer.train_step
@@ -185,9 +178,6 @@ def test_interrupt_inside_a_step_still_resumes_exactly(runs, corpus, tokenizer, 
     assert _train_losses(b) == _train_losses(runs["A"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG trainer.py Trainer.build: metrics.jsonl is truncated only when a "
-                   "checkpoint is loaded, so a run restarted at step 0 (--resume before the first checkpoint, "
-                   "or a new run in the same --out) appends to the stale records: step 0 is logged twice")
 def test_restart_before_the_first_checkpoint_does_not_duplicate_metrics(corpus, tokenizer, tmp_path):
     run = tmp_path / "run"
     real_step = Trainer.train_step

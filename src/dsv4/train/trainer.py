@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -140,7 +142,7 @@ class Trainer:
                 saved.pop("rng", None)
                 self.state.update(saved)
                 print(f"resumed from {ck} at step {self.state['step']}")
-                self._truncate_metrics(self.state["step"])
+        self._truncate_metrics(self.state["step"])  # also drops the records of a run restarted at step 0
         self.peak = measure_matmul_peak(torch.float32, n=1024, seconds=0.5)
         self.flops_tok = flops_per_token(mc, tc.seq_len)
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
@@ -156,7 +158,9 @@ class Trainer:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("kind") != "final" and rec.get("step", -1) < step:
+            kind, at = rec.get("kind", "train"), rec.get("step", -1)
+            # steps < k ran before checkpoint k; the eval at step k was logged with checkpoint k's weights
+            if kind == "train" and at < step or kind == "val" and at <= step:
                 keep.append(line)
         path.write_text("".join(x + "\n" for x in keep))
 
@@ -212,6 +216,7 @@ class Trainer:
             rec["grad_norm"] = gn.item()
             ok = math.isfinite(rec["grad_norm"])
         if ok:
+            self._in_update = True  # an interrupt from here until the step ends would leave half-updated state
             self.optimizer.step()
             self.state["bad_steps"] = 0
         else:
@@ -228,6 +233,13 @@ class Trainer:
         for m in self.moes:
             m.update_bias(gamma if ok and not warmup else 0.0)
         return rec
+
+    def _on_sigint(self, signum, frame):
+        """Ctrl-C during the parameter update is held until the step is complete."""
+        if self._in_update:
+            self._pending_interrupt = True
+        else:
+            raise KeyboardInterrupt
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -282,10 +294,15 @@ class Trainer:
             bar = tqdm(total=st["total_steps"], initial=start, unit="step", dynamic_ncols=True, desc="train")
         window_t, window_tok, step_times = time.perf_counter(), 0, []
         step = start
+        self._in_update = self._pending_interrupt = False
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while st["total_steps"] is None or step < st["total_steps"]:
                 ts = time.perf_counter()
                 rec = self.train_step(step)
+                self._in_update = False
                 dt = time.perf_counter() - ts
                 st["tokens"] += tokens_per_step
                 window_tok += tokens_per_step
@@ -320,12 +337,20 @@ class Trainer:
                 if budget is not None and st["elapsed"] > budget * 1.05:
                     warnings.warn(f"time budget of {tc.minutes} min exceeded at step {step}; stopping early")
                     st["total_steps"] = step
+                if self._pending_interrupt:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
+            if self._in_update:  # raised inside the update itself: this state must not be saved
+                print(f"\ninterrupted during the update of step {step}; --resume continues from the last checkpoint")
+                raise
             path = save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
             print(f"\ninterrupted: saved {path}; continue with --resume")
             raise
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
         save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
