@@ -1,0 +1,35 @@
+"""Smoke test for benchmarks/train_throughput.py: every variant runs one tiny training step."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_throughput_smoke(tmp_path):
+    bench = _load()
+    out = tmp_path / "bench.json"
+    args = bench.parse_args(["--batch", "1", "--seq", "64", "--steps", "1", "--warmup", "0",
+                             "--threads", "1", "--quiet", "--json", str(out)])
+    res = bench.run(args)
+
+    expected = {"dense/adamw", "dsv4/adamw/mtp", "dsv4/adamw/no-mtp", "dsv4/muon/mtp", "dsv4/muon/no-mtp"}
+    assert set(res["tokens_per_s"]) == expected
+    for name, tps in res["tokens_per_s"].items():
+        assert tps > 0 and math.isfinite(tps), name
+        r = res["results"][name]
+        assert r["params"] > 0
+        assert r["ratio_to_dense"] > 0
+        assert all(math.isfinite(x) for x in r["losses"]), name
+    # the baseline is the ~6.8M-parameter dense transformer of the reference description
+    assert abs(res["results"]["dense/adamw"]["params"] - 6.8e6) < 0.1e6
+    assert json.loads(out.read_text())["config"]["seq"] == 64
+    assert "not measured" in bench.format_reference().lower()
