@@ -46,17 +46,18 @@ def test_model_chunked_equals_reference(ratios):
     randomize_(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 83))
     res = []
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", "chunked", "sparse"):
         model.set_attention_impl(impl)
         model.zero_grad()
         out = model(ids, return_mtp=True)
         (out.logits.square().mean() + out.mtp_logits[0].square().mean()).backward()
         res.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (l1, g1), (l2, g2) = res
-    torch.testing.assert_close(l2, l1, rtol=1e-9, atol=1e-12)
-    assert g1.keys() == g2.keys()
-    for n in g1:
-        torch.testing.assert_close(g2[n], g1[n], rtol=1e-8, atol=1e-12, msg=n)
+    (l1, g1) = res[0]
+    for l2, g2 in res[1:]:
+        torch.testing.assert_close(l2, l1, rtol=1e-9, atol=1e-12)
+        assert g1.keys() == g2.keys()
+        for n in g1:
+            torch.testing.assert_close(g2[n], g1[n], rtol=1e-8, atol=1e-12, msg=n)
 
 
 def test_unknown_impl_is_a_clear_error():
@@ -64,7 +65,7 @@ def test_unknown_impl_is_a_clear_error():
         Transformer(small_config()).set_attention_impl("flash")
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "sparse"])
 def test_document_masking_blocks_cross_document_attention(impl):
     """With segment ids, changing document A never changes the logits of document B (all layer kinds)."""
     cfg = small_config(compress_ratios=[0, 4, 16, 1, 0], index_topk=8)

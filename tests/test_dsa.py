@@ -150,7 +150,7 @@ def test_dsa_attention_matches_bruteforce(t_len):
             outside += sum(1 for s in key_sets[bi][t] if s <= t - WINDOW)
     if t_len > WINDOW:
         assert outside > 0  # selection really adds keys outside the window
-    assert torch.allclose(y, y_plain)
+    assert torch.allclose(y, y_plain, rtol=1e-5, atol=1e-6)  # collect path (chunked) vs sparse kernel
     err = (y.double() - ref).abs().max().item()
     assert err < 2e-5, err
 

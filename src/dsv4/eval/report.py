@@ -159,8 +159,16 @@ def _save(fig, out: Path, name: str, made: list[tuple[str, str]], caption: str) 
     made.append((name, caption))
 
 
+def _lm_series(tr):
+    """Next-token CE of the training steps (comparable with val_loss): lm_loss when logged (it is not
+    during the indexer warm-up, whose loss is the indexer KL), else the total loss."""
+    if any("lm_loss" in r for r in tr):
+        return series([r for r in tr if "lm_loss" in r], "lm_loss")
+    return series(tr, "loss")
+
+
 def _plot_loss(tr, va, out, made):
-    xs, ys = series(tr, "loss")
+    xs, ys = _lm_series(tr)
     vx, vy = series(va, "val_loss")
     if not ys and not vy:
         return
@@ -173,7 +181,7 @@ def _plot_loss(tr, va, out, made):
     _label(ax, "Loss", "loss (nats/token)")
     _log_if_positive(ax, ys, vy)
     ax.legend()
-    _save(fig, out, "loss.png", made, "Training loss (raw and smoothed) and validation loss")
+    _save(fig, out, "loss.png", made, "Next-token loss: training (raw and smoothed) and validation")
 
 
 def _plot_loss_terms(tr, out, made):
@@ -332,7 +340,7 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
     final = {}
     for r in rows.get("final", []):
         final.update(r)
-    _, loss = series(tr, "loss")
+    _, loss = _lm_series(tr)
     vl_x, vl = series(va, "val_loss")
     vb_x, vb = series(va, "val_bpb")
     xz = _num(final.get("xz_bpb"))

@@ -15,6 +15,8 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.kernels.attention import IMPLS, selection_mask
+from dsv4.kernels.indexer_topk import chunked_indexer_topk, segment_same_doc
+from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, indexer_kl, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
@@ -43,7 +45,9 @@ class Attention(KeepFP32):
             self.compressor = Compressor(d, c, self.ratio, overlap=self.kind == "csa", eps=cfg.rms_norm_eps)
         if self.kind in ("csa", "dsa"):
             self.indexer = Indexer(cfg, self.ratio)
-        self.impl = "chunked"  # core attention kernel: a key of dsv4.kernels.attention.IMPLS
+        # core kernel: "sparse" (gather / banded kernels, never O(T^2)), or a key of
+        # dsv4.kernels.attention.IMPLS ("chunked", "reference": the masked dense oracle)
+        self.impl = "sparse"
 
     def entry_segments(self, segment_ids: torch.Tensor, n: int) -> torch.Tensor:
         """Document id of the FIRST token each entry pools ([B, N]); an entry is visible to a query only
@@ -78,6 +82,9 @@ class Attention(KeepFP32):
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.impl == "sparse" and stats is None:
+            o = self.sparse_core(x, c_q, q, kv, cos, sin, positions, segment_ids)
+            return self.project_out(apply_rope(o, cos, sin, inverse=True))
 
         entries = entry_mask = same_doc = None
         if self.kind in ("csa", "hca"):
@@ -97,7 +104,8 @@ class Attention(KeepFP32):
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
             entry_mask = visible if mode == "dense" else selection_mask(idx, entries.shape[1])
         want_probs = stats is not None and self.kind in ("csa", "dsa")
-        res = IMPLS[self.impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
+        impl = "chunked" if self.impl == "sparse" else self.impl  # indexer training needs full scores
+        res = IMPLS[impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
                                entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
         if want_probs:
             o, probs = res
@@ -111,3 +119,22 @@ class Attention(KeepFP32):
             o = res
         o = apply_rope(o, cos, sin, inverse=True)
         return self.project_out(o)
+
+    def sparse_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids):
+        """The long-context path: banded window (SWA), dense entries (HCA), chunked indexer top-k +
+        gather attention (CSA/DSA). No tensor is O(T^2) or O(T N)."""
+        common = dict(q_seg=segment_ids, kv_seg=segment_ids)
+        if self.kind == "swa":
+            return window_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions, **common)
+        entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
+        entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
+        if self.kind == "hca":
+            return dense_entries_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions,
+                                           entries, ratio=self.ratio, entry_seg=entry_seg, **common)
+        ix = self.indexer
+        keys = ix.compressor(x, cos, sin)
+        qi, wi = ix.queries(x, c_q, cos, sin)
+        same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
+        idx = chunked_indexer_topk(qi, wi, keys, ix.topk, positions, ix.ratio, ix.exclude_window, same_doc_fn=same)
+        return sparse_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries, idx,
+                                **common)

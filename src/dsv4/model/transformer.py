@@ -153,11 +153,11 @@ class Transformer(KeepFP32):
         return {"main": self.rope_main.cos_sin(positions), "compress": self.rope_compress.cos_sin(positions)}
 
     def set_attention_impl(self, name: str) -> None:
-        """'chunked' (default fast path) or 'reference' (masked dense oracle) for every layer."""
+        """'sparse' (default: gather / banded kernels), 'chunked' or 'reference' (masked dense oracle)."""
         from dsv4.kernels.attention import IMPLS
 
-        if name not in IMPLS:
-            raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(IMPLS)}")
+        if name not in IMPLS and name != "sparse":
+            raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(IMPLS) + ['sparse']}")
         for mod in self.modules():
             if hasattr(mod, "impl") and hasattr(mod, "attn_sink"):
                 mod.impl = name
