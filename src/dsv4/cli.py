@@ -86,6 +86,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dsv4.eval.recall import recall_on_run
+
+    rows = recall_on_run(args.ckpt, seq_len=args.seq_len, batches=args.batches)
+    print(f"{'layer':>5}  {'kind':4}  {'recall':>7}  {'random':>7}  queries")
+    for r in rows:
+        print(f"{r['layer']:>5}  {r['kind']:4}  {r['recall']:7.3f}  {r['random']:7.3f}  {r['queries']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from dsv4.eval.report import main_report
 
@@ -145,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=0.95)
     ge.add_argument("--seed", type=int, default=0)
     ge.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="evaluations of a trained run")
+    ev_sub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
+    rec = ev_sub.add_parser("indexer-recall", help="mass recall of the indexers' top-k against dense attention")
+    rec.add_argument("--ckpt", required=True, metavar="RUN_DIR")
+    rec.add_argument("--seq-len", type=int, default=1024)
+    rec.add_argument("--batches", type=int, default=2, help="validation windows to average over")
+    rec.set_defaults(func=cmd_eval)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")

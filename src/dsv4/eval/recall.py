@@ -37,3 +37,31 @@ def indexer_recall(model, input_ids: torch.Tensor, segment_ids: torch.Tensor | N
         result[rec["layer"]] = {"recall": r[crowded].mean().item() if n else float("nan"),
                                 "random": rr[crowded].mean().item() if n else float("nan"), "queries": n}
     return result
+
+
+def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
+    """Per indexer layer: mean mass recall on validation windows of a training run (its own val split)."""
+    import json
+    from pathlib import Path
+
+    from dsv4.data import find_files, split_files, tokenize_files_cached, val_batches
+    from dsv4.generate import load_run
+
+    model, tok = load_run(run_dir)
+    run = Path(run_dir)
+    tc = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
+    _, val_files = split_files(find_files(tc.get("data")), tc.get("val_fraction", 0.05))
+    stream = tokenize_files_cached(val_files, tok, None, show_progress=False)
+    acc: dict[int, list] = {}
+    for vb in val_batches(stream, 1, seq_len, batches):
+        seg = vb.segment_ids if tc.get("doc_mask", True) else None
+        for layer, r in indexer_recall(model, vb.input_ids, seg).items():
+            acc.setdefault(layer, []).append(r)
+    out = []
+    for layer, rs in sorted(acc.items()):
+        ok = [r for r in rs if r["queries"]]
+        n = sum(r["queries"] for r in ok)
+        mean = (lambda key: sum(r[key] * r["queries"] for r in ok) / n if n else float("nan"))
+        out.append({"layer": layer, "kind": model.cfg.layer_kind(layer), "recall": mean("recall"),
+                    "random": mean("random"), "queries": n})
+    return out
