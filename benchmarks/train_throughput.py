@@ -33,8 +33,8 @@ Usage
   .venv/bin/python benchmarks/train_throughput.py --batch 1 --seq 256 --threads 4 --json out.json
 
 Options: --batch, --seq, --steps, --warmup, --threads, --only {dsv4,dense}, --attn {chunked,reference}
-(Transformer.set_attention_impl), --sequential, --json OUT, --quiet. There is no --compile flag: dsv4 (src/dsv4/kernels)
-exposes no torch.compile switch.
+(Transformer.set_attention_impl), --compile (dsv4.kernels.compiled.enable: torch.compile of the mHC maps; the
+warm-up steps then include compilation, so use --warmup 2), --sequential, --json OUT, --quiet.
 
 From Python (used by tests/test_benchmarks_smoke.py):
   from train_throughput import run, parse_args
@@ -285,7 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--only", choices=("dsv4", "dense"), default=None)
-    p.add_argument("--attn", choices=("chunked", "reference"), default=None,
+    p.add_argument("--compile", action="store_true", help="torch.compile the mHC maps (dsv4.kernels.compiled)")
+    p.add_argument("--attn", choices=("chunked", "reference", "sparse"), default=None,
                    help="dsv4 attention implementation (default: the model's default, chunked)")
     p.add_argument("--sequential", action="store_true",
                    help="time all steps of one variant before the next (default: round-robin over variants)")
@@ -303,6 +304,9 @@ def run(args=None) -> dict:
     warnings.filterwarnings("ignore", message="config: keeping unknown fields")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    from dsv4.kernels import compiled
+
+    compiled.enable(bool(getattr(args, "compile", False)))
     try:
         say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
         hw = hardware_info()
@@ -314,7 +318,8 @@ def run(args=None) -> dict:
         if command:
             say(f"command: {command}")
         say(f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step, fp32, "
-            f"warm-up {args.warmup}, timed steps {args.steps}, dsv4 attention: {args.attn or 'default (chunked)'}")
+            f"warm-up {args.warmup}, timed steps {args.steps}, dsv4 attention: {args.attn or 'default (sparse)'}, "
+            f"compiled mHC: {bool(getattr(args, 'compile', False))}")
 
         torch.manual_seed(1234)
         vocab = 8192
@@ -378,6 +383,7 @@ def run(args=None) -> dict:
         return res
     finally:
         torch.set_num_threads(prev_threads)
+        compiled.enable(False)
 
 
 def main(argv=None) -> int:
