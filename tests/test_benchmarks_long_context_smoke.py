@@ -1,0 +1,45 @@
+"""Smoke test for benchmarks/long_context.py: every kind, prefill at T=512/1024, decode at 1K/2K."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("long_context", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_long_context_smoke(tmp_path):
+    bench = _load()
+    out, png = tmp_path / "lc.json", tmp_path / "lc.png"
+    args = bench.parse_args(["--sizes", "512", "1024", "--decode-sizes", "1024", "2048", "--threads", "1",
+                             "--min-time", "0", "--repeats", "1", "--decode-time", "0.02", "--decode-min-reps", "2",
+                             "--skip-dense-above", "512", "--quiet", "--json", str(out), "--plot", str(png)])
+    res = bench.run(args)
+
+    kinds = {"dense", "dsa", "csa", "hca"}
+    assert set(res["prefill"]) == kinds and set(res["decode"]) == kinds
+    assert res["config"]["topk"] == {"dsa": 2048, "csa": 512}
+    assert "skipped" in res["prefill"]["dense"]["1024"]          # --skip-dense-above
+    for kind in kinds:
+        for t in ("512", "1024"):
+            r = res["prefill"][kind][t]
+            if "skipped" in r:
+                continue
+            assert r["time_s"] > 0 and math.isfinite(r["time_s"]), (kind, t)
+            assert r["kv_entries_bytes"] >= int(t) * 64 * 4
+            if r["peak_bytes"] is not None:
+                assert r["peak_bytes"] >= 0
+        assert res["prefill"][kind]["512"]["dense_over_kind"] > 0
+        for s in ("1024", "2048"):
+            d = res["decode"][kind][s]
+            assert d["time_s"] > 0 and d["reps"] >= 2, (kind, s)
+        assert res["decode"][kind]["1024"]["ratio_to_first"] == 1.0
+    assert any("dsa prefill at 64K" in t["target"] and t["met"] is None for t in res["targets"])
+    assert json.loads(out.read_text())["config"]["sizes"] == [512, 1024]
+    assert png.stat().st_size > 1000
