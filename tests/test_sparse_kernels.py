@@ -329,3 +329,26 @@ def test_memory_stays_sparse_64k():
     t = 65536
     growth = _peak_growth(t)
     assert growth < t * (t // 4) * 4 / 8, growth   # [T, N] fp32 = 4 GiB
+
+
+def test_indexer_selected_scores_and_kl():
+    """Selected-slot scores (checkpointed chunks) = full scores gathered, grads too; the KL restricted to
+    the selected set is the same number as indexer_kl on [B,T,N] with the selection mask."""
+    from dsv4.kernels.indexer_topk import indexer_selected_scores
+    from dsv4.model.indexer import indexer_kl
+    g = torch.Generator().manual_seed(11)
+    b, t, ratio, k, nh, c = 2, 70, 4, 6, 4, 8
+    n = t // ratio
+    q, w, keys = (x.requires_grad_() for x in _indexer_inputs(b, t, n, nh, c, g))
+    pos = torch.arange(t)
+    idx = chunked_indexer_topk(q, w, keys, k, pos, ratio)
+    mass = torch.rand(b, t, n, generator=g)
+    full = Indexer.score(q, w, keys)
+    sel = indexer_selected_scores(q, w, keys, idx, chunk=16)
+    torch.testing.assert_close(sel, torch.where(idx >= 0, full.gather(-1, idx.clamp_min(0)), 0.0))
+    l1 = indexer_kl(full, mass, selection_mask(idx, n))
+    l2 = indexer_kl(sel, torch.where(idx >= 0, mass.gather(-1, idx.clamp_min(0)), 0.0), idx >= 0)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    g1, g2 = torch.autograd.grad(l1, [q, w, keys]), torch.autograd.grad(l2, [q, w, keys])
+    for a, bb in zip(g2, g1):
+        torch.testing.assert_close(a, bb, rtol=1e-5, atol=1e-6)
