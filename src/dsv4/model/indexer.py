@@ -46,7 +46,7 @@ class Indexer(nn.Module):
     def score(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [B,T,n,c], w [B,T,n], keys [B,N,c] -> scores [B,T,N] (fp32)."""
         s = torch.einsum("btnc,bsc->btns", q, keys.float()).relu_()
-        return torch.einsum("btns,btn->bts", s, w)
+        return torch.einsum("btns,btn->bts", s, w) + 0.0  # -0.0 -> +0.0: one zero for every sort (CUDA)
 
     def forward(self, h, c_q, cos, sin, positions, same_doc=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N]).
