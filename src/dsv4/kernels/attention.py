@@ -80,7 +80,8 @@ def attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, sca
                        None if kv_seg is None else kv_seg[:, lo:hi])
         ent = em = None
         if entries is not None:  # entries no query of the chunk can see are skipped
-            n_hi = int(entry_mask[:, s0:s1].any(1).any(0).nonzero().max()) + 1 if entry_mask[:, s0:s1].any() else 0
+            used = entry_mask[:, s0:s1].any(1).any(0).nonzero()
+            n_hi = int(used.max()) + 1 if used.numel() else 0
             ent, em = entries[:, :n_hi], entry_mask[:, s0:s1, :n_hi]
         o, p = _core(q[:, s0:s1], kv[:, lo:hi], sink, scale, wm, ent, em, return_entry_probs)
         outs.append(o)
