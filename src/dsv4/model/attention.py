@@ -71,9 +71,10 @@ class Attention(KeepFP32):
         return self.wo_b(o)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                stats: dict | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                stats: dict | None = None, segment_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
-        ids for sample-level masking (None = one document per row). stats: optional dict; with
+        ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
+        (positions [T] for a chunk of rows at one length, [B, 1] for a decode step). stats: optional dict; with
         "indexer_mode" in ("dense", "sparse") the indexer KL loss is appended to stats["indexer_loss"];
         with "collect" the indexer's scores, selections and the attention mass go to stats["indexer"]."""
         b, t, _ = x.shape
@@ -82,6 +83,9 @@ class Attention(KeepFP32):
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if cache is not None:
+            return self.project_out(apply_rope(cache.attend(self, x, c_q, q, kv, cos, sin, positions), cos, sin,
+                                               inverse=True))
         if self.impl == "sparse" and stats is None:
             o = self.sparse_core(x, c_q, q, kv, cos, sin, positions, segment_ids)
             return self.project_out(apply_rope(o, cos, sin, inverse=True))

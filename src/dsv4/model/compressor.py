@@ -46,19 +46,29 @@ class Compressor(KeepFP32):
             gate = torch.cat([torch.cat([prev_g, gate[:, :-1, :, :c]], 1), gate[..., c:]], dim=2)
         return (kv * gate.softmax(dim=2)).sum(dim=2)
 
+    def project(self, h: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 C = h W_kv and Z = h W_gate + ape[slot] ([B, T, width]); slots [T] = position mod m
+        (default 0..T-1 mod m, i.e. h starts a block). ratio 1: (C, None)."""
+        kv = F.linear(h.float(), self.wkv.weight.float())  # compressor projections run in fp32
+        if self.ratio == 1:
+            return kv, None
+        if slots is None:
+            slots = torch.arange(h.shape[1], device=h.device) % self.ratio
+        return kv, F.linear(h.float(), self.wgate.weight.float()) + self.ape.float()[slots]
+
+    def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions)."""
+        return apply_rope(self.norm(pooled), cos, sin).to(dtype)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h: [B, T, d]; cos/sin: compressed-branch rope at positions 0..T-1. Returns [B, T // m, c]."""
         b, t, _ = h.shape
         m = self.ratio
-        kv = F.linear(h.float(), self.wkv.weight.float())  # compressor projections run in fp32
         if m == 1:
-            out = self.norm(kv)
-            return apply_rope(out, cos, sin).to(h.dtype)
+            return self.finish(self.project(h)[0], cos, sin, h.dtype)
         n = t // m
         if n == 0:
             return h.new_zeros(b, 0, self.head_dim)
-        gate = F.linear(h.float(), self.wgate.weight.float())
-        kv = kv[:, :n * m].unflatten(1, (n, m))
-        gate = gate[:, :n * m].unflatten(1, (n, m)) + self.ape.float()
-        out = self.norm(self.pool(kv, gate))
-        return apply_rope(out, cos[..., :n * m:m, :], sin[..., :n * m:m, :]).to(h.dtype)
+        kv, gate = self.project(h[:, :n * m])
+        pooled = self.pool(kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m)))
+        return self.finish(pooled, cos[..., :n * m:m, :], sin[..., :n * m:m, :], h.dtype)

@@ -57,12 +57,12 @@ class Block(KeepFP32):
         return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
                       getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None):
+    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None, cache=None):
         """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None)."""
         u, post, res = self._hc("attn", x)
         if stats is not None and stats.get("collect"):
             stats.setdefault("res_maps", []).append(res.detach())
-        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats, segment_ids), x, post, res)
+        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats, segment_ids, cache), x, post, res)
         u, post, res = self._hc("ffn", x)
         if stats is not None and stats.get("collect"):
             stats.setdefault("res_maps", []).append(res.detach())
@@ -87,10 +87,11 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
-    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False, segment_ids=None):
+    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False, segment_ids=None,
+                cache=None):
         """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
-        x, aux = super().forward(x, input_ids, rope, positions, stats, reference, segment_ids)
+        x, aux = super().forward(x, input_ids, rope, positions, stats, reference, segment_ids, cache)
         c = self.cfg
         h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
         return self.norm(h), x, aux
@@ -164,7 +165,8 @@ class Transformer(KeepFP32):
 
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
                 reference: bool = False, segment_ids: torch.Tensor | None = None,
-                indexer_mode: str | None = None, compute_logits: bool = True) -> ModelOutput:
+                indexer_mode: str | None = None, compute_logits: bool = True, cache=None, rows=None,
+                last_only: bool = False) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
@@ -172,7 +174,9 @@ class Transformer(KeepFP32):
         indexer_mode: None (normal), "dense" (warm-up: dense attention over all visible entries + indexer
         KL) or "sparse" (top-k attention + indexer KL on the selected entries); see spec section 2.
         compute_logits=False skips the LM head (out.logits is None; the trainer applies a fused head + CE
-        to out.h / out.mtp_h)."""
+        to out.h / out.mtp_h).
+        cache: a dsv4.infer.cache.ModelCache; input_ids continue the cached rows `rows` (default all), which
+        then advance by T. last_only: logits of the last position only ([B, 1, V])."""
         if indexer_mode not in (None, "dense", "sparse"):
             raise ValueError(f"indexer_mode must be None, 'dense' or 'sparse', got {indexer_mode!r}")
         if input_ids.dim() != 2:
@@ -180,7 +184,15 @@ class Transformer(KeepFP32):
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device)
+        if cache is not None:
+            if segment_ids is not None or indexer_mode or return_stats or return_mtp:
+                raise ValueError("a cached forward takes no segment_ids, indexer_mode, return_stats or return_mtp")
+            rows = cache.rows_of(rows)
+            if rows.numel() != b:
+                raise ValueError(f"input_ids has {b} rows but {rows.numel()} cache rows were given")
+            positions = cache.begin(rows, t)
+        else:
+            positions = torch.arange(t, device=input_ids.device)
         ropes = self.ropes(positions)
         stats = {"collect": True} if return_stats else ({} if indexer_mode else None)
         if stats is not None and indexer_mode:
@@ -188,14 +200,17 @@ class Transformer(KeepFP32):
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
         aux = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
-            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids)
+            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids,
+                         None if cache is None else cache.layers[i])
             if a is not None:
                 aux.append(a)
         c = self.cfg
+        if cache is not None:
+            cache.advance(rows, t)
         out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
-        logits = self.head(out) if compute_logits else None
+        logits = None if not compute_logits else self.head(out[:, -1:] if last_only else out)
         mtp_logits, mtp_h = [], []
         if return_mtp:
             xk = x

@@ -1,0 +1,300 @@
+"""Per-layer inference caches for V4 attention (spec section 2; official model.py keeps the same state).
+
+Every piece of state is addressed by absolute position, so a cache can be rolled back (speculative
+decoding) by lowering its length, and continued by a chunk of any size:
+- SWA / CSA / HCA: a ring of the last n_win + spare raw kv (slot = position mod (n_win + spare));
+- CSA / HCA: the compressor's projections (C and Z + ape, fp32) of the last 2m (overlapped CSA) or
+  m (HCA) positions + spare (slot = position mod that) -- the partial block and the block before it --,
+  the emitted compressed entries, and (CSA) the indexer's compressed keys with their own state;
+- DSA (ratio 1): the raw kv of every position and the indexer keys.
+The `spare` slots let the last spare + 1 tokens be rolled back (their writes only overwrote
+positions nobody needs any more). Long stores grow in pages (`page` positions at a time, amortised doubling), never per token.
+
+`ModelCache` holds one `LayerCache` per block (and per MTP block) for `batch` slots (requests) and
+each slot's length. A forward with T > 1 tokens (prefill, a chunk of it, or speculative verification)
+needs the rows it touches to share one length; a T = 1 step (decode) may mix lengths.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv4.kernels.decode_attention import decode_attention
+from dsv4.kernels.indexer_topk import chunked_indexer_topk
+from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
+
+
+class CacheError(ValueError):
+    pass
+
+
+class PagedStore:
+    """[batch, capacity, width] rows by position, grown `page` positions at a time (doubling)."""
+
+    def __init__(self, batch: int, width: int, capacity: int, page: int, dtype, device):
+        self.page = page
+        self.data = torch.zeros(batch, self._round(capacity), width, dtype=dtype, device=device)
+
+    def _round(self, n: int) -> int:
+        return -(-max(n, 0) // self.page) * self.page
+
+    def ensure(self, n: int) -> None:
+        cap = self.data.shape[1]
+        if n > cap:
+            new = self.data.new_zeros(self.data.shape[0], self._round(max(n, 2 * cap)), self.data.shape[2])
+            new[:, :cap] = self.data
+            self.data = new
+
+
+class CompressorState:
+    """fp32 C and Z + ape of the last R positions (R = 2m overlapped, m plain), slot = position mod R."""
+
+    def __init__(self, comp, batch: int, device, spare: int):
+        self.comp = comp
+        self.m = comp.ratio
+        self.r = (2 * self.m if comp.overlap else self.m) + spare
+        width = comp.wkv.weight.shape[0]
+        self.kv = torch.zeros(batch, self.r, width, device=device)
+        self.gate = torch.zeros(batch, self.r, width, device=device)
+
+    def _prev(self, rows: torch.Tensor, first: torch.Tensor):
+        """First-half (path b) slots of the block before the block starting at `first` [B]; -inf / 0 for
+        block 0 (spec section 2: block 0 pads with -inf logits and zero values)."""
+        c = self.comp.head_dim
+        pp = (first[:, None] - self.m + torch.arange(self.m, device=first.device)) % self.r
+        none = (first < self.m)[:, None, None]
+        pk = self.kv[rows[:, None], pp][..., :c].masked_fill(none, 0.0)
+        pg = self.gate[rows[:, None], pp][..., :c].masked_fill(none, float("-inf"))
+        return pk, pg
+
+    def chunk(self, h: torch.Tensor, start: int, rows: torch.Tensor, rope, store: PagedStore) -> None:
+        """Positions start..start+T-1 of rows (all at `start`): emit every block they complete."""
+        m, t = self.m, h.shape[1]
+        pos = start + torch.arange(t, device=h.device)
+        kv_new, gate_new = self.comp.project(h, pos % m)
+        r0 = start % m
+        first = start - r0
+        kv, gate = kv_new, gate_new
+        if r0:  # the partial block from the cache goes in front
+            old = torch.arange(first, start, device=h.device) % self.r
+            kv = torch.cat([self.kv[rows][:, old], kv], 1)
+            gate = torch.cat([self.gate[rows][:, old], gate], 1)
+        n = (r0 + t) // m
+        if n:
+            prev_kv = prev_gate = None
+            if self.comp.overlap:
+                prev_kv, prev_gate = self._prev(rows, torch.full_like(rows, first))
+            pooled = self.comp.pool(kv[:, :n * m].unflatten(1, (n, m)), gate[:, :n * m].unflatten(1, (n, m)),
+                                    prev_kv, prev_gate)
+            j0 = first // m
+            cos, sin = rope.cos_sin((j0 + torch.arange(n, device=h.device)) * m)
+            store.ensure(j0 + n)
+            store.data[rows, j0:j0 + n] = self.comp.finish(pooled, cos, sin, store.data.dtype)
+        keep = torch.arange(max(start, start + t - self.r), start + t, device=h.device)
+        self.kv[rows[:, None], (keep % self.r)[None]] = kv_new[:, keep - start]
+        self.gate[rows[:, None], (keep % self.r)[None]] = gate_new[:, keep - start]
+
+    def step(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, rope, store: PagedStore) -> None:
+        """One token per row (h [B,1,d]) at per-row positions pos [B]; rows that complete a block emit it."""
+        m = self.m
+        kv, gate = self.comp.project(h, (pos % m)[:, None])
+        self.kv[rows, pos % self.r] = kv[:, 0]
+        self.gate[rows, pos % self.r] = gate[:, 0]
+        done = ((pos + 1) % m == 0).nonzero()[:, 0]
+        if done.numel() == 0:
+            return
+        rows, pos = rows[done], pos[done]
+        first = pos - m + 1
+        blk = (first[:, None] + torch.arange(m, device=pos.device)) % self.r
+        prev_kv = prev_gate = None
+        if self.comp.overlap:
+            prev_kv, prev_gate = self._prev(rows, first)
+        pooled = self.comp.pool(self.kv[rows[:, None], blk][:, None], self.gate[rows[:, None], blk][:, None],
+                                prev_kv, prev_gate)[:, 0]
+        cos, sin = rope.cos_sin(first)
+        j = first // m
+        store.ensure(int(j.max()) + 1)
+        store.data[rows, j] = self.comp.finish(pooled, cos, sin, store.data.dtype)
+
+
+class LayerCache:
+    """The cache of one attention layer; `attend` runs its core op for a chunk or a decode step."""
+
+    def __init__(self, attn, batch: int, capacity: int, dtype, device, rope, page: int, spare: int):
+        self.kind, self.m, self.win = attn.kind, attn.ratio, attn.window
+        self.rw = self.win + spare
+        self.rope = rope
+        c = attn.head_dim
+        if self.kind == "dsa":
+            self.raw = PagedStore(batch, c, capacity, page, dtype, device)
+            self.ikeys = PagedStore(batch, attn.indexer.head_dim, capacity, page, dtype, device)
+        else:
+            self.ring = torch.zeros(batch, self.rw, c, dtype=dtype, device=device)
+        if self.kind in ("csa", "hca"):
+            self.entries = PagedStore(batch, c, capacity // self.m, page, dtype, device)
+            self.comp = CompressorState(attn.compressor, batch, device, spare)
+        if self.kind == "csa":
+            self.ikeys = PagedStore(batch, attn.indexer.head_dim, capacity // self.m, page, dtype, device)
+            self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
+        self.rows = None  # set by ModelCache before each forward
+
+    def nbytes(self) -> int:
+        tensors = [getattr(self, a, None) for a in ("ring",)]
+        tensors += [s.data for s in (getattr(self, a, None) for a in ("raw", "ikeys", "entries")) if s is not None]
+        tensors += [t for st in (getattr(self, a, None) for a in ("comp", "icomp")) if st is not None
+                    for t in (st.kv, st.gate)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def attend(self, attn, x, c_q, q, kv, cos, sin, positions) -> torch.Tensor:
+        """q [B,T,H,c] and kv [B,T,c] (roped) of this layer at `positions` -> core output [B,T,H,c]."""
+        if positions.dim() == 1:
+            return self._chunk(attn, x, c_q, q, kv, cos, sin, positions)
+        return self._step(attn, x, c_q, q, kv, cos, sin, positions[:, 0])
+
+    # ------------------------------------------------------------------ chunk (prefill)
+    def _chunk(self, attn, x, c_q, q, kv, cos, sin, q_pos):
+        rows, dev = self.rows, q.device
+        start, t = int(q_pos[0]), q.shape[1]
+        common = (attn.attn_sink, attn.scale, self.win, q_pos)
+        if self.kind == "dsa":
+            self.raw.ensure(start + t)
+            self.raw.data[rows, start:start + t] = kv.to(self.raw.data.dtype)
+            band = self.raw.data[rows, :start + t]
+            kv_pos = torch.arange(start + t, device=dev)
+        else:
+            w = min(start, self.win - 1)
+            old = torch.arange(start - w, start, device=dev)
+            band = torch.cat([self.ring[rows][:, old % self.rw].to(kv.dtype), kv], 1)
+            kv_pos = torch.arange(start - w, start + t, device=dev)
+            keep = torch.arange(max(start, start + t - self.rw), start + t, device=dev)
+            self.ring[rows[:, None], (keep % self.rw)[None]] = kv[:, keep - start].to(self.ring.dtype)
+        if self.kind == "swa":
+            return window_attention(q, band, *common, kv_pos)
+        n = (start + t) // self.m
+        if self.kind == "hca":
+            self.comp.chunk(x, start, rows, self.rope, self.entries)
+            return dense_entries_attention(q, band, *common, kv_pos, self.entries.data[rows, :n].to(q.dtype),
+                                           ratio=self.m)
+        ix = attn.indexer
+        if self.kind == "csa":
+            self.comp.chunk(x, start, rows, self.rope, self.entries)
+            self.icomp.chunk(x, start, rows, self.rope, self.ikeys)
+            entries = self.entries.data[rows, :n].to(q.dtype)
+        else:
+            self.ikeys.ensure(start + t)
+            self.ikeys.data[rows, start:start + t] = ix.compressor(x, cos, sin).to(self.ikeys.data.dtype)
+            entries = band
+        qi, wi = ix.queries(x, c_q, cos, sin)
+        idx = chunked_indexer_topk(qi, wi, self.ikeys.data[rows, :n], ix.topk, q_pos, ix.ratio, ix.exclude_window)
+        return sparse_attention(q, band, *common, kv_pos, entries, idx)
+
+    # ------------------------------------------------------------------ step (decode)
+    def _step(self, attn, x, c_q, q, kv, cos, sin, pos):
+        rows, dev = self.rows, q.device
+        if self.kind == "dsa":
+            self.raw.ensure(int(pos.max()) + 1)
+            self.raw.data[rows, pos] = kv[:, 0].to(self.raw.data.dtype)
+            wpos = pos[:, None] - torch.arange(self.win, device=dev)
+            parts = [(self.raw.data[rows[:, None], wpos.clamp_min(0)], wpos >= 0)]
+        else:
+            self.ring[rows, pos % self.rw] = kv[:, 0].to(self.ring.dtype)
+            slot_pos = pos[:, None] - (pos[:, None] - torch.arange(self.rw, device=dev)) % self.rw
+            parts = [(self.ring[rows], (slot_pos >= 0) & (slot_pos > pos[:, None] - self.win))]
+        if self.kind in ("csa", "hca"):
+            self.comp.step(x, pos, rows, self.rope, self.entries)
+        if self.kind == "hca":
+            n = (pos + 1) // self.m
+            parts.append((self.entries.data[rows, :int(n.max())], torch.arange(int(n.max()), device=dev) < n[:, None]))
+        elif self.kind in ("csa", "dsa"):
+            ix = attn.indexer
+            if self.kind == "csa":
+                self.icomp.step(x, pos, rows, self.rope, self.ikeys)
+                store = self.entries
+            else:
+                self.ikeys.ensure(int(pos.max()) + 1)
+                self.ikeys.data[rows, pos] = ix.compressor(x, cos, sin)[:, 0].to(self.ikeys.data.dtype)
+                store = self.raw
+            qi, wi = ix.queries(x, c_q, cos, sin)
+            idx = self._topk(qi, wi, pos, ix)
+            parts.append((store.data[rows[:, None], idx.clamp_min(0)], idx >= 0))
+        return decode_attention(q[:, 0], parts, attn.attn_sink, attn.scale).unsqueeze(1)
+
+    def _topk(self, qi, wi, pos, ix) -> torch.Tensor:
+        """Indexer top-k per row [B, k'] (-1 = none); rows at one position share one call."""
+        rows = self.rows
+        lim = ((pos + 1 - ix.exclude_window) // ix.ratio).clamp_min(0)
+        kk = min(ix.topk, int(lim.max()))
+        out = torch.full((pos.shape[0], kk), -1, dtype=torch.long, device=pos.device)
+        if kk == 0:
+            return out
+        groups = [torch.arange(pos.shape[0], device=pos.device)] if bool((pos == pos[0]).all()) else \
+            [g.nonzero()[:, 0] for g in (pos[None, :] == pos.unique()[:, None])]
+        for g in groups:
+            n = int(lim[g[0]])
+            if n == 0:
+                continue
+            idx = chunked_indexer_topk(qi[g], wi[g], self.ikeys.data[rows[g], :n], ix.topk, pos[g[:1]],
+                                       ix.ratio, ix.exclude_window)
+            out[g, :idx.shape[-1]] = idx[:, 0]
+        return out
+
+
+class ModelCache:
+    """Caches of every attention layer of `model` for `batch` request slots, plus each slot's length.
+
+    capacity: positions preallocated per slot (stores grow in pages beyond it); dtype: storage dtype of
+    kv / entries / indexer keys (default: the model's); compressor states stay fp32.
+    """
+
+    def __init__(self, model, batch: int = 1, capacity: int = 4096, dtype: torch.dtype | None = None,
+                 page: int = 4096, spare: int = 3):
+        if batch < 1:
+            raise CacheError(f"cache batch must be >= 1, got {batch}")
+        p = next(model.parameters())
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        self.batch, self.max_len, self.max_rollback = batch, model.cfg.max_position_embeddings, spare + 1
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
+        rope = model.rope_compress
+        args = (batch, capacity, dtype, p.device, rope, page, spare)
+        self.layers = [LayerCache(b.attn, *args) for b in model.layers]
+        self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
+
+    def nbytes(self) -> int:
+        return sum(lc.nbytes() for lc in self.layers + self.mtp_layers)
+
+    def rows_of(self, rows) -> torch.Tensor:
+        if rows is None:
+            return torch.arange(self.batch, device=self.lengths.device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device).reshape(-1)
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.batch:
+            raise CacheError(f"cache rows must be in [0, {self.batch}), got {rows.tolist()}")
+        return rows
+
+    def begin(self, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """Bind the layers to `rows`; positions of the next t tokens: [t] if the rows share a length,
+        else [B, 1] (decode with mixed lengths, t must be 1)."""
+        lens = self.lengths[rows]
+        if int(lens.max()) + t > self.max_len:
+            raise CacheError(f"context would reach {int(lens.max()) + t} tokens; the model supports "
+                             f"{self.max_len} (max_position_embeddings)")
+        for lc in self.layers + self.mtp_layers:
+            lc.rows = rows
+        if bool((lens == lens[0]).all()):
+            return int(lens[0]) + torch.arange(t, device=lens.device)
+        if t != 1:
+            raise CacheError(f"a {t}-token chunk needs rows of one length, got lengths {lens.tolist()}")
+        return lens[:, None]
+
+    def advance(self, rows: torch.Tensor, t: int) -> None:
+        self.lengths[rows] += t
+
+    def rollback(self, rows, n) -> None:
+        """Forget the last n tokens of rows (state is position-addressed: the next tokens overwrite it)."""
+        rows = self.rows_of(rows)
+        n = torch.as_tensor(n, device=self.lengths.device)
+        if int(n.max()) > self.max_rollback:
+            raise CacheError(f"can roll back at most {self.max_rollback} tokens (spare={self.max_rollback - 1}), "
+                             f"asked for {int(n.max())}")
+        self.lengths[rows] = (self.lengths[rows] - n).clamp_min(0)
+
+    def reset(self, rows) -> None:
+        self.lengths[self.rows_of(rows)] = 0
