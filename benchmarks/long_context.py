@@ -66,11 +66,8 @@ measures the CPU time other processes used during the run (/proc/stat) and warns
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -79,6 +76,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
+from _common import (_LIBC, hardware_info, cpu_busy_s as _cpu_busy_s, fmt_load as _fmt_load,
+                     fmt_tokens as _fmt_t, reset_hwm as _reset_hwm, self_cpu_s as _self_cpu_s,
+                     status_kb as _status_kb, trim as _trim)
 from dsv4.config import ModelConfig
 from dsv4.kernels.indexer_topk import chunked_indexer_topk
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention
@@ -93,44 +94,6 @@ MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------- memory helpers
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _trim():
-    """Give freed heap memory back to the OS (glibc malloc_trim), so the next case's RSS growth counts
-    every page it touches instead of reusing pages an earlier case left resident."""
-    gc.collect()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------- model pieces
 def make_config(args, kind: str) -> ModelConfig:
     over = dict(num_hidden_layers=1, num_nextn_predict_layers=0, compress_ratios=[RATIO[kind]],
@@ -289,63 +252,12 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- reporting
-def hardware_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    mem = _status_kb("MemTotal")
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), loadavg=load,
-                mem_total_gb=None if mem is None else mem / 1024 / 1024)
-
-
-def _cpu_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(v[:3]) + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def _other_load(busy0, self0, w0) -> float | None:
     """Average number of cores used by OTHER processes since (busy0, self0, w0)."""
     busy1, wall = _cpu_busy_s(), time.perf_counter() - w0
     if busy0 is None or busy1 is None or wall <= 0:
         return None
     return max(0.0, (busy1 - busy0) - (_self_cpu_s() - self0)) / wall
-
-
-def _fmt_load(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def _fmt_t(n: int) -> str:
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n >> 10}K"
-    return str(n)
 
 
 def _table(rows: list[tuple]) -> str:

@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -59,6 +58,9 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
+from _common import cpu_busy_s as _cpu_busy_s, hardware_info, self_cpu_s as _self_cpu_s
 
 # Reference numbers from the issue: NOT measured by this script (same class of machine, 2 threads, fp32,
 # batch 4 x 1024). Printed for context only.
@@ -219,41 +221,6 @@ class _Runner:
 
 
 # ---------------------------------------------------------------------------------- reporting
-def hardware_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                loadavg=load)
-
-
-def _cpu_busy_s() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (user+nice+system+irq+softirq+steal), or None."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(v[:3]) + sum(v[5:8])  # skip idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def format_table(res: dict) -> str:
     rows = [("name", "params", "step s (median)", "tokens/s", "vs dense", "step s (min)")]
     for name, r in res["results"].items():
