@@ -259,7 +259,26 @@ class ModelCache:
         self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
 
     def nbytes(self) -> int:
+        """Bytes allocated (including page headroom)."""
         return sum(lc.nbytes() for lc in self.layers + self.mtp_layers)
+
+    def used_bytes(self, row: int = 0, mtp: bool = False) -> dict:
+        """Bytes holding row's context: {"per_position": stores that grow with the context (entries,
+        indexer keys, raw kv), "fixed": rings and compressor states, "per_token": per_position / length}."""
+        n = int(self.lengths[row])
+        grow = fixed = 0
+        for lc in self.layers + (self.mtp_layers if mtp else []):
+            for name in ("raw", "ikeys", "entries"):
+                st = getattr(lc, name, None)
+                if st is not None:
+                    rows = n if (name == "raw" or lc.kind == "dsa") else n // lc.m
+                    grow += rows * st.data.shape[2] * st.data.element_size()
+            if hasattr(lc, "ring"):
+                fixed += lc.ring[0].numel() * lc.ring.element_size()
+            for st in (getattr(lc, "comp", None), getattr(lc, "icomp", None)):
+                if st is not None:
+                    fixed += 2 * st.kv[0].numel() * st.kv.element_size()
+        return {"per_position": grow, "fixed": fixed, "per_token": grow / max(n, 1), "length": n}
 
     def rows_of(self, rows) -> torch.Tensor:
         if rows is None:
