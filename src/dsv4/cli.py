@@ -4,7 +4,9 @@
   dsv4 convert --from-transformers DIR OUT | --to-transformers DIR OUT
   dsv4 demo [--minutes 8] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
-  dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --seed S]
+  dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
+  dsv4 chat --ckpt RUN_DIR [--system TEXT ...]      (stdin: messages, /reset, /exit)
+  dsv4 serve --ckpt RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8 --max-waiting 64]
   dsv4 report RUN_DIR
 
 Bad input (an unknown preset, a missing file, an invalid config) prints one line
@@ -79,10 +81,113 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from dsv4.generate import generate_text
+def _sampling(args, stop=()):
+    from dsv4.infer.sampling import SamplingParams
 
-    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed))
+    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=list(stop)).validate()
+
+
+def _engine(args):
+    from dsv4.generate import load_run
+    from dsv4.infer.engine import Engine
+
+    model, tok = load_run(args.ckpt)
+    return Engine(model, tok, max_batch=1, max_context=args.max_context), tok
+
+
+def _stream_to(out, events) -> str | None:
+    """Print text deltas as they come; the finish reason."""
+    reason = None
+    for ev in events:
+        if ev.text:
+            out.write(ev.text)
+            out.flush()
+        reason = ev.finish_reason or reason
+    return reason
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)       # bad sampling options fail before the model is loaded
+    engine, tok = _engine(args)
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    req = engine.add(ids, params)   # validates the prompt before anything is printed
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    while not req.finished:
+        _stream_to(sys.stdout, engine.step())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from dsv4.infer.chat import load_template
+
+    _sampling(args)                # bad sampling options fail before the model is loaded
+    engine, tok = _engine(args)
+    template = load_template(args.ckpt)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+    if interactive:
+        print("dsv4 chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
+    turn = 0
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history.clear()
+            print("(history cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        # drop the oldest turns until the conversation (plus one answer token) fits the context
+        while True:
+            ids = template.encode(tok, system + history)
+            if len(ids) < engine.max_context or len(history) <= 1:
+                break
+            del history[:2]
+        if len(ids) >= engine.max_context:
+            history.clear()
+            print(f"dsv4: the message is too long ({len(ids)} tokens; the context holds {engine.max_context})",
+                  file=sys.stderr, flush=True)
+            continue
+        p = _sampling(args, template.stop)
+        if args.seed is not None:
+            p.seed = args.seed + turn
+        p.max_tokens = min(p.max_tokens, engine.max_context - len(ids))
+        turn += 1
+        answer = []
+        for ev in engine.stream(ids, p):
+            if ev.text:
+                answer.append(ev.text)
+                out.write(ev.text)
+                out.flush()
+        out.write("\n")
+        out.flush()
+        history.append({"role": "assistant", "content": "".join(answer).strip()})
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dsv4.infer.server import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_waiting=args.max_waiting, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+          model_name=args.model_name, default_max_tokens=args.default_max_tokens, log_level=args.log_level)
     return 0
 
 
@@ -147,14 +252,46 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training or model config fields, e.g. lr=1e-3 seq_len=512 hidden_size=128")
     tr.set_defaults(func=cmd_train)
 
-    ge = sub.add_parser("generate", help="sample text from a trained run")
-    ge.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    def sampling_options(sp, temperature: float, max_new: int):
+        sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+        sp.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default: {max_new}")
+        sp.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 = greedy (default: {temperature})")
+        sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
+        sp.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter (default)")
+        sp.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+        sp.add_argument("--max-context", type=int, default=None, metavar="N",
+                        help="tokens per request, prompt + output (default: the model's limit)")
+
+    ge = sub.add_parser("generate", help="sample text from a trained run (cached engine, streamed)")
+    sampling_options(ge, 0.8, 64)
     ge.add_argument("--prompt", required=True)
-    ge.add_argument("--max-new-tokens", type=int, default=64)
-    ge.add_argument("--temperature", type=float, default=0.8)
-    ge.add_argument("--top-p", type=float, default=0.95)
-    ge.add_argument("--seed", type=int, default=0)
     ge.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat with a trained run in the terminal (/reset, /exit)",
+                        description="Reads messages line by line from stdin (a terminal or a pipe), renders the "
+                                    "conversation with the run's chat template and streams each answer. "
+                                    "/reset clears the history, /exit quits.")
+    sampling_options(ch, 0.8, 256)
+    ch.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+    ch.set_defaults(func=cmd_chat)
+
+    se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    se.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    se.add_argument("--port", type=int, default=8000, help="default: 8000")
+    se.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    se.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    se.add_argument("--max-waiting", type=int, default=64,
+                    help="requests that may wait for a slot; more get HTTP 503 (default: 64)")
+    se.add_argument("--max-context", type=int, default=None, metavar="N",
+                    help="tokens per request, prompt + output (default: the model's limit)")
+    se.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per forward (default: 2048)")
+    se.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
+    se.add_argument("--default-max-tokens", type=int, default=256,
+                    help="chat answer limit when a request gives none (default: 256)")
+    se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    se.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluations of a trained run")
     ev_sub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")

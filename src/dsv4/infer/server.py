@@ -1,0 +1,480 @@
+"""An OpenAI-compatible HTTP server over a BackgroundEngine (FastAPI + uvicorn).
+
+  GET  /health                 engine load; 503 once the engine thread has failed
+  GET  /v1/models              the one served model
+  POST /v1/completions         prompt (string or token ids) -> text
+  POST /v1/chat/completions    messages (rendered with the run's chat template) -> assistant message
+
+Both POST endpoints stream server-sent events with "stream": true, as the OpenAI API does
+(`data: {json}` chunks, then `data: [DONE]`). Errors are OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}}.
+
+Threading: the engine runs in its own thread; each request owns an asyncio.Queue that the engine
+thread fills through loop.call_soon_threadsafe. A request whose client goes away (a closed stream, or
+a dropped connection while a non-streamed answer is computed) is aborted, so its cache row is freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dsv4.infer.chat import ChatError, ChatTemplate
+from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
+from dsv4.infer.sampling import SamplingParams
+
+DISCONNECT_POLL_S = 0.25   # how often a non-streamed request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+# ---------------------------------------------------------------------------- request parsing
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _get_int(body: dict, name: str, default, minimum: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise _bad(f"'{name}' must be an integer, got {v!r}", name)
+    if minimum is not None and v < minimum:
+        raise _bad(f"'{name}' must be >= {minimum}, got {v}", name, "invalid_value")
+    return v
+
+
+def _get_float(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise _bad(f"'{name}' must be a number, got {v!r}", name)
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise _bad(f"'{name}' must be in {rng}, got {v}", name, "invalid_value")
+    return float(v)
+
+
+def _get_bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(f"'{name}' must be a boolean, got {v!r}", name)
+    return v
+
+
+def _get_stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or any(not isinstance(s, str) for s in v):
+        raise _bad("'stop' must be a string or a list of strings", "stop")
+    return [s for s in v if s]
+
+
+class Server:
+    """The state behind the FastAPI app (one engine, one tokenizer, one model name)."""
+
+    def __init__(self, engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key: str | None = None,
+                 max_context: int | None = None, chat_template: ChatTemplate | None = None,
+                 default_max_tokens: int = 256, retry_after_s: int = 1):
+        self.bg, self.tok, self.model_name, self.api_key = engine_bg, tokenizer, model_name, api_key
+        eng = engine_bg.engine
+        self.max_context = min(max_context or eng.max_context, eng.max_context)
+        self.vocab_size = eng.cfg.vocab_size
+        self.template = chat_template or ChatTemplate()
+        self.default_max_tokens, self.retry_after_s = default_max_tokens, retry_after_s
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ checks
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'." if auth else
+                           "You didn't provide an API key. Pass it as 'Authorization: Bearer KEY'.",
+                           "invalid_request_error", None, "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            raise _bad("you must provide a model parameter", "model")
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           "invalid_request_error", "model", "model_not_found")
+
+    async def read_json(self, request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", None, "invalid_json")
+        return body
+
+    def sampling(self, body: dict, prompt_len: int, max_tokens_default: int | None,
+                 max_tokens_names=("max_tokens",)) -> SamplingParams:
+        n = _get_int(body, "n", 1)
+        if n != 1:
+            raise _bad(f"only n=1 is supported, got n={n}", "n", "invalid_value")
+        best_of = _get_int(body, "best_of", 1)
+        if best_of != 1:
+            raise _bad("best_of is not supported", "best_of")
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            raise _bad("logprobs are not supported", "logprobs")
+        if body.get("echo"):
+            raise _bad("echo is not supported", "echo")
+        name, max_tokens = max_tokens_names[0], None
+        for nm in max_tokens_names:
+            if body.get(nm) is not None:
+                name, max_tokens = nm, _get_int(body, nm, None, 0)
+                break
+        room = self.max_context - prompt_len
+        if max_tokens is None:
+            max_tokens = min(room, max_tokens_default if max_tokens_default is not None else room)
+        elif prompt_len + max_tokens > self.max_context:
+            raise _bad(f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt; {max_tokens} for the "
+                       f"completion). Please reduce the prompt or the completion length.", name,
+                       "context_length_exceeded")
+        top_k = _get_int(body, "top_k", 0)
+        if top_k == -1:          # vLLM's "no top-k"
+            top_k = 0
+        if top_k < 0:
+            raise _bad(f"'top_k' must be >= 0 (or -1), got {top_k}", "top_k", "invalid_value")
+        stop_ids = body.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or
+                                                 not 0 <= t < self.vocab_size for t in stop_ids):
+            raise _bad(f"'stop_token_ids' must be a list of token ids in [0, {self.vocab_size})", "stop_token_ids")
+        p = SamplingParams(max_tokens=max_tokens,
+                           temperature=_get_float(body, "temperature", 1.0, 0.0),
+                           top_k=top_k,
+                           top_p=_get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+                           seed=_get_int(body, "seed", None),
+                           stop=_get_stop(body),
+                           stop_token_ids=stop_ids,
+                           ignore_eos=_get_bool(body, "ignore_eos"))
+        try:
+            return p.validate(self.vocab_size)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+
+    def check_prompt_len(self, n: int, param: str) -> None:
+        if n == 0:
+            raise _bad(f"the {param} is empty", param)
+        if n >= self.max_context:
+            raise _bad(f"This model's maximum context length is {self.max_context} tokens. However, your "
+                       f"{param} has {n} tokens (at most {self.max_context - 1} fit, leaving room for one "
+                       f"generated token). Please reduce the length of the {param}.", param,
+                       "context_length_exceeded")
+
+    def prompt_ids(self, body: dict) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]             # a batch of one prompt
+        if isinstance(p, str):
+            return list(self.tok.encode(p).ids)
+        if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if any(not 0 <= t < self.vocab_size for t in p):
+                raise _bad(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+            return list(p)
+        if p is None:
+            raise _bad("you must provide a prompt", "prompt")
+        if isinstance(p, list):
+            raise _bad("only one prompt per request is supported (a string or a list of token ids)", "prompt")
+        raise _bad("'prompt' must be a string or a list of token ids", "prompt")
+
+    # ------------------------------------------------------------------ running a request
+    def submit(self, prompt: list[int], params: SamplingParams):
+        """(request, asyncio.Queue of Events). Raises APIError 503 when the queue is full."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(ev: Event) -> None:    # engine thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:            # the event loop is closed (server shutting down)
+                pass
+
+        try:
+            req = self.bg.submit(prompt, params, on_event)
+        except QueueFull as e:
+            raise APIError(503, f"The server is overloaded ({e}); retry after {self.retry_after_s} s.",
+                           "server_error", None, "overloaded",
+                           headers={"Retry-After": str(self.retry_after_s)}) from None
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        return req, q
+
+    async def collect(self, request: Request, req, q: asyncio.Queue) -> tuple[str, str]:
+        """Wait for the whole answer (text, finish_reason); abort if the client goes away."""
+        parts, reason = [], None
+        next_check = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            while reason is None:
+                try:
+                    ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                    parts.append(ev.text or "")
+                    reason = ev.finish_reason
+                except asyncio.TimeoutError:
+                    pass
+                if reason is None and time.monotonic() >= next_check:
+                    if await request.is_disconnected():
+                        break
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+        finally:
+            if reason is None:
+                self.bg.abort(req.id)
+        if reason is None:
+            return "".join(parts), "abort"
+        if reason == "abort":
+            raise APIError(500, "the request was aborted by the engine" +
+                           (f" ({self.bg.error})" if self.bg.error else ""), "server_error", None, "engine_error")
+        return "".join(parts), reason
+
+    @staticmethod
+    def usage(req) -> dict:
+        return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+                "total_tokens": len(req.prompt) + len(req.output)}
+
+    def sse(self, req, q: asyncio.Queue, chunk, include_usage: bool, first=None):
+        """Server-sent events: chunk(text, finish_reason) -> dict; abort the request if the client leaves."""
+
+        def data(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        async def gen():
+            reason = None
+            try:
+                if first is not None:
+                    yield data(first)
+                while reason is None:
+                    ev = await q.get()
+                    reason = ev.finish_reason
+                    if reason == "abort":
+                        msg = "the request was aborted by the engine" + \
+                              (f" ({self.bg.error})" if self.bg.error else "")
+                        yield data(error_body(msg, "server_error", None, "engine_error"))
+                        break
+                    if ev.text:
+                        yield data(chunk(ev.text, None))
+                    if reason is not None:
+                        yield data(chunk(None, reason))
+                if include_usage and reason != "abort":
+                    yield data(chunk(None, None, usage=self.usage(req)))
+                yield "data: [DONE]\n\n"
+            finally:   # GeneratorExit / CancelledError when the client disconnects
+                if reason is None:
+                    self.bg.abort(req.id)
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def stream_options(self, body: dict, stream: bool) -> bool:
+        so = body.get("stream_options")
+        if so is None:
+            return False
+        if not stream:
+            raise _bad("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(so, dict):
+            raise _bad("'stream_options' must be an object", "stream_options")
+        return _get_bool(so, "include_usage")
+
+    # ------------------------------------------------------------------ endpoints
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv4",
+                "max_model_len": self.max_context}
+
+    async def completions(self, request: Request):
+        body = await self.read_json(request)
+        self.check_model(body)
+        stream = _get_bool(body, "stream")
+        include_usage = self.stream_options(body, stream)
+        prompt = self.prompt_ids(body)
+        self.check_prompt_len(len(prompt), "prompt")
+        params = self.sampling(body, len(prompt), 16)
+        req, q = self.submit(prompt, params)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, reason, usage=None):
+            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                   "choices": [] if usage else
+                   [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+            if include_usage:
+                out["usage"] = usage
+            return out
+
+        if stream:
+            return self.sse(req, q, chunk, include_usage)
+        text, reason = await self.collect(request, req, q)
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                "usage": self.usage(req)}
+
+    async def chat_completions(self, request: Request):
+        body = await self.read_json(request)
+        self.check_model(body)
+        stream = _get_bool(body, "stream")
+        include_usage = self.stream_options(body, stream)
+        if body.get("tools") or body.get("functions"):
+            raise _bad("tools are not supported", "tools")
+        try:
+            prompt = self.template.encode(self.tok, body.get("messages"))
+        except ChatError as e:
+            raise _bad(str(e), "messages") from None
+        self.check_prompt_len(len(prompt), "messages")
+        params = self.sampling(body, len(prompt), self.default_max_tokens, ("max_completion_tokens", "max_tokens"))
+        params.stop = params.stop + [s for s in self.template.stop if s not in params.stop]
+        req, q = self.submit(prompt, params)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text, reason, usage=None, delta=None):
+            if delta is None:
+                delta = {"content": text} if text is not None else {}
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                   "system_fingerprint": None,
+                   "choices": [] if usage else
+                   [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            if include_usage:
+                out["usage"] = usage
+            return out
+
+        if stream:
+            return self.sse(req, q, chunk, include_usage,
+                            first=chunk(None, None, delta={"role": "assistant", "content": ""}))
+        text, reason = await self.collect(request, req, q)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": self.usage(req)}
+
+
+def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key: str | None = None,
+               max_context: int | None = None, chat_template: ChatTemplate | None = None,
+               default_max_tokens: int = 256, retry_after_s: int = 1) -> FastAPI:
+    """The FastAPI app. max_context: tokens per request (prompt + output; default the engine's);
+    default_max_tokens: chat answers' limit when the client gives none (completions: 16, as OpenAI)."""
+    srv = Server(engine_bg, tokenizer, model_name, api_key, max_context, chat_template, default_max_tokens,
+                 retry_after_s)
+    app = FastAPI(title="dsv4", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return _error_response(_bad(f"invalid request: {e.errors()}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind, None, None), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        return JSONResponse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        load = engine_bg.load()
+        if engine_bg.error is not None:
+            return JSONResponse({"status": "error", "error": str(engine_bg.error), **load}, status_code=503)
+        return {"status": "ok", **load}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        srv.check_auth(request)
+        return {"object": "list", "data": [srv.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        srv.check_auth(request)
+        if model_id != srv.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist", "invalid_request_error", "model",
+                           "model_not_found")
+        return srv.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        srv.check_auth(request)
+        return await srv.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        srv.check_auth(request)
+        return await srv.chat_completions(request)
+
+    return app
+
+
+def build(ckpt: str | Path, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
+          max_context: int | None = None, prefill_chunk: int = 2048, model_name: str | None = None,
+          default_max_tokens: int = 256):
+    """(app, BackgroundEngine, model_name) for a run directory."""
+    from dsv4.generate import load_run
+    from dsv4.infer.chat import load_template
+    from dsv4.infer.engine import Engine
+
+    model, tok = load_run(ckpt)
+    engine = Engine(model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk)
+    bg = BackgroundEngine(engine, max_waiting=max_waiting)
+    name = model_name or Path(ckpt).resolve().name
+    app = create_app(bg, tok, name, api_key=api_key, max_context=max_context, chat_template=load_template(ckpt),
+                     default_max_tokens=default_max_tokens)
+    return app, bg, name
+
+
+def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_waiting: int = 64, max_context: int | None = None, prefill_chunk: int = 2048,
+          model_name: str | None = None, default_max_tokens: int = 256, log_level: str = "info") -> None:
+    """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
+    import uvicorn
+
+    app, bg, name = build(ckpt, api_key, max_batch, max_waiting, max_context, prefill_chunk, model_name,
+                          default_max_tokens)
+    print(f"dsv4: serving model '{name}' at http://{host}:{port}/v1 (max_batch {max_batch}, "
+          f"max_waiting {max_waiting}, context {bg.engine.max_context})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        bg.close()

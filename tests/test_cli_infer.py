@@ -1,0 +1,128 @@
+"""`dsv4 generate` (cached engine, streamed to the terminal), `dsv4 chat` (stdin REPL) and the `serve`
+arguments, on a tiny run directory made here (random weights, a tokenizer trained on a few KB)."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_config
+from dsv4.cli import build_parser, main
+from dsv4.data import ids_to_bytes, train_tokenizer
+from dsv4.generate import generate, load_run
+from dsv4.infer.engine import Detokenizer, Engine
+from dsv4.model.transformer import Transformer
+from dsv4.train.checkpoint import save_checkpoint
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    texts = [Path(json.__file__).read_text(), Path(json.decoder.__file__).read_text(),
+             Path(json.encoder.__file__).read_text()]
+    tok = train_tokenizer(texts, 512, run / "tokenizer.json", show_progress=False)
+    assert tok.get_vocab_size() == 512
+    torch.manual_seed(0)
+    model = Transformer(small_config(max_position_embeddings=256))
+    save_checkpoint(run, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    return run
+
+
+def _cli(*args, stdin=None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "dsv4", *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def procs(run):
+    """The subprocess runs of this file, started together (each pays torch's import time)."""
+    chat_in = "hello there\n/reset\n\nwhat is json?\n/exit\nnever read\n"
+    ps = {"generate": (_cli("generate", "--ckpt", run, "--prompt", "import json", "--max-new-tokens", "6",
+                            "--temperature", "0"), None),
+          "chat": (_cli("chat", "--ckpt", run, "--max-new-tokens", "4", "--temperature", "0"), chat_in),
+          "bad_generate": (_cli("generate", "--ckpt", run, "--prompt", "x", "--top-p", "0"), None)}
+    return {name: (p.communicate(stdin, timeout=300), p.returncode) for name, (p, stdin) in ps.items()}
+
+
+class Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self):
+        self.flushed.append(self.getvalue())
+
+
+def test_generate_streams_the_cached_engine_output(run, monkeypatch):
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    prompt = "def decode(self, s):"
+    assert main(["generate", "--ckpt", str(run), "--prompt", prompt, "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    text = out.getvalue()
+    # the reference: the old non-cached sampler, detokenized one token at a time
+    model, tok = load_run(run)
+    ids = generate(model, tok.encode(prompt).ids, 8, temperature=0.0)
+    detok = Detokenizer(tok)
+    ref = "".join(detok.push([t]) for t in ids) + detok.flush()
+    assert text == prompt + ref + "\n"
+    # printed while generating: the prompt first, then growing text, each piece flushed
+    grown = [s for i, s in enumerate(out.flushed) if i == 0 or s != out.flushed[i - 1]]
+    assert grown[0] == prompt and len(grown) >= 3 and all(b.startswith(a) for a, b in zip(grown, grown[1:]))
+
+
+def test_generate_subprocess(procs):
+    (out, err), rc = procs["generate"]
+    assert rc == 0, err[-2000:]
+    assert out.startswith("import json") and len(out.rstrip("\n")) > len("import json")
+
+
+def test_generate_bad_options_are_one_line_errors(procs):
+    (out, err), rc = procs["bad_generate"]
+    assert rc == 2 and out == ""
+    assert err.strip().startswith("dsv4: error: ") and "top_p" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_with_piped_stdin(procs, run):
+    (out, err), rc = procs["chat"]
+    assert rc == 0, err[-2000:]
+    assert "(history cleared)" in out
+    assert (run / "chat_template.json").exists()     # written on first use
+
+
+def test_chat_keeps_history_until_reset(run, monkeypatch):
+    prompts = []
+    real = Engine.stream
+
+    def recording_stream(self, prompt, params=None):
+        prompts.append(ids_to_bytes(self.tok, prompt).decode("utf-8"))
+        return real(self, prompt, params)
+
+    monkeypatch.setattr(Engine, "stream", recording_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nsecond\n/reset\nthird\n/exit\nnever\n"))
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["chat", "--ckpt", str(run), "--max-new-tokens", "3", "--temperature", "0",
+                 "--system", "Be brief."]) == 0
+    assert len(prompts) == 3
+    assert prompts[0] == "<|system|>\nBe brief.\n<|user|>\nhello\n<|assistant|>\n"
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("<|user|>\nsecond\n<|assistant|>\n")
+    assert prompts[2] == "<|system|>\nBe brief.\n<|user|>\nthird\n<|assistant|>\n"
+    assert "(history cleared)" in out.getvalue() and "never" not in "".join(prompts)
+
+
+def test_serve_arguments():
+    a = build_parser().parse_args(["serve", "--ckpt", "runs/x"])
+    assert (a.host, a.port, a.api_key, a.max_batch, a.max_waiting, a.max_context) == \
+        ("127.0.0.1", 8000, None, 8, 64, None)
+    a = build_parser().parse_args(["serve", "--ckpt", "r", "--host", "0.0.0.0", "--port", "9", "--api-key", "k",
+                                   "--max-batch", "2", "--max-waiting", "3", "--max-context", "512"])
+    assert (a.host, a.port, a.api_key, a.max_batch, a.max_waiting, a.max_context) == ("0.0.0.0", 9, "k", 2, 3, 512)
