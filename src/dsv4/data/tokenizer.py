@@ -125,7 +125,7 @@ def ids_to_bytes(tok: Tokenizer, ids) -> bytes:
     for i in ids:
         i = int(i)
         if i not in pieces:
-            t = vocab[i]
-            pieces[i] = b"" if t in special else bytes(table[c] for c in t)
+            t = vocab.get(i)   # ids past the tokenizer's vocabulary (a model vocab can be larger): no bytes
+            pieces[i] = b"" if t is None or t in special else bytes(table[c] for c in t)
         out += pieces[i]
     return bytes(out)

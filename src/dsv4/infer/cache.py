@@ -135,7 +135,7 @@ class LayerCache:
         if self.kind == "csa":
             self.ikeys = PagedStore(batch, attn.indexer.head_dim, capacity // self.m, page, dtype, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
-        self.rows = None  # set by ModelCache before each forward
+        self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
 
     def nbytes(self) -> int:
         tensors = [getattr(self, a, None) for a in ("ring",)]
@@ -189,7 +189,7 @@ class LayerCache:
 
     # ------------------------------------------------------------------ step (decode)
     def _step(self, attn, x, c_q, q, kv, cos, sin, pos):
-        rows, dev = self.rows, q.device
+        rows, rv, dev = self.rows, self.view, q.device
         if self.kind == "dsa":
             self.raw.ensure(int(pos.max()) + 1)
             self.raw.data[rows, pos] = kv[:, 0].to(self.raw.data.dtype)
@@ -198,12 +198,12 @@ class LayerCache:
         else:
             self.ring[rows, pos % self.rw] = kv[:, 0].to(self.ring.dtype)
             slot_pos = pos[:, None] - (pos[:, None] - torch.arange(self.rw, device=dev)) % self.rw
-            parts = [(self.ring[rows], (slot_pos >= 0) & (slot_pos > pos[:, None] - self.win))]
+            parts = [(self.ring[rv], (slot_pos >= 0) & (slot_pos > pos[:, None] - self.win))]
         if self.kind in ("csa", "hca"):
             self.comp.step(x, pos, rows, self.rope, self.entries)
         if self.kind == "hca":
             n = (pos + 1) // self.m
-            parts.append((self.entries.data[rows, :int(n.max())], torch.arange(int(n.max()), device=dev) < n[:, None]))
+            parts.append((self.entries.data[rv, :int(n.max())], torch.arange(int(n.max()), device=dev) < n[:, None]))
         elif self.kind in ("csa", "dsa"):
             ix = attn.indexer
             if self.kind == "csa":
@@ -232,7 +232,8 @@ class LayerCache:
             n = int(lim[g[0]])
             if n == 0:
                 continue
-            idx = chunked_indexer_topk(qi[g], wi[g], self.ikeys.data[rows[g], :n], ix.topk, pos[g[:1]],
+            keys = self.ikeys.data[self.view, :n] if len(groups) == 1 else self.ikeys.data[rows[g], :n]
+            idx = chunked_indexer_topk(qi[g], wi[g], keys, ix.topk, pos[g[:1]],
                                        ix.ratio, ix.exclude_window)
             out[g, :idx.shape[-1]] = idx[:, 0]
         return out
@@ -253,6 +254,7 @@ class ModelCache:
         dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
         self.batch, self.max_len, self.max_rollback = batch, model.cfg.max_position_embeddings, spare + 1
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
+        self.mtp_lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # positions the MTP block saw
         rope = model.rope_compress
         args = (batch, capacity, dtype, p.device, rope, page, spare)
         self.layers = [LayerCache(b.attn, *args) for b in model.layers]
@@ -288,23 +290,25 @@ class ModelCache:
             raise CacheError(f"cache rows must be in [0, {self.batch}), got {rows.tolist()}")
         return rows
 
-    def begin(self, rows: torch.Tensor, t: int) -> torch.Tensor:
+    def begin(self, rows: torch.Tensor, t: int, mtp: bool = False) -> torch.Tensor:
         """Bind the layers to `rows`; positions of the next t tokens: [t] if the rows share a length,
-        else [B, 1] (decode with mixed lengths, t must be 1)."""
-        lens = self.lengths[rows]
+        else [B, 1] (decode with mixed lengths, t must be 1). mtp: the MTP blocks' lengths."""
+        lens = (self.mtp_lengths if mtp else self.lengths)[rows]
         if int(lens.max()) + t > self.max_len:
             raise CacheError(f"context would reach {int(lens.max()) + t} tokens; the model supports "
                              f"{self.max_len} (max_position_embeddings)")
+        r0 = int(rows[0])
+        view = slice(r0, r0 + rows.numel()) if bool((rows == r0 + torch.arange(rows.numel())).all()) else rows
         for lc in self.layers + self.mtp_layers:
-            lc.rows = rows
-        if bool((lens == lens[0]).all()):
-            return int(lens[0]) + torch.arange(t, device=lens.device)
-        if t != 1:
+            lc.rows, lc.view = rows, view
+        if t == 1:
+            return lens[:, None]
+        if not bool((lens == lens[0]).all()):
             raise CacheError(f"a {t}-token chunk needs rows of one length, got lengths {lens.tolist()}")
-        return lens[:, None]
+        return int(lens[0]) + torch.arange(t, device=lens.device)
 
-    def advance(self, rows: torch.Tensor, t: int) -> None:
-        self.lengths[rows] += t
+    def advance(self, rows: torch.Tensor, t: int, mtp: bool = False) -> None:
+        (self.mtp_lengths if mtp else self.lengths)[rows] += t
 
     def rollback(self, rows, n) -> None:
         """Forget the last n tokens of rows (state is position-addressed: the next tokens overwrite it)."""
@@ -316,4 +320,6 @@ class ModelCache:
         self.lengths[rows] = (self.lengths[rows] - n).clamp_min(0)
 
     def reset(self, rows) -> None:
-        self.lengths[self.rows_of(rows)] = 0
+        rows = self.rows_of(rows)
+        self.lengths[rows] = 0
+        self.mtp_lengths[rows] = 0

@@ -163,6 +163,19 @@ class Transformer(KeepFP32):
             if hasattr(mod, "impl") and hasattr(mod, "attn_sink"):
                 mod.impl = name
 
+    def mtp_forward(self, x: torch.Tensor, next_ids: torch.Tensor, cache, rows=None, depth: int = 0,
+                    compute_logits: bool = True, last_only: bool = False) -> torch.Tensor | None:
+        """Cached MTP block `depth` (spec section 5): x [B,T,hc,d] = main streams at the next positions the
+        MTP cache has not seen, next_ids [B,T] = the tokens one ahead -> logits of the token after those."""
+        rows = cache.rows_of(rows)
+        positions = cache.begin(rows, x.shape[1], mtp=True)
+        h, _, _ = self.mtp[depth](x, self.embed(next_ids), next_ids, self.ropes(positions)["main"], positions,
+                                  cache=cache.mtp_layers[depth])
+        cache.advance(rows, x.shape[1], mtp=True)
+        if not compute_logits:
+            return None
+        return self.head(h[:, -1:] if last_only else h)
+
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
                 reference: bool = False, segment_ids: torch.Tensor | None = None,
                 indexer_mode: str | None = None, compute_logits: bool = True, cache=None, rows=None,

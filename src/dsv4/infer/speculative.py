@@ -1,0 +1,97 @@
+"""MTP speculative decoding (spec section 5; Leviathan et al. 2023 / Chen et al. 2023 acceptance rule).
+
+State of a request: the main cache holds positions 0..L-1, token t_L is sampled but not fed; the MTP
+cache holds the positions whose next token is known. One step:
+  1. draft: the MTP block catches up on positions up to L-1 (main streams x_i with token t_{i+1}) and
+     its last output q gives a draft d ~ q for t_{L+1} (sampled with the request's parameters);
+  2. verify: ONE main forward of [t_L, d] at positions L, L+1 gives p_L (for t_{L+1}) and p_{L+1};
+  3. accept d with probability min(1, p_L(d) / q(d)), then also emit a bonus token ~ p_{L+1};
+     otherwise emit r ~ normalise(max(p_L - q, 0)) and roll the main cache back by one position.
+The emitted tokens are distributed exactly as plain sampling from the main model; with temperature 0
+(one-hot p and q) this reduces to "accept iff argmax p_L == d", so greedy output is token-identical.
+Verification forwards run per request (their positions differ); the gain is largest at batch 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv4.infer.sampling import probabilities, sample
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> tuple[bool, int]:
+    """Standard speculative acceptance for one draft token: p, q target / draft distributions [V].
+    Returns (accepted, token): the draft itself, or a resample from normalise(max(p - q, 0))."""
+    pd, qd = float(p[draft]), float(q[draft])
+    if qd <= 0:
+        raise ValueError("the draft token has zero draft probability")
+    if pd >= qd or float(torch.rand((), generator=gen)) < pd / qd:
+        return True, draft
+    resid = (p - q).clamp_min(0)
+    if float(resid.sum()) <= 0:   # p == q up to rounding: the draft was rejected by a hair
+        resid = p
+    return False, int(torch.multinomial(resid / resid.sum(), 1, generator=gen))
+
+
+class MTPSpeculator:
+    """Attached to an Engine (Engine(speculative=True)); uses the model's first MTP block."""
+
+    def __init__(self, engine):
+        if not engine.model.mtp:
+            raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
+        self.engine = engine
+        self.model, self.cache = engine.model, engine.cache
+        self.pending_x: dict[int, torch.Tensor] = {}   # request id -> main streams the MTP has not seen
+
+    def _seq(self, req) -> list[int]:
+        return req.prompt + req.output
+
+    def _catch_up(self, req, upto: int, logits: bool):
+        """Feed the MTP block the positions it has not seen, below `upto` (their next token is known)."""
+        xs = self.pending_x.get(req.id)
+        start = int(self.cache.mtp_lengths[req.row])
+        n = upto - start
+        if xs is None or n <= 0:
+            return None
+        seq = self._seq(req)
+        nxt = torch.tensor([seq[start + 1:start + 1 + n]])
+        out = self.model.mtp_forward(xs[:, :n], nxt, self.cache, rows=[req.row], compute_logits=logits,
+                                     last_only=True)
+        self.pending_x[req.id] = xs[:, n:]
+        return out
+
+    def _push_x(self, req, x: torch.Tensor) -> None:
+        old = self.pending_x.get(req.id)
+        self.pending_x[req.id] = x if old is None or old.shape[1] == 0 else torch.cat([old, x], 1)
+
+    def after_prefill(self, req, chunk: list[int], out) -> None:
+        if req.fed == 0:
+            self.pending_x.pop(req.id, None)
+        self._push_x(req, out.hidden)
+        self._catch_up(req, req.fed + len(chunk) - 1, logits=False)   # the chunk's last next-token is unknown
+
+    def step(self, reqs, events) -> None:
+        e = self.engine
+        for req in reqs:
+            length = int(self.cache.lengths[req.row])
+            q_logits = self._catch_up(req, length, logits=True)[0, -1]
+            p = req.params
+            q = probabilities(q_logits, p)
+            draft = sample(q_logits, p, req.gen)
+            if p.temperature > 0 and float(q[draft]) <= 0:   # sampled off the filtered support (cannot happen)
+                draft = int(q.argmax())
+            out = self.model(torch.tensor([[req.pending, draft]]), cache=self.cache, rows=[req.row])
+            e.stats["decode_tokens"] += 1
+            e.stats["drafted"] += 1
+            ok, tok = accept_draft(probabilities(out.logits[0, 0], p), q, draft, req.gen)
+            if ok:
+                e.stats["accepted"] += 1
+                self._push_x(req, out.hidden)
+                new = [draft, sample(out.logits[0, 1], p, req.gen)]
+            else:
+                self.cache.rollback([req.row], 1)
+                self._push_x(req, out.hidden[:, :1])
+                new = [tok]
+            req.pending = None
+            e._accept(req, new, events)
+            if req.finished:
+                self.pending_x.pop(req.id, None)
