@@ -302,3 +302,21 @@ def test_concurrent_requests_all_complete(live, bg):
         assert chunks[-1].usage.completion_tokens <= 3 + i
         assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("stop", "length")
     assert wait_idle(bg)["running"] == 0
+
+
+def test_a_tokenizer_smaller_than_the_model_vocab_does_not_fail_the_engine():
+    """Ids past the tokenizer's vocab (a tokenizer trained on little text) decode to no bytes."""
+    small = train_tokenizer(["hello world, hello json"], 512, show_progress=False)
+    assert small.get_vocab_size() < 512
+    eng = BackgroundEngine(Engine(tiny_model(), small, max_batch=2), max_waiting=4)
+    s = LiveServer(create_app(eng, small, MODEL, max_context=CONTEXT))
+    try:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=60)
+        for seed in range(3):   # a random model samples ids the tokenizer lacks about every other token
+            r = c.completions.create(model=MODEL, prompt="hello", max_tokens=30, temperature=1.0, seed=seed,
+                                     extra_body={"ignore_eos": True})
+            assert r.choices[0].finish_reason in ("stop", "length")
+        assert eng.error is None and httpx.get(f"{s.url}/health").json()["status"] == "ok"
+    finally:
+        s.stop()
+        eng.close()
