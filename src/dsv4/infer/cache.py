@@ -21,6 +21,7 @@ import torch
 from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.indexer_topk import chunked_indexer_topk
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
+from dsv4.quant.kv import KVCodec
 
 
 class CacheError(ValueError):
@@ -28,11 +29,12 @@ class CacheError(ValueError):
 
 
 class PagedStore:
-    """[batch, capacity, width] rows by position, grown `page` positions at a time (doubling)."""
+    """[batch, capacity, stored width] rows by position (codec-encoded), grown `page` positions at a time
+    (doubling)."""
 
-    def __init__(self, batch: int, width: int, capacity: int, page: int, dtype, device):
-        self.page = page
-        self.data = torch.zeros(batch, self._round(capacity), width, dtype=dtype, device=device)
+    def __init__(self, batch: int, codec: KVCodec, capacity: int, page: int, device):
+        self.page, self.codec = page, codec
+        self.data = torch.zeros(batch, self._round(capacity), codec.stored_width, dtype=codec.dtype, device=device)
 
     def _round(self, n: int) -> int:
         return -(-max(n, 0) // self.page) * self.page
@@ -88,7 +90,7 @@ class CompressorState:
             j0 = first // m
             cos, sin = rope.cos_sin((j0 + torch.arange(n, device=h.device)) * m)
             store.ensure(j0 + n)
-            store.data[rows, j0:j0 + n] = self.comp.finish(pooled, cos, sin, store.data.dtype)
+            store.data[rows, j0:j0 + n] = store.codec.encode(self.comp.finish(pooled, cos, sin, torch.float32))
         keep = torch.arange(max(start, start + t - self.r), start + t, device=h.device)
         self.kv[rows[:, None], (keep % self.r)[None]] = kv_new[:, keep - start]
         self.gate[rows[:, None], (keep % self.r)[None]] = gate_new[:, keep - start]
@@ -113,27 +115,29 @@ class CompressorState:
         cos, sin = rope.cos_sin(first)
         j = first // m
         store.ensure(int(j.max()) + 1)
-        store.data[rows, j] = self.comp.finish(pooled, cos, sin, store.data.dtype)
+        store.data[rows, j] = store.codec.encode(self.comp.finish(pooled, cos, sin, torch.float32))
 
 
 class LayerCache:
     """The cache of one attention layer; `attend` runs its core op for a chunk or a decode step."""
 
-    def __init__(self, attn, batch: int, capacity: int, dtype, device, rope, page: int, spare: int):
+    def __init__(self, attn, batch: int, capacity: int, fmt, device, rope, page: int, spare: int, rope_dim: int):
         self.kind, self.m, self.win = attn.kind, attn.ratio, attn.window
         self.rw = self.win + spare
         self.rope = rope
         c = attn.head_dim
+        self.codec = KVCodec(c, rope_dim, fmt)
+        icodec = KVCodec(attn.indexer.head_dim, rope_dim, fmt) if self.kind in ("csa", "dsa") else None
         if self.kind == "dsa":
-            self.raw = PagedStore(batch, c, capacity, page, dtype, device)
-            self.ikeys = PagedStore(batch, attn.indexer.head_dim, capacity, page, dtype, device)
+            self.raw = PagedStore(batch, self.codec, capacity, page, device)
+            self.ikeys = PagedStore(batch, icodec, capacity, page, device)
         else:
-            self.ring = torch.zeros(batch, self.rw, c, dtype=dtype, device=device)
+            self.ring = torch.zeros(batch, self.rw, self.codec.stored_width, dtype=self.codec.dtype, device=device)
         if self.kind in ("csa", "hca"):
-            self.entries = PagedStore(batch, c, capacity // self.m, page, dtype, device)
+            self.entries = PagedStore(batch, self.codec, capacity // self.m, page, device)
             self.comp = CompressorState(attn.compressor, batch, device, spare)
         if self.kind == "csa":
-            self.ikeys = PagedStore(batch, attn.indexer.head_dim, capacity // self.m, page, dtype, device)
+            self.ikeys = PagedStore(batch, icodec, capacity // self.m, page, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
 
@@ -157,34 +161,35 @@ class LayerCache:
         common = (attn.attn_sink, attn.scale, self.win, q_pos)
         if self.kind == "dsa":
             self.raw.ensure(start + t)
-            self.raw.data[rows, start:start + t] = kv.to(self.raw.data.dtype)
-            band = self.raw.data[rows, :start + t]
+            self.raw.data[rows, start:start + t] = self.codec.encode(kv)
+            band = self.codec.decode(self.raw.data[rows, :start + t], kv.dtype)
             kv_pos = torch.arange(start + t, device=dev)
         else:
             w = min(start, self.win - 1)
             old = torch.arange(start - w, start, device=dev)
-            band = torch.cat([self.ring[rows][:, old % self.rw].to(kv.dtype), kv], 1)
+            band = torch.cat([self.codec.decode(self.ring[rows][:, old % self.rw], kv.dtype), kv], 1)
             kv_pos = torch.arange(start - w, start + t, device=dev)
             keep = torch.arange(max(start, start + t - self.rw), start + t, device=dev)
-            self.ring[rows[:, None], (keep % self.rw)[None]] = kv[:, keep - start].to(self.ring.dtype)
+            self.ring[rows[:, None], (keep % self.rw)[None]] = self.codec.encode(kv[:, keep - start])
         if self.kind == "swa":
             return window_attention(q, band, *common, kv_pos)
         n = (start + t) // self.m
         if self.kind == "hca":
             self.comp.chunk(x, start, rows, self.rope, self.entries)
-            return dense_entries_attention(q, band, *common, kv_pos, self.entries.data[rows, :n].to(q.dtype),
+            return dense_entries_attention(q, band, *common, kv_pos, self.codec.decode(self.entries.data[rows, :n], q.dtype),
                                            ratio=self.m)
         ix = attn.indexer
         if self.kind == "csa":
             self.comp.chunk(x, start, rows, self.rope, self.entries)
             self.icomp.chunk(x, start, rows, self.rope, self.ikeys)
-            entries = self.entries.data[rows, :n].to(q.dtype)
+            entries = self.codec.decode(self.entries.data[rows, :n], q.dtype)
         else:
             self.ikeys.ensure(start + t)
-            self.ikeys.data[rows, start:start + t] = ix.compressor(x, cos, sin).to(self.ikeys.data.dtype)
+            self.ikeys.data[rows, start:start + t] = self.ikeys.codec.encode(ix.compressor(x, cos, sin))
             entries = band
         qi, wi = ix.queries(x, c_q, cos, sin)
-        idx = chunked_indexer_topk(qi, wi, self.ikeys.data[rows, :n], ix.topk, q_pos, ix.ratio, ix.exclude_window)
+        idx = chunked_indexer_topk(qi, wi, self.ikeys.codec.decode(self.ikeys.data[rows, :n]), ix.topk, q_pos, ix.ratio,
+                                   ix.exclude_window)
         return sparse_attention(q, band, *common, kv_pos, entries, idx)
 
     # ------------------------------------------------------------------ step (decode)
@@ -192,11 +197,11 @@ class LayerCache:
         rows, rv, dev = self.rows, self.view, q.device
         if self.kind == "dsa":
             self.raw.ensure(int(pos.max()) + 1)
-            self.raw.data[rows, pos] = kv[:, 0].to(self.raw.data.dtype)
+            self.raw.data[rows, pos] = self.codec.encode(kv[:, 0])
             wpos = pos[:, None] - torch.arange(self.win, device=dev)
             parts = [(self.raw.data[rows[:, None], wpos.clamp_min(0)], wpos >= 0)]
         else:
-            self.ring[rows, pos % self.rw] = kv[:, 0].to(self.ring.dtype)
+            self.ring[rows, pos % self.rw] = self.codec.encode(kv[:, 0])
             slot_pos = pos[:, None] - (pos[:, None] - torch.arange(self.rw, device=dev)) % self.rw
             parts = [(self.ring[rv], (slot_pos >= 0) & (slot_pos > pos[:, None] - self.win))]
         if self.kind in ("csa", "hca"):
@@ -211,11 +216,12 @@ class LayerCache:
                 store = self.entries
             else:
                 self.ikeys.ensure(int(pos.max()) + 1)
-                self.ikeys.data[rows, pos] = ix.compressor(x, cos, sin)[:, 0].to(self.ikeys.data.dtype)
+                self.ikeys.data[rows, pos] = self.ikeys.codec.encode(ix.compressor(x, cos, sin)[:, 0])
                 store = self.raw
             qi, wi = ix.queries(x, c_q, cos, sin)
             idx = self._topk(qi, wi, pos, ix)
             parts.append((store.data[rows[:, None], idx.clamp_min(0)], idx >= 0))
+        parts = [(self.codec.decode(k, q.dtype), v) for k, v in parts]
         return decode_attention(q[:, 0], parts, attn.attn_sink, attn.scale).unsqueeze(1)
 
     def _topk(self, qi, wi, pos, ix) -> torch.Tensor:
@@ -233,6 +239,7 @@ class LayerCache:
             if n == 0:
                 continue
             keys = self.ikeys.data[self.view, :n] if len(groups) == 1 else self.ikeys.data[rows[g], :n]
+            keys = self.ikeys.codec.decode(keys)
             idx = chunked_indexer_topk(qi[g], wi[g], keys, ix.topk, pos[g[:1]],
                                        ix.ratio, ix.exclude_window)
             out[g, :idx.shape[-1]] = idx[:, 0]
@@ -242,11 +249,12 @@ class LayerCache:
 class ModelCache:
     """Caches of every attention layer of `model` for `batch` request slots, plus each slot's length.
 
-    capacity: positions preallocated per slot (stores grow in pages beyond it); dtype: storage dtype of
-    kv / entries / indexer keys (default: the model's); compressor states stay fp32.
+    capacity: positions preallocated per slot (stores grow in pages beyond it); dtype: storage of kv /
+    entries / indexer keys: a torch dtype (default: the model's) or "fp8" (FP8 non-rope dims with
+    power-of-two scales + BF16 rope dims, dsv4.quant.kv); compressor states stay fp32.
     """
 
-    def __init__(self, model, batch: int = 1, capacity: int = 4096, dtype: torch.dtype | None = None,
+    def __init__(self, model, batch: int = 1, capacity: int = 4096, dtype: torch.dtype | str | None = None,
                  page: int = 4096, spare: int = 3):
         if batch < 1:
             raise CacheError(f"cache batch must be >= 1, got {batch}")
@@ -256,7 +264,7 @@ class ModelCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.mtp_lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # positions the MTP block saw
         rope = model.rope_compress
-        args = (batch, capacity, dtype, p.device, rope, page, spare)
+        args = (batch, capacity, dtype, p.device, rope, page, spare, model.cfg.qk_rope_head_dim)
         self.layers = [LayerCache(b.attn, *args) for b in model.layers]
         self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
 

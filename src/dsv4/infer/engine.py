@@ -118,6 +118,14 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams | None = None,
             on_event: Callable[[Event], None] | None = None) -> Request:
+        """Validate and queue a request (ValueError names what is wrong)."""
+        req = self.make_request(prompt, params, on_event)
+        self.waiting.append(req)
+        return req
+
+    def make_request(self, prompt: list[int], params: SamplingParams | None = None,
+                     on_event: Callable[[Event], None] | None = None) -> Request:
+        """A validated Request, not queued yet."""
         params = (params or SamplingParams()).validate(self.cfg.vocab_size)
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -129,10 +137,8 @@ class Engine:
                              f"(prompt + output), so at most {self.max_context - 1} prompt tokens fit")
         if params.stop and self.tok is None:
             raise ValueError("stop strings need a tokenizer")
-        req = Request(next(self._ids), prompt, params, on_event, gen=params.generator(),
-                      detok=Detokenizer(self.tok) if self.tok is not None else None)
-        self.waiting.append(req)
-        return req
+        return Request(next(self._ids), prompt, params, on_event, gen=params.generator(),
+                       detok=Detokenizer(self.tok) if self.tok is not None else None)
 
     def abort(self, request_id: int) -> None:
         for req in list(self.waiting) + self.running:
@@ -290,9 +296,8 @@ class BackgroundEngine:
         with self._cv:
             if len(self.engine.waiting) + sum(1 for k, *_ in self._inbox if k == "add") >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            # validation errors surface here, in the caller's thread
-            req = self.engine.add(prompt, params, on_event)
-            self.engine.waiting.remove(req)
+            # validation errors surface here, in the caller's thread; the engine thread owns `waiting`
+            req = self.engine.make_request(prompt, params, on_event)
             self._inbox.append(("add", req))
             self._cv.notify()
         return req
