@@ -274,6 +274,68 @@ def test_chunked_indexer_topk_decode_rows():
     assert torch.equal(last, full[:, -3:])
 
 
+
+def _indexer_inputs_mode(b, t, n, nh, c, g, mode):
+    """"rand", "ties" (small integers) or "sparse": scores >= 0 (w >= 0) and mostly exact ReLU zeros, so
+    many rows have fewer than k positive scores (the k-th value is a 0 shared by many entries)."""
+    if mode != "sparse":
+        return _indexer_inputs(b, t, n, nh, c, g, mode == "ties")
+    q = torch.randn(b, t, nh, c, generator=g) - 1.0
+    keys = torch.rand(b, n, c, generator=g)
+    w = torch.rand(b, t, nh, generator=g)
+    return q, w, keys
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+@pytest.mark.parametrize("mode", ["rand", "ties", "sparse"])
+@pytest.mark.parametrize("t,ratio,k,excl,chunk,key_chunk,head", [
+    (700, 1, 16, 0, 64, None, None),       # one block per chunk, groups (L > 4k), boundary ties
+    (700, 1, 16, 5, 100, 150, 64),         # key blocks merged, scores in many small slices
+    (1203, 4, 8, 0, 32, None, 50),         # ratio 4, group selection, sliced scores
+    (300, 1, 40, 3, 300, None, None)])     # one chunk, k not a power of 2
+@pytest.mark.parametrize("segs", [False, True])
+def test_chunked_indexer_topk_selection_paths(monkeypatch, use_numpy, mode, t, ratio, k, excl, chunk, key_chunk,
+                                              head, segs):
+    """Two-level (group) selection, boundary-tie fallback, key-block merge and score slicing, on the numpy
+    (CPU) and the torch (other devices) selection: ids exactly those of topk_indices on full scores."""
+    import dsv4.kernels.indexer_topk as it
+    monkeypatch.setattr(it, "_USE_NUMPY", use_numpy)
+    if head is not None:
+        monkeypatch.setattr(it, "_HEAD_FLOATS", head)
+    g = torch.Generator().manual_seed(t + k + len(mode))
+    b, nh, c = 2, 4, 8
+    n = t // ratio
+    q, w, keys = _indexer_inputs_mode(b, t, n, nh, c, g, mode)
+    pos = torch.arange(t)
+    full = Indexer.score(q, w, keys)
+    vis = visible_entries(pos, n, ratio, excl).expand(b, -1, -1)
+    fn = None
+    if segs:
+        seg = _segments(b, t, g, 0.004)
+        eseg = _entry_seg(seg, n, ratio, ratio == 4)
+        vis = vis & (seg[:, :, None] == eseg[:, None, :])
+        fn = segment_same_doc(seg, eseg)
+    want = topk_indices(full, k, vis)
+    got, sc = it.chunked_indexer_topk(q, w, keys, k, pos, ratio, exclude_window=excl, chunk=chunk,
+                                      key_chunk=key_chunk, same_doc_fn=fn, return_scores=True)
+    assert torch.equal(got, want)
+    ref_sc = torch.where(want >= 0, full.gather(-1, want.clamp_min(0)), float("-inf"))
+    torch.testing.assert_close(sc, ref_sc, rtol=1e-6, atol=1e-6)
+    if mode == "sparse":   # the k-th score is an exact zero in many rows with k visible entries
+        kth = full.masked_fill(~vis, float("-inf")).topk(k, -1).values[..., -1]
+        assert (kth == 0).float().mean() > 0.2
+
+
+def test_chunked_indexer_topk_long_decode_row():
+    """One query (decode) against many keys: one block, group selection; = the full-score top-k."""
+    g = torch.Generator().manual_seed(9)
+    n, k = 20000, 64
+    q, w, keys = _indexer_inputs(1, 1, n, 4, 16, g)
+    pos = torch.tensor([4 * n + 2])
+    want = topk_indices(Indexer.score(q, w, keys), k)
+    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4), want)
+    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4, key_chunk=3000), want)
+
 # ------------------------------------------------------------------------------- memory check
 _MEM_SCRIPT = textwrap.dedent("""
     import torch
