@@ -141,12 +141,14 @@ class LayerCache:
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
 
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.ring] if hasattr(self, "ring") else []
+        out += [s.data for s in (getattr(self, a, None) for a in ("raw", "ikeys", "entries")) if s is not None]
+        out += [t for st in (getattr(self, a, None) for a in ("comp", "icomp")) if st is not None for t in (st.kv, st.gate)]
+        return out
+
     def nbytes(self) -> int:
-        tensors = [getattr(self, a, None) for a in ("ring",)]
-        tensors += [s.data for s in (getattr(self, a, None) for a in ("raw", "ikeys", "entries")) if s is not None]
-        tensors += [t for st in (getattr(self, a, None) for a in ("comp", "icomp")) if st is not None
-                    for t in (st.kv, st.gate)]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def attend(self, attn, x, c_q, q, kv, cos, sin, positions) -> torch.Tensor:
         """q [B,T,H,c] and kv [B,T,c] (roped) of this layer at `positions` -> core output [B,T,H,c]."""
@@ -317,6 +319,15 @@ class ModelCache:
 
     def advance(self, rows: torch.Tensor, t: int, mtp: bool = False) -> None:
         (self.mtp_lengths if mtp else self.lengths)[rows] += t
+
+    def copy_row(self, src: int, dst) -> None:
+        """Make rows `dst` hold the same context as row `src` (e.g. a shared prompt)."""
+        dst = self.rows_of(dst)
+        for lc in self.layers + self.mtp_layers:
+            for t in lc.tensors():
+                t[dst] = t[src].clone()
+        self.lengths[dst] = int(self.lengths[src])
+        self.mtp_lengths[dst] = int(self.mtp_lengths[src])
 
     def rollback(self, rows, n) -> None:
         """Forget the last n tokens of rows (state is position-addressed: the next tokens overwrite it)."""
