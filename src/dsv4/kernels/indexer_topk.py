@@ -191,9 +191,15 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
             blk = torch.empty(rows, L, device=dev)
             for j0 in range(k0, k1, sub):
                 j1 = min(j0 + sub, k1)
-                h = torch.bmm(qf, keys_t[:, :, j0:j1]).relu_()                  # [B, C*n, sub]
+                # every slice is sub wide (the tail one shifted left): a narrow bmm takes another BLAS
+                # path whose head sum can round differently from Indexer.score's (ties would flip)
+                a0 = max(0, min(j0, n - sub))
+                h = torch.bmm(qf, keys_t[:, :, a0:a0 + sub]).relu_()            # [B, C*n, sub]
                 s = blk[:, j0 - k0:j1 - k0]
-                torch.bmm(wf, h.view(rows, n_h, j1 - j0), out=s.unsqueeze(1))
+                if a0 == j0 and j1 - j0 == h.shape[-1]:
+                    torch.bmm(wf, h.view(rows, n_h, -1), out=s.unsqueeze(1))
+                else:
+                    s.copy_(torch.bmm(wf, h.view(rows, n_h, -1))[:, 0, j0 - a0:j1 - a0])
                 if j1 > lo or same_doc_fn is not None:
                     vis = torch.arange(j0, j1, device=dev) < lim
                     if same_doc_fn is not None:
