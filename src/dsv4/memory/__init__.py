@@ -1,0 +1,8 @@
+"""Engram row memory (spec ARCHITECTURE.md section 4): row stores (RAM / mmap / hot-row cache),
+background prefetch, sparse row-wise Adam and chunked safetensors checkpoints."""
+
+from .stores import (INIT_CHUNK_ROWS, HotRowCache, MmapStore, RamStore, RowStore, init_rows,
+                     zeros_like)
+
+__all__ = ["INIT_CHUNK_ROWS", "RowStore", "RamStore", "MmapStore", "HotRowCache", "init_rows",
+           "zeros_like"]
