@@ -1,8 +1,12 @@
 """Engram row memory (spec ARCHITECTURE.md section 4): row stores (RAM / mmap / hot-row cache),
 background prefetch, sparse row-wise Adam and chunked safetensors checkpoints."""
 
+from .checkpoint import load_store, save_store
+from .prefetch import PrefetchHandle, Prefetcher
+from .row_adam import SparseRowAdam, coalesce_rows
 from .stores import (INIT_CHUNK_ROWS, HotRowCache, MmapStore, RamStore, RowStore, init_rows,
                      zeros_like)
 
 __all__ = ["INIT_CHUNK_ROWS", "RowStore", "RamStore", "MmapStore", "HotRowCache", "init_rows",
-           "zeros_like"]
+           "zeros_like", "Prefetcher", "PrefetchHandle", "SparseRowAdam", "coalesce_rows",
+           "save_store", "load_store"]
