@@ -1,7 +1,6 @@
 """dsv4.memory: row stores, hot-row cache, prefetcher, sparse row Adam, chunked checkpoints."""
 
 import json
-import threading
 import time
 
 import numpy as np
