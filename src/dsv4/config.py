@@ -81,6 +81,14 @@ class ModelConfig:
     seq_aux_loss_alpha: float = 1e-4
     bias_update_speed: float = 1e-3
     mtp_loss_weight: float = 0.3
+    # Engram conditional memory (spec section 4; off when engram_layer_ids is empty)
+    engram_layer_ids: list[int] = field(default_factory=list)  # main layers with an Engram module
+    engram_orders: list[int] = field(default_factory=lambda: [2, 3])  # n-gram orders
+    engram_heads: int = 8  # hash heads per order
+    engram_rows_per_head: int = 65536  # table rows per head (rounded up to distinct primes)
+    engram_d_mem: int = 1280  # width of e_t = all heads' rows concatenated (row width d_mem / heads total)
+    engram_conv_kernel: int = 4  # depthwise causal conv kernel (dilation = max order)
+    engram_seed: int = 0  # seeds the per-layer hash multipliers and the default table init
     # unknown fields of a config.json, kept so to_json() writes them back
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,6 +160,23 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             need(kind in ("yarn", "default", None), "rope_scaling", "only yarn rope scaling is supported")
+        self._validate_engram(need)
+
+    def _validate_engram(self, need) -> None:
+        ids, orders = self.engram_layer_ids, self.engram_orders
+        need(isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in ids)
+             and len(set(ids)) == len(ids), "engram_layer_ids",
+             f"must be distinct main layer ids in [0, num_hidden_layers={self.num_hidden_layers})")
+        need(isinstance(orders, list) and len(orders) > 0 and all(isinstance(n, int) and n >= 2 for n in orders)
+             and len(set(orders)) == len(orders), "engram_orders", "must be a non-empty list of distinct ints >= 2")
+        for name in ("engram_heads", "engram_d_mem", "engram_conv_kernel"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(isinstance(self.engram_rows_per_head, int) and self.engram_rows_per_head >= 2, "engram_rows_per_head",
+             "must be an integer >= 2")
+        need(isinstance(self.engram_seed, int) and self.engram_seed >= 0, "engram_seed", "must be an integer >= 0")
+        heads = len(orders) * self.engram_heads
+        need(self.engram_d_mem % heads == 0, "engram_d_mem",
+             f"must be divisible by len(engram_orders) * engram_heads = {heads} (the row width per head)")
 
     # ------------------------------------------------------------------ json io
     @classmethod
@@ -185,6 +210,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if not self.engram_layer_ids:  # feature off: a V4 config.json stays as it was
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(self) if f.name.startswith("engram_")}
+            d = {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
         extra = d.pop("extra")
         d.update(extra)
         return d
