@@ -13,6 +13,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.attention import Attention
+from dsv4.model.engram import Engram
 from dsv4.model.mhc import hc_head, hc_post, hc_pre, init_hc_head, init_hc_unit
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
@@ -51,14 +52,21 @@ class Block(KeepFP32):
             setattr(self, f"hc_{unit}_fn", nn.Parameter(torch.empty(mix, hcd, dtype=torch.float32)))
             setattr(self, f"hc_{unit}_base", nn.Parameter(torch.empty(mix, dtype=torch.float32)))
             setattr(self, f"hc_{unit}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
+        # Engram memory (spec section 4): added to the streams before the attention unit
+        self.engram = Engram(cfg, layer_id) if layer_id in cfg.engram_layer_ids else None
 
     def _hc(self, unit: str, x: torch.Tensor):
         c = self.cfg
         return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
                       getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None, cache=None):
-        """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None)."""
+    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None, cache=None,
+                engram_ids=None, engram_prefetched=None):
+        """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None).
+        engram_ids: canonical ids for the Engram layer (default input_ids)."""
+        if self.engram is not None:
+            x = x + self.engram(x, input_ids if engram_ids is None else engram_ids, positions, cache, segment_ids,
+                                engram_prefetched, stats)
         u, post, res = self._hc("attn", x)
         if stats is not None and stats.get("collect"):
             stats.setdefault("res_maps", []).append(res.detach())
@@ -115,6 +123,8 @@ class Transformer(KeepFP32):
         r = cfg.qk_rope_head_dim
         self.rope_main = Rotary(r, cfg.rope_theta)
         self.rope_compress = Rotary(r, cfg.compress_rope_theta, cfg.rope_scaling)
+        if cfg.engram_layer_ids:  # canonical ids for the Engram hash (spec 4.1); identity until set
+            self.register_buffer("canonical_ids", torch.arange(cfg.vocab_size), persistent=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -148,6 +158,38 @@ class Transformer(KeepFP32):
                 gate.bias.zero_()
         for o in owners:
             init_hc_head(o.hc_head_fn, o.hc_head_scale, o.hc_head_base, hc, std)
+        for eng in self.engrams().values():
+            eng.conv_weight.zero_()  # the conv path starts as identity (spec 4.6); the table is a row store
+
+    # ---------------------------------------------------------------- engram
+    def engrams(self) -> dict[int, Engram]:
+        """layer id -> Engram module (empty when engram_layer_ids is empty)."""
+        return {b.layer_id: b.engram for b in self.layers if b.engram is not None}
+
+    def set_canonical_map(self, cmap: torch.Tensor) -> None:
+        """Canonical ids [vocab_size] for the Engram hash (dsv4.model.engram.canonical_map(tokenizer))."""
+        cmap = torch.as_tensor(cmap, dtype=torch.long).reshape(-1)
+        v = self.cfg.vocab_size
+        if cmap.numel() != v or int(cmap.min()) < 0 or int(cmap.max()) >= v:
+            raise ValueError(f"canonical map must hold {v} ids in [0, {v}), got {cmap.numel()} ids")
+        dev = self.embed.weight.device
+        if "canonical_ids" in self._buffers:
+            self.canonical_ids = cmap.to(dev)
+        else:
+            self.register_buffer("canonical_ids", cmap.to(dev), persistent=False)
+
+    def canonical(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.canonical_ids[input_ids] if "canonical_ids" in self._buffers else input_ids
+
+    def engram_rows(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict:
+        """layer id -> sorted unique table rows the batch reads (for a prefetcher: they depend on ids only);
+        pass {layer: (rows, table.read(rows))} as forward(engram_prefetched=...)."""
+        ids = self.canonical(input_ids)
+        return {i: e.rows_for(ids, segment_ids).unique() for i, e in self.engrams().items()}
+
+    def engram_table_grads(self) -> dict:
+        """layer id -> (unique rows, fp32 grads [N, dim]) accumulated since the last call (after backward)."""
+        return {i: e.table_grads() for i, e in self.engrams().items()}
 
     # --------------------------------------------------------------- forward
     def ropes(self, positions: torch.Tensor):
@@ -179,7 +221,7 @@ class Transformer(KeepFP32):
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
                 reference: bool = False, segment_ids: torch.Tensor | None = None,
                 indexer_mode: str | None = None, compute_logits: bool = True, cache=None, rows=None,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, engram_prefetched: dict | None = None) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
@@ -189,7 +231,8 @@ class Transformer(KeepFP32):
         compute_logits=False skips the LM head (out.logits is None; the trainer applies a fused head + CE
         to out.h / out.mtp_h).
         cache: a dsv4.infer.cache.ModelCache; input_ids continue the cached rows `rows` (default all), which
-        then advance by T. last_only: logits of the last position only ([B, 1, V])."""
+        then advance by T. last_only: logits of the last position only ([B, 1, V]).
+        engram_prefetched: layer id -> (sorted unique rows, values) read ahead (see engram_rows)."""
         if indexer_mode not in (None, "dense", "sparse"):
             raise ValueError(f"indexer_mode must be None, 'dense' or 'sparse', got {indexer_mode!r}")
         if input_ids.dim() != 2:
@@ -213,10 +256,12 @@ class Transformer(KeepFP32):
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
         aux = []
+        eids = self.canonical(input_ids) if self.cfg.engram_layer_ids else None
+        pre = engram_prefetched or {}
         for i, layer in enumerate(self.layers):
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
             x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids,
-                         None if cache is None else cache.layers[i])
+                         None if cache is None else cache.layers[i], eids, pre.get(i))
             if a is not None:
                 aux.append(a)
         c = self.cfg
