@@ -194,3 +194,166 @@ def test_custom_store_is_used():
     assert torch.equal(eng(x, torch.arange(5)[None]), torch.zeros_like(x))  # zero table -> zero output
     with pytest.raises(ValueError, match="needs a table"):
         eng.set_table(TensorStore(3, eng.dim))
+
+
+# ----------------------------------------------------------------------------------------------- model
+def _model(cfg, seed=0, conv=True):
+    from dsv4.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    randomize_(m)
+    if conv:
+        for eng in m.engrams().values():
+            perturb_(eng, seed, conv_std=0.3)
+    return m
+
+
+def test_feature_off_is_the_plain_model_and_zero_engram_is_identity():
+    base_cfg = small_config()
+    base = _model(base_cfg)
+    assert not any("engram" in k for k in base.state_dict()) and "canonical_ids" not in dict(base.named_buffers())
+    assert not base.engrams() and base.engram_rows(torch.zeros(1, 3, dtype=torch.long)) == {}
+    m = _model(eng_config(engram_layer_ids=[0, 2]))
+    missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(".engram." in k for k in missing)
+    assert "canonical_ids" not in m.state_dict()  # non-persistent
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+        assert (m(ids).logits - ref).abs().max() > 1e-4  # Engram on changes the output
+        for eng in m.engrams().values():
+            eng.wv.weight.zero_()  # v = 0 -> U = 0 -> RMSNorm(0) = 0 -> Y = SiLU(0) + 0 = 0 exactly
+        assert torch.equal(m(ids).logits, ref)
+
+
+def test_model_grads_reach_engram_and_touched_rows():
+    m = _model(eng_config(engram_layer_ids=[1, 3])).train()
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    m(ids).logits.float().square().mean().backward()
+    for n, p in m.named_parameters():
+        if ".engram." in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    rows = m.engram_rows(ids)
+    grads = m.engram_table_grads()
+    assert set(grads) == {1, 3}
+    for i, (r, g) in grads.items():
+        assert torch.equal(r, rows[i]) and bool((g.abs().sum(-1) > 0).all())
+    # prefetched rows give the same logits
+    with torch.no_grad():
+        pre = {i: (r, m.engrams()[i].table.read(r)) for i, r in rows.items()}
+        torch.testing.assert_close(m(ids, engram_prefetched=pre).logits, m(ids).logits, rtol=0, atol=0)
+
+
+def test_canonical_map_is_used():
+    m = _model(eng_config())
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = m(ids).logits
+        cmap = torch.arange(512) % 256  # ids i and i + 256 become one canonical id
+        m.set_canonical_map(cmap)
+        after = m(ids).logits
+        assert torch.equal(before, after)  # ids < 256: unchanged canonical ids
+        # ids + 256 hash like ids; only the hash-routed MoE and the embedding see the difference
+        assert torch.equal(m.engram_rows(ids + 256)[1], m.engram_rows(ids)[1])
+        m.set_canonical_map(torch.arange(512).flip(0))
+        assert (m(ids).logits - before).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="canonical map"):
+        m.set_canonical_map(torch.arange(10))
+
+
+# -------------------------------------------------------------------------------------------- decode
+T = 40
+
+
+@pytest.fixture(scope="module")
+def dmodel():
+    # swa (Engram), csa, hca, dsa (Engram), csa; window 8; conv dilation 3, kernel 4: 9 positions back
+    cfg = eng_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6,
+                     engram_layer_ids=[0, 3])
+    m = _model(cfg, seed=3)
+    m.set_canonical_map(torch.arange(512) // 2)
+    return m
+
+
+@pytest.fixture(scope="module")
+def dids():
+    return torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture(scope="module")
+def dfull(dmodel, dids):
+    with torch.no_grad():
+        return dmodel(dids).logits
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("chunks", [[T], [1] * T, [5, 1, 7, 2, 1, 24], [12, 1, 1, 26]])
+def test_cached_decode_equals_full_forward(dmodel, dids, dfull, chunks):
+    from dsv4.infer.cache import ModelCache
+
+    cache = ModelCache(dmodel, batch=2, capacity=16, page=16)
+    outs, p = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            outs.append(dmodel(dids[:, p:p + n], cache=cache).logits)
+            p += n
+    assert _rel(torch.cat(outs, 1), dfull) < 1e-5
+
+
+def test_cached_mixed_lengths_and_rollback(dmodel, dids, dfull):
+    from dsv4.infer.cache import ModelCache
+
+    cache = ModelCache(dmodel, batch=3, capacity=16, page=16)
+    with torch.no_grad():
+        dmodel(dids[0:1, :11], cache=cache, rows=[0])
+        dmodel(dids[1:2, :17], cache=cache, rows=[2])
+        for s in range(8):
+            tok = torch.stack([dids[0, 11 + s], dids[1, 17 + s]])[:, None]
+            o = dmodel(tok, cache=cache, rows=[0, 2]).logits[:, 0]
+            assert _rel(o[0], dfull[0, 11 + s]) < 1e-5 and _rel(o[1], dfull[1, 17 + s]) < 1e-5
+        for n in (1, 4):  # junk tokens (rejected drafts), rolled back, then the true continuation
+            cache.reset(None)
+            dmodel(dids[:2, :21], cache=cache, rows=[0, 1])
+            dmodel(torch.randint(0, 512, (2, n)), cache=cache, rows=[0, 1])
+            cache.rollback([0, 1], n)
+            o = dmodel(dids[:2, 21:30], cache=cache, rows=[0, 1]).logits
+            assert _rel(o, dfull[:, 21:30]) < 1e-5
+        cache.copy_row(0, 2)  # the Engram rings travel with the row
+        o = dmodel(dids[:1, 30:32], cache=cache, rows=[2]).logits
+        assert _rel(o, dfull[:1, 30:32]) < 1e-5
+
+
+def test_engram_state_is_needed(dmodel, dids, dfull):
+    """The equality can fail: losing the Engram rings changes the next logits."""
+    from dsv4.infer.cache import ModelCache
+
+    cache = ModelCache(dmodel, batch=2, capacity=16, page=16)
+    with torch.no_grad():
+        dmodel(dids[:, :20], cache=cache)
+        for lc in cache.layers:
+            if lc.engram is not None:
+                lc.engram.z.zero_()
+        assert _rel(dmodel(dids[:, 20:22], cache=cache).logits, dfull[:, 20:22]) > 1e-4
+
+
+def test_no_future_leakage(dmodel, dids, dfull):
+    ids = dids.clone()
+    ids[:, 25] = (ids[:, 25] + 7) % 512
+    with torch.no_grad():
+        out = dmodel(ids).logits
+    assert torch.equal(out[:, :25], dfull[:, :25]) and (out[:, 25:] - dfull[:, 25:]).abs().max() > 1e-5
+
+
+def test_bf16_model_runs_and_keeps_fp32_parts():
+    m = _model(eng_config()).to(torch.bfloat16)
+    eng = m.engrams()[1]
+    assert eng.conv_weight.dtype == torch.float32 and eng.h_norm[0].weight.dtype == torch.float32
+    assert eng.wv.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = m(ids).logits
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())

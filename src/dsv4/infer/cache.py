@@ -6,7 +6,9 @@ decoding) by lowering its length, and continued by a chunk of any size:
 - CSA / HCA: the compressor's projections (C and Z + ape, fp32) of the last 2m (overlapped CSA) or
   m (HCA) positions + spare (slot = position mod that) -- the partial block and the block before it --,
   the emitted compressed entries, and (CSA) the indexer's compressed keys with their own state;
-- DSA (ratio 1): the raw kv of every position and the indexer keys.
+- DSA (ratio 1): the raw kv of every position and the indexer keys;
+- Engram layers (spec section 4): the last max_order - 1 canonical ids and the last (K - 1) * dilation
+  conv inputs RMSNorm(U) + spare (EngramState, slot = position mod size).
 The `spare` slots let the last spare + 1 tokens be rolled back (their writes only overwrote
 positions nobody needs any more). Long stores grow in pages (`page` positions at a time, amortised doubling), never per token.
 
@@ -118,6 +120,39 @@ class CompressorState:
         store.data[rows, j] = store.codec.encode(self.comp.finish(pooled, cos, sin, torch.float32))
 
 
+class EngramState:
+    """Engram decode state: rings of the last P_ids = max_order - 1 canonical ids (for the n-gram hash)
+    and the last P_conv = (K - 1) * dilation conv inputs [hc, d] (fp32 or wider), + spare + 1 slots
+    (slot = position mod size) so the last spare + 1 tokens can be rolled back."""
+
+    def __init__(self, engram, batch: int, device, spare: int, dtype: torch.dtype):
+        self.p_ids, self.p_conv = max(engram.orders) - 1, (engram.kernel - 1) * engram.dilation
+        self.r_ids, self.r_conv = self.p_ids + spare + 1, self.p_conv + spare + 1
+        self.pad_id = engram.pad_id
+        self.ids = torch.full((batch, self.r_ids), self.pad_id, dtype=torch.long, device=device)
+        self.z = torch.zeros(batch, self.r_conv, engram.hc, engram.d, device=device,
+                             dtype=torch.promote_types(dtype, torch.float32))
+
+    def history(self, rows: torch.Tensor, p0: torch.Tensor):
+        """Ids [B, P_ids] and conv inputs [B, P_conv, hc, d] at positions p0 - P .. p0 - 1 of each row
+        (pad id / zeros before position 0)."""
+        pi = p0[:, None] - torch.arange(self.p_ids, 0, -1, device=p0.device)
+        ids = self.ids[rows[:, None], pi % self.r_ids].masked_fill(pi < 0, self.pad_id)
+        pz = p0[:, None] - torch.arange(self.p_conv, 0, -1, device=p0.device)
+        z = self.z[rows[:, None], pz % self.r_conv].masked_fill((pz < 0)[..., None, None], 0.0)
+        return ids, z
+
+    def write(self, rows: torch.Tensor, p0: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> None:
+        """Store ids [B, T] and conv inputs [B, T, hc, d] at positions p0 .. p0 + T - 1 (the last ring-full)."""
+        t = ids.shape[1]
+        for ring, r, val in ((self.ids, self.r_ids, ids), (self.z, self.r_conv, z)):
+            keep = torch.arange(max(0, t - r), t, device=p0.device)
+            ring[rows[:, None], (p0[:, None] + keep) % r] = val[:, keep].to(ring.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.z]
+
+
 class LayerCache:
     """The cache of one attention layer; `attend` runs its core op for a chunk or a decode step."""
 
@@ -140,11 +175,14 @@ class LayerCache:
             self.ikeys = PagedStore(batch, icodec, capacity // self.m, page, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
+        self.engram = None  # an EngramState when the block has an Engram layer (set by ModelCache)
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.ring] if hasattr(self, "ring") else []
         out += [s.data for s in (getattr(self, a, None) for a in ("raw", "ikeys", "entries")) if s is not None]
         out += [t for st in (getattr(self, a, None) for a in ("comp", "icomp")) if st is not None for t in (st.kv, st.gate)]
+        if self.engram is not None:
+            out += self.engram.tensors()
         return out
 
     def nbytes(self) -> int:
@@ -268,6 +306,10 @@ class ModelCache:
         rope = model.rope_compress
         args = (batch, capacity, dtype, p.device, rope, page, spare, model.cfg.qk_rope_head_dim)
         self.layers = [LayerCache(b.attn, *args) for b in model.layers]
+        for lc, b in zip(self.layers, model.layers):
+            if getattr(b, "engram", None) is not None:
+                lc.engram = EngramState(b.engram, batch, p.device, spare, p.dtype if p.is_floating_point()
+                                        else torch.float32)
         self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
 
     def nbytes(self) -> int:
@@ -290,6 +332,8 @@ class ModelCache:
             for st in (getattr(lc, "comp", None), getattr(lc, "icomp", None)):
                 if st is not None:
                     fixed += 2 * st.kv[0].numel() * st.kv.element_size()
+            if lc.engram is not None:
+                fixed += sum(t[0].numel() * t.element_size() for t in lc.engram.tensors())
         return {"per_position": grow, "fixed": fixed, "per_token": grow / max(n, 1), "length": n}
 
     def rows_of(self, rows) -> torch.Tensor:
