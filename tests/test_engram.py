@@ -357,3 +357,14 @@ def test_bf16_model_runs_and_keeps_fp32_parts():
     with torch.no_grad():
         out = m(ids).logits
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+
+
+def test_tiny_engram_preset():
+    from dsv4.config import ModelConfig
+
+    cfg, tiny = ModelConfig.preset("tiny-engram"), ModelConfig.preset("tiny")
+    assert cfg.replace(**{k: getattr(tiny, k) for k in cfg.to_dict() if k.startswith("engram_")}) == tiny
+    heads = len(cfg.engram_orders) * cfg.engram_heads
+    table = sum(head_primes(cfg.engram_rows_per_head, heads)) * cfg.engram_d_mem // heads
+    routed = cfg.num_hidden_layers * cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert 0.2 <= table / (table + routed) <= 0.25  # the paper's allocation law (spec section 4)
