@@ -5,7 +5,8 @@ import torch
 
 from conftest import randomize_, small_config
 from dsv4.config import ConfigError
-from dsv4.model.engram import (Engram, TensorStore, canonical_map, canonical_text, compression_ratio,
+from dsv4.memory.stores import RamStore
+from dsv4.model.engram import (Engram, canonical_map, canonical_text, compression_ratio,
                                hash_multipliers, head_primes, load_canonical_map, ngram_rows, save_canonical_map,
                                _is_prime)
 
@@ -188,12 +189,12 @@ def test_table_grads_only_used_rows_and_prefetch():
 def test_custom_store_is_used():
     cfg = eng_config()
     eng = Engram(cfg, 1)
-    store = TensorStore(eng.n_rows, eng.dim, 0.0, 0)
+    store = RamStore(eng.n_rows, eng.dim, 0.0, 0)
     eng.set_table(store)
     x = torch.randn(1, 5, cfg.hc_mult, cfg.hidden_size)
     assert torch.equal(eng(x, torch.arange(5)[None]), torch.zeros_like(x))  # zero table -> zero output
     with pytest.raises(ValueError, match="needs a table"):
-        eng.set_table(TensorStore(3, eng.dim))
+        eng.set_table(RamStore(3, eng.dim))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -345,7 +346,9 @@ def test_no_future_leakage(dmodel, dids, dfull):
     ids[:, 25] = (ids[:, 25] + 7) % 512
     with torch.no_grad():
         out = dmodel(ids).logits
-    assert torch.equal(out[:, :25], dfull[:, :25]) and (out[:, 25:] - dfull[:, 25:]).abs().max() > 1e-5
+    # atol as tests/test_causal.py: the MoE groups tokens per expert, so other tokens change the rounding
+    assert torch.allclose(out[:, :25], dfull[:, :25], atol=1e-6, rtol=0)
+    assert (out[:, 25:] - dfull[:, 25:]).abs().max() > 1e-4
 
 
 def test_bf16_model_runs_and_keeps_fp32_parts():

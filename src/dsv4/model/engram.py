@@ -20,7 +20,8 @@ Parameters (names as in the state_dict, under `layers.<i>.engram.`):
   conv_weight [K * hc * d]    depthwise conv weights, flat view of [K, hc, d]; tap k multiplies
                               position t - (K - 1 - k) * dilation; zero-initialised (Y = U at init)
 The table ([sum_j p_j, dh], all heads' rows) is a row store, not a parameter: `read(rows) -> fp32
-[N, dh]`, `write(rows, values)`, `n_rows`, `dim` (TensorStore here; dsv4.memory for large tables).
+[N, dh]`, `write(rows, values)`, `n_rows`, `dim` (default dsv4.memory.stores.RamStore; set_table for
+an MmapStore / HotRowCache / Prefetcher).
 """
 from __future__ import annotations
 
@@ -198,22 +199,6 @@ def ngram_rows(ids: torch.Tensor, orders, heads: int, primes, multipliers, pad_i
     return torch.cat(cols, -1)
 
 
-# ----------------------------------------------------------------------------------------------- tables
-class TensorStore:
-    """In-memory row store (the default table): rows ~ N(0, init_std^2), fp32; read(rows) -> [N, dim]."""
-
-    def __init__(self, n_rows: int, dim: int, init_std: float = 0.02, seed: int = 0):
-        self.n_rows, self.dim = n_rows, dim
-        g = torch.Generator().manual_seed(seed)
-        self.data = torch.randn(n_rows, dim, generator=g) * init_std
-
-    def read(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.data[rows.to(self.data.device)]
-
-    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        self.data[rows.to(self.data.device)] = values.to(self.data.device, torch.float32)
-
-
 def signed_sqrt(s: torch.Tensor) -> torch.Tensor:
     """sign(s) sqrt(max(|s|, 1e-6)) (spec 4.5; the Engram code's gate nonlinearity)."""
     return torch.sign(s) * torch.sqrt(s.abs().clamp_min(1e-6))
@@ -253,9 +238,11 @@ class Engram(KeepFP32):
     # ------------------------------------------------------------------ table
     @property
     def table(self):
-        """The row store; a TensorStore(n_rows, dim, init_std, table_seed) unless set_table was called."""
+        """The row store; RamStore(n_rows, dim, init_std, table_seed) unless set_table was called."""
         if self._table is None:
-            self._table = TensorStore(self.n_rows, self.dim, self.init_std, self.table_seed)
+            from dsv4.memory.stores import RamStore
+
+            self._table = RamStore(self.n_rows, self.dim, self.init_std, self.table_seed)
         return self._table
 
     def set_table(self, store) -> None:
