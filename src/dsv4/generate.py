@@ -25,6 +25,14 @@ def load_run(run_dir: str | Path):
     run = ckpt.parent if (ckpt.parent / "tokenizer.json").exists() else path
     model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
     load_checkpoint(ckpt, model)
+    if model.engrams():   # Engram tables (chunked safetensors in the checkpoint) and the canonical map
+        from dsv4.memory import load_store
+        from dsv4.model.engram import canonical_map_path, load_canonical_map
+
+        for i, eng in model.engrams().items():
+            eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
+        if canonical_map_path(run / "tokenizer.json").exists():
+            model.set_canonical_map(load_canonical_map(run / "tokenizer.json"))
     return model.eval(), load_tokenizer(run / "tokenizer.json")
 
 

@@ -251,6 +251,14 @@ class HotRowCache(RowStore):
         self.hits = self.misses = self.store_rows_read = 0
         self._lock = threading.RLock()
 
+    def clear(self) -> None:
+        """Forget every cached row (after the store was changed behind the cache, e.g. a checkpoint load)."""
+        with self._lock:
+            self.slot_row.fill(-1)
+            self.slot_tick.fill(-1)
+            self.keys = np.empty(0, dtype=np.int64)
+            self.key_slot = np.empty(0, dtype=np.int64)
+
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses

@@ -64,8 +64,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate(ast.literal_eval(meta["python"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int = 3) -> Path:
-    """Write run_dir/ckpt-{step} atomically; prune to the newest keep_last checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int = 3,
+                    extra=None) -> Path:
+    """Write run_dir/ckpt-{step} atomically; prune to the newest keep_last checkpoints.
+    extra(tmp_dir): writes more files into the checkpoint before it is published (Engram tables)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{PREFIX}{step:07d}"
@@ -78,6 +80,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         (tmp / "optim.json").write_text(json.dumps(meta))
         rt, rm = rng_state()
         save_state_dict(rt, tmp / "rng")
+        if extra is not None:
+            extra(tmp)
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rm}, indent=1))
         for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
             if f.is_file():

@@ -41,6 +41,12 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 = leave torch's default
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
+    # Engram tables (models with engram_layer_ids): where the rows live and how they are fed and trained
+    engram_store: str = "ram"  # ram | mmap (a memory-mapped .npy per layer under engram_dir)
+    engram_dir: str | None = None  # mmap table files; None = RUN/engram_tables
+    engram_prefetch: bool = True  # read the next batch's rows in a background thread
+    engram_hot_rows: int = 0  # rows kept in a hot-row LRU cache in front of the store (0 = none)
+    engram_lr_mult: float = 5.0  # sparse row-wise Adam lr = this x the current lr (Engram paper)
 
     def validate(self) -> None:
         if (self.steps is None) == (self.minutes is None):
@@ -56,6 +62,10 @@ class TrainConfig:
             raise ConfigError(f"compile={self.compile!r}: must be auto, on or off")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype={self.dtype!r}: must be auto, fp32 or bf16")
+        if self.engram_store not in ("ram", "mmap"):
+            raise ConfigError(f"engram_store={self.engram_store!r}: must be ram or mmap")
+        if self.engram_hot_rows < 0 or self.engram_lr_mult < 0:
+            raise ConfigError("engram_hot_rows and engram_lr_mult must be >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
 

@@ -128,6 +128,16 @@ class Trainer:
         self.model = Transformer(mc)
         self.model.init_weights(seed=tc.seed)
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.engram = None
+        if mc.engram_layer_ids:
+            from dsv4.model.engram import canonical_map, save_canonical_map
+            from dsv4.train.engram import EngramTraining
+
+            cmap = canonical_map(self.data.tokenizer, mc.vocab_size)
+            save_canonical_map(cmap, self.run / "tokenizer.json")
+            self.model.set_canonical_map(cmap)
+            self.engram = EngramTraining(self.model, tc.engram_store, tc.engram_dir or self.run / "engram_tables",
+                                         tc.engram_prefetch, tc.engram_hot_rows, tc.engram_lr_mult, tc.seed)
         self.dtype = pick_dtype(tc.dtype)
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
@@ -139,6 +149,8 @@ class Trainer:
             ck = latest_checkpoint(self.run)
             if ck is not None:
                 saved = load_checkpoint(ck, self.model, self.optimizer)
+                if self.engram is not None:
+                    self.engram.load(ck)
                 saved.pop("rng", None)
                 self.state.update(saved)
                 print(f"resumed from {ck} at step {self.state['step']}")
@@ -187,9 +199,14 @@ class Trainer:
         seg = batch.segment_ids if tc.doc_mask else None
         mode = "dense" if warmup else ("sparse" if self.has_indexer else None)
         model.train()
+        pre = None
+        if self.engram is not None:
+            pre = self.engram.take_prefetched()
+            nxt = self.data.batches.get(step + 1)     # its rows are read while this step computes
+            self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             out = model(batch.input_ids, return_mtp=not warmup, segment_ids=seg, indexer_mode=mode,
-                        compute_logits=False)
+                        compute_logits=False, engram_prefetched=pre)
             rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
             if warmup:
                 loss = out.indexer_loss
@@ -219,9 +236,13 @@ class Trainer:
         if ok:
             self._in_update = True  # an interrupt from here until the step ends would leave half-updated state
             self.optimizer.step()
+            if self.engram is not None:
+                rec.update(self.engram.step(lr, apply=not warmup))
             self.state["bad_steps"] = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.engram is not None:
+                self.engram.step(lr, apply=False)   # drop this step's row grads
             self.state["bad_steps"] += 1
             self.state["skipped"] += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({rec['loss']}); step skipped", stacklevel=2)
@@ -334,7 +355,8 @@ class Trainer:
                 if step % tc.eval_every == 0 and step != st["total_steps"]:
                     self.write(self.evaluate(step, tc.eval_batches))
                 if step % tc.ckpt_every == 0 and step != st["total_steps"]:
-                    save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+                    save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
+                                    extra=self.engram.save if self.engram else None)
                 if budget is not None and st["elapsed"] > budget * 1.05:
                     warnings.warn(f"time budget of {tc.minutes} min exceeded at step {step}; stopping early")
                     st["total_steps"] = step
@@ -346,7 +368,8 @@ class Trainer:
             if self._in_update:  # raised inside the update itself: this state must not be saved
                 print(f"\ninterrupted during the update of step {step}; --resume continues from the last checkpoint")
                 raise
-            path = save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+            path = save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
+                                   extra=self.engram.save if self.engram else None)
             print(f"\ninterrupted: saved {path}; continue with --resume")
             raise
         finally:
@@ -354,7 +377,8 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
-        save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last)
+        save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
+                        extra=self.engram.save if self.engram else None)
         return self.finish(step)
 
     def _plan_steps(self, budget, elapsed, step, step_time) -> int:
