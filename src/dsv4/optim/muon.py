@@ -65,6 +65,16 @@ def hybrid_newton_schulz(m: torch.Tensor, steps: Sequence[tuple[float, float, fl
     return x.reshape(shape)
 
 
+def _dense_grads(group: dict, algo: str):
+    """(param, grad) of the group's parameters that have a gradient; sparse gradients are an error."""
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{algo} does not support sparse gradients")
+        yield p, p.grad
+
+
 def muon_scale(rows: int, cols: int, gamma: float) -> float:
     """V4 update scale sqrt(max(n, m)) * gamma: an orthogonal n x m update has RMS 1/sqrt(max(n, m))."""
     return math.sqrt(max(rows, cols)) * gamma
@@ -118,12 +128,7 @@ class Muon(Optimizer):
     def _muon_group(self, group: dict) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         dtype = torch.bfloat16 if group["ns_bf16"] else torch.float32
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            g = p.grad
+        for p, g in _dense_grads(group, "Muon"):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -140,12 +145,7 @@ class Muon(Optimizer):
     def _adamw_group(self, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamW groups do not support sparse gradients")
-            g = p.grad
+        for p, g in _dense_grads(group, "AdamW"):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0
