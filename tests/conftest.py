@@ -33,3 +33,17 @@ def randomize_(model, seed: int = 0) -> None:
 @pytest.fixture
 def small_cfg():
     return small_config()
+
+
+def every_kind_model(**overrides):
+    """A small random eval model with every layer kind: swa, csa (m=4), hca (m=8), dsa (m=1), csa + an
+    SWA MTP block; window 8, top-6 (so selections and windows bite at short lengths)."""
+    from dsv4.model.transformer import Transformer
+
+    cfg = small_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6,
+                       **overrides)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    randomize_(m)
+    return m
+

@@ -3,23 +3,17 @@ rollback; the decode kernel equals the sparse kernels; bad use gets clear errors
 import pytest
 import torch
 
-from conftest import randomize_, small_config
+from conftest import every_kind_model
 from dsv4.infer.cache import CacheError, ModelCache
 from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention
-from dsv4.model.transformer import Transformer
 
 T = 90
 
 
 @pytest.fixture(scope="module")
 def model():
-    # every layer type: swa, csa (m=4), hca (m=8: 11 blocks in T), dsa (m=1), csa; window 8, top-6
-    cfg = small_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6)
-    torch.manual_seed(0)
-    m = Transformer(cfg).eval()
-    randomize_(m)
-    return m
+    return every_kind_model()   # HCA m=8: 11 blocks in T = 90
 
 
 @pytest.fixture(scope="module")

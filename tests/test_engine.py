@@ -3,23 +3,18 @@ stop rules, MTP speculative decoding (greedy identical; the acceptance rule keep
 import pytest
 import torch
 
-from conftest import randomize_, small_config
+from conftest import every_kind_model
 from dsv4.data.tokenizer import train_tokenizer
 from dsv4.generate import generate
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.engine import Detokenizer, Engine
 from dsv4.infer.sampling import SamplingParams, probabilities
 from dsv4.infer.speculative import accept_draft
-from dsv4.model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = small_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6)
-    torch.manual_seed(0)
-    m = Transformer(cfg).eval()
-    randomize_(m)
-    return m
+    return every_kind_model()
 
 
 @pytest.fixture(scope="module")

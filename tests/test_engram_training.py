@@ -9,27 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-import dsv4.train.trainer as trainer_mod
 from dsv4.generate import load_run
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
 from dsv4.train.checkpoint import latest_checkpoint
 from dsv4.train.config import TrainConfig
 from dsv4.train.trainer import Trainer, train
-from test_train import SMALL, _copy_corpus, _metrics, _tc, _train_losses  # noqa: F401  (shared helpers)
+from test_train import SMALL, _copy_corpus, _fast_cpu, _metrics, _tc, _train_losses  # noqa: F401  (_fast_cpu: autouse)
 
 ENGRAM = ["engram_layer_ids=[1]", "engram_heads=2", "engram_rows_per_head=997", "engram_d_mem=64"]
 STEPS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_cpu():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_mod, "measure_matmul_peak", lambda *a, **k: 1e11)
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
