@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--data", default=None, help="corpus folder (default: this Python's standard library)")
+    p.add_argument("--tokenizer", default=None, help="an existing tokenizer.json (default: train one on the data)")
     p.add_argument("--out", default="runs/ablate_engram")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=131072)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             if shared is not None:   # same tokenizer and token caches for every run
                 shutil.copy(shared / "tokenizer.json", run / "tokenizer.json")
                 shutil.copytree(shared / "cache", run / "cache")
-            tc = TrainConfig(preset=preset, data=args.data, out=str(run), steps=args.steps, batch_size=args.batch,
+            tc = TrainConfig(preset=preset, data=args.data, out=str(run), tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch,
                              seq_len=args.seq, lr=args.lr, seed=seed, eval_every=10 ** 6, ckpt_every=10 ** 6,
                              keep_last=1, final_eval_tokens=args.eval_tokens, progress=False, threads=args.threads,
                              compile="off", dtype="fp32")
