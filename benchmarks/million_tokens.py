@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args):
     cfg = ModelConfig.preset("tiny")
+    need = args.tokens + args.decode + args.probe_steps + 1
+    if need > cfg.max_position_embeddings:   # a full 1M context + decoded tokens: positions past 2^20
+        cfg = cfg.replace(max_position_embeddings=need)
     torch.manual_seed(args.seed)
     model = Transformer(cfg).eval()
     g = torch.Generator().manual_seed(args.seed)
@@ -118,6 +121,9 @@ def run(args) -> dict:
             probe_res[pos] = probe(model, cache, ids[:, pos:], args.probe_steps)
             bar.write(f"  context {fmt_tokens(pos):>5}: decode {probe_res[pos] * 1e3:8.2f} ms/token, "
                       f"RSS {status_kb('VmRSS') / 1024:.0f} MB, prefill so far {time.perf_counter() - t_start:.0f} s")
+        if args.json:   # partial results survive a crash or a kill
+            with open(args.json + ".partial", "w") as f:
+                json.dump(dict(res, chunks=chunks, probes={str(k): v for k, v in probe_res.items()}), f)
     bar.close()
     prefill_s = sum(c["time_s"] for c in chunks)
     # decode: 32 greedy tokens from the prefilled context
