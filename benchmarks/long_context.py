@@ -77,8 +77,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import (_LIBC, hardware_info, cpu_busy_s as _cpu_busy_s, fmt_load as _fmt_load,
-                     fmt_tokens as _fmt_t, reset_hwm as _reset_hwm, self_cpu_s as _self_cpu_s,
+from _common import (_LIBC, LoadMeter, hardware_info, fmt_load as _fmt_load,
+                     fmt_tokens as _fmt_t, reset_hwm as _reset_hwm,
                      status_kb as _status_kb, trim as _trim)
 from dsv4.config import ModelConfig
 from dsv4.kernels.indexer_topk import chunked_indexer_topk
@@ -175,7 +175,7 @@ def prefill_case(args, kind: str, attn: Attention, rope: Rotary, t: int) -> dict
     positions = torch.arange(t)
     cos, sin = rope.cos_sin(positions)
     _trim()
-    busy0, self0, w0 = _cpu_busy_s(), _self_cpu_s(), time.perf_counter()
+    load = LoadMeter()
     rss0 = _status_kb("VmRSS")
     hwm_ok = _reset_hwm()
     holder = {}
@@ -199,7 +199,7 @@ def prefill_case(args, kind: str, attn: Attention, rope: Rotary, t: int) -> dict
         times += more
         holder.clear()
     del x, cos, sin, positions
-    other = _other_load(busy0, self0, w0)
+    other = load.other_cores()
     _trim()
     return dict(time_s=statistics.median(times), times_s=times, peak_bytes=peak, other_load=other,
                 peak_bytes_per_token=None if peak is None else peak / t, kv_entries_bytes=kv_bytes(args, kind, t))
@@ -240,7 +240,7 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
             return sparse_attention(q, kv, sink, attn.scale, win, q_pos, kv_pos, ent, idx)
     out = step()                                      # warm-up
     assert torch.isfinite(out).all(), kind
-    busy0, self0, w0 = _cpu_busy_s(), _self_cpu_s(), time.perf_counter()
+    load = LoadMeter()
     times = []
     t_end = time.perf_counter() + args.decode_time
     while len(times) < args.decode_max_reps and (len(times) < args.decode_min_reps or time.perf_counter() < t_end):
@@ -248,18 +248,10 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     return dict(time_s=statistics.median(times), min_s=min(times), reps=len(times),
-                context_bytes=kv_bytes(args, kind, s), other_load=_other_load(busy0, self0, w0))
+                context_bytes=kv_bytes(args, kind, s), other_load=load.other_cores())
 
 
 # ---------------------------------------------------------------------------------- reporting
-def _other_load(busy0, self0, w0) -> float | None:
-    """Average number of cores used by OTHER processes since (busy0, self0, w0)."""
-    busy1, wall = _cpu_busy_s(), time.perf_counter() - w0
-    if busy0 is None or busy1 is None or wall <= 0:
-        return None
-    return max(0.0, (busy1 - busy0) - (_self_cpu_s() - self0)) / wall
-
-
 def _table(rows: list[tuple]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
@@ -459,7 +451,7 @@ def run(args=None) -> dict:
                    hardware=hw, command=[sys.executable] + sys.argv, prefill={k: {} for k in kinds},
                    decode={k: {} for k in decode_kinds})
         t_all = time.perf_counter()
-        busy0, self0 = _cpu_busy_s(), _self_cpu_s()
+        load_all = LoadMeter()
 
         # (a) prefill, increasing T, every kind at each T
         if sizes and kinds:
@@ -519,9 +511,7 @@ def run(args=None) -> dict:
                 _trim()
 
         res["total_wall_s"] = time.perf_counter() - t_all
-        busy1 = _cpu_busy_s()
-        res["other_cpu_load"] = (None if busy0 is None or busy1 is None else
-                                 max(0.0, (busy1 - busy0) - (_self_cpu_s() - self0)) / res["total_wall_s"])
+        res["other_cpu_load"] = load_all.other_cores()
         res["targets"] = check_targets(res)
 
         say("\nprefill (whole layer; vs dense = dense time / kind time; peak = RSS high-water growth; "

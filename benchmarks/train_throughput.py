@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import cpu_busy_s as _cpu_busy_s, hardware_info, self_cpu_s as _self_cpu_s
+from _common import LoadMeter, hardware_info
 
 # Reference numbers from the issue: NOT measured by this script (same class of machine, 2 threads, fp32,
 # batch 4 x 1024). Printed for context only.
@@ -295,7 +295,7 @@ def run(args=None) -> dict:
 
         tokens = args.batch * args.seq
         t_all = time.perf_counter()
-        busy0, self0 = _cpu_busy_s(), _self_cpu_s()
+        load = LoadMeter()
         runners = {}
         for name, _kind, factory in variants(args.only):
             t0 = time.perf_counter()
@@ -326,9 +326,7 @@ def run(args=None) -> dict:
                                only=args.only, dense_mlp_width=DENSE_MLP_WIDTH),
                    results=results, tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
                    reference_not_measured=dict(REFERENCE_TOK_S), total_wall_s=time.perf_counter() - t_all)
-        busy1 = _cpu_busy_s()
-        res["other_cpu_load"] = (None if busy0 is None or busy1 is None else
-                                 max(0.0, (busy1 - busy0) - (_self_cpu_s() - self0)) / res["total_wall_s"])
+        res["other_cpu_load"] = load.other_cores()
         say("")
         say(format_table(res))
         say("tokens/s = batch * seq / median step time; vs dense = tokens/s relative to the dense baseline "
