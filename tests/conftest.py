@@ -1,4 +1,6 @@
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +49,12 @@ def every_kind_model(**overrides):
     randomize_(m)
     return m
 
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,21 +1,12 @@
 """Smoke test for benchmarks/long_context.py: every kind, prefill at T=512/1024, decode at 1K/2K."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("long_context", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_long_context_smoke(tmp_path):
-    bench = _load()
+    bench = load_benchmark("long_context")
     out, png = tmp_path / "lc.json", tmp_path / "lc.png"
     args = bench.parse_args(["--sizes", "512", "1024", "--decode-sizes", "1024", "2048", "--threads", "1",
                              "--min-time", "0", "--repeats", "1", "--decode-time", "0.02", "--decode-min-reps", "2",

@@ -1,21 +1,12 @@
 """Smoke test for benchmarks/train_throughput.py: every variant runs one tiny training step."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_train_throughput_smoke(tmp_path):
-    bench = _load()
+    bench = load_benchmark("train_throughput")
     out = tmp_path / "bench.json"
     args = bench.parse_args(["--batch", "1", "--seq", "64", "--steps", "1", "--warmup", "0",
                              "--threads", "1", "--quiet", "--json", str(out)])

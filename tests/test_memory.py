@@ -135,6 +135,47 @@ def test_hot_row_cache(tmp_path):
     assert torch.equal(mm.read(rows), vals)
 
 
+def test_hot_row_cache_clock_bookkeeping():
+    """After many calls with evictions, every cached row maps to a distinct slot holding its value, the
+    cache never exceeds its capacity, and a call larger than the capacity still returns right values."""
+    store = RamStore(5000, D, 0.1, 1)
+    cache = HotRowCache(store, capacity_rows=300)
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        rows = torch.randint(0, 400 if i % 3 else 5000, (int(torch.randint(1, 700, (1,), generator=g)),), generator=g)
+        assert torch.equal(cache.read(rows), store.read(rows))
+        assert len(cache.where) <= cache.capacity
+        slots = np.array(list(cache.where.values()))
+        assert np.unique(slots).size == slots.size
+        held = torch.tensor(list(cache.where))
+        assert torch.equal(torch.from_numpy(cache.slots[slots]), store.read(held))
+        assert (cache.slot_row[slots] == held.numpy()).all()
+    assert 0.2 < cache.hit_rate < 1
+    hot = torch.arange(20)   # rows hit again and again survive a stream of one-off rows
+    for i in range(30):
+        cache.read(hot)
+        cache.read(torch.arange(1000 + 50 * i, 1050 + 50 * i))
+    assert all(int(r) in cache.where for r in hot)
+
+
+def test_mmap_will_need_and_background_read(tmp_path):
+    ram, mm = _pair(tmp_path)
+    rows = torch.tensor([0, 1, 5, N - 1, 4096, 4097, 77])
+    mm.will_need(rows)
+    mm.will_need(torch.tensor([], dtype=torch.long))
+    HotRowCache(mm, 4).will_need(rows)
+    assert torch.equal(mm.read(rows), ram.read(rows))
+    # the background (pread) read sees the same bits, also right after writes through the mapping
+    dup = torch.tensor([9, 3, 9, N - 1, 3])
+    mm.write(torch.tensor([3, N - 1]), torch.full((2, D), 1.5))
+    ram.write(torch.tensor([3, N - 1]), torch.full((2, D), 1.5))
+    assert torch.equal(mm.read_background(dup), ram.read(dup))
+    assert torch.equal(HotRowCache(mm, 2).read_background(dup), ram.read(dup))
+    with pytest.raises((IndexError, ValueError)):
+        mm.will_need(torch.tensor([N]))
+    mm.close()
+
+
 def test_cache_under_adam_matches_plain_store():
     a, b = RamStore(1000, D, 0.1, 3), RamStore(1000, D, 0.1, 3)
     cached = HotRowCache(b, 100)

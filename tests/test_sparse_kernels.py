@@ -234,6 +234,29 @@ def _indexer_inputs(b, t, n, nh, c, g, ties=False):
     return q, w, keys
 
 
+def _check_chunked_topk(fn_topk, q, w, keys, k, ratio, excl, chunk, key_chunk, seg_rate, g):
+    """fn_topk (chunked_indexer_topk) == topk_indices on the full score matrix: ids exactly, selected
+    scores to 1e-6 (same float ops, other blocking); seg_rate: document-boundary rate, None = one
+    document. Returns (full scores, visibility)."""
+    b, t, n = q.shape[0], q.shape[1], keys.shape[1]
+    pos = torch.arange(t)
+    full = Indexer.score(q, w, keys)
+    vis = visible_entries(pos, n, ratio, excl).expand(b, -1, -1)
+    fn = None
+    if seg_rate is not None:
+        seg = _segments(b, t, g, seg_rate)
+        eseg = _entry_seg(seg, n, ratio, ratio == 4)
+        vis = vis & (seg[:, :, None] == eseg[:, None, :])
+        fn = segment_same_doc(seg, eseg)
+    want = topk_indices(full, k, vis)
+    got, sc = fn_topk(q, w, keys, k, pos, ratio, exclude_window=excl, chunk=chunk, key_chunk=key_chunk,
+                      same_doc_fn=fn, return_scores=True)
+    assert torch.equal(got, want)
+    ref_sc = torch.where(want >= 0, full.gather(-1, want.clamp_min(0)), float("-inf"))
+    torch.testing.assert_close(sc, ref_sc, rtol=1e-6, atol=1e-6)
+    return full, vis
+
+
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("t,ratio,k,excl,chunk,key_chunk", [
     (37, 4, 4, 0, 8, 3), (101, 4, 8, 0, 16, 5), (64, 4, 64, 0, 64, 4096),   # k > N: all visible, -1 pad
@@ -244,21 +267,8 @@ def test_chunked_indexer_topk_exact(ties, t, ratio, k, excl, chunk, key_chunk, s
     b, nh, c = 2, 4, 8
     n = t // ratio
     q, w, keys = _indexer_inputs(b, t, n, nh, c, g, ties)
-    pos = torch.arange(t)
-    full = Indexer.score(q, w, keys)
-    vis = visible_entries(pos, n, ratio, excl).expand(b, -1, -1)
-    fn = None
-    if segs:
-        seg = _segments(b, t, g, 0.08)
-        eseg = _entry_seg(seg, n, ratio, ratio == 4)
-        vis = vis & (seg[:, :, None] == eseg[:, None, :])
-        fn = segment_same_doc(seg, eseg)
-    want = topk_indices(full, k, vis)
-    got, sc = chunked_indexer_topk(q, w, keys, k, pos, ratio, exclude_window=excl, chunk=chunk,
-                                   key_chunk=key_chunk, same_doc_fn=fn, return_scores=True)
-    assert torch.equal(got, want)
-    ref_sc = torch.where(want >= 0, full.gather(-1, want.clamp_min(0)), float("-inf"))
-    torch.testing.assert_close(sc, ref_sc, rtol=1e-6, atol=1e-6)   # same ops, other blocking
+    full, vis = _check_chunked_topk(chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk,
+                                    0.08 if segs else None, g)
     if ties and vis.sum() > 100:   # the tie rule is really exercised
         assert (full[vis] == 0).float().mean() > 0.1 and full[vis].unique().numel() < vis.sum() / 4
 
@@ -306,21 +316,8 @@ def test_chunked_indexer_topk_selection_paths(monkeypatch, use_numpy, mode, t, r
     b, nh, c = 2, 4, 8
     n = t // ratio
     q, w, keys = _indexer_inputs_mode(b, t, n, nh, c, g, mode)
-    pos = torch.arange(t)
-    full = Indexer.score(q, w, keys)
-    vis = visible_entries(pos, n, ratio, excl).expand(b, -1, -1)
-    fn = None
-    if segs:
-        seg = _segments(b, t, g, 0.004)
-        eseg = _entry_seg(seg, n, ratio, ratio == 4)
-        vis = vis & (seg[:, :, None] == eseg[:, None, :])
-        fn = segment_same_doc(seg, eseg)
-    want = topk_indices(full, k, vis)
-    got, sc = it.chunked_indexer_topk(q, w, keys, k, pos, ratio, exclude_window=excl, chunk=chunk,
-                                      key_chunk=key_chunk, same_doc_fn=fn, return_scores=True)
-    assert torch.equal(got, want)
-    ref_sc = torch.where(want >= 0, full.gather(-1, want.clamp_min(0)), float("-inf"))
-    torch.testing.assert_close(sc, ref_sc, rtol=1e-6, atol=1e-6)
+    full, vis = _check_chunked_topk(it.chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk,
+                                    0.004 if segs else None, g)
     if mode == "sparse":   # the k-th score is an exact zero in many rows with k visible entries
         kth = full.masked_fill(~vis, float("-inf")).topk(k, -1).values[..., -1]
         assert (kth == 0).float().mean() > 0.2

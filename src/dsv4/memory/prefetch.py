@@ -52,7 +52,8 @@ class Prefetcher(RowStore):
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.store.read(rows)
+        self.store.will_need(rows)   # a disk-backed store issues every read at once, then we wait
+        out = self.store.read_background(rows)
         dt = time.perf_counter() - t0
         with self._lock:
             self._stats["read_s"] += dt
@@ -98,6 +99,13 @@ class Prefetcher(RowStore):
 
     def read(self, rows) -> torch.Tensor:
         return self.store.read(rows)
+
+    def will_need(self, rows) -> None:
+        self.store.will_need(rows)
+
+    def run(self, fn, *args):
+        """Run fn(*args) on the prefetch worker (e.g. read-ahead hints for optimiser state); a Future."""
+        return self._pool.submit(fn, *args)
 
     def write(self, rows, values) -> None:
         rows = _as_rows(rows, self.n_rows)

@@ -61,6 +61,11 @@ class SparseRowAdam:
     def state_stores(self) -> dict[str, RowStore]:
         return dict(self.state)
 
+    def will_need(self, rows) -> None:
+        """Read-ahead hint for the state rows a coming step will update (disk-backed state only)."""
+        for s in self.state.values():
+            s.will_need(rows)
+
     @torch.no_grad()
     def step(self, rows, grads: torch.Tensor) -> None:
         """One Adam step on the unique `rows` with gradients grads [N, dim]."""

@@ -1,9 +1,11 @@
 """Row stores for Engram tables (spec ARCHITECTURE.md section 4): fp32 rows addressed by
 global row id, held in RAM (RamStore), in a memory-mapped .npy file (MmapStore), or behind
-an LRU cache of hot rows (HotRowCache)."""
+a cache of hot rows (HotRowCache)."""
 
 from __future__ import annotations
 
+import itertools
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -96,6 +98,15 @@ class RowStore:
     def flush(self) -> None:
         pass
 
+    def will_need(self, rows) -> None:
+        """Hint that `rows` will be read soon (a disk-backed store starts reading them); no-op here."""
+
+    def read_background(self, rows) -> torch.Tensor:
+        """read() for a background thread: no intra-op-parallel torch op (from a second thread it would
+        start a second OpenMP team next to the model's), and a disk-backed store waits for its I/O
+        without holding the GIL. Same values as read()."""
+        return self.read(rows)
+
     def read_range(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a new [stop-start, dim] tensor."""
         return self.read(torch.arange(start, stop, dtype=torch.int64))
@@ -136,6 +147,9 @@ class RamStore(RowStore):
     def read(self, rows) -> torch.Tensor:
         return self.data.index_select(0, _as_rows(rows, self.n_rows))
 
+    def read_background(self, rows) -> torch.Tensor:
+        return torch.from_numpy(self.data.numpy()[_as_rows(rows, self.n_rows).numpy()])   # numpy: one thread
+
     def write(self, rows, values) -> None:
         rows = _as_rows(rows, self.n_rows)
         self.data.index_copy_(0, rows, _check_values(rows, values, self.dim))
@@ -153,11 +167,54 @@ class RamStore(RowStore):
 
 class MmapStore(RowStore):
     """Rows in a float32 [n_rows, dim] .npy file opened as a numpy memmap; reads touch only
-    the requested rows (sorted unique gather), writes go to the page cache until flush()."""
+    the requested rows (sorted unique gather), writes go to the page cache until flush().
+    The mapping is advised MADV_RANDOM: hashed rows are scattered, and the kernel's default
+    read-around (up to the whole file on the first faults) would read far more than asked.
+    will_need(rows) starts asynchronous reads of the rows' pages (posix_fadvise WILLNEED)."""
+
+    PAGE = mmap.PAGESIZE
 
     def __init__(self, path, mm: np.memmap, mode: str):
         self.path, self.mm, self.mode = Path(path), mm, mode
         self.n_rows, self.dim = int(mm.shape[0]), int(mm.shape[1])
+        self._fd = None
+        raw = getattr(mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+            raw.madvise(mmap.MADV_RANDOM)
+
+    def will_need(self, rows) -> None:
+        r = np.unique(_as_rows(rows, self.n_rows).numpy())
+        if r.size == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        row_bytes = self.dim * 4
+        first = (self.mm.offset + r * row_bytes) // self.PAGE
+        last = (self.mm.offset + (r + 1) * row_bytes - 1) // self.PAGE
+        pages = np.unique(np.concatenate([first, last]))
+        run_start = np.concatenate([[True], np.diff(pages) != 1])   # coalesce consecutive pages
+        starts, ends = pages[run_start], np.append(pages[np.nonzero(run_start)[0][1:] - 1], pages[-1])
+        fd = self._file()
+        for a, b in zip(starts.tolist(), ends.tolist()):   # each call releases the GIL
+            os.posix_fadvise(fd, a * self.PAGE, (b - a + 1) * self.PAGE, os.POSIX_FADV_WILLNEED)
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read_background(self, rows) -> torch.Tensor:
+        """One pread per unique row (each releases the GIL while it waits for the disk; the page cache
+        is shared with the mapping, so the values are those of read())."""
+        r = _as_rows(rows, self.n_rows).numpy()
+        uniq, inv = np.unique(r, return_inverse=True)
+        out = np.empty((uniq.size, self.dim), dtype=np.float32)
+        fd, row_bytes, base = self._file(), self.dim * 4, self.mm.offset
+        view = memoryview(out).cast("B")
+        for i, row in enumerate(uniq.tolist()):
+            o = i * row_bytes
+            if os.preadv(fd, [view[o:o + row_bytes]], base + row * row_bytes) != row_bytes:
+                raise OSError(f"{self.path}: short read at row {row}")
+        res = out if uniq.size == r.size and np.array_equal(uniq, r) else out[inv.reshape(-1)]
+        return torch.from_numpy(np.ascontiguousarray(res))
 
     @classmethod
     def create(cls, path, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0,
@@ -224,15 +281,23 @@ class MmapStore(RowStore):
 
     def close(self) -> None:
         self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         del self.mm
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"MmapStore({str(self.path)!r}, n_rows={self.n_rows}, dim={self.dim}, mode={self.mode!r})"
 
 
 class HotRowCache(RowStore):
-    """LRU cache of up to capacity_rows rows of `store` in RAM, write-through.
-    Lookup: sorted cached ids + searchsorted (vectorised); eviction: least recent use tick.
+    """Up to capacity_rows rows of `store` in RAM, write-through, CLOCK (second-chance) eviction.
+    A dict maps row -> slot, so a call costs O(its own rows), never O(capacity); a hit sets the
+    slot's reference bit, the clock hand evicts slots whose bit is clear and clears the bits it passes.
     hits/misses count requested ids (with repeats) found / not found in the cache at call start;
     store_rows_read counts rows fetched from the store."""
 
@@ -242,12 +307,11 @@ class HotRowCache(RowStore):
         self.store = store
         self.n_rows, self.dim = store.n_rows, store.dim
         self.capacity = int(min(capacity_rows, store.n_rows))
-        self.slots = torch.zeros(self.capacity, self.dim, dtype=torch.float32)
+        self.slots = np.zeros((self.capacity, self.dim), dtype=np.float32)   # numpy: no OpenMP team in a worker
         self.slot_row = np.full(self.capacity, -1, dtype=np.int64)  # row id held by each slot
-        self.slot_tick = np.full(self.capacity, -1, dtype=np.int64)  # last use (-1 = free)
-        self.keys = np.empty(0, dtype=np.int64)  # sorted cached row ids
-        self.key_slot = np.empty(0, dtype=np.int64)  # slot of keys[i]
-        self.tick = 0
+        self.ref = np.zeros(self.capacity, dtype=bool)                # CLOCK reference bits
+        self.where: dict[int, int] = {}                              # row id -> slot
+        self.hand = 0
         self.hits = self.misses = self.store_rows_read = 0
         self._lock = threading.RLock()
 
@@ -255,9 +319,9 @@ class HotRowCache(RowStore):
         """Forget every cached row (after the store was changed behind the cache, e.g. a checkpoint load)."""
         with self._lock:
             self.slot_row.fill(-1)
-            self.slot_tick.fill(-1)
-            self.keys = np.empty(0, dtype=np.int64)
-            self.key_slot = np.empty(0, dtype=np.int64)
+            self.ref.fill(False)
+            self.where.clear()
+            self.hand = 0
 
     @property
     def hit_rate(self) -> float:
@@ -269,59 +333,70 @@ class HotRowCache(RowStore):
 
     def _lookup(self, r: np.ndarray):
         """(found mask, slot per id; -1 where missing)."""
-        if self.keys.size == 0:
-            return np.zeros(r.shape, dtype=bool), np.full(r.shape, -1, dtype=np.int64)
-        pos = np.searchsorted(self.keys, r)
-        pos_c = np.minimum(pos, self.keys.size - 1)
-        found = self.keys[pos_c] == r
-        return found, np.where(found, self.key_slot[pos_c], -1)
+        slot = np.fromiter(map(self.where.get, r.tolist(), itertools.repeat(-1)), dtype=np.int64, count=r.size)
+        return slot >= 0, slot
 
-    def read(self, rows) -> torch.Tensor:
+    def will_need(self, rows) -> None:
+        rows = _as_rows(rows, self.n_rows)
+        with self._lock:
+            found, _ = self._lookup(rows.numpy())
+        if not found.all():
+            self.store.will_need(rows[torch.from_numpy(~found)])
+
+    def read_background(self, rows) -> torch.Tensor:
+        return self.read(rows, background=True)
+
+    def read(self, rows, background: bool = False) -> torch.Tensor:
         rows = _as_rows(rows, self.n_rows)
         r = rows.numpy()
         with self._lock:
-            self.tick += 1
             found, slot = self._lookup(r)
             n_hit = int(found.sum())
             self.hits += n_hit
             self.misses += r.size - n_hit
-            self.slot_tick[slot[found]] = self.tick
-            out = torch.empty(r.size, self.dim, dtype=torch.float32)
+            out = np.empty((r.size, self.dim), dtype=np.float32)
             if n_hit:
-                idx = torch.from_numpy(np.nonzero(found)[0])
-                out.index_copy_(0, idx, self.slots.index_select(0, torch.from_numpy(slot[found])))
+                self.ref[slot[found]] = True
+                out[found] = self.slots[slot[found]]
             if n_hit < r.size:
                 miss_pos = np.nonzero(~found)[0]
                 miss_rows, inv = np.unique(r[miss_pos], return_inverse=True)
-                vals = self.store.read(torch.from_numpy(miss_rows))
+                miss_t = torch.from_numpy(miss_rows)
+                vals = (self.store.read_background(miss_t) if background else self.store.read(miss_t)).numpy()
                 self.store_rows_read += miss_rows.size
-                out.index_copy_(0, torch.from_numpy(miss_pos),
-                                vals.index_select(0, torch.from_numpy(inv.reshape(-1))))
+                out[miss_pos] = vals[inv.reshape(-1)]
                 self._insert(miss_rows, vals)
-            return out
+            return torch.from_numpy(out)
 
-    def _insert(self, new_rows: np.ndarray, vals: torch.Tensor) -> None:
-        """Put sorted unique uncached rows into the least recently used slots (not used this call)."""
-        evictable = np.nonzero(self.slot_tick < self.tick)[0]
-        m = min(new_rows.size, evictable.size)
-        if m == 0:
-            return
-        if m < evictable.size:
-            victims = evictable[np.argpartition(self.slot_tick[evictable], m - 1)[:m]]
-        else:
-            victims = evictable
+    def _victims(self, m: int) -> np.ndarray:
+        """m distinct slots chosen by the clock hand (bit clear = victim; passed bits are cleared)."""
+        taken, need = [], m
+        while need:
+            w = min(self.capacity, max(2 * need, 4096))
+            idx = (self.hand + np.arange(w)) % self.capacity
+            cand = idx[~self.ref[idx]][:need]
+            if cand.size == need:   # stop the sweep just after the last victim
+                passed = idx[:int((cand[-1] - self.hand) % self.capacity) + 1]
+            else:
+                passed = idx
+            self.ref[passed] = False
+            self.ref[cand] = True   # new rows start referenced; not picked twice in this call
+            self.hand = int((passed[-1] + 1) % self.capacity)
+            taken.append(cand)
+            need -= cand.size
+        return np.concatenate(taken)
+
+    def _insert(self, new_rows: np.ndarray, vals: np.ndarray) -> None:
+        """Put unique uncached rows (at most capacity of them) into slots chosen by the clock."""
+        m = min(new_rows.size, self.capacity)
         new_rows, vals = new_rows[:m], vals[:m]
-        old = self.slot_row[victims]
-        old = old[old >= 0]
-        if old.size:
-            keep = ~np.isin(self.keys, old, assume_unique=True)
-            self.keys, self.key_slot = self.keys[keep], self.key_slot[keep]
+        victims = self._victims(m)
+        for old in self.slot_row[victims].tolist():
+            if old >= 0:
+                del self.where[old]
         self.slot_row[victims] = new_rows
-        self.slot_tick[victims] = self.tick
-        self.slots.index_copy_(0, torch.from_numpy(victims), vals)
-        pos = np.searchsorted(self.keys, new_rows)
-        self.keys = np.insert(self.keys, pos, new_rows)
-        self.key_slot = np.insert(self.key_slot, pos, victims)
+        self.slots[victims] = vals
+        self.where.update(zip(new_rows.tolist(), victims.tolist()))
 
     def write(self, rows, values) -> None:
         rows = _as_rows(rows, self.n_rows)
@@ -330,8 +405,7 @@ class HotRowCache(RowStore):
             self.store.write(rows, vals)
             found, slot = self._lookup(rows.numpy())
             if found.any():
-                self.slots.index_copy_(0, torch.from_numpy(slot[found]),
-                                       vals.index_select(0, torch.from_numpy(np.nonzero(found)[0])))
+                self.slots[slot[found]] = vals.numpy()[found]
 
     def flush(self) -> None:
         self.store.flush()

@@ -1,7 +1,7 @@
 """Engram tables in training (spec section 4): storage, prefetch, sparse row-wise Adam, checkpoints.
 
 Per Engram layer: the table lives in a row store (RAM, or a memory-mapped file under
-`engram_dir`), optionally behind a hot-row LRU cache; a background prefetcher reads the rows of the
+`engram_dir`), optionally behind a hot-row cache (CLOCK); a background prefetcher reads the rows of the
 NEXT batch while the current step computes (rows depend on token ids only); after backward, the
 touched rows get SparseRowAdam with lr = engram_lr_mult x the model's current lr and no weight decay
 (Engram paper; lazy per-row Adam, see dsv4.memory.row_adam). Checkpoints hold each table and its
@@ -52,6 +52,8 @@ class EngramTraining:
         if not self.pre:
             return
         rows = self.model.engram_rows(input_ids, segment_ids)
+        for i in self.pre:   # the same rows get the optimiser step after backward: read their state ahead
+            self.pre[i].run(self.opt[i].will_need, rows[i])
         self._handles = {i: (rows[i], self.pre[i].prefetch(rows[i])) for i in self.pre}
 
     def take_prefetched(self) -> dict | None:
