@@ -1,5 +1,4 @@
 """Data pipeline: corpus discovery, warnings and errors, stable split, byte-level BPE, token streams, batches."""
-import os
 import warnings
 
 import numpy as np

@@ -76,7 +76,7 @@ def test_update_bias_moves_load_toward_uniform():
     cfg = moe_config(num_hash_layers=0)
     torch.manual_seed(0)
     moe = MoE(cfg, layer_id=1).train()
-    d, n_exp = cfg.hidden_size, cfg.n_routed_experts
+    d = cfg.hidden_size
     u = F.normalize(torch.randn(d), dim=0)
     with torch.no_grad():
         moe.gate.weight.normal_(0, 0.1)

@@ -8,7 +8,6 @@ segment_ids mark document boundaries inside a window for document-masked attenti
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -10,7 +10,6 @@ The core softmax lives in dsv4.kernels.attention so faster kernels slot in there
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
