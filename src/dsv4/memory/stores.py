@@ -340,8 +340,8 @@ class HotRowCache(RowStore):
         rows = _as_rows(rows, self.n_rows)
         with self._lock:
             found, _ = self._lookup(rows.numpy())
-        if not found.all():
-            self.store.will_need(rows[torch.from_numpy(~found)])
+        if not found.all():   # numpy mask: a torch one would start an OpenMP team in the worker thread
+            self.store.will_need(torch.from_numpy(rows.numpy()[~found]))
 
     def read_background(self, rows) -> torch.Tensor:
         return self.read(rows, background=True)
