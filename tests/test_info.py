@@ -147,3 +147,19 @@ def test_transformers_oracle_agrees_on_total():
     with torch.device("meta"):
         hf = tf.DeepseekV4ForCausalLM(hf_cfg)
     assert sum(p.numel() for p in hf.parameters()) == count_params(cfg)["total"]
+
+
+def test_engram_tables_match_a_real_model():
+    from dsv4.info import engram_tables
+    from dsv4.model.transformer import Transformer
+    cfg = ModelConfig.preset("tiny-engram")
+    eg = engram_tables(cfg)
+    engs = Transformer(cfg).engrams()
+    assert eg["layers"] == sorted(engs)
+    assert eg["params"] == sum(e.n_rows * e.dim for e in engs.values())
+    assert eg["fp32_bytes"] == 4 * eg["params"]
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    assert eg["rows_per_token"] * 5 == sum(e.rows_for(ids).numel() for e in engs.values())
+    assert engram_tables(ModelConfig.preset("tiny"))["params"] == 0
+    assert "engram_table_params: %d" % eg["params"] in format_info(cfg)
+    assert "engram" not in format_info(ModelConfig.preset("tiny"))

@@ -187,6 +187,21 @@ def kv_cache_bytes(cfg: ModelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
+def engram_tables(cfg: ModelConfig) -> dict:
+    """Engram table sizes (spec section 4): per layer sum_j p_j rows (p_j: distinct primes >= rows_per_head,
+    one per (order, head)) of d_mem / (len(orders) x heads) fp32 values; rows read per token = heads total.
+    The tables are row stores outside the state dict, so total_params does not count them."""
+    if not cfg.engram_layer_ids:
+        return dict(layers=[], rows=0, dim=0, params=0, fp32_bytes=0, rows_per_token=0)
+    from dsv4.model.engram import head_primes
+    n_heads = len(cfg.engram_orders) * cfg.engram_heads
+    rows = sum(head_primes(cfg.engram_rows_per_head, n_heads))
+    dim = cfg.engram_d_mem // n_heads
+    n = len(cfg.engram_layer_ids)
+    return dict(layers=list(cfg.engram_layer_ids), rows=rows, dim=dim, params=n * rows * dim,
+                fp32_bytes=n * rows * dim * 4, rows_per_token=n * n_heads)
+
+
 def human(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -252,4 +267,12 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
     out.append(f"  bf16_gqa8_bytes_per_token: {kv['baseline_per_token']}  "
                f"(2 x 8 x 128 x 2 B x {cfg.num_hidden_layers} layers)")
     out.append(f"  ratio_to_bf16_gqa8: {kv['ratio_to_baseline']:.4f}  ({100 * kv['ratio_to_baseline']:.2f}%)")
+    eg = engram_tables(cfg)
+    if eg["layers"]:
+        out.append("")
+        out.append(f"engram tables (row stores, not in total_params; layers {eg['layers']}):")
+        out.append(f"  engram_table_params: {eg['params']}  ({human(eg['params'])}; {eg['rows']:,} rows x {eg['dim']} "
+                   f"per layer)")
+        out.append(f"  engram_table_bytes_fp32: {eg['fp32_bytes']}  ({human(eg['fp32_bytes'])}B; sparse Adam state: 2x more)")
+        out.append(f"  engram_rows_per_token: {eg['rows_per_token']}  ({eg['rows_per_token'] * eg['dim'] * 4} B read per token)")
     return "\n".join(out)
