@@ -8,7 +8,8 @@ demand, (c) the same with the background prefetcher, (d) + a hot-row LRU cache (
 - Training: --steps steps (after --warmup) of the trainer's own Engram path (dsv4.train.engram:
   rows of the next batch prefetched while the current step computes, sparse row-wise Adam at 5x lr with
   its state in RAM (a) or in mmap files next to the table (b-d)) + AdamW/Muon for the dense weights.
-- Decode: a cached greedy decode of --decode-tokens tokens after a 256-token prompt, batch 1.
+- Decode: a cached greedy decode of --decode-tokens tokens after a 256-token prompt, batch 1; for the
+  mmap cases the files are flushed, unmapped, evicted and reopened after training, so decode starts cold.
 - Cold start: before every mmap case the table and optimiser-state files are flushed, unmapped and
   dropped from the page cache with posix_fadvise(POSIX_FADV_DONTNEED) (os.posix_fadvise), so rows
   come from the disk on first touch, as they would for a table larger than RAM. The stores map their
@@ -134,7 +135,21 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     train_tok_s = args.batch * args.seq / statistics.median(times)
-    # decode (the table as the engine sees it: the same store stack)
+    # decode (the table as the engine sees it: the same store stack). For the mmap cases the files are
+    # flushed, unmapped, dropped from the page cache and reopened first, so decode starts cold and no
+    # write-back of the training's dirty pages runs under it.
+    if spec["store"] == "mmap":
+        stats = eng.stats()
+        for f in eng.front.values():
+            f.flush()
+        for e in model.engrams().values():
+            e._table = None
+        del eng
+        gc.collect()
+        evict([p for p in table_dir.rglob("*.npy")])
+        eng = EngramTraining(model, spec["store"], table_dir, spec["prefetch"], spec["hot"], 5.0, seed=0)
+    else:
+        stats = eng.stats()
     model.eval()
     prompt = stream[:256].tolist()
     engine = Engine(model, max_batch=1)
@@ -143,7 +158,7 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
     r = engine.generate([prompt], SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True))[0]
     decode_tok_s = len(r.output) / (time.perf_counter() - t0)
     res = dict(case=name, train_tok_s=train_tok_s, decode_tok_s=decode_tok_s, setup_s=setup_s,
-               step_ms=[t * 1e3 for t in times], **eng.stats())
+               step_ms=[t * 1e3 for t in times], **stats)
     for f in eng.front.values():
         f.flush()
     del eng, model, opt, engine   # unmaps the files, so the next case can drop them from the page cache
