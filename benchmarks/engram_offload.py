@@ -138,8 +138,8 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
     # decode (the table as the engine sees it: the same store stack). For the mmap cases the files are
     # flushed, unmapped, dropped from the page cache and reopened first, so decode starts cold and no
     # write-back of the training's dirty pages runs under it.
+    stats = eng.stats()
     if spec["store"] == "mmap":
-        stats = eng.stats()
         for f in eng.front.values():
             f.flush()
         for e in model.engrams().values():
@@ -148,8 +148,6 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
         gc.collect()
         evict([p for p in table_dir.rglob("*.npy")])
         eng = EngramTraining(model, spec["store"], table_dir, spec["prefetch"], spec["hot"], 5.0, seed=0)
-    else:
-        stats = eng.stats()
     model.eval()
     prompt = stream[:256].tolist()
     engine = Engine(model, max_batch=1)

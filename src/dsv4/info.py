@@ -193,13 +193,11 @@ def engram_tables(cfg: ModelConfig) -> dict:
     The tables are row stores outside the state dict, so total_params does not count them."""
     if not cfg.engram_layer_ids:
         return dict(layers=[], rows=0, dim=0, params=0, fp32_bytes=0, rows_per_token=0)
-    from dsv4.model.engram import head_primes
-    n_heads = len(cfg.engram_orders) * cfg.engram_heads
-    rows = sum(head_primes(cfg.engram_rows_per_head, n_heads))
-    dim = cfg.engram_d_mem // n_heads
-    n = len(cfg.engram_layer_ids)
+    from dsv4.model.engram import table_shape
+    primes, dim = table_shape(cfg)
+    rows, n = sum(primes), len(cfg.engram_layer_ids)
     return dict(layers=list(cfg.engram_layer_ids), rows=rows, dim=dim, params=n * rows * dim,
-                fp32_bytes=n * rows * dim * 4, rows_per_token=n * n_heads)
+                fp32_bytes=n * rows * dim * 4, rows_per_token=n * len(primes))
 
 
 def human(n: float) -> str:

@@ -52,8 +52,7 @@ class Prefetcher(RowStore):
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        self.store.will_need(rows)   # a disk-backed store issues every read at once, then we wait
-        out = self.store.read_background(rows)
+        out = self.store.read_background(rows)   # a disk-backed store issues every read at once, then waits
         dt = time.perf_counter() - t0
         with self._lock:
             self._stats["read_s"] += dt

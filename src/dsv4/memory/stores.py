@@ -202,10 +202,12 @@ class MmapStore(RowStore):
         return self._fd
 
     def read_background(self, rows) -> torch.Tensor:
-        """One pread per unique row (each releases the GIL while it waits for the disk; the page cache
-        is shared with the mapping, so the values are those of read())."""
+        """will_need for every row first (the disk works on all of them at once), then one pread per
+        unique row (each releases the GIL while it waits; the page cache is shared with the mapping, so
+        the values are those of read())."""
         r = _as_rows(rows, self.n_rows).numpy()
         uniq, inv = np.unique(r, return_inverse=True)
+        self.will_need(torch.from_numpy(uniq))
         out = np.empty((uniq.size, self.dim), dtype=np.float32)
         fd, row_bytes, base = self._file(), self.dim * 4, self.mm.offset
         view = memoryview(out).cast("B")

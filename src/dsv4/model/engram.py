@@ -146,6 +146,12 @@ def head_primes(rows_per_head: int, n: int) -> list[int]:
     return out
 
 
+def table_shape(cfg) -> tuple[list[int], int]:
+    """(per-head primes p_j, row width d_mem / (len(orders) x heads)) of one Engram layer's table (spec 4.3)."""
+    n_heads = len(cfg.engram_orders) * cfg.engram_heads
+    return head_primes(cfg.engram_rows_per_head, n_heads), cfg.engram_d_mem // n_heads
+
+
 def _splitmix64(state: int) -> tuple[int, int]:
     state = (state + 0x9E3779B97F4A7C15) & _MASK64
     z = state
@@ -217,10 +223,9 @@ class Engram(KeepFP32):
         self.orders, self.heads = list(cfg.engram_orders), cfg.engram_heads
         self.n_heads = len(self.orders) * self.heads
         self.d_mem = cfg.engram_d_mem
-        self.dim = self.d_mem // self.n_heads
+        self.primes, self.dim = table_shape(cfg)
         self.kernel, self.dilation = cfg.engram_conv_kernel, max(self.orders)
         self.pad_id = cfg.vocab_size  # ids are canonical ids < vocab_size: the pad never collides
-        self.primes = head_primes(cfg.engram_rows_per_head, self.n_heads)
         self.n_rows = sum(self.primes)
         self.register_buffer("multipliers", hash_multipliers(cfg.engram_seed, layer_id, max(self.orders),
                                                              self.pad_id), persistent=False)
