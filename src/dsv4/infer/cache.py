@@ -1,28 +1,29 @@
-"""Per-layer inference caches for V4 attention (spec section 2; official model.py keeps the same state).
+"""Per-layer inference caches for V4 attention: position-addressed storage only (spec section 2;
+official model.py keeps the same state). The model attends; the cache stores.
 
 Every piece of state is addressed by absolute position, so a cache can be rolled back (speculative
 decoding) by lowering its length, and continued by a chunk of any size:
 - SWA / CSA / HCA: a ring of the last n_win + spare raw kv (slot = position mod (n_win + spare));
 - CSA / HCA: the compressor's projections (C and Z + ape, fp32) of the last 2m (overlapped CSA) or
   m (HCA) positions + spare (slot = position mod that) -- the partial block and the block before it --,
-  the emitted compressed entries, and (CSA) the indexer's compressed keys with their own state;
+  the compressed entries, and (CSA) the indexer's compressed keys with their own compressor state;
 - DSA (ratio 1): the raw kv of every position and the indexer keys;
 - Engram layers (spec section 4): the last max_order - 1 canonical ids and the last (K - 1) * dilation
   conv inputs RMSNorm(U) + spare (EngramState, slot = position mod size).
 The `spare` slots let the last spare + 1 tokens be rolled back (their writes only overwrote
-positions nobody needs any more). Long stores grow in pages (`page` positions at a time, amortised doubling), never per token.
+positions nobody needs any more). Long stores grow in pages (`page` positions at a time, amortised
+doubling), never per token, and only in `ModelCache.begin`: inside a forward every store has a fixed
+shape, so a decode step has static shapes (what torch.compile needs, dsv4.infer.compiled).
 
 `ModelCache` holds one `LayerCache` per block (and per MTP block) for `batch` slots (requests) and
 each slot's length. A forward with T > 1 tokens (prefill, a chunk of it, or speculative verification)
 needs the rows it touches to share one length; a T = 1 step (decode) may mix lengths.
+This module computes nothing but storage codecs (dsv4.quant.kv) and slot arithmetic.
 """
 from __future__ import annotations
 
 import torch
 
-from dsv4.kernels.decode_attention import decode_attention
-from dsv4.kernels.indexer_topk import chunked_indexer_topk
-from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
 from dsv4.quant.kv import KVCodec
 
 
@@ -32,7 +33,7 @@ class CacheError(ValueError):
 
 class PagedStore:
     """[batch, capacity, stored width] rows by position (codec-encoded), grown `page` positions at a time
-    (doubling)."""
+    (doubling). Reads decode to the asked dtype."""
 
     def __init__(self, batch: int, codec: KVCodec, capacity: int, page: int, device):
         self.page, self.codec = page, codec
@@ -48,76 +49,75 @@ class PagedStore:
             new[:, :cap] = self.data
             self.data = new
 
+    def write(self, rows: torch.Tensor, start: int, vals: torch.Tensor) -> None:
+        """vals [B, n, w] at positions start .. start + n - 1 of rows [B]."""
+        self.data[rows, start:start + vals.shape[1]] = self.codec.encode(vals)
+
+    def write_at(self, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
+        """vals [B, w] at per-row positions pos [B]."""
+        self.data[rows, pos] = self.codec.encode(vals)
+
+    def read(self, rows, n: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Positions 0 .. n - 1 (default: the whole capacity) of rows (a tensor or a slice) -> [B, n, w]."""
+        data = self.data[rows]
+        return self.codec.decode(data if n is None else data[:, :n], dtype)
+
+    def gather(self, rows: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """pos [B, k] (clamped to >= 0) -> [B, k, w]."""
+        return self.codec.decode(self.data[rows[:, None], pos.clamp_min(0)], dtype)
+
+
+class Ring:
+    """The last `size` positions of [batch, size, width] rows, slot = position mod size; optional codec."""
+
+    def __init__(self, batch: int, size: int, width: int, device, codec: KVCodec | None = None):
+        self.size, self.codec = size, codec
+        dtype = torch.float32 if codec is None else codec.dtype
+        self.data = torch.zeros(batch, size, width if codec is None else codec.stored_width, dtype=dtype,
+                                device=device)
+
+    def _enc(self, v):
+        return v if self.codec is None else self.codec.encode(v)
+
+    def _dec(self, v, dtype):
+        return v.to(dtype) if self.codec is None else self.codec.decode(v, dtype)
+
+    def write(self, rows: torch.Tensor, start: int, vals: torch.Tensor) -> None:
+        """vals [B, T, w] at positions start .. start + T - 1 (only the last `size` are kept)."""
+        t = vals.shape[1]
+        keep = torch.arange(max(0, t - self.size), t, device=vals.device)
+        self.data[rows[:, None], ((start + keep) % self.size)[None]] = self._enc(vals[:, keep])
+
+    def write_at(self, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
+        """vals [B, w] at per-row positions pos [B]."""
+        self.data[rows, pos % self.size] = self._enc(vals)
+
+    def read(self, rows: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """pos [P] (shared) or [B, P] (per row) -> [B, P, w]."""
+        pos = pos[None] if pos.dim() == 1 else pos
+        return self._dec(self.data[rows[:, None], pos % self.size], dtype)
+
+    def read_all(self, rows, pos: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Every slot of rows (tensor or slice) as seen from per-row positions pos [B] -> (values [B, size, w],
+        slot positions [B, size]: the newest position <= pos held by each slot)."""
+        slot = torch.arange(self.size, device=pos.device)
+        return self._dec(self.data[rows], dtype), pos[:, None] - (pos[:, None] - slot) % self.size
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
 
 class CompressorState:
-    """fp32 C and Z + ape of the last R positions (R = 2m overlapped, m plain), slot = position mod R."""
+    """fp32 C and Z + ape of the last R positions (R = 2m overlapped, m plain, + spare): two rings."""
 
     def __init__(self, comp, batch: int, device, spare: int):
-        self.comp = comp
-        self.m = comp.ratio
-        self.r = (2 * self.m if comp.overlap else self.m) + spare
+        r = (2 * comp.ratio if comp.overlap else comp.ratio) + spare
         width = comp.wkv.weight.shape[0]
-        self.kv = torch.zeros(batch, self.r, width, device=device)
-        self.gate = torch.zeros(batch, self.r, width, device=device)
+        self.kv = Ring(batch, r, width, device)
+        self.gate = Ring(batch, r, width, device)
 
-    def _prev(self, rows: torch.Tensor, first: torch.Tensor):
-        """First-half (path b) slots of the block before the block starting at `first` [B]; -inf / 0 for
-        block 0 (spec section 2: block 0 pads with -inf logits and zero values)."""
-        c = self.comp.head_dim
-        pp = (first[:, None] - self.m + torch.arange(self.m, device=first.device)) % self.r
-        none = (first < self.m)[:, None, None]
-        pk = self.kv[rows[:, None], pp][..., :c].masked_fill(none, 0.0)
-        pg = self.gate[rows[:, None], pp][..., :c].masked_fill(none, float("-inf"))
-        return pk, pg
-
-    def chunk(self, h: torch.Tensor, start: int, rows: torch.Tensor, rope, store: PagedStore) -> None:
-        """Positions start..start+T-1 of rows (all at `start`): emit every block they complete."""
-        m, t = self.m, h.shape[1]
-        pos = start + torch.arange(t, device=h.device)
-        kv_new, gate_new = self.comp.project(h, pos % m)
-        r0 = start % m
-        first = start - r0
-        kv, gate = kv_new, gate_new
-        if r0:  # the partial block from the cache goes in front
-            old = torch.arange(first, start, device=h.device) % self.r
-            kv = torch.cat([self.kv[rows][:, old], kv], 1)
-            gate = torch.cat([self.gate[rows][:, old], gate], 1)
-        n = (r0 + t) // m
-        if n:
-            prev_kv = prev_gate = None
-            if self.comp.overlap:
-                prev_kv, prev_gate = self._prev(rows, torch.full_like(rows, first))
-            pooled = self.comp.pool(kv[:, :n * m].unflatten(1, (n, m)), gate[:, :n * m].unflatten(1, (n, m)),
-                                    prev_kv, prev_gate)
-            j0 = first // m
-            cos, sin = rope.cos_sin((j0 + torch.arange(n, device=h.device)) * m)
-            store.ensure(j0 + n)
-            store.data[rows, j0:j0 + n] = store.codec.encode(self.comp.finish(pooled, cos, sin, torch.float32))
-        keep = torch.arange(max(start, start + t - self.r), start + t, device=h.device)
-        self.kv[rows[:, None], (keep % self.r)[None]] = kv_new[:, keep - start]
-        self.gate[rows[:, None], (keep % self.r)[None]] = gate_new[:, keep - start]
-
-    def step(self, h: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, rope, store: PagedStore) -> None:
-        """One token per row (h [B,1,d]) at per-row positions pos [B]; rows that complete a block emit it."""
-        m = self.m
-        kv, gate = self.comp.project(h, (pos % m)[:, None])
-        self.kv[rows, pos % self.r] = kv[:, 0]
-        self.gate[rows, pos % self.r] = gate[:, 0]
-        done = ((pos + 1) % m == 0).nonzero()[:, 0]
-        if done.numel() == 0:
-            return
-        rows, pos = rows[done], pos[done]
-        first = pos - m + 1
-        blk = (first[:, None] + torch.arange(m, device=pos.device)) % self.r
-        prev_kv = prev_gate = None
-        if self.comp.overlap:
-            prev_kv, prev_gate = self._prev(rows, first)
-        pooled = self.comp.pool(self.kv[rows[:, None], blk][:, None], self.gate[rows[:, None], blk][:, None],
-                                prev_kv, prev_gate)[:, 0]
-        cos, sin = rope.cos_sin(first)
-        j = first // m
-        store.ensure(int(j.max()) + 1)
-        store.data[rows, j] = store.codec.encode(self.comp.finish(pooled, cos, sin, torch.float32))
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.kv.data, self.gate.data]
 
 
 class EngramState:
@@ -154,136 +154,52 @@ class EngramState:
 
 
 class LayerCache:
-    """The cache of one attention layer; `attend` runs its core op for a chunk or a decode step."""
+    """The stores of one attention layer (which ones depends on its kind; see the module docstring).
 
-    def __init__(self, attn, batch: int, capacity: int, fmt, device, rope, page: int, spare: int, rope_dim: int):
+    window: Ring of raw kv (not DSA); raw: PagedStore of every raw kv (DSA); entries: PagedStore of
+    compressed entries (CSA, HCA); ikeys: PagedStore of indexer keys (CSA: compressed, DSA: per token);
+    comp / icomp: CompressorState of the attention's / the indexer's compressor; engram: EngramState."""
+
+    def __init__(self, attn, batch: int, capacity: int, fmt, device, page: int, spare: int, rope_dim: int):
         self.kind, self.m, self.win = attn.kind, attn.ratio, attn.window
         self.rw = self.win + spare
-        self.rope = rope
         c = attn.head_dim
         self.codec = KVCodec(c, rope_dim, fmt)
         icodec = KVCodec(attn.indexer.head_dim, rope_dim, fmt) if self.kind in ("csa", "dsa") else None
+        self.window = self.raw = self.entries = self.ikeys = self.comp = self.icomp = None
         if self.kind == "dsa":
             self.raw = PagedStore(batch, self.codec, capacity, page, device)
             self.ikeys = PagedStore(batch, icodec, capacity, page, device)
         else:
-            self.ring = torch.zeros(batch, self.rw, self.codec.stored_width, dtype=self.codec.dtype, device=device)
+            self.window = Ring(batch, self.rw, c, device, self.codec)
         if self.kind in ("csa", "hca"):
-            self.entries = PagedStore(batch, self.codec, capacity // self.m, page, device)
+            self.entries = PagedStore(batch, self.codec, capacity // self.m + 1, page, device)
             self.comp = CompressorState(attn.compressor, batch, device, spare)
         if self.kind == "csa":
-            self.ikeys = PagedStore(batch, icodec, capacity // self.m, page, device)
+            self.ikeys = PagedStore(batch, icodec, capacity // self.m + 1, page, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
         self.engram = None  # an EngramState when the block has an Engram layer (set by ModelCache)
 
+    def stores(self) -> list[PagedStore]:
+        return [s for s in (self.raw, self.entries, self.ikeys) if s is not None]
+
+    def reserve(self, n: int) -> None:
+        """Room for positions < n: raw stores n, entry stores n // m + 1 (a decode step writes the entry of
+        its block, complete or not, at slot pos // m)."""
+        for s in self.stores():
+            s.ensure(n if (s is self.raw or self.kind == "dsa") else n // self.m + 1)
+
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.ring] if hasattr(self, "ring") else []
-        out += [s.data for s in (getattr(self, a, None) for a in ("raw", "ikeys", "entries")) if s is not None]
-        out += [t for st in (getattr(self, a, None) for a in ("comp", "icomp")) if st is not None for t in (st.kv, st.gate)]
+        out = [] if self.window is None else self.window.tensors()
+        out += [s.data for s in self.stores()]
+        out += [t for st in (self.comp, self.icomp) if st is not None for t in st.tensors()]
         if self.engram is not None:
             out += self.engram.tensors()
         return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def attend(self, attn, x, c_q, q, kv, cos, sin, positions) -> torch.Tensor:
-        """q [B,T,H,c] and kv [B,T,c] (roped) of this layer at `positions` -> core output [B,T,H,c]."""
-        if positions.dim() == 1:
-            return self._chunk(attn, x, c_q, q, kv, cos, sin, positions)
-        return self._step(attn, x, c_q, q, kv, cos, sin, positions[:, 0])
-
-    # ------------------------------------------------------------------ chunk (prefill)
-    def _chunk(self, attn, x, c_q, q, kv, cos, sin, q_pos):
-        rows, dev = self.rows, q.device
-        start, t = int(q_pos[0]), q.shape[1]
-        common = (attn.attn_sink, attn.scale, self.win, q_pos)
-        if self.kind == "dsa":
-            self.raw.ensure(start + t)
-            self.raw.data[rows, start:start + t] = self.codec.encode(kv)
-            band = self.codec.decode(self.raw.data[rows, :start + t], kv.dtype)
-            kv_pos = torch.arange(start + t, device=dev)
-        else:
-            w = min(start, self.win - 1)
-            old = torch.arange(start - w, start, device=dev)
-            band = torch.cat([self.codec.decode(self.ring[rows][:, old % self.rw], kv.dtype), kv], 1)
-            kv_pos = torch.arange(start - w, start + t, device=dev)
-            keep = torch.arange(max(start, start + t - self.rw), start + t, device=dev)
-            self.ring[rows[:, None], (keep % self.rw)[None]] = self.codec.encode(kv[:, keep - start])
-        if self.kind == "swa":
-            return window_attention(q, band, *common, kv_pos)
-        n = (start + t) // self.m
-        if self.kind == "hca":
-            self.comp.chunk(x, start, rows, self.rope, self.entries)
-            return dense_entries_attention(q, band, *common, kv_pos, self.codec.decode(self.entries.data[rows, :n], q.dtype),
-                                           ratio=self.m)
-        ix = attn.indexer
-        if self.kind == "csa":
-            self.comp.chunk(x, start, rows, self.rope, self.entries)
-            self.icomp.chunk(x, start, rows, self.rope, self.ikeys)
-            entries = self.codec.decode(self.entries.data[rows, :n], q.dtype)
-        else:
-            self.ikeys.ensure(start + t)
-            self.ikeys.data[rows, start:start + t] = self.ikeys.codec.encode(ix.compressor(x, cos, sin))
-            entries = band
-        qi, wi = ix.queries(x, c_q, cos, sin)
-        idx = chunked_indexer_topk(qi, wi, self.ikeys.codec.decode(self.ikeys.data[rows, :n]), ix.topk, q_pos, ix.ratio,
-                                   ix.exclude_window)
-        return sparse_attention(q, band, *common, kv_pos, entries, idx)
-
-    # ------------------------------------------------------------------ step (decode)
-    def _step(self, attn, x, c_q, q, kv, cos, sin, pos):
-        rows, rv, dev = self.rows, self.view, q.device
-        if self.kind == "dsa":
-            self.raw.ensure(int(pos.max()) + 1)
-            self.raw.data[rows, pos] = self.codec.encode(kv[:, 0])
-            wpos = pos[:, None] - torch.arange(self.win, device=dev)
-            parts = [(self.raw.data[rows[:, None], wpos.clamp_min(0)], wpos >= 0)]
-        else:
-            self.ring[rows, pos % self.rw] = self.codec.encode(kv[:, 0])
-            slot_pos = pos[:, None] - (pos[:, None] - torch.arange(self.rw, device=dev)) % self.rw
-            parts = [(self.ring[rv], (slot_pos >= 0) & (slot_pos > pos[:, None] - self.win))]
-        if self.kind in ("csa", "hca"):
-            self.comp.step(x, pos, rows, self.rope, self.entries)
-        if self.kind == "hca":
-            n = (pos + 1) // self.m
-            parts.append((self.entries.data[rv, :int(n.max())], torch.arange(int(n.max()), device=dev) < n[:, None]))
-        elif self.kind in ("csa", "dsa"):
-            ix = attn.indexer
-            if self.kind == "csa":
-                self.icomp.step(x, pos, rows, self.rope, self.ikeys)
-                store = self.entries
-            else:
-                self.ikeys.ensure(int(pos.max()) + 1)
-                self.ikeys.data[rows, pos] = self.ikeys.codec.encode(ix.compressor(x, cos, sin)[:, 0])
-                store = self.raw
-            qi, wi = ix.queries(x, c_q, cos, sin)
-            idx = self._topk(qi, wi, pos, ix)
-            parts.append((store.data[rows[:, None], idx.clamp_min(0)], idx >= 0))
-        parts = [(self.codec.decode(k, q.dtype), v) for k, v in parts]
-        return decode_attention(q[:, 0], parts, attn.attn_sink, attn.scale).unsqueeze(1)
-
-    def _topk(self, qi, wi, pos, ix) -> torch.Tensor:
-        """Indexer top-k per row [B, k'] (-1 = none); rows at one position share one call."""
-        rows = self.rows
-        lim = ((pos + 1 - ix.exclude_window) // ix.ratio).clamp_min(0)
-        kk = min(ix.topk, int(lim.max()))
-        out = torch.full((pos.shape[0], kk), -1, dtype=torch.long, device=pos.device)
-        if kk == 0:
-            return out
-        groups = [torch.arange(pos.shape[0], device=pos.device)] if bool((pos == pos[0]).all()) else \
-            [g.nonzero()[:, 0] for g in (pos[None, :] == pos.unique()[:, None])]
-        for g in groups:
-            n = int(lim[g[0]])
-            if n == 0:
-                continue
-            keys = self.ikeys.data[self.view, :n] if len(groups) == 1 else self.ikeys.data[rows[g], :n]
-            keys = self.ikeys.codec.decode(keys)
-            idx = chunked_indexer_topk(qi[g], wi[g], keys, ix.topk, pos[g[:1]],
-                                       ix.ratio, ix.exclude_window)
-            out[g, :idx.shape[-1]] = idx[:, 0]
-        return out
 
 
 class ModelCache:
@@ -303,8 +219,7 @@ class ModelCache:
         self.batch, self.max_len, self.max_rollback = batch, model.cfg.max_position_embeddings, spare + 1
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.mtp_lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # positions the MTP block saw
-        rope = model.rope_compress
-        args = (batch, capacity, dtype, p.device, rope, page, spare, model.cfg.qk_rope_head_dim)
+        args = (batch, capacity, dtype, p.device, page, spare, model.cfg.qk_rope_head_dim)
         self.layers = [LayerCache(b.attn, *args) for b in model.layers]
         for lc, b in zip(self.layers, model.layers):
             if getattr(b, "engram", None) is not None:
@@ -322,16 +237,12 @@ class ModelCache:
         n = int(self.lengths[row])
         grow = fixed = 0
         for lc in self.layers + (self.mtp_layers if mtp else []):
-            for name in ("raw", "ikeys", "entries"):
-                st = getattr(lc, name, None)
-                if st is not None:
-                    rows = n if (name == "raw" or lc.kind == "dsa") else n // lc.m
-                    grow += rows * st.data.shape[2] * st.data.element_size()
-            if hasattr(lc, "ring"):
-                fixed += lc.ring[0].numel() * lc.ring.element_size()
-            for st in (getattr(lc, "comp", None), getattr(lc, "icomp", None)):
-                if st is not None:
-                    fixed += 2 * st.kv[0].numel() * st.kv.element_size()
+            for st in lc.stores():
+                rows = n if (st is lc.raw or lc.kind == "dsa") else n // lc.m
+                grow += rows * st.data.shape[2] * st.data.element_size()
+            rings = ([] if lc.window is None else [lc.window.data]) + \
+                [t for s in (lc.comp, lc.icomp) if s is not None for t in s.tensors()]
+            fixed += sum(t[0].numel() * t.element_size() for t in rings)
             if lc.engram is not None:
                 fixed += sum(t[0].numel() * t.element_size() for t in lc.engram.tensors())
         return {"per_position": grow, "fixed": fixed, "per_token": grow / max(n, 1), "length": n}
@@ -345,16 +256,19 @@ class ModelCache:
         return rows
 
     def begin(self, rows: torch.Tensor, t: int, mtp: bool = False) -> torch.Tensor:
-        """Bind the layers to `rows`; positions of the next t tokens: [t] if the rows share a length,
-        else [B, 1] (decode with mixed lengths, t must be 1). mtp: the MTP blocks' lengths."""
+        """Bind the layers to `rows` and make room for t more tokens; positions of the next t tokens: [t]
+        if the rows share a length, else [B, 1] (decode with mixed lengths, t must be 1); a T = 1 step
+        always gets [B, 1]. mtp: the MTP blocks' lengths."""
         lens = (self.mtp_lengths if mtp else self.lengths)[rows]
-        if int(lens.max()) + t > self.max_len:
-            raise CacheError(f"context would reach {int(lens.max()) + t} tokens; the model supports "
+        top = int(lens.max()) + t
+        if top > self.max_len:
+            raise CacheError(f"context would reach {top} tokens; the model supports "
                              f"{self.max_len} (max_position_embeddings)")
         r0 = int(rows[0])
         view = slice(r0, r0 + rows.numel()) if bool((rows == r0 + torch.arange(rows.numel())).all()) else rows
-        for lc in self.layers + self.mtp_layers:
+        for lc in (self.mtp_layers if mtp else self.layers):
             lc.rows, lc.view = rows, view
+            lc.reserve(top)
         if t == 1:
             return lens[:, None]
         if not bool((lens == lens[0]).all()):

@@ -20,3 +20,21 @@ def topk_indices(scores: torch.Tensor, k: int, visible: torch.Tensor | None = No
         return order
     ok = torch.gather(visible, -1, order)
     return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def topk_static(scores: torch.Tensor, k: int, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape-static twin of topk_indices for a decode step: scores/visible [B, N] -> (ids [B, min(k, N)],
+    valid [B, min(k, N)]); the same set (score descending, then position ascending; fewer than k visible
+    entries: all of them), in no particular order, with invalid slots instead of -1 padding.
+
+    One int64 key per entry: order-preserving int32 of the fp32 score << 32 | (2^32 - 1 - position), so
+    (score desc, position asc) is descending key order and every key of a row is distinct; invisible
+    entries get the smallest key. No data-dependent shapes (torch.compile fuses it)."""
+    n = scores.shape[-1]
+    i = (scores.float() + 0.0).view(torch.int32)                     # -0.0 -> +0.0
+    o = torch.where(i < 0, i ^ 0x7FFFFFFF, i).long()
+    pos = torch.arange(n, device=scores.device)
+    key = (o << 32) | ((1 << 32) - 1 - pos)
+    key = key.masked_fill(~visible, torch.iinfo(torch.int64).min)
+    top = key.topk(min(k, n), dim=-1, sorted=False)
+    return top.indices, visible.gather(-1, top.indices)

@@ -14,13 +14,15 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.kernels.attention import IMPLS, selection_mask
+from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.indexer_topk import chunked_indexer_topk, segment_same_doc
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, indexer_kl, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
-from dsv4.model.rope import apply_rope
+from dsv4.kernels.topk import topk_static
+from dsv4.model.rope import Rotary, apply_rope
 
 
 class Attention(KeepFP32):
@@ -44,6 +46,8 @@ class Attention(KeepFP32):
             self.compressor = Compressor(d, c, self.ratio, overlap=self.kind == "csa", eps=cfg.rms_norm_eps)
         if self.kind in ("csa", "dsa"):
             self.indexer = Indexer(cfg, self.ratio)
+        if self.kind in ("csa", "hca"):  # cached inference rotates each new entry at its block's first position
+            self.entry_rope = Rotary(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
         # core kernel: "sparse" (gather / banded kernels, never O(T^2)), or a key of
         # dsv4.kernels.attention.IMPLS ("chunked", "reference": the masked dense oracle)
         self.impl = "sparse"
@@ -82,11 +86,14 @@ class Attention(KeepFP32):
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if cache is not None and positions.dim() == 2:
+            o = self.step_core(x, c_q, q, kv, cos, sin, positions[:, 0], cache)
+            return self.project_out(apply_rope(o, cos, sin, inverse=True))
         if cache is not None:
-            return self.project_out(apply_rope(cache.attend(self, x, c_q, q, kv, cos, sin, positions), cos, sin,
-                                               inverse=True))
+            o = self.sparse_core(x, c_q, q, cos, sin, *self.cached_keys(x, kv, cos, sin, positions, cache), positions)
+            return self.project_out(apply_rope(o, cos, sin, inverse=True))
         if self.impl == "sparse" and stats is None:
-            o = self.sparse_core(x, c_q, q, kv, cos, sin, positions, segment_ids)
+            o = self.sparse_core(x, c_q, q, cos, sin, *self.keys(x, kv, cos, sin, positions), positions, segment_ids)
             return self.project_out(apply_rope(o, cos, sin, inverse=True))
 
         entries = entry_mask = same_doc = None
@@ -123,21 +130,95 @@ class Attention(KeepFP32):
         o = apply_rope(o, cos, sin, inverse=True)
         return self.project_out(o)
 
-    def sparse_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids):
-        """The long-context path: banded window (SWA), dense entries (HCA), chunked indexer top-k +
-        gather attention (CSA/DSA). No tensor is O(T^2) or O(T N)."""
+    # ------------------------------------------------------------------ key plans
+    def keys(self, x, kv, cos, sin, positions):
+        """Keys from the current tokens (uncached): (raw band [B,T,c], its positions [T], entries [B,N,c]
+        or None, indexer keys [B,N_I,c_I] or None)."""
+        if self.kind == "swa":
+            return kv, positions, None, None
+        entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
+        ikeys = self.indexer.compressor(x, cos, sin) if self.kind in ("csa", "dsa") else None
+        return kv, positions, entries, ikeys
+
+    def cached_keys(self, x, kv, cos, sin, q_pos, cache):
+        """The same key plan for a chunk continuing cached rows (all at position start = q_pos[0]): the new
+        kv, entries and indexer keys are stored first, then the keys are read back (window band: the ring's
+        last n_win - 1 positions + the chunk; DSA: every raw position)."""
+        rows, start, t = cache.rows, int(q_pos[0]), x.shape[1]
+        if self.kind == "dsa":
+            cache.raw.write(rows, start, kv)
+            band, kv_pos = cache.raw.read(rows, start + t, kv.dtype), torch.arange(start + t, device=x.device)
+        else:
+            w = min(start, self.window - 1)
+            kv_pos = torch.arange(start - w, start + t, device=x.device)
+            band = torch.cat([cache.window.read(rows, kv_pos[:w], kv.dtype), kv], 1)
+            cache.window.write(rows, start, kv)
+        if self.kind == "swa":
+            return band, kv_pos, None, None
+        n = (start + t) // self.ratio
+        if self.kind == "dsa":
+            cache.ikeys.write(rows, start, self.indexer.compressor(x, cos, sin))
+            return band, kv_pos, band, cache.ikeys.read(rows, n)
+        j0, new = self.compressor.chunk(x, start, cache.comp, rows, self.entry_rope)
+        if new is not None:
+            cache.entries.write(rows, j0, new)
+        entries = cache.entries.read(rows, n, x.dtype)
+        if self.kind == "hca":
+            return band, kv_pos, entries, None
+        j0, new = self.indexer.compressor.chunk(x, start, cache.icomp, rows, self.entry_rope)
+        if new is not None:
+            cache.ikeys.write(rows, j0, new)
+        return band, kv_pos, entries, cache.ikeys.read(rows, n)
+
+    # ------------------------------------------------------------------ cores
+    def sparse_core(self, x, c_q, q, cos, sin, band, kv_pos, entries, ikeys, q_pos, segment_ids=None):
+        """The long-context path for one key plan: banded window (SWA), dense entries (HCA), chunked
+        indexer top-k + gather attention (CSA/DSA). No tensor is O(T^2) or O(T N)."""
         common = dict(q_seg=segment_ids, kv_seg=segment_ids)
         if self.kind == "swa":
-            return window_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions, **common)
-        entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
+            return window_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, **common)
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         if self.kind == "hca":
-            return dense_entries_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions,
+            return dense_entries_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos,
                                            entries, ratio=self.ratio, entry_seg=entry_seg, **common)
         ix = self.indexer
-        keys = ix.compressor(x, cos, sin)
         qi, wi = ix.queries(x, c_q, cos, sin)
         same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
-        idx = chunked_indexer_topk(qi, wi, keys, ix.topk, positions, ix.ratio, ix.exclude_window, same_doc_fn=same)
-        return sparse_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries, idx,
+        idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, q_pos, ix.ratio, ix.exclude_window, same_doc_fn=same)
+        return sparse_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, entries, idx,
                                 **common)
+
+    def step_core(self, x, c_q, q, kv, cos, sin, pos, cache):
+        """One decode token per row at per-row positions pos [B], with static shapes: every store is read
+        whole (its capacity, fixed between ModelCache.begin calls) under validity masks, the indexer scores
+        every stored key and takes a shape-static top-k, and one kernel call attends the parts."""
+        rows, view = cache.rows, cache.view
+        if self.kind == "dsa":
+            cache.raw.write_at(rows, pos, kv[:, 0])
+            wpos = pos[:, None] - torch.arange(self.window, device=pos.device)
+            parts = [(cache.raw.gather(rows, wpos, q.dtype), wpos >= 0)]
+        else:
+            cache.window.write_at(rows, pos, kv[:, 0])
+            keys, slot_pos = cache.window.read_all(view, pos, q.dtype)
+            parts = [(keys, (slot_pos >= 0) & (slot_pos > pos[:, None] - self.window))]
+        if self.kind in ("csa", "hca"):
+            cache.entries.write_at(rows, pos // self.ratio,
+                                   self.compressor.step(x, pos, cache.comp, rows, self.entry_rope))
+        if self.kind == "hca":
+            entries = cache.entries.read(view, None, q.dtype)
+            n = torch.arange(entries.shape[1], device=pos.device)
+            parts.append((entries, n[None] < ((pos + 1) // self.ratio)[:, None]))
+        elif self.kind in ("csa", "dsa"):
+            ix = self.indexer
+            if self.kind == "csa":
+                cache.ikeys.write_at(rows, pos // self.ratio,
+                                     ix.compressor.step(x, pos, cache.icomp, rows, self.entry_rope))
+            else:
+                cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
+            qi, wi = ix.queries(x, c_q, cos, sin)
+            keys = cache.ikeys.read(view)
+            scores = ix.score(qi, wi, keys)[:, 0]                                            # [B, N]
+            visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
+            idx, valid = topk_static(scores, ix.topk, visible)
+            parts.append(((cache.raw if self.kind == "dsa" else cache.entries).gather(rows, idx, q.dtype), valid))
+        return decode_attention(q[:, 0], parts, self.attn_sink, self.scale).unsqueeze(1)

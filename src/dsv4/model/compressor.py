@@ -5,6 +5,10 @@ the block's slots of Z weights the rows of C; then RMSNorm and RoPE at the block
 Overlapped (CSA, m = 4): W_kv, W_gate, ape have width 2c; entry i is one softmax over 2m slots, the
 first c channels over block i-1 and the last c over block i (block 0 pads with -inf / 0).
 ratio 1 (the DSA indexer keys): no pooling, entry t = RMSNorm(h_t W_kv) with RoPE at t.
+
+Incremental use (cached inference): `chunk` and `step` continue the pooling from a state holding C and
+Z + ape of the last positions (dsv4.infer.cache.CompressorState: rings `kv` and `gate` with `read(rows,
+pos)`, `write(rows, start, vals)`, `write_at(rows, pos, vals)`); the caller stores the entries returned.
 """
 from __future__ import annotations
 
@@ -59,6 +63,62 @@ class Compressor(KeepFP32):
     def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions)."""
         return apply_rope(self.norm(pooled), cos, sin).to(dtype)
+
+    def _prev_block(self, state, rows: torch.Tensor, first: torch.Tensor):
+        """Path-b (first c channels) slots of the block before the block starting at `first` [B], from the
+        state; -inf / 0 for block 0 (block 0 pads with -inf logits and zero values)."""
+        c, m = self.head_dim, self.ratio
+        pp = first[:, None] - m + torch.arange(m, device=first.device)
+        none = (first < m)[:, None, None]
+        pk = state.kv.read(rows, pp)[..., :c].masked_fill(none, 0.0)
+        pg = state.gate.read(rows, pp)[..., :c].masked_fill(none, float("-inf"))
+        return pk, pg
+
+    def chunk(self, h: torch.Tensor, start: int, state, rows: torch.Tensor, rope):
+        """Positions start .. start+T-1 of rows (h [B,T,d], all rows at `start`) -> (j0, entries [B, n, c]
+        fp32 of the n >= 0 blocks they complete, the first being block j0); the state keeps the projections.
+        rope: the compressed-branch Rotary (entries are rotated at their block's first position)."""
+        m, t = self.ratio, h.shape[1]
+        pos = start + torch.arange(t, device=h.device)
+        kv_new, gate_new = self.project(h, pos % m)
+        r0 = start % m
+        first = start - r0
+        kv, gate = kv_new, gate_new
+        if r0:  # the partial block from the state goes in front
+            old = torch.arange(first, start, device=h.device)
+            kv = torch.cat([state.kv.read(rows, old), kv], 1)
+            gate = torch.cat([state.gate.read(rows, old), gate], 1)
+        n = (r0 + t) // m
+        out = None
+        if n:
+            prev_kv = prev_gate = None
+            if self.overlap:
+                prev_kv, prev_gate = self._prev_block(state, rows, torch.full_like(rows, first))
+            pooled = self.pool(kv[:, :n * m].unflatten(1, (n, m)), gate[:, :n * m].unflatten(1, (n, m)),
+                               prev_kv, prev_gate)
+            cos, sin = rope.cos_sin((first // m + torch.arange(n, device=h.device)) * m)
+            out = self.finish(pooled, cos, sin, torch.float32)
+        state.kv.write(rows, start, kv_new)
+        state.gate.write(rows, start, gate_new)
+        return first // m, out
+
+    def step(self, h: torch.Tensor, pos: torch.Tensor, state, rows: torch.Tensor, rope) -> torch.Tensor:
+        """One token per row (h [B,1,d]) at per-row positions pos [B] -> the entry of each row's current
+        block [B, c] (fp32), pooled over the slots written so far: it is the final entry iff
+        (pos + 1) % m == 0, and invisible to every query before that (static shapes: no branching on pos)."""
+        m = self.ratio
+        kv, gate = self.project(h, (pos % m)[:, None])
+        state.kv.write_at(rows, pos, kv[:, 0])
+        state.gate.write_at(rows, pos, gate[:, 0])
+        first = pos - pos % m
+        blk = first[:, None] + torch.arange(m, device=pos.device)
+        prev_kv = prev_gate = None
+        if self.overlap:
+            prev_kv, prev_gate = self._prev_block(state, rows, first)
+        pooled = self.pool(state.kv.read(rows, blk)[:, None], state.gate.read(rows, blk)[:, None],
+                           prev_kv, prev_gate)[:, 0]
+        cos, sin = rope.cos_sin(first)
+        return self.finish(pooled, cos, sin, torch.float32)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h: [B, T, d]; cos/sin: compressed-branch rope at positions 0..T-1. Returns [B, T // m, c]."""

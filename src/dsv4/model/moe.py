@@ -76,8 +76,32 @@ class Experts(nn.Module):
                     out.index_add_(0, sel, y * weights[sel, j, None].to(y.dtype))
         return out
 
+    def forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes that do not depend on the routing (decode: few tokens, torch.compile).
+        N k <= E: each (token, slot) multiplies its own gathered expert (reads N k experts); otherwise every
+        expert runs on every token and the routing weights, zero off the chosen experts, mix them."""
+        n_tok, k = idx.shape
+        if n_tok * k <= self.n:
+            w1, w2, w3 = self.w1[idx], self.w2[idx], self.w3[idx]                     # [N, k, ., .]
+            gate = torch.einsum("nd,nkid->nki", x, w1)
+            up = torch.einsum("nd,nkid->nki", x, w3)
+            if self.limit > 0:
+                gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, w2)
+            return (y * weights[..., None].to(y.dtype)).sum(1)
+        dense = torch.zeros(n_tok, self.n, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
+        gate = torch.einsum("nd,eid->nei", x, self.w1)
+        up = torch.einsum("nd,eid->nei", x, self.w3)
+        if self.limit > 0:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        y = torch.einsum("nei,edi->ned", F.silu(gate) * up, self.w2)
+        return (y * dense[..., None].to(y.dtype)).sum(1)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], idx/weights [N, k] -> [N, d]. Tokens grouped by expert: one matmul per used expert."""
+        """x [N, d], idx/weights [N, k] -> [N, d]. Tokens grouped by expert: one matmul per used expert;
+        without gradients and with at most E tokens (decode), forward_static."""
+        if x.shape[0] <= self.n and not torch.is_grad_enabled():
+            return self.forward_static(x, idx, weights)
         n_tok, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)
@@ -152,9 +176,8 @@ class MoE(KeepFP32):
         y = experts(flat, idx, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        counts = torch.bincount(idx.flatten(), minlength=self.n).to(self.load.dtype)
-        if self.training:
-            self.load += counts  # consumed by update_bias() after the optimiser step
+        if self.training:  # consumed by update_bias() after the optimiser step
+            self.load += torch.bincount(idx.flatten(), minlength=self.n).to(self.load.dtype)
         aux = None
         if self.training and not self.gate.hash and self.alpha > 0:
             aux = self.balance_loss(idx.view(b, t, -1), s.view(b, t, -1))

@@ -217,6 +217,33 @@ class Transformer(KeepFP32):
             return None
         return self.head(h[:, -1:] if last_only else h)
 
+    def trunk(self, input_ids, positions, stats=None, reference=False, segment_ids=None, cache=None,
+              engram_prefetched=None):
+        """Embedding, the blocks and the hc head -> (final streams [B,T,hc,d], normed hidden [B,T,d], the
+        balance losses, the ropes). positions [T], or [B, 1] for a cached decode step."""
+        b, t = input_ids.shape
+        ropes = self.ropes(positions)
+        h = self.embed(input_ids)
+        x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
+        aux = []
+        eids = self.canonical(input_ids) if self.cfg.engram_layer_ids else None
+        pre = engram_prefetched or {}
+        for i, layer in enumerate(self.layers):
+            rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
+            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids,
+                         None if cache is None else cache.layers[i], eids, pre.get(i))
+            if a is not None:
+                aux.append(a)
+        c = self.cfg
+        out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
+        return x, out, aux, ropes
+
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One cached decode step with static shapes: input_ids [B, 1] at positions [B, 1] of rows already
+        bound by cache.begin -> next-token logits [B, V]. The caller advances the cache. This is the
+        function dsv4.infer.compiled compiles."""
+        return self.head(self.trunk(input_ids, positions, cache=cache)[1][:, -1])
+
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
                 reference: bool = False, segment_ids: torch.Tensor | None = None,
                 indexer_mode: str | None = None, compute_logits: bool = True, cache=None, rows=None,
@@ -248,25 +275,12 @@ class Transformer(KeepFP32):
             positions = cache.begin(rows, t)
         else:
             positions = torch.arange(t, device=input_ids.device)
-        ropes = self.ropes(positions)
         stats = {"collect": True} if return_stats else ({} if indexer_mode else None)
         if stats is not None and indexer_mode:
             stats["indexer_mode"] = indexer_mode
-        h = self.embed(input_ids)
-        x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
-        aux = []
-        eids = self.canonical(input_ids) if self.cfg.engram_layer_ids else None
-        pre = engram_prefetched or {}
-        for i, layer in enumerate(self.layers):
-            rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
-            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids,
-                         None if cache is None else cache.layers[i], eids, pre.get(i))
-            if a is not None:
-                aux.append(a)
-        c = self.cfg
+        x, out, aux, ropes = self.trunk(input_ids, positions, stats, reference, segment_ids, cache, engram_prefetched)
         if cache is not None:
             cache.advance(rows, t)
-        out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
         logits = None if not compute_logits else self.head(out[:, -1:] if last_only else out)
         mtp_logits, mtp_h = [], []
         if return_mtp:
