@@ -46,7 +46,7 @@ def procs(run):
     """The subprocess runs of this file, started together (each pays torch's import time)."""
     chat_in = "hello there\n/reset\n\nwhat is json?\n/exit\nnever read\n"
     ps = {"generate": (_cli("generate", "--ckpt", run, "--prompt", "import json", "--max-new-tokens", "6",
-                            "--temperature", "0"), None),
+                            "--temperature", "0", "--device", "cpu"), None),
           "chat": (_cli("chat", "--ckpt", run, "--max-new-tokens", "4", "--temperature", "0"), chat_in),
           "bad_generate": (_cli("generate", "--ckpt", run, "--prompt", "x", "--top-p", "0"), None)}
     return {name: (p.communicate(stdin, timeout=300), p.returncode) for name, (p, stdin) in ps.items()}
@@ -89,6 +89,33 @@ def test_generate_bad_options_are_one_line_errors(procs):
     (out, err), rc = procs["bad_generate"]
     assert rc == 2 and out == ""
     assert err.strip().startswith("dsv4: error: ") and "top_p" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("device", ["cuda:99", "nonsense"])
+def test_unusable_device_is_a_one_line_error(run, command, device, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("dsv4.generate.load_run", lambda *a, **k: loaded.append(a))
+    extra = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, "--ckpt", str(run), "--device", device, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsv4: error: --device {device}: ") and len(err.splitlines()) == 1, err
+    assert ("CUDA device" in err) if device == "cuda:99" else ("not a device name" in err)
+    assert loaded == []      # checked before the model is loaded
+
+
+def test_device_option_defaults_to_cpu():
+    for argv in (["generate", "--ckpt", "r", "--prompt", "x"], ["chat", "--ckpt", "r"], ["serve", "--ckpt", "r"]):
+        assert build_parser().parse_args(argv).device == "cpu"
+    a = build_parser().parse_args(["serve", "--ckpt", "r", "--device", "cuda:1"])
+    assert a.device == "cuda:1"
+
+
+def test_load_run_places_the_model_on_the_device(run):
+    model, _ = load_run(run, device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="no CUDA device|CUDA device"):
+        load_run(run, device="cuda:99")
 
 
 def test_chat_with_piped_stdin(procs, run):

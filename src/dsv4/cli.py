@@ -7,6 +7,7 @@
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
   dsv4 chat --ckpt RUN_DIR [--system TEXT ...]      (stdin: messages, /reset, /exit)
   dsv4 serve --ckpt RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8 --max-waiting 64]
+  (generate, chat and serve take --device cpu | cuda | cuda:N; default cpu)
   dsv4 report RUN_DIR
 
 Bad input (an unknown preset, a missing file, an invalid config) prints one line
@@ -88,11 +89,18 @@ def _sampling(args, stop=()):
                           top_p=args.top_p, seed=args.seed, stop=list(stop)).validate()
 
 
+def _device(args):
+    """The checked --device (a one-line ValueError before anything is loaded when it is not usable)."""
+    from dsv4.device import resolve_device
+
+    return resolve_device(args.device)
+
+
 def _engine(args):
     from dsv4.generate import load_run
     from dsv4.infer.engine import Engine
 
-    model, tok = load_run(args.ckpt)
+    model, tok = load_run(args.ckpt, device=_device(args))
     return Engine(model, tok, max_batch=1, max_context=args.max_context), tok
 
 
@@ -183,11 +191,13 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    device = _device(args)         # fails before uvicorn is imported
     from dsv4.infer.server import serve
 
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_waiting=args.max_waiting, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-          model_name=args.model_name, default_max_tokens=args.default_max_tokens, log_level=args.log_level)
+          model_name=args.model_name, default_max_tokens=args.default_max_tokens, log_level=args.log_level,
+          device=device)
     return 0
 
 
@@ -252,8 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training or model config fields, e.g. lr=1e-3 seq_len=512 hidden_size=128")
     tr.set_defaults(func=cmd_train)
 
+    def device_option(sp):
+        sp.add_argument("--device", default="cpu", metavar="DEV",
+                        help="where the model runs: cpu (default), cuda, cuda:N, ...")
+
     def sampling_options(sp, temperature: float, max_new: int):
         sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+        device_option(sp)
         sp.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default: {max_new}")
         sp.add_argument("--temperature", type=float, default=temperature,
                         help=f"0 = greedy (default: {temperature})")
@@ -278,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     se.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    device_option(se)
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     se.add_argument("--port", type=int, default=8000, help="default: 8000")
     se.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")

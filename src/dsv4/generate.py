@@ -13,11 +13,14 @@ from dsv4.data import EOS_ID, load_tokenizer
 from dsv4.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 
-def load_run(run_dir: str | Path):
-    """(model, tokenizer) from a training run directory (its newest checkpoint) or a checkpoint dir."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a training run directory (its newest checkpoint) or a checkpoint dir; the
+    model is on `device` ("cpu", "cuda", "cuda:1", ...; ValueError when this machine has no such device)."""
     from dsv4.config import ModelConfig
+    from dsv4.device import resolve_device
     from dsv4.model.transformer import Transformer
 
+    device = resolve_device(device)
     path = Path(run_dir)
     ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
     if ckpt is None:
@@ -33,20 +36,21 @@ def load_run(run_dir: str | Path):
             eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
         if canonical_map_path(run / "tokenizer.json").exists():
             model.set_canonical_map(load_canonical_map(run / "tokenizer.json"))
-    return model.eval(), load_tokenizer(run / "tokenizer.json")
+    return model.to(device).eval(), load_tokenizer(run / "tokenizer.json")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
+    """logits [B, V] -> token ids [B] (on the logits' device; a non-greedy draw is made on the CPU)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    dev, logits = logits.device, logits.cpu()
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
         keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
         sp = sp * keep
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1).to(dev)
 
 
 @torch.no_grad()
@@ -54,8 +58,8 @@ def generate(model, ids: list[int], max_new_tokens: int = 64, temperature: float
              seed: int = 0, stop_at_eos: bool = True) -> list[int]:
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.tensor([ids])
+    gen = torch.Generator().manual_seed(seed)   # sampling runs on the CPU: same seed, same draw on any device
+    x = torch.tensor([ids], device=next(model.parameters()).device)
     new = []
     for _ in range(max_new_tokens):
         nxt = sample_next(model(x).logits[:, -1], temperature, top_p, gen)

@@ -172,11 +172,12 @@ class LayerCache:
             self.ikeys = PagedStore(batch, icodec, capacity, page, device)
         else:
             self.window = Ring(batch, self.rw, c, device, self.codec)
+        epage = max(16, page // max(self.m, 1))   # entry stores count entries: pages of as many tokens as raw
         if self.kind in ("csa", "hca"):
-            self.entries = PagedStore(batch, self.codec, capacity // self.m + 1, page, device)
+            self.entries = PagedStore(batch, self.codec, capacity // self.m + 1, epage, device)
             self.comp = CompressorState(attn.compressor, batch, device, spare)
         if self.kind == "csa":
-            self.ikeys = PagedStore(batch, icodec, capacity // self.m + 1, page, device)
+            self.ikeys = PagedStore(batch, icodec, capacity // self.m + 1, epage, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
         self.engram = None  # an EngramState when the block has an Engram layer (set by ModelCache)

@@ -100,6 +100,7 @@ class Engine:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = model.cfg
+        self.device = next(model.parameters()).device   # inputs are made here; sampling runs on the CPU
         self.max_context = min(max_context or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
         self.eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
@@ -175,22 +176,23 @@ class Engine:
     def _prefill_chunk(self, req: Request, events: list[Event]) -> None:
         chunk = req.prompt[req.fed:req.fed + self.prefill_chunk]
         last = req.fed + len(chunk) == len(req.prompt)
-        out = self.model(torch.tensor([chunk]), cache=self.cache, rows=[req.row], last_only=True,
-                         compute_logits=last)
+        out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache, rows=[req.row],
+                         last_only=True, compute_logits=last)
         if self.spec is not None:
             self.spec.after_prefill(req, chunk, out)
         req.fed += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
         if last:
-            self._accept(req, [sample(out.logits[0, -1], req.params, req.gen)], events)
+            self._accept(req, [sample(out.logits[0, -1].cpu(), req.params, req.gen)], events)
 
     def _decode(self, reqs: list[Request], events: list[Event]) -> None:
-        ids = torch.tensor([[r.pending] for r in reqs])
+        ids = torch.tensor([[r.pending] for r in reqs], device=self.device)
         out = self.model(ids, cache=self.cache, rows=[r.row for r in reqs], last_only=True)
+        logits = out.logits[:, -1].cpu()    # one device -> host copy per step (a no-op on the CPU)
         self.stats["decode_tokens"] += len(reqs)
         for i, r in enumerate(reqs):
             r.pending = None
-            self._accept(r, [sample(out.logits[i, -1], r.params, r.gen)], events)
+            self._accept(r, [sample(logits[i], r.params, r.gen)], events)
 
     # ------------------------------------------------------------------ outputs
     def context_len(self, req: Request) -> int:

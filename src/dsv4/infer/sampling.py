@@ -2,6 +2,10 @@
 
 p = softmax(logits / T) restricted to the k most likely tokens, then to the smallest set whose mass
 reaches top_p (nucleus sampling, Holtzman et al. 2019), renormalised; T = 0 is greedy (argmax).
+
+Whatever device the model runs on, the distribution is built and drawn from on the CPU with the
+request's CPU generator (one [V] row per token; greedy only moves the argmax), so a seed gives the
+same draw on every device.
 """
 from __future__ import annotations
 
@@ -52,8 +56,9 @@ class SamplingParams:
 
 
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits [V] -> the distribution the sampler draws from (fp32; one-hot for greedy)."""
-    logits = logits.float()
+    """logits [V] (any device) -> the distribution the sampler draws from (fp32, on the CPU; one-hot for
+    greedy)."""
+    logits = logits.detach().float().cpu()
     if p.temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / p.temperature
@@ -70,7 +75,7 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """One token id from logits [V]."""
+    """One token id from logits [V] (any device; `gen` is a CPU generator)."""
     if p.temperature <= 0:
         return int(logits.argmax())
     return int(torch.multinomial(probabilities(logits, p), 1, generator=gen))

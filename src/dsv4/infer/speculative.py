@@ -53,7 +53,7 @@ class MTPSpeculator:
         if xs is None or n <= 0:
             return None
         seq = self._seq(req)
-        nxt = torch.tensor([seq[start + 1:start + 1 + n]])
+        nxt = torch.tensor([seq[start + 1:start + 1 + n]], device=self.engine.device)
         out = self.model.mtp_forward(xs[:, :n], nxt, self.cache, rows=[req.row], compute_logits=logits,
                                      last_only=True)
         self.pending_x[req.id] = xs[:, n:]
@@ -73,20 +73,22 @@ class MTPSpeculator:
         e = self.engine
         for req in reqs:
             length = int(self.cache.lengths[req.row])
-            q_logits = self._catch_up(req, length, logits=True)[0, -1]
+            q_logits = self._catch_up(req, length, logits=True)[0, -1].cpu()   # sampled on the CPU
             p = req.params
             q = probabilities(q_logits, p)
             draft = sample(q_logits, p, req.gen)
             if p.temperature > 0 and float(q[draft]) <= 0:   # sampled off the filtered support (cannot happen)
                 draft = int(q.argmax())
-            out = self.model(torch.tensor([[req.pending, draft]]), cache=self.cache, rows=[req.row])
+            out = self.model(torch.tensor([[req.pending, draft]], device=self.engine.device), cache=self.cache,
+                             rows=[req.row])
+            logits = out.logits[0].cpu()
             e.stats["decode_tokens"] += 1
             e.stats["drafted"] += 1
-            ok, tok = accept_draft(probabilities(out.logits[0, 0], p), q, draft, req.gen)
+            ok, tok = accept_draft(probabilities(logits[0], p), q, draft, req.gen)
             if ok:
                 e.stats["accepted"] += 1
                 self._push_x(req, out.hidden)
-                new = [draft, sample(out.logits[0, 1], p, req.gen)]
+                new = [draft, sample(logits[1], p, req.gen)]
             else:
                 self.cache.rollback([req.row], 1)
                 self._push_x(req, out.hidden[:, :1])
