@@ -157,12 +157,22 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
     (None: as many as fit _SCORE_FLOATS, usually all visible keys in one block). Returns idx
     [B,T,min(k,N)] (long, -1 = none) and, with return_scores, the selected scores [B,T,min(k,N)]
     (-inf on -1 slots; detached).
+    Inference (no autograd, CPU, no same_doc_fn, ids only) runs the fused C++ twin (dsv4.kernels.native):
+    the same ids, listed in ascending position (then -1 padding) instead of by score; USE_NATIVE = False
+    forces this PyTorch path.
     Score formula and float ops are those of dsv4.model.indexer.Indexer.score, per block.
     """
     b, t, n_h, c = q.shape
     n = keys.shape[1]
     kk = min(k, n)
     dev = q.device
+    ext = _native(q, w, keys, same_doc_fn, return_scores)
+    if ext is not None:
+        blocks = torch.zeros(b, -(-n // 16) * 16, c, dtype=torch.float32, device=dev)
+        blocks[:, :n] = keys
+        blocks = blocks.unflatten(1, (-1, 16)).transpose(2, 3).contiguous()        # [B, N/16, c, 16]
+        return ext.indexer_topk_fwd(q.float().contiguous(), w.float().contiguous(), blocks, n,
+                                    q_pos.contiguous(), k, ratio, exclude_window)
     idx = torch.full((b, t, kk), -1, dtype=torch.long, device=dev)
     scores = torch.full((b, t, kk), float("-inf"), dtype=torch.float32, device=dev) if return_scores else None
     if t == 0 or kk == 0:
@@ -222,6 +232,20 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
         if return_scores:
             scores[:, s0:s1, :m] = v.view(b, s1 - s0, m)
     return (idx, scores) if return_scores else idx
+
+
+USE_NATIVE = True   # inference through the fused C++ score + top-k (dsv4.kernels.native) when it is built
+
+
+def _native(q, w, keys, same_doc_fn, return_scores):
+    """The C++ kernel if it applies: CPU, no autograd, no document rule, ids only."""
+    if not USE_NATIVE or same_doc_fn is not None or return_scores or q.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, w, keys)):
+        return None
+    from dsv4.kernels import native
+
+    return native.ext()
 
 
 def _selected_chunk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

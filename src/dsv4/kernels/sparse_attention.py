@@ -22,6 +22,10 @@ output and the per-row logsumexp are kept; each chunk's probabilities are recomp
 with the entry gradients scatter-added into `entries` through the flattened gather indices.
 Peak memory is O(chunk * (k + window) * max(H, c)) per chunk on top of the inputs and grads.
 
+Inference (no autograd, fp32, CPU, no document ids) goes through a fused C++ twin of the forward
+(csrc/sparse_attention.cpp via dsv4.kernels.native; USE_NATIVE = False forces the PyTorch path): per
+query it reads its band and its entries in place, with no gathered copy and no logits tensor.
+
 Positions (`q_pos`, `kv_pos`) must be nondecreasing (cache order); queries may cover only the last
 positions of kv (cached decode: q_pos = S-t..S-1, kv_pos = 0..S-1). Top-k ids must not repeat within
 a row (-1 = empty slot; selection_mask semantics otherwise).
@@ -211,6 +215,31 @@ def _dtypes(q, kv, entries):
     return cd, torch.promote_types(cd, torch.float32)
 
 
+USE_NATIVE = True   # inference forward through the C++ kernel (dsv4.kernels.native) when it is built
+
+
+def _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, want_probs):
+    """The C++ forward if it applies: CPU, fp32, no autograd, no document ids, no entry masses."""
+    if not USE_NATIVE or want_probs or q_seg is not None or q.device.type != "cpu":
+        return None
+    ts = [q, kv, sink] + ([] if entries is None else [entries])
+    if any(t.dtype != torch.float32 for t in ts) or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    from dsv4.kernels import native
+
+    return native.ext()
+
+
+def _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, idx, ratio=1, exclude_window=0):
+    e = q.new_zeros(q.shape[0], 0, q.shape[-1]) if entries is None else entries.contiguous()
+    i = idx.contiguous() if idx is not None else torch.zeros(0, dtype=torch.long)
+    return ext.v4_attention_fwd(q.contiguous(), kv.contiguous(), kv_pos.contiguous(), q_pos.contiguous(), e, i,
+                                sink.contiguous(), float(scale), int(window), int(ratio), int(exclude_window),
+                                idx is not None)
+
+
 def _run(q, kv, sink, entries, plan, return_entry_probs):
     plan.want_probs = return_entry_probs and plan.kind != "none"
     res = _V4AttentionFn.apply(q, kv, entries, sink, plan)
@@ -234,6 +263,9 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scal
     return_entry_probs: also return the attention mass (summed over heads) on each SELECTED slot,
     [B,T,k] aligned with topk_idx (0 on -1 slots), detached.
     """
+    ext = _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, return_entry_probs)
+    if ext is not None:
+        return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, topk_idx)
     cd, acc = _dtypes(q, kv, entries)
     if entries is None or entries.shape[1] == 0 or topk_idx.shape[-1] == 0:
         plan = _Plan("none", scale, window, q_pos, kv_pos, _plan_chunks(q_pos, kv_pos, window, chunk),
@@ -262,6 +294,9 @@ def dense_entries_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     return_entry_probs: also the detached per-entry mass summed over heads, [B,T,N] (O(T N): for the
     dense indexer warm-up only).
     """
+    ext = _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, return_entry_probs)
+    if ext is not None:
+        return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, None, ratio, exclude_window)
     cd, acc = _dtypes(q, kv, entries)
     n = 0 if entries is None else entries.shape[1]
     kind = "dense" if n > 0 else "none"

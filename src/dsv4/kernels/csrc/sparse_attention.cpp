@@ -1,0 +1,232 @@
+// Fused forward of the V4 core attention for inference (no autograd): for each query, its raw window
+// band plus its entries (the indexer's top-k ids, or every causally complete entry), one softmax with
+// the per-head sink, read straight from the key arrays -- no gathered copy, no logits tensor.
+//
+//   o_th = sum_{s in keys(t)} p_ths k_s,   p_th. = softmax({scale q_th . k_s} U {z_h}),  z_h in the
+//   denominator only (the sink).  K = V (MQA: one kv head shared by the H query heads).
+//
+// The reference twin is dsv4.kernels.sparse_attention (the PyTorch chunked kernels); tests compare them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+// plain loops: `omp simd` vectorises them for the build's -march=native
+static inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+static inline void axpy(float p, const float* __restrict x, float* __restrict y, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += p * x[i];
+}
+
+// q [B,T,H,D]; kv [B,S,D] at kv_pos [S] (increasing); entries [B,N,D] (may be empty);
+// idx [B,T,K] int64 (-1 = none) when sparse, else entries visible iff j < (q_pos + 1 - excl) div ratio;
+// sink [H]. All float32 contiguous. Returns o [B,T,H,D].
+torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor kv_pos, torch::Tensor q_pos,
+                               torch::Tensor entries, torch::Tensor idx, torch::Tensor sink, double scale,
+                               int64_t window, int64_t ratio, int64_t exclude_window, bool sparse) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t S = kv.size(1), N = entries.numel() ? entries.size(1) : 0;
+  const int64_t K = sparse ? idx.size(2) : 0;
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kvp = kv.data_ptr<float>();
+  const float* ep = N ? entries.data_ptr<float>() : nullptr;
+  const int64_t* ip = sparse ? idx.data_ptr<int64_t>() : nullptr;
+  const int64_t* kpos = kv_pos.data_ptr<int64_t>();
+  const int64_t* qpos = q_pos.data_ptr<int64_t>();
+  const float* zp = sink.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * T, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<const float*> keys;
+    std::vector<float> logit;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T, pos = qpos[t];
+      keys.clear();
+      const int64_t lo = std::lower_bound(kpos, kpos + S, pos - window + 1) - kpos;
+      const int64_t hi = std::upper_bound(kpos, kpos + S, pos) - kpos;
+      for (int64_t s = lo; s < hi; ++s) keys.push_back(kvp + (b * S + s) * D);
+      if (sparse) {
+        const int64_t* row = ip + (b * T + t) * K;
+        for (int64_t i = 0; i < K; ++i)
+          if (row[i] >= 0) keys.push_back(ep + (b * N + row[i]) * D);
+      } else if (N) {
+        int64_t n = (pos + 1 - exclude_window);
+        n = n < 0 ? 0 : std::min<int64_t>(n / ratio, N);
+        for (int64_t j = 0; j < n; ++j) keys.push_back(ep + (b * N + j) * D);
+      }
+      const int64_t L = keys.size();
+      logit.resize(H * L);
+      const float* qr = qp + r * H * D;
+      for (int64_t j = 0; j < L; ++j)
+        for (int64_t h = 0; h < H; ++h) logit[h * L + j] = sc * dot(qr + h * D, keys[j], D);
+      float* orow = op + r * H * D;
+      std::fill(orow, orow + H * D, 0.f);
+      for (int64_t h = 0; h < H; ++h) {
+        float* lg = logit.data() + h * L;
+        float m = zp[h];
+        for (int64_t j = 0; j < L; ++j) m = std::max(m, lg[j]);
+        float den = std::exp(zp[h] - m);
+        float* oh = orow + h * D;
+        for (int64_t j = 0; j < L; ++j) {
+          const float p = std::exp(lg[j] - m);
+          den += p;
+          axpy(p, keys[j], oh, D);
+        }
+        const float inv = 1.f / den;
+        for (int64_t i = 0; i < D; ++i) oh[i] *= inv;
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Lightning-indexer top-k for inference, fused: Score(t, s) = sum_j w_tj ReLU(q_tj . k_s) is computed
+// for 16 keys x QB queries at a time from keys stored in blocks of 16 ([N/16, c, 16], zero-padded), and
+// each query keeps its best keys in a small buffer pruned by a running threshold, so no [T, N] score
+// block is ever written. Selection order: score descending, then position ascending, via one distinct
+// int64 key per entry (order-preserving int32 of the score << 32 | 2^32 - 1 - position). The selected
+// ids come out in ascending position. Entry s is visible to query t iff
+// s < (q_pos[t] + 1 - exclude_window) div ratio. Reference twin: dsv4.kernels.indexer_topk.
+typedef float v16 __attribute__((vector_size(64)));
+static constexpr int QB = 8;
+static constexpr int64_t LOW = (int64_t(1) << 32) - 1;
+
+static inline int64_t make_key(float score, int64_t pos) {
+  float v = score + 0.0f;  // -0.0 -> +0.0
+  int32_t i;
+  std::memcpy(&i, &v, 4);
+  int32_t o = i < 0 ? (i ^ 0x7FFFFFFF) : i;
+  return (int64_t(o) << 32) | (LOW - pos);
+}
+
+static inline float key_score(int64_t key) {
+  int32_t o = int32_t(key >> 32);
+  int32_t i = o < 0 ? (o ^ 0x7FFFFFFF) : o;
+  float v;
+  std::memcpy(&v, &i, 4);
+  return v;
+}
+
+struct TopBuf {
+  std::vector<int64_t> buf;
+  std::vector<uint64_t> bits;
+  int64_t kk = 0, thr = std::numeric_limits<int64_t>::min();
+  float thr_s = -INFINITY;
+  void reset(int64_t k) {
+    buf.clear();
+    buf.reserve(2 * k + 64);
+    kk = k;
+    thr = std::numeric_limits<int64_t>::min();
+    thr_s = -INFINITY;
+  }
+  inline void push(int64_t key) {
+    if (key <= thr) return;
+    buf.push_back(key);
+    if ((int64_t)buf.size() >= 2 * kk + 64) prune();
+  }
+  void prune() {
+    std::nth_element(buf.begin(), buf.begin() + (kk - 1), buf.end(), std::greater<int64_t>());
+    buf.resize(kk);
+    thr = *std::min_element(buf.begin(), buf.end());
+    thr_s = key_score(thr);
+  }
+  // the kept ids in ascending position, then -1 padding
+  void finish(int64_t* out, int64_t width, int64_t n) {
+    if ((int64_t)buf.size() > kk) prune();
+    bits.assign((n + 63) / 64, 0);
+    for (int64_t key : buf) {
+      const int64_t p = LOW - (key & LOW);
+      bits[p >> 6] |= uint64_t(1) << (p & 63);
+    }
+    int64_t i = 0;
+    for (int64_t w = 0; w < (int64_t)bits.size(); ++w)
+      for (uint64_t x = bits[w]; x; x &= x - 1) out[i++] = w * 64 + __builtin_ctzll(x);
+    for (; i < width; ++i) out[i] = -1;
+  }
+};
+
+// q [B,T,n,c], w [B,T,n], keys_b [B,N/16,c,16] (zero-padded), q_pos [T] -> ids [B,T,min(k,N)].
+torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor keys_b, int64_t n_keys,
+                               torch::Tensor q_pos, int64_t k, int64_t ratio, int64_t exclude_window) {
+  const int64_t B = q.size(0), T = q.size(1), NH = q.size(2), C = q.size(3), NB = keys_b.size(1);
+  const int64_t N = n_keys, KK = std::min(k, N);
+  auto out = torch::full({B, T, KK}, -1, q.options().dtype(torch::kLong));
+  if (KK == 0 || T == 0) return out;
+  const float* qp = q.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* kp = keys_b.data_ptr<float>();
+  const int64_t* pp = q_pos.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t tiles = (T + QB - 1) / QB;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t r0, int64_t r1) {
+    TopBuf bufs[QB];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / tiles, t0 = (r % tiles) * QB, nq = std::min<int64_t>(QB, T - t0);
+      int64_t lim[QB];
+      int64_t top = 0;
+      const float* qrow[QB];
+      const float* wrow[QB];
+      for (int qq = 0; qq < QB; ++qq) {
+        const int64_t t = std::min<int64_t>(t0 + qq, T - 1);   // padded queries repeat the last one
+        qrow[qq] = qp + (b * T + t) * NH * C;
+        wrow[qq] = wp + (b * T + t) * NH;
+        int64_t l = 0;
+        if (qq < nq) {
+          l = pp[t] + 1 - exclude_window;
+          l = l < 0 ? 0 : std::min<int64_t>(l / ratio, N);
+        }
+        lim[qq] = l;
+        top = std::max(top, l);
+        bufs[qq].reset(std::min<int64_t>(KK, l));
+      }
+      for (int64_t s0 = 0; s0 < top; s0 += 16) {
+        const float* kc = kp + (b * NB + s0 / 16) * C * 16;
+        v16 score[QB];
+#pragma GCC unroll 8
+        for (int qq = 0; qq < QB; ++qq) score[qq] = v16{};
+        for (int64_t h = 0; h < NH; ++h) {
+          v16 acc[QB];
+#pragma GCC unroll 8
+          for (int qq = 0; qq < QB; ++qq) acc[qq] = v16{};
+          for (int64_t i = 0; i < C; ++i) {
+            v16 kv;
+            std::memcpy(&kv, kc + i * 16, 64);
+#pragma GCC unroll 8
+            for (int qq = 0; qq < QB; ++qq) acc[qq] += qrow[qq][h * C + i] * kv;
+          }
+          const v16 zero{};
+#pragma GCC unroll 8
+          for (int qq = 0; qq < QB; ++qq) score[qq] += wrow[qq][h] * (acc[qq] > zero ? acc[qq] : zero);
+        }
+        for (int qq = 0; qq < nq; ++qq) {
+          TopBuf& tb = bufs[qq];
+          const int64_t end = std::min<int64_t>(16, lim[qq] - s0);
+          for (int64_t j = 0; j < end; ++j) {
+            const float sc = score[qq][j];
+            if (sc >= tb.thr_s) tb.push(make_key(sc, s0 + j));
+          }
+        }
+      }
+      for (int qq = 0; qq < nq; ++qq) bufs[qq].finish(op + (b * T + t0 + qq) * KK, KK, lim[qq]);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("indexer_topk_fwd", &indexer_topk_fwd, "lightning indexer top-k ids (fused score + selection)");
+  m.def("v4_attention_fwd", &v4_attention_fwd, "V4 core attention forward (window band + entries, sink)");
+}

@@ -1,0 +1,85 @@
+"""The C++ inference kernels (dsv4.kernels.native) equal their PyTorch twins: the fused indexer top-k
+picks exactly the same ids (ascending order instead of by score), and the fused attention forward gives
+the same output, for every layer kind, cached-chunk positions, padding and ties."""
+import pytest
+import torch
+
+import dsv4.kernels.indexer_topk as it
+import dsv4.kernels.sparse_attention as sa
+from dsv4.kernels import native
+
+
+def test_extension_builds():
+    assert native.ext() is not None, "the C++ kernels did not build (gcc and ninja are needed)"
+
+
+def _inputs(b, t, n, nh, c, g, mode):
+    if mode == "ties":   # small integers: exact arithmetic, many exact ReLU-zero and equal-score ties
+        return (torch.randint(-2, 2, (b, t, nh, c), generator=g).float(),
+                torch.randint(-1, 3, (b, t, nh), generator=g).float(),
+                torch.randint(-1, 2, (b, n, c), generator=g).float())
+    if mode == "sparse":  # mostly exact zeros: many rows have fewer than k positive scores
+        return (torch.randn(b, t, nh, c, generator=g) - 1.0, torch.rand(b, t, nh, generator=g),
+                torch.rand(b, n, c, generator=g))
+    return torch.randn(b, t, nh, c, generator=g), torch.randn(b, t, nh, generator=g), torch.randn(b, n, c, generator=g)
+
+
+def _ascending(idx):
+    """ids in ascending position, -1 padding last (the C++ kernel's order)."""
+    big = torch.iinfo(torch.long).max
+    s = torch.where(idx < 0, big, idx).sort(-1).values
+    return torch.where(s == big, -1, s)
+
+
+@pytest.mark.parametrize("mode", ["rand", "ties", "sparse"])
+@pytest.mark.parametrize("t,ratio,k,excl,nh,c,start", [
+    (203, 4, 8, 0, 4, 8, 0), (301, 1, 16, 16, 4, 32, 0), (150, 4, 64, 0, 3, 20, 0),   # k > visible: -1 pads
+    (97, 1, 40, 8, 16, 16, 500), (9, 4, 5, 0, 4, 8, 77)])                               # cached chunks
+def test_native_indexer_topk_equals_twin(monkeypatch, mode, t, ratio, k, excl, nh, c, start):
+    g = torch.Generator().manual_seed(t + k + len(mode))
+    n = (start + t) // ratio
+    q, w, keys = _inputs(2, t, n, nh, c, g, mode)
+    pos = start + torch.arange(t)
+    got = it.chunked_indexer_topk(q, w, keys, k, pos, ratio, excl)
+    monkeypatch.setattr(it, "USE_NATIVE", False)
+    want = it.chunked_indexer_topk(q, w, keys, k, pos, ratio, excl, chunk=16)
+    assert torch.equal(got, _ascending(want))
+    assert (got >= 0).any() and (want < 0).sum() == (got < 0).sum()
+
+
+def _attention_case(kind, t, start, g):
+    b, h, c, win = 2, 4, 24, 8
+    s = start + t
+    q = torch.randn(b, t, h, c, generator=g)
+    kv = torch.randn(b, s, c, generator=g)
+    sink = torch.randn(h, generator=g)
+    q_pos, kv_pos = start + torch.arange(t), torch.arange(s)
+    if kind == "swa":
+        return lambda: sa.window_attention(q, kv, sink, 0.2, win, q_pos, kv_pos)
+    if kind == "hca":
+        ent = torch.randn(b, s // 4, c, generator=g)
+        return lambda: sa.dense_entries_attention(q, kv, sink, 0.2, win, q_pos, kv_pos, ent, ratio=4)
+    n = s if kind == "dsa" else s // 4
+    ent = kv if kind == "dsa" else torch.randn(b, n, c, generator=g)
+    idx = torch.stack([torch.stack([torch.randperm(n, generator=g)[:6] for _ in range(t)]) for _ in range(b)])
+    idx[:, : t // 3, 4:] = -1
+    return lambda: sa.sparse_attention(q, kv, sink, 0.2, win, q_pos, kv_pos, ent, idx)
+
+
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa", "dsa"])
+@pytest.mark.parametrize("t,start", [(37, 0), (5, 60), (1, 33)])
+def test_native_attention_equals_twin(monkeypatch, kind, t, start):
+    fn = _attention_case(kind, t, start, torch.Generator().manual_seed(t + start))
+    with torch.no_grad():
+        got = fn()
+        monkeypatch.setattr(sa, "USE_NATIVE", False)
+        want = fn()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_native_not_used_with_autograd():
+    q = torch.randn(1, 10, 2, 8, requires_grad=True)
+    kv = torch.randn(1, 10, 8)
+    o = sa.window_attention(q, kv, torch.zeros(2), 0.3, 4, torch.arange(10), torch.arange(10))
+    o.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
