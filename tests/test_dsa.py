@@ -108,11 +108,10 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
 
 def run_module(attn: Attention, x: torch.Tensor, cos, sin):
     positions = torch.arange(x.shape[1])
-    stats = {"collect": True}
     with torch.no_grad():
-        y = attn(x, cos, sin, positions, stats)
+        y, ix = attn.forward_indexer(x, cos, sin, positions, collect=True)
         y_plain = attn(x, cos, sin, positions)
-    d = stats["indexer"][0]
+    d = ix.record
     scores, visible, entry_mask = d["scores"], d["visible"], d["entry_mask"]
     return y, y_plain, scores, visible, entry_mask
 

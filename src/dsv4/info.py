@@ -171,11 +171,17 @@ def kv_cache_bytes(cfg: ModelConfig) -> dict:
     sliding windows (constant once the context exceeds the window); baseline_per_token: a BF16
     GQA-8 head-dim-128 cache (K and V) with the same layer count; per_layer: [(kind, ratio, bytes/token)].
     """
+    from dsv4.model.indexer import visible_count
+
     entry, ikey = kv_entry_bytes(cfg), indexer_key_bytes(cfg)
     per_layer, fixed = [], 0
     for i in range(cfg.num_hidden_layers):
         kind, m = cfg.layer_kind(i), cfg.compress_ratio(i)
-        per_tok = 0.0 if m == 0 else (entry + (ikey if kind in ("csa", "dsa") else 0)) / m
+        # a layer stores what its newest query can see: visible_count(L, m) entries (+ indexer keys), one
+        # per m tokens (DSA, m = 1: every raw token, its window included); the others add a ring of the
+        # window's min(L, n_win) raw keys, n_win once L >= n_win
+        per_entry = entry + (ikey if kind in ("csa", "dsa") else 0)
+        per_tok = 0.0 if m == 0 else per_entry * visible_count(m, m) / m
         per_layer.append((kind, m, per_tok))
         if kind != "dsa":
             fixed += cfg.sliding_window * entry

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from dsv4.model.indexer import visible_count, window_count
+
 LN2 = math.log(2.0)
 XZ_PRESET = 9  # `xz -9`: lzma.compress(data, format=FORMAT_XZ, preset=9); no PRESET_EXTREME
 
@@ -49,22 +51,22 @@ def xz_bits_per_byte(data: bytes) -> float:
 def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int) -> tuple[float, float]:
     """Mean over query positions t in [0, seq_len) of (attended keys, indexer-scored entries).
 
-    Mirrors dsv4.model.attention / indexer: the raw window (t - n_win, t] holds min(t+1, n_win)
+    Counts from dsv4.model.indexer (visible_count, window_count): the raw window holds min(t+1, n_win)
     tokens; hca adds every complete compressed entry ((t+1) // m of them); csa adds the indexer's
     top-k of those; dsa (m = 1) adds the indexer's top-k raw tokens outside the window. The indexer
-    scores every visible entry ((t+1) // m, i.e. t+1 raw tokens for dsa).
+    scores every causally visible entry ((t+1) // m, i.e. t+1 raw tokens for dsa).
     """
     t1 = np.arange(1, seq_len + 1, dtype=np.float64)  # t + 1
-    keys = np.minimum(t1, window)
+    keys = window_count(t1, window)
     scored = np.zeros_like(t1)
     if kind == "hca":
-        keys = keys + np.floor(t1 / ratio)
+        keys = keys + visible_count(t1, ratio)
     elif kind == "csa":
-        scored = np.floor(t1 / ratio)
+        scored = visible_count(t1, ratio)
         keys = keys + np.minimum(topk, scored)
     elif kind == "dsa":
-        scored = t1
-        keys = keys + np.minimum(topk, np.maximum(0.0, t1 - window))
+        scored = visible_count(t1, ratio)
+        keys = keys + np.minimum(topk, visible_count(t1, ratio, window))
     return float(keys.mean()), float(scored.mean())
 
 

@@ -9,6 +9,8 @@ The core softmax lives in dsv4.kernels.attention so faster kernels slot in there
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,6 +25,13 @@ from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
 from dsv4.kernels.topk import topk_static
 from dsv4.model.rope import Rotary, apply_rope
+
+
+@dataclass
+class IndexerOut:
+    """The indexer's training outputs of one CSA/DSA layer (Attention.forward_indexer)."""
+    loss: torch.Tensor | None = None  # indexer_kl(scores, attention mass, allowed entries): indexer_mode only
+    record: dict | None = None  # collect: layer, scores, visible, idx, entry_mask, probs (all [B,T,...])
 
 
 class Attention(KeepFP32):
@@ -73,29 +82,55 @@ class Attention(KeepFP32):
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
         return self.wo_b(o)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                stats: dict | None = None, segment_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
-        ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
-        (positions [T] for a chunk of rows at one length, [B, 1] for a decode step). stats: optional dict; with
-        "indexer_mode" in ("dense", "sparse") the indexer KL loss is appended to stats["indexer_loss"];
-        with "collect" the indexer's scores, selections and the attention mass go to stats["indexer"]."""
-        b, t, _ = x.shape
-        mode = None if stats is None else stats.get("indexer_mode")
+    def project_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> c_q = RMSNorm(x W_qa) [B,T,q_lora], q [B,T,h,c] and kv [B,T,c], both roped at cos/sin."""
         c_q = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        return c_q, q, kv
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                segment_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
+        ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
+        (positions [T] for a chunk of rows at one length, [B, 1] for a decode step). The uncached kernel
+        is self.impl (Transformer.set_attention_impl)."""
+        c_q, q, kv = self.project_in(x, cos, sin)
         if cache is not None and positions.dim() == 2:
             o = self.step_core(x, c_q, q, kv, cos, sin, positions[:, 0], cache)
             return self.project_out(apply_rope(o, cos, sin, inverse=True))
         if cache is not None:
             o = self.sparse_core(x, c_q, q, cos, sin, *self.cached_keys(x, kv, cos, sin, positions, cache), positions)
             return self.project_out(apply_rope(o, cos, sin, inverse=True))
-        if self.impl == "sparse" and stats is None:
+        if self.impl == "sparse":
             o = self.sparse_core(x, c_q, q, cos, sin, *self.keys(x, kv, cos, sin, positions), positions, segment_ids)
             return self.project_out(apply_rope(o, cos, sin, inverse=True))
+        o, _ = self.masked_core(x, c_q, q, kv, cos, sin, positions, segment_ids, self.impl)
+        return self.project_out(apply_rope(o, cos, sin, inverse=True))
 
+    @property
+    def masked_impl(self) -> str:
+        """The masked dense kernel (a key of IMPLS) of forward_indexer: self.impl, "chunked" for "sparse"."""
+        return "chunked" if self.impl == "sparse" else self.impl
+
+    def forward_indexer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                        segment_ids: torch.Tensor | None = None, indexer_mode: str | None = None,
+                        collect: bool = False) -> tuple[torch.Tensor, IndexerOut | None]:
+        """Uncached forward that exposes the indexer -> (out [B,T,d], IndexerOut for CSA/DSA, None otherwise).
+        Needs the attention mass on every entry, so it runs self.masked_impl. indexer_mode "dense" (warm-up:
+        dense attention over every visible entry) or "sparse" (top-k attention) adds the KL loss on a
+        detached indexer input; collect keeps the scores, selections and attention mass (IndexerOut.record)."""
+        c_q, q, kv = self.project_in(x, cos, sin)
+        o, ix = self.masked_core(x, c_q, q, kv, cos, sin, positions, segment_ids, self.masked_impl,
+                                 indexer_mode, collect)
+        return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
+
+    def masked_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids, impl: str,
+                    indexer_mode: str | None = None, collect: bool = False):
+        """Keys through an explicit [B,T,N] entry mask and IMPLS[impl] -> (o [B,T,h,c], IndexerOut or None).
+        The IndexerOut (CSA/DSA, when indexer_mode or collect is given) needs the entry probabilities."""
+        b, t, _ = x.shape
         entries = entry_mask = same_doc = None
         if self.kind in ("csa", "hca"):
             entries = self.compressor(x, cos, sin)
@@ -110,25 +145,22 @@ class Attention(KeepFP32):
         elif self.kind in ("csa", "dsa"):
             # indexer training (spec section 2): its input is detached, so only the indexer learns from
             # its KL loss; "dense" = warm-up with dense attention over every visible entry
-            xi, cqi = (x.detach(), c_q.detach()) if mode else (x, c_q)
+            xi, cqi = (x.detach(), c_q.detach()) if indexer_mode else (x, c_q)
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
-            entry_mask = visible if mode == "dense" else selection_mask(idx, entries.shape[1])
-        want_probs = stats is not None and self.kind in ("csa", "dsa")
-        impl = "chunked" if self.impl == "sparse" else self.impl  # indexer training needs full scores
+            entry_mask = visible if indexer_mode == "dense" else selection_mask(idx, entries.shape[1])
+        want_probs = bool(indexer_mode or collect) and self.kind in ("csa", "dsa")
         res = IMPLS[impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
-                               entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
-        if want_probs:
-            o, probs = res
-            if mode:
-                stats.setdefault("indexer_loss", []).append(indexer_kl(scores, probs.detach(), entry_mask))
-            if stats.get("collect", False):
-                stats.setdefault("indexer", []).append(
-                    dict(layer=self.layer_id, scores=scores.detach(), visible=visible, idx=idx,
-                         entry_mask=entry_mask, probs=probs.detach()))
-        else:
-            o = res
-        o = apply_rope(o, cos, sin, inverse=True)
-        return self.project_out(o)
+                          entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
+        if not want_probs:
+            return res, None
+        o, probs = res
+        ix = IndexerOut()
+        if indexer_mode:
+            ix.loss = indexer_kl(scores, probs.detach(), entry_mask)
+        if collect:
+            ix.record = dict(layer=self.layer_id, scores=scores.detach(), visible=visible, idx=idx,
+                             entry_mask=entry_mask, probs=probs.detach())
+        return o, ix
 
     # ------------------------------------------------------------------ key plans
     def keys(self, x, kv, cos, sin, positions):

@@ -309,17 +309,16 @@ class Engram(KeepFP32):
         w = torch.stack([m.weight for m in mods]).to(x.dtype)
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
-    def _gate(self, x: torch.Tensor, e: torch.Tensor, stats=None) -> torch.Tensor:
-        """u_m = sigmoid(signed_sqrt(RMSNorm(h_m) . RMSNorm(k_m) / sqrt(d))) e W_V  ->  [B, T, hc, d]."""
+    def _gate(self, x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_m = sigmoid(signed_sqrt(RMSNorm(h_m) . RMSNorm(k_m) / sqrt(d))) [B, T, hc];
+        u_m = alpha_m e W_V [B, T, hc, d]  ->  (u, alpha)."""
         cdt = torch.promote_types(x.dtype, torch.float32)
         b, t = e.shape[:2]
         k = F.linear(e, torch.cat([w.weight for w in self.wk])).view(b, t, self.hc, self.d)
         v = self.wv(e).to(cdt)
         s = (self._norm(x.to(cdt), self.h_norm, self.eps) * self._norm(k.to(cdt), self.k_norm, self.eps)).sum(-1)
         alpha = torch.sigmoid(signed_sqrt(s / math.sqrt(self.d)))
-        if stats is not None and stats.get("collect"):
-            stats.setdefault("engram_gate", {})[self.layer_id] = alpha.detach().mean()
-        return alpha[..., None] * v[:, :, None]
+        return alpha[..., None] * v[:, :, None], alpha
 
     def _conv(self, z: torch.Tensor, hist: torch.Tensor | None, segment_ids=None) -> torch.Tensor:
         """Causal depthwise conv of z [B, T, hc, d]: sum_k w_k * z_{t - (K-1-k) dil}; hist [B, P, hc, d]
@@ -341,12 +340,17 @@ class Engram(KeepFP32):
         return y
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                segment_ids: torch.Tensor | None = None, prefetched=None, stats=None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, prefetched=None) -> torch.Tensor:
         """x [B,T,hc,d] streams, ids [B,T] canonical ids -> Y = SiLU(Conv1D(RMSNorm(U))) + U [B,T,hc,d].
 
         cache: a LayerCache whose `engram` state holds the previous ids and conv inputs (positions [T] for
         a chunk, [B, 1] for a decode step); prefetched: (sorted unique rows, values [N, dim]) covering the
         rows of this batch (default: read from the table)."""
+        return self.forward_gated(x, ids, positions, cache, segment_ids, prefetched)[0]
+
+    def forward_gated(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                      segment_ids: torch.Tensor | None = None, prefetched=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward -> (Y, the gate alpha [B, T, hc])."""
         state = None if cache is None else cache.engram
         hist_ids = hist_z = p0 = None
         if state is not None:
@@ -354,12 +358,12 @@ class Engram(KeepFP32):
             hist_ids, hist_z = state.history(cache.rows, p0)
         rows = ngram_rows(ids, self.orders, self.heads, self.primes, self.multipliers, self.pad_id, segment_ids,
                           hist_ids)
-        u = self._gate(x, self._lookup(rows, prefetched, x.dtype), stats)
+        u, alpha = self._gate(x, self._lookup(rows, prefetched, x.dtype))
         z = self._norm(u, self.conv_norm, self.eps)
         y = F.silu(self._conv(z, hist_z, segment_ids)) + u
         if state is not None:
             state.write(cache.rows, p0, ids, z)
-        return y.to(x.dtype)
+        return y.to(x.dtype), alpha
 
     # ------------------------------------------------------------------ oracle
     @torch.no_grad()

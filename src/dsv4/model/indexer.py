@@ -5,9 +5,11 @@ scaled by c_I^-1/2 n_I^-1/2, and keys k_s from the indexer's own compressor (CSA
 (ratio 1), from its own per-token projection. Entry s is visible to query t iff s < (t + 1) // m.
 In DSA the raw window is always attended, so the indexer ranks only the tokens outside it
 (s <= t - n_win) and the key set window + top-k is disjoint.
+visible_count / window_count below are the one statement of these counts (masks, FLOPs, cache sizes).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,10 +20,24 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.rope import apply_rope
 
 
+def visible_count(t_plus_1, ratio: int, exclude_window: int = 0):
+    """Entries of a ratio-m layer visible to query t, given t + 1 (int, numpy array or tensor):
+    entry s is visible iff s < (t + 1 - exclude_window) // m, so the count is max(0, that)."""
+    if not exclude_window:
+        return t_plus_1 // ratio  # t + 1 >= 0: never negative
+    n = (t_plus_1 - exclude_window) // ratio
+    return n.clamp_min(0) if isinstance(n, torch.Tensor) else np.maximum(n, 0)
+
+
+def window_count(t_plus_1, window: int):
+    """Raw keys of query t in the sliding window (t - n_win, t]: min(t + 1, n_win) (int or numpy array)."""
+    return np.minimum(t_plus_1, window)
+
+
 def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int, exclude_window: int = 0) -> torch.Tensor:
-    """[*, T] absolute query positions -> [*, T, N] bool: entry s is causally complete for query t
-    (s < (t + 1) // m); with exclude_window = n_win (DSA), also outside the raw window (s <= t - n_win)."""
-    limit = (positions + 1 - exclude_window) // ratio
+    """[*, T] absolute query positions -> [*, T, N] bool: s < visible_count(t + 1, m, exclude_window), i.e.
+    causally complete, and with exclude_window = n_win (DSA) outside the raw window (s <= t - n_win)."""
+    limit = visible_count(positions + 1, ratio, exclude_window)
     return torch.arange(n_entries, device=positions.device) < limit.unsqueeze(-1)
 
 

@@ -6,12 +6,13 @@ This is the only file that knows the block order (spec sections 1 and 5; officia
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.attention import Attention
+from dsv4.model.attention import Attention, IndexerOut
 from dsv4.model.engram import Engram
 from dsv4.model.mhc import hc_head, hc_post, hc_pre, init_hc_head, init_hc_unit
 from dsv4.model.moe import MoE
@@ -26,10 +27,28 @@ class ModelOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: position i predicts token i+1+k
     aux_loss: torch.Tensor | None = None  # sum of MoE sequence-wise balance losses (training only)
     indexer_loss: torch.Tensor | None = None  # sum over indexer layers of the KL loss (indexer_mode only)
-    stats: dict | None = None  # per-layer data (indexer scores, mHC maps) when asked for
+    # return_stats: {"indexer": [IndexerOut.record per CSA/DSA layer], "res_maps": [attn, ffn maps per block],
+    # "engram_gate": {layer: mean gate}}
+    stats: dict | None = None
     hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
     h: torch.Tensor | None = None  # final normed hidden [B, T, d] (the LM head's input)
     mtp_h: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP depth
+
+
+@dataclass
+class LayerStats:
+    """What one block returns besides its streams when asked (indexer_mode or collect)."""
+    indexer: IndexerOut | None = None  # CSA/DSA layers: the indexer's KL loss and (collect) record
+    res_maps: tuple[torch.Tensor, ...] = ()  # collect: the attn and ffn units' mHC residual maps, detached
+    engram_gate: torch.Tensor | None = None  # collect, Engram layers: the mean gate alpha, detached
+
+
+class Trunk(NamedTuple):
+    x: torch.Tensor  # final streams [B, T, hc, d]
+    h: torch.Tensor  # normed hidden [B, T, d]
+    aux: list[torch.Tensor]  # the blocks' balance losses
+    ropes: dict  # "main" / "compress" -> (cos, sin)
+    layers: list[LayerStats]  # one per block when indexer_mode or collect is given, else empty
 
 
 HC_UNIT = tuple(f"hc_{u}_{p}" for u in ("attn", "ffn") for p in ("fn", "base", "scale"))
@@ -59,22 +78,34 @@ class Block(KeepFP32):
         return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
                       getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, x, input_ids, rope, positions, stats=None, reference=False, segment_ids=None, cache=None,
-                engram_ids=None, engram_prefetched=None):
-        """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None).
-        engram_ids: canonical ids for the Engram layer (default input_ids)."""
+    def forward(self, x, input_ids, rope, positions, reference=False, segment_ids=None, cache=None,
+                engram_ids=None, engram_prefetched=None, indexer_mode=None, collect=False):
+        """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None, LayerStats or None).
+        engram_ids: canonical ids for the Engram layer (default input_ids). indexer_mode / collect (uncached):
+        attention runs Attention.forward_indexer and the block returns its LayerStats; otherwise None."""
+        observe = bool(indexer_mode) or collect
+        gate = None
         if self.engram is not None:
-            x = x + self.engram(x, input_ids if engram_ids is None else engram_ids, positions, cache, segment_ids,
-                                engram_prefetched, stats)
-        u, post, res = self._hc("attn", x)
-        if stats is not None and stats.get("collect"):
-            stats.setdefault("res_maps", []).append(res.detach())
-        x = hc_post(self.attn(self.attn_norm(u), *rope, positions, stats, segment_ids, cache), x, post, res)
-        u, post, res = self._hc("ffn", x)
-        if stats is not None and stats.get("collect"):
-            stats.setdefault("res_maps", []).append(res.detach())
+            args = (x, input_ids if engram_ids is None else engram_ids, positions, cache, segment_ids,
+                    engram_prefetched)
+            if collect:
+                e, alpha = self.engram.forward_gated(*args)
+                gate = alpha.detach().mean()
+            else:
+                e = self.engram(*args)
+            x = x + e
+        u, post, res_attn = self._hc("attn", x)
+        if observe:
+            a, ix = self.attn.forward_indexer(self.attn_norm(u), *rope, positions, segment_ids, indexer_mode, collect)
+        else:
+            a, ix = self.attn(self.attn_norm(u), *rope, positions, segment_ids, cache), None
+        x = hc_post(a, x, post, res_attn)
+        u, post, res_ffn = self._hc("ffn", x)
         y, aux = self.ffn(self.ffn_norm(u), input_ids, reference=reference)
-        return hc_post(y, x, post, res), aux
+        x = hc_post(y, x, post, res_ffn)
+        if not observe:
+            return x, aux, None
+        return x, aux, LayerStats(ix, (res_attn.detach(), res_ffn.detach()) if collect else (), gate)
 
 
 class MTPBlock(Block):
@@ -94,11 +125,10 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
-    def forward(self, x, emb, input_ids, rope, positions, stats=None, reference=False, segment_ids=None,
-                cache=None):
+    def forward(self, x, emb, input_ids, rope, positions, reference=False, segment_ids=None, cache=None):
         """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
-        x, aux = super().forward(x, input_ids, rope, positions, stats, reference, segment_ids, cache)
+        x, aux, _ = super().forward(x, input_ids, rope, positions, reference, segment_ids, cache)
         c = self.cfg
         h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
         return self.norm(h), x, aux
@@ -195,13 +225,16 @@ class Transformer(KeepFP32):
         return {"main": self.rope_main.cos_sin(positions), "compress": self.rope_compress.cos_sin(positions)}
 
     def set_attention_impl(self, name: str) -> None:
-        """'sparse' (default: gather / banded kernels), 'chunked' or 'reference' (masked dense oracle)."""
+        """The one switch of the uncached attention kernel (Attention.impl): 'sparse' (default: gather /
+        banded kernels), 'chunked' or 'reference' (masked dense oracle). Forwards that expose the indexer
+        (indexer_mode, return_stats) need every entry's attention mass, so there 'sparse' runs 'chunked'
+        (Attention.masked_impl). Cached forwards always take the sparse path."""
         from dsv4.kernels.attention import IMPLS
 
         if name not in IMPLS and name != "sparse":
             raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(IMPLS) + ['sparse']}")
         for mod in self.modules():
-            if hasattr(mod, "impl") and hasattr(mod, "attn_sink"):
+            if isinstance(mod, Attention):
                 mod.impl = name
 
     def mtp_forward(self, x: torch.Tensor, next_ids: torch.Tensor, cache, rows=None, depth: int = 0,
@@ -217,26 +250,29 @@ class Transformer(KeepFP32):
             return None
         return self.head(h[:, -1:] if last_only else h)
 
-    def trunk(self, input_ids, positions, stats=None, reference=False, segment_ids=None, cache=None,
-              engram_prefetched=None):
-        """Embedding, the blocks and the hc head -> (final streams [B,T,hc,d], normed hidden [B,T,d], the
-        balance losses, the ropes). positions [T], or [B, 1] for a cached decode step."""
+    def trunk(self, input_ids, positions, reference=False, segment_ids=None, cache=None, engram_prefetched=None,
+              indexer_mode=None, collect=False) -> Trunk:
+        """Embedding, the blocks and the hc head -> Trunk(final streams, normed hidden, balance losses, ropes,
+        per-block LayerStats: only with indexer_mode or collect). positions [T], or [B, 1] for a cached
+        decode step."""
         b, t = input_ids.shape
         ropes = self.ropes(positions)
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(b, t, self.cfg.hc_mult, h.shape[-1]).contiguous()
-        aux = []
+        aux, layers = [], []
         eids = self.canonical(input_ids) if self.cfg.engram_layer_ids else None
         pre = engram_prefetched or {}
         for i, layer in enumerate(self.layers):
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
-            x, a = layer(x, input_ids, rope, positions, stats, reference, segment_ids,
-                         None if cache is None else cache.layers[i], eids, pre.get(i))
+            x, a, st = layer(x, input_ids, rope, positions, reference, segment_ids,
+                             None if cache is None else cache.layers[i], eids, pre.get(i), indexer_mode, collect)
             if a is not None:
                 aux.append(a)
+            if st is not None:
+                layers.append(st)
         c = self.cfg
         out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
-        return x, out, aux, ropes
+        return Trunk(x, out, aux, ropes, layers)
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One cached decode step with static shapes: input_ids [B, 1] at positions [B, 1] of rows already
@@ -275,10 +311,8 @@ class Transformer(KeepFP32):
             positions = cache.begin(rows, t)
         else:
             positions = torch.arange(t, device=input_ids.device)
-        stats = {"collect": True} if return_stats else ({} if indexer_mode else None)
-        if stats is not None and indexer_mode:
-            stats["indexer_mode"] = indexer_mode
-        x, out, aux, ropes = self.trunk(input_ids, positions, stats, reference, segment_ids, cache, engram_prefetched)
+        x, out, aux, ropes, layers = self.trunk(input_ids, positions, reference, segment_ids, cache,
+                                                engram_prefetched, indexer_mode, return_stats)
         if cache is not None:
             cache.advance(rows, t)
         logits = None if not compute_logits else self.head(out[:, -1:] if last_only else out)
@@ -292,12 +326,17 @@ class Transformer(KeepFP32):
                 cos, sin = ropes["main"]
                 seg = None if segment_ids is None else segment_ids[:, : t - k]
                 hk, xk, a = blk(xk[:, : t - k], emb, input_ids[:, k:], (cos[: t - k], sin[: t - k]),
-                                positions[: t - k], None, reference, seg)
+                                positions[: t - k], reference, seg)
                 if a is not None:
                     aux.append(a)
                 mtp_h.append(hk)
                 if compute_logits:
                     mtp_logits.append(self.head(hk))
-        il = stats.get("indexer_loss") if stats is not None else None
+        ixs = [s.indexer for s in layers if s.indexer is not None]
+        il = [ix.loss for ix in ixs if ix.loss is not None]
+        stats = None
+        if return_stats:
+            stats = {"indexer": [ix.record for ix in ixs], "res_maps": [r for s in layers for r in s.res_maps],
+                     "engram_gate": {i: s.engram_gate for i, s in enumerate(layers) if s.engram_gate is not None}}
         return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None,
-                           torch.stack(il).sum() if il else None, stats if return_stats else None, x, out, mtp_h)
+                           torch.stack(il).sum() if il else None, stats, x, out, mtp_h)

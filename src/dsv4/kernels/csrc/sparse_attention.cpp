@@ -69,8 +69,11 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
       const int64_t L = keys.size();
       logit.resize(H * L);
       const float* qr = qp + r * H * D;
-      for (int64_t j = 0; j < L; ++j)
+      for (int64_t j = 0; j < L; ++j) {
+        if (j + 24 < L)   // gathered rows: fetch ahead, the hardware cannot guess them
+          for (int64_t i = 0; i < D; i += 16) __builtin_prefetch(keys[j + 24] + i);
         for (int64_t h = 0; h < H; ++h) logit[h * L + j] = sc * dot(qr + h * D, keys[j], D);
+      }
       float* orow = op + r * H * D;
       std::fill(orow, orow + H * D, 0.f);
       for (int64_t h = 0; h < H; ++h) {
@@ -120,43 +123,37 @@ static inline float key_score(int64_t key) {
   return v;
 }
 
-struct TopBuf {
-  std::vector<int64_t> buf;
-  std::vector<uint64_t> bits;
-  int64_t kk = 0, thr = std::numeric_limits<int64_t>::min();
-  float thr_s = -INFINITY;
-  void reset(int64_t k) {
+// Exact top-kk of one query's stored scores sc[0..L) (kk < L): a threshold from a strided sample of
+// ~1024 scores, chosen a little below the expected kk-th value, keeps ~kk + O(sqrt kk) candidates in one
+// pass; their distinct keys are then partitioned exactly. If fewer than kk pass (unlikely), the
+// threshold drops to -inf. Writes the ids in ascending position.
+static void select_row(const float* sc, int64_t L, int64_t kk, std::vector<float>& sample,
+                       std::vector<int64_t>& buf, std::vector<uint64_t>& bits, int64_t* out) {
+  const int64_t stride = std::max<int64_t>(1, L / 1024);
+  sample.clear();
+  for (int64_t i = 0; i < L; i += stride) sample.push_back(sc[i]);
+  const int64_t m = sample.size();
+  const double r = double(kk) * m / L;
+  const int64_t rank = std::min<int64_t>(m - 1, int64_t(r + 4.0 * std::sqrt(r) + 8.0));
+  std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+  float thr = sample[rank];
+  for (int attempt = 0; attempt < 2; ++attempt) {
     buf.clear();
-    buf.reserve(2 * k + 64);
-    kk = k;
-    thr = std::numeric_limits<int64_t>::min();
-    thr_s = -INFINITY;
+    for (int64_t i = 0; i < L; ++i)
+      if (sc[i] >= thr) buf.push_back(make_key(sc[i], i));
+    if ((int64_t)buf.size() >= kk) break;
+    thr = -INFINITY;
   }
-  inline void push(int64_t key) {
-    if (key <= thr) return;
-    buf.push_back(key);
-    if ((int64_t)buf.size() >= 2 * kk + 64) prune();
+  std::nth_element(buf.begin(), buf.begin() + (kk - 1), buf.end(), std::greater<int64_t>());
+  bits.assign((L + 63) / 64, 0);
+  for (int64_t j = 0; j < kk; ++j) {
+    const int64_t p = LOW - (buf[j] & LOW);
+    bits[p >> 6] |= uint64_t(1) << (p & 63);
   }
-  void prune() {
-    std::nth_element(buf.begin(), buf.begin() + (kk - 1), buf.end(), std::greater<int64_t>());
-    buf.resize(kk);
-    thr = *std::min_element(buf.begin(), buf.end());
-    thr_s = key_score(thr);
-  }
-  // the kept ids in ascending position, then -1 padding
-  void finish(int64_t* out, int64_t width, int64_t n) {
-    if ((int64_t)buf.size() > kk) prune();
-    bits.assign((n + 63) / 64, 0);
-    for (int64_t key : buf) {
-      const int64_t p = LOW - (key & LOW);
-      bits[p >> 6] |= uint64_t(1) << (p & 63);
-    }
-    int64_t i = 0;
-    for (int64_t w = 0; w < (int64_t)bits.size(); ++w)
-      for (uint64_t x = bits[w]; x; x &= x - 1) out[i++] = w * 64 + __builtin_ctzll(x);
-    for (; i < width; ++i) out[i] = -1;
-  }
-};
+  int64_t i = 0;
+  for (int64_t w = 0; w < (int64_t)bits.size(); ++w)
+    for (uint64_t x = bits[w]; x; x &= x - 1) out[i++] = w * 64 + __builtin_ctzll(x);
+}
 
 // q [B,T,n,c], w [B,T,n], keys_b [B,N/16,c,16] (zero-padded), q_pos [T] -> ids [B,T,min(k,N)].
 torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor keys_b, int64_t n_keys,
@@ -172,7 +169,9 @@ torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor k
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t tiles = (T + QB - 1) / QB;
   at::parallel_for(0, B * tiles, 1, [&](int64_t r0, int64_t r1) {
-    TopBuf bufs[QB];
+    std::vector<float> scores, sample;
+    std::vector<int64_t> buf;
+    std::vector<uint64_t> bits;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / tiles, t0 = (r % tiles) * QB, nq = std::min<int64_t>(QB, T - t0);
       int64_t lim[QB];
@@ -190,8 +189,9 @@ torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor k
         }
         lim[qq] = l;
         top = std::max(top, l);
-        bufs[qq].reset(std::min<int64_t>(KK, l));
       }
+      const int64_t width = (top + 15) / 16 * 16;
+      scores.resize(QB * width);
       for (int64_t s0 = 0; s0 < top; s0 += 16) {
         const float* kc = kp + (b * NB + s0 / 16) * C * 16;
         v16 score[QB];
@@ -211,16 +211,20 @@ torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor k
 #pragma GCC unroll 8
           for (int qq = 0; qq < QB; ++qq) score[qq] += wrow[qq][h] * (acc[qq] > zero ? acc[qq] : zero);
         }
-        for (int qq = 0; qq < nq; ++qq) {
-          TopBuf& tb = bufs[qq];
-          const int64_t end = std::min<int64_t>(16, lim[qq] - s0);
-          for (int64_t j = 0; j < end; ++j) {
-            const float sc = score[qq][j];
-            if (sc >= tb.thr_s) tb.push(make_key(sc, s0 + j));
-          }
+#pragma GCC unroll 8
+        for (int qq = 0; qq < QB; ++qq) std::memcpy(scores.data() + qq * width + s0, &score[qq], 64);
+      }
+      for (int qq = 0; qq < nq; ++qq) {
+        int64_t* o = op + (b * T + t0 + qq) * KK;
+        const float* sc = scores.data() + qq * width;
+        const int64_t L = lim[qq];
+        if (L <= KK) {   // every visible entry, then -1 padding
+          for (int64_t i = 0; i < L; ++i) o[i] = i;
+          for (int64_t i = L; i < KK; ++i) o[i] = -1;
+        } else {
+          select_row(sc, L, KK, sample, buf, bits, o);
         }
       }
-      for (int qq = 0; qq < nq; ++qq) bufs[qq].finish(op + (b * T + t0 + qq) * KK, KK, lim[qq]);
     }
   });
   return out;
