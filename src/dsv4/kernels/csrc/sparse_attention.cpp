@@ -16,6 +16,83 @@
 #include <limits>
 #include <vector>
 
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline float hsum(v16 a) {
+  v8 lo = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7);
+  v8 hi = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 b = lo + hi;
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += b[i];
+  return s;
+}
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// e^x for x <= 0 (softmax terms), 16 lanes: 2^n * 2^f, n = round(x log2 e), |f| <= 1/2, degree-6
+// polynomial of 2^f (relative error ~2e-7); x below -87 gives 0.
+static inline v16 vexp(v16 x) {
+  const v16 lo = v16{} - 87.0f;
+  v16 t = (x < lo ? lo : x) * 1.4426950408889634f;
+  v16i n = __builtin_convertvector(t + (t < 0 ? v16{} - 0.5f : v16{} + 0.5f), v16i);
+  v16 f = t - __builtin_convertvector(n, v16);
+  v16 p = v16{} + 1.5403530e-4f;
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  v16i bits = (n + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, 64);
+  v16 r = p * scale;
+  return x < lo ? v16{} : r;
+}
+
+typedef float v4 __attribute__((vector_size(16)));
+
+// the lane sums of 4 vectors at once (a transposing add tree instead of 4 separate reductions)
+static inline void hsum4(const v16* a, float* out) {
+  v8 x[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    x[i] = __builtin_shufflevector(a[i], a[i], 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(a[i], a[i], 8, 9, 10, 11, 12, 13, 14, 15);
+  v8 ab = __builtin_shufflevector(x[0], x[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+          __builtin_shufflevector(x[0], x[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  v8 cd = __builtin_shufflevector(x[2], x[3], 0, 1, 2, 3, 8, 9, 10, 11) +
+          __builtin_shufflevector(x[2], x[3], 4, 5, 6, 7, 12, 13, 14, 15);
+  v8 g = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+         __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+  v4 h = __builtin_shufflevector(g, g, 0, 2, 4, 6) + __builtin_shufflevector(g, g, 1, 3, 5, 7);
+  std::memcpy(out, &h, 16);
+}
+
+// Logits of one key for the query's heads, with the D dims in 16-lane vectors (H % 4 == 0, D % 64 == 0):
+// the key row is read once per group of 4 heads; fixed trip counts keep the accumulators in registers.
+static inline void logits_v16(const float* q, const float* key, int64_t H, int64_t D, float sc, float* lg,
+                              int64_t stride) {
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {
+    v16 acc[4] = {v16{}, v16{}, v16{}, v16{}};
+    for (int64_t c = 0; c < D; c += 16) {
+      v16 k;
+      std::memcpy(&k, key + c, 64);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        v16 qv;
+        std::memcpy(&qv, q + (h0 + h) * D + c, 64);
+        acc[h] += qv * k;
+      }
+    }
+    float out4[4];
+    hsum4(acc, out4);
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) lg[(h0 + h) * stride] = sc * out4[h];
+  }
+}
+
 // plain loops: `omp simd` vectorises them for the build's -march=native
 static inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
   float s = 0.f;
@@ -48,6 +125,7 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
   const float* zp = sink.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const bool vec = D % 64 == 0 && H % 4 == 0;
   at::parallel_for(0, B * T, 8, [&](int64_t r0, int64_t r1) {
     std::vector<const float*> keys;
     std::vector<float> logit;
@@ -72,24 +150,73 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
       for (int64_t j = 0; j < L; ++j) {
         if (j + 24 < L)   // gathered rows: fetch ahead, the hardware cannot guess them
           for (int64_t i = 0; i < D; i += 16) __builtin_prefetch(keys[j + 24] + i);
-        for (int64_t h = 0; h < H; ++h) logit[h * L + j] = sc * dot(qr + h * D, keys[j], D);
+        if (vec)
+          logits_v16(qr, keys[j], H, D, sc, logit.data() + j, L);
+        else
+          for (int64_t h = 0; h < H; ++h) logit[h * L + j] = sc * dot(qr + h * D, keys[j], D);
       }
       float* orow = op + r * H * D;
       std::fill(orow, orow + H * D, 0.f);
-      for (int64_t h = 0; h < H; ++h) {
+      float inv[64];
+      for (int64_t h = 0; h < H; ++h) {   // softmax with the sink: logits -> unnormalised p in place
         float* lg = logit.data() + h * L;
         float m = zp[h];
-        for (int64_t j = 0; j < L; ++j) m = std::max(m, lg[j]);
-        float den = std::exp(zp[h] - m);
-        float* oh = orow + h * D;
-        for (int64_t j = 0; j < L; ++j) {
-          const float p = std::exp(lg[j] - m);
-          den += p;
-          axpy(p, keys[j], oh, D);
+        {
+          int64_t j = 0;
+          v16 mv = v16{} + m;
+          for (; j + 16 <= L; j += 16) {
+            v16 x;
+            std::memcpy(&x, lg + j, 64);
+            mv = x > mv ? x : mv;
+          }
+          for (int i = 0; i < 16; ++i) m = std::max(m, mv[i]);
+          for (; j < L; ++j) m = std::max(m, lg[j]);
         }
-        const float inv = 1.f / den;
-        for (int64_t i = 0; i < D; ++i) oh[i] *= inv;
+        float den = std::exp(zp[h] - m);
+        int64_t j = 0;
+        v16 dv{};
+        for (; j + 16 <= L; j += 16) {
+          v16 x;
+          std::memcpy(&x, lg + j, 64);
+          x = vexp(x - m);
+          dv += x;
+          std::memcpy(lg + j, &x, 64);
+        }
+        den += hsum(dv);
+        for (; j < L; ++j) {
+          lg[j] = std::exp(lg[j] - m);
+          den += lg[j];
+        }
+        if (h < 64) {
+          inv[h] = 1.f / den;
+        } else {   // (past 64 heads: normalise the probabilities themselves)
+          for (int64_t j = 0; j < L; ++j) lg[j] /= den;
+        }
       }
+      if (vec) {   // o_h += p_hj k_j: 4 heads x 64 dims of accumulators held in registers
+        for (int64_t h0 = 0; h0 < H; h0 += 4) {
+          const float* pr = logit.data() + h0 * L;
+          for (int64_t c0 = 0; c0 < D; c0 += 64) {
+            v16 acc[4][4] = {};
+            for (int64_t j = 0; j < L; ++j) {
+              v16 k[4];
+              std::memcpy(&k, keys[j] + c0, 256);
+#pragma GCC unroll 4
+              for (int h = 0; h < 4; ++h) {
+                const float p = pr[h * L + j];
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) acc[h][c] += p * k[c];
+              }
+            }
+            for (int h = 0; h < 4; ++h) std::memcpy(orow + (h0 + h) * D + c0, &acc[h][0], 256);
+          }
+        }
+      } else {
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t j = 0; j < L; ++j) axpy(logit[h * L + j], keys[j], orow + h * D, D);
+      }
+      for (int64_t h = 0; h < std::min<int64_t>(H, 64); ++h)
+        for (int64_t i = 0; i < D; ++i) orow[h * D + i] *= inv[h];
     }
   });
   return out;
@@ -103,7 +230,6 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
 // int64 key per entry (order-preserving int32 of the score << 32 | 2^32 - 1 - position). The selected
 // ids come out in ascending position. Entry s is visible to query t iff
 // s < (q_pos[t] + 1 - exclude_window) div ratio. Reference twin: dsv4.kernels.indexer_topk.
-typedef float v16 __attribute__((vector_size(64)));
 static constexpr int QB = 8;
 static constexpr int64_t LOW = (int64_t(1) << 32) - 1;
 
