@@ -83,3 +83,17 @@ def test_native_not_used_with_autograd():
     o = sa.window_attention(q, kv, torch.zeros(2), 0.3, 4, torch.arange(10), torch.arange(10))
     o.sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_inference_query_chunks_change_nothing(monkeypatch):
+    """Attention.sparse_core runs inference in query chunks (indexer + attention per chunk): same output."""
+    import dsv4.model.attention as att
+    from conftest import every_kind_model
+
+    model = every_kind_model()
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+        monkeypatch.setattr(att, "INFER_CHUNK", 16)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -34,6 +34,9 @@ class IndexerOut:
     record: dict | None = None  # collect: layer, scores, visible, idx, entry_mask, probs (all [B,T,...])
 
 
+INFER_CHUNK = 4096   # queries per indexer + attention call in inference (memory O(chunk * k), not O(T * k))
+
+
 class Attention(KeepFP32):
     fp32_names = ("attn_sink",)
 
@@ -216,9 +219,17 @@ class Attention(KeepFP32):
         ix = self.indexer
         qi, wi = ix.queries(x, c_q, cos, sin)
         same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
-        idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, q_pos, ix.ratio, ix.exclude_window, same_doc_fn=same)
-        return sparse_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, entries, idx,
-                                **common)
+        # queries in chunks when nothing needs the whole selection (inference): the top-k ids [T, k] then
+        # never exist at once (DSA at 64K: 1 GB of int64 ids), and each chunk's keys stay in cache
+        step = q.shape[1] if (same is not None or torch.is_grad_enabled()) else INFER_CHUNK
+        outs = []
+        for s0 in range(0, q.shape[1], max(step, 1)):
+            sl = slice(s0, s0 + step)
+            idx = chunked_indexer_topk(qi[:, sl], wi[:, sl], ikeys, ix.topk, q_pos[sl], ix.ratio, ix.exclude_window,
+                                       same_doc_fn=same)
+            outs.append(sparse_attention(q[:, sl], band, self.attn_sink, self.scale, self.window, q_pos[sl], kv_pos,
+                                         entries, idx, **common))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def step_core(self, x, c_q, q, kv, cos, sin, pos, cache):
         """One decode token per row at per-row positions pos [B], with static shapes: every store is read
