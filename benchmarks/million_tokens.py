@@ -6,7 +6,7 @@ What it reports:
 - prefill wall time (and time per chunk as the context grows), tokens/s;
 - decode time per token at the end (32 greedy tokens) and at probe contexts on the way
   (--probe-at; each probe times --probe-steps decode steps, then rolls them back, so the prefill goes on
-  unchanged): the "decode per token at 1M within 3x of 4K" check for the whole CSA/HCA stack;
+  unchanged): the "decode per token at 1M within 2x of 4K" check for the whole CSA/HCA stack;
 - peak RSS of the process (VmHWM) and the RSS of the model alone;
 - cache bytes per token of context as held here (fp32 / bf16 storage, tiny shape) and the spec's
   served-layout formula (FP8 non-rope + BF16 rope entries, FP4 indexer keys: dsv4.info.kv_cache_bytes)
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=32, help="tokens to decode after the prefill")
     p.add_argument("--probe-at", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1 << 20],
                    help="contexts at which decode cost is probed (then rolled back)")
-    p.add_argument("--probe-steps", type=int, default=4)
+    p.add_argument("--probe-steps", type=int, default=6)
     p.add_argument("--cache-dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -74,14 +74,15 @@ def build(args):
 
 
 def probe(model, cache, ids, steps: int) -> float:
-    """Median time of `steps` decode steps from the current context; the steps are then rolled back."""
+    """Median time of `steps` decode steps from the current context (the first, cold after a prefill chunk,
+    not counted); the steps are then rolled back."""
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
         model(ids[:, i:i + 1], cache=cache, last_only=True)
         times.append(time.perf_counter() - t0)
     cache.rollback(0, steps)
-    return statistics.median(times)
+    return statistics.median(times[1:] if steps > 1 else times)
 
 
 @torch.no_grad()
@@ -102,8 +103,10 @@ def run(args) -> dict:
         f"{res['hardware']['cpu']}, {torch.get_num_threads()} threads")
     say(f"model: tiny preset, {res['model']['params'] / 1e6:.1f}M params, layers {res['model']['layers']}, "
         f"window {cfg.sliding_window}, top-k {cfg.index_topk}; RSS with the model {rss_model / 1024:.0f} MB")
-    cache = ModelCache(model, batch=1, capacity=args.tokens + args.decode + args.probe_steps,
-                       dtype=DTYPES[args.cache_dtype], spare=max(3, args.probe_steps - 1))
+    # the stores start small and double as the context grows: a decode step reads whole stores (static
+    # shapes), so a probe at 4K must not read a 1M-token allocation
+    cache = ModelCache(model, batch=1, capacity=min(args.chunk, 4096), dtype=DTYPES[args.cache_dtype],
+                       spare=max(3, args.probe_steps - 1))
     probes = sorted({p for p in args.probe_at if 0 < p <= args.tokens})
     bounds = sorted(set(list(range(args.chunk, args.tokens, args.chunk)) + probes + [args.tokens]))
     load = LoadMeter()
@@ -165,7 +168,7 @@ def report(res: dict) -> str:
         out.append(f"  {fmt_tokens(int(k)):>5}: {v * 1e3:8.2f} ms  ({v / first:.2f}x of {fmt_tokens(int(next(iter(probes))))})")
     if "decode_ratio_last_to_first" in res:
         r = res["decode_ratio_last_to_first"]
-        out.append(f"target: decode at the last probe within 3x of the first: {r:.2f}x -> {'MET' if r <= 3 else 'NOT MET'}")
+        out.append(f"target: decode at the last probe within 2x of the first: {r:.2f}x -> {'MET' if r <= 2 else 'NOT MET'}")
     out.append(f"cache held here ({res['cache_dtype']}, tiny shape, MTP excluded): {c['held_bytes_per_token']:.1f} B per "
                f"token of context + {c['fixed_bytes'] / 1024:.0f} KiB fixed (windows, compressor states); "
                f"served-layout formula for the same config: {c['served_formula_bytes_per_token']:.1f} B/token")
@@ -217,6 +220,11 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"json: {args.json}")
+    # issue 11's targets: prefill <= 20 min, decode at the last probe within 2x of the first, RSS <= 2 GB
+    print(f"RESULT million_prefill_minutes {res['prefill_s'] / 60:.2f} (goal 20)")
+    if "decode_ratio_last_to_first" in res:
+        print(f"RESULT million_decode_vs_4k {res['decode_ratio_last_to_first']:.3f} (goal 2)")
+    print(f"RESULT million_peak_rss_gb {res['peak_rss_mb'] / 1024:.3f} (goal 2)")
     return 0
 
 
