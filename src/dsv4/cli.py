@@ -101,7 +101,7 @@ def _engine(args):
     from dsv4.infer.engine import Engine
 
     model, tok = load_run(args.ckpt, device=_device(args))
-    return Engine(model, tok, max_batch=1, max_context=args.max_context), tok
+    return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
 def _stream_to(out, events) -> str | None:
@@ -197,7 +197,7 @@ def cmd_serve(args) -> int:
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_waiting=args.max_waiting, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
           model_name=args.model_name, default_max_tokens=args.default_max_tokens, log_level=args.log_level,
-          device=device)
+          device=device, compile=args.compile)
     return 0
 
 
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     def device_option(sp):
         sp.add_argument("--device", default="cpu", metavar="DEV",
                         help="where the model runs: cpu (default), cuda, cuda:N, ...")
+        sp.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (pays a compilation per batch size and store size; "
+                             "faster for long generations)")
 
     def sampling_options(sp, temperature: float, max_new: int):
         sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")

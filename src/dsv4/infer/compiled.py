@@ -5,9 +5,10 @@ growths that ModelCache.begin performs, reads are whole stores under validity ma
 top-k is shape-static (dsv4.kernels.topk.topk_static) and the MoE runs its routing-independent path
 (Experts.forward_static). So inductor (its C++/OpenMP backend on CPU, Triton on CUDA) fuses the whole
 step -- the mHC maps with their Sinkhorn iterations, norms, router, gathered experts, attention -- into
-a few kernels instead of ~1,800 eager ops. One compilation per shape bucket: the batch, the row set
-and every store's capacity (capacities grow by doubling, so a context of n tokens costs O(log n)
-buckets); inductor also keeps its compiled code on disk, so a later process pays much less.
+a few kernels instead of ~1,800 eager ops. One compilation per shape bucket: the batch size and every
+store's capacity (capacities grow by doubling, so a context of n tokens costs O(log n) buckets; which
+rows are decoded does not matter); inductor also keeps its compiled code on disk, so a later process
+pays much less.
 Engram layers read their tables outside the graph (a graph break), which still works.
 
 The eager step (model(ids, cache=...), or Transformer.decode_logits uncompiled) is the reference
@@ -41,7 +42,7 @@ class CompiledDecoder:
     @staticmethod
     def bucket(cache, rows: torch.Tensor) -> tuple:
         caps = tuple(s.data.shape[1] for lc in cache.layers for s in lc.stores())
-        return (rows.numel(), tuple(rows.tolist()), caps)
+        return (rows.numel(), caps)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache, rows=None) -> torch.Tensor:
@@ -51,6 +52,8 @@ class CompiledDecoder:
         if rows.numel() != ids.shape[0]:
             raise ValueError(f"ids has {ids.shape[0]} rows but {rows.numel()} cache rows were given")
         positions = cache.begin(rows, 1)            # grows the stores (eager), binds the rows
+        for lc in cache.layers:   # whole-store reads index by the row tensor (fused into the loads), so
+            lc.view = rows        # the graph depends on the batch size, not on which rows
         key = self.bucket(cache, rows)
         t0 = time.perf_counter() if key not in self.compile_seconds else None
         logits = self.fn(ids, positions, cache)

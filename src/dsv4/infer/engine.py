@@ -91,11 +91,12 @@ class Engine:
     """model: a Transformer (eval); tokenizer: optional (text + stop strings); max_batch: cache rows;
     max_context: tokens per request (prompt + output; default the model's limit); prefill_chunk:
     prompt tokens per forward; cache_dtype: kv / entries storage (default the model's dtype);
-    speculative: draft with the model's MTP block and verify (needs num_nextn_predict_layers >= 1)."""
+    speculative: draft with the model's MTP block and verify (needs num_nextn_predict_layers >= 1);
+    compile: decode steps through dsv4.infer.compiled.CompiledDecoder (compiles on first use)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None,
                  prefill_chunk: int = 2048, cache_dtype: torch.dtype | None = None, speculative: bool = False,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, compile: bool = False):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tok = model.eval(), tokenizer
@@ -115,6 +116,11 @@ class Engine:
 
             self.spec = MTPSpeculator(self)
         self.stats = dict(steps=0, decode_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
+        self.decoder = None
+        if compile:   # decode steps through torch.compile (one compilation per batch size and store size)
+            from dsv4.infer.compiled import CompiledDecoder
+
+            self.decoder = CompiledDecoder(model)
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams | None = None,
@@ -187,8 +193,12 @@ class Engine:
 
     def _decode(self, reqs: list[Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.pending] for r in reqs], device=self.device)
-        out = self.model(ids, cache=self.cache, rows=[r.row for r in reqs], last_only=True)
-        logits = out.logits[:, -1].cpu()    # one device -> host copy per step (a no-op on the CPU)
+        rows = [r.row for r in reqs]
+        if self.decoder is not None:
+            logits = self.decoder(ids, self.cache, rows).cpu()
+        else:
+            logits = self.model(ids, cache=self.cache, rows=rows, last_only=True).logits[:, -1].cpu()
+        # (one device -> host copy per step: a no-op on the CPU)
         self.stats["decode_tokens"] += len(reqs)
         for i, r in enumerate(reqs):
             r.pending = None

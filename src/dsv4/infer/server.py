@@ -449,14 +449,16 @@ def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key:
 
 def build(ckpt: str | Path, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
           max_context: int | None = None, prefill_chunk: int = 2048, model_name: str | None = None,
-          default_max_tokens: int = 256, device="cpu"):
-    """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`."""
+          default_max_tokens: int = 256, device="cpu", compile: bool = False):
+    """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`; compile: decode
+    steps through torch.compile."""
     from dsv4.generate import load_run
     from dsv4.infer.chat import load_template
     from dsv4.infer.engine import Engine
 
     model, tok = load_run(ckpt, device=device)
-    engine = Engine(model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk)
+    engine = Engine(model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
+                    compile=compile)
     bg = BackgroundEngine(engine, max_waiting=max_waiting)
     name = model_name or Path(ckpt).resolve().name
     app = create_app(bg, tok, name, api_key=api_key, max_context=max_context, chat_template=load_template(ckpt),
@@ -467,12 +469,12 @@ def build(ckpt: str | Path, api_key: str | None = None, max_batch: int = 8, max_
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_waiting: int = 64, max_context: int | None = None, prefill_chunk: int = 2048,
           model_name: str | None = None, default_max_tokens: int = 256, log_level: str = "info",
-          device="cpu") -> None:
+          device="cpu", compile: bool = False) -> None:
     """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
     import uvicorn
 
     app, bg, name = build(ckpt, api_key, max_batch, max_waiting, max_context, prefill_chunk, model_name,
-                          default_max_tokens, device)
+                          default_max_tokens, device, compile)
     print(f"dsv4: serving model '{name}' on {bg.engine.device} at http://{host}:{port}/v1 "
           f"(max_batch {max_batch}, "
           f"max_waiting {max_waiting}, context {bg.engine.max_context})", flush=True)
