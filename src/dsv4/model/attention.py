@@ -19,11 +19,11 @@ from dsv4.kernels.attention import IMPLS, selection_mask
 from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.indexer_topk import chunked_indexer_topk, segment_same_doc
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
+from dsv4.kernels.topk import topk_static
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer, indexer_kl, visible_entries
+from dsv4.model.indexer import Indexer, indexer_kl, visible_count, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
-from dsv4.kernels.topk import topk_static
 from dsv4.model.rope import Rotary, apply_rope
 
 
@@ -231,6 +231,14 @@ class Attention(KeepFP32):
                                          entries, idx, **common))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
+    @staticmethod
+    def _step_span(pos, ratio: int, exclude_window: int = 0):
+        """Store positions a decode step reads: the whole store (None) when compiled, so that its shapes
+        are static; eagerly, only the prefix some row can see (a store may be twice the context)."""
+        if torch.compiler.is_compiling():
+            return None
+        return max(1, int(visible_count(pos.max() + 1, ratio, exclude_window)))
+
     def step_core(self, x, c_q, q, kv, cos, sin, pos, cache):
         """One decode token per row at per-row positions pos [B], with static shapes: every store is read
         whole (its capacity, fixed between ModelCache.begin calls) under validity masks, the indexer scores
@@ -248,7 +256,7 @@ class Attention(KeepFP32):
             cache.entries.write_at(rows, pos // self.ratio,
                                    self.compressor.step(x, pos, cache.comp, rows, self.entry_rope))
         if self.kind == "hca":
-            entries = cache.entries.read(view, None, q.dtype)
+            entries = cache.entries.read(view, self._step_span(pos, self.ratio), q.dtype)
             n = torch.arange(entries.shape[1], device=pos.device)
             parts.append((entries, n[None] < ((pos + 1) // self.ratio)[:, None]))
         elif self.kind in ("csa", "dsa"):
@@ -259,7 +267,7 @@ class Attention(KeepFP32):
             else:
                 cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
             qi, wi = ix.queries(x, c_q, cos, sin)
-            keys = cache.ikeys.read(view)
+            keys = cache.ikeys.read(view, self._step_span(pos, ix.ratio, ix.exclude_window))
             scores = ix.score(qi, wi, keys)[:, 0]                                            # [B, N]
             visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
             idx, valid = topk_static(scores, ix.topk, visible)
