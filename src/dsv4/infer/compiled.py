@@ -6,9 +6,10 @@ top-k is shape-static (dsv4.kernels.topk.topk_static) and the MoE runs its routi
 (Experts.forward_static). So inductor (its C++/OpenMP backend on CPU, Triton on CUDA) fuses the whole
 step -- the mHC maps with their Sinkhorn iterations, norms, router, gathered experts, attention -- into
 a few kernels instead of ~1,800 eager ops. One compilation per shape bucket: the batch size and every
-store's capacity (capacities grow by doubling, so a context of n tokens costs O(log n) buckets; which
-rows are decoded does not matter); inductor also keeps its compiled code on disk, so a later process
-pays much less.
+store's capacity (capacities grow by doubling, so a context of n tokens costs O(log n) buckets), and
+where a contiguous row range starts (whole stores are then read as slices; other row sets index by a
+row tensor, one graph per batch size); inductor also keeps its compiled code on disk, so a later
+process pays much less.
 Engram layers read their tables outside the graph (a graph break), which still works.
 
 The eager step (model(ids, cache=...), or Transformer.decode_logits uncompiled) is the reference
@@ -41,8 +42,11 @@ class CompiledDecoder:
 
     @staticmethod
     def bucket(cache, rows: torch.Tensor) -> tuple:
+        """(batch, first row when the rows are contiguous -- whole-store reads are then slices, not
+        gathers -- else None, every store's capacity)."""
         caps = tuple(s.data.shape[1] for lc in cache.layers for s in lc.stores())
-        return (rows.numel(), caps)
+        view = cache.layers[0].view if cache.layers else None
+        return (rows.numel(), view.start if isinstance(view, slice) else None, caps)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache, rows=None) -> torch.Tensor:
@@ -52,8 +56,6 @@ class CompiledDecoder:
         if rows.numel() != ids.shape[0]:
             raise ValueError(f"ids has {ids.shape[0]} rows but {rows.numel()} cache rows were given")
         positions = cache.begin(rows, 1)            # grows the stores (eager), binds the rows
-        for lc in cache.layers:   # whole-store reads index by the row tensor (fused into the loads), so
-            lc.view = rows        # the graph depends on the batch size, not on which rows
         key = self.bucket(cache, rows)
         t0 = time.perf_counter() if key not in self.compile_seconds else None
         logits = self.fn(ids, positions, cache)

@@ -268,7 +268,8 @@ class Attention(KeepFP32):
                 cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
             qi, wi = ix.queries(x, c_q, cos, sin)
             keys = cache.ikeys.read(view, self._step_span(pos, ix.ratio, ix.exclude_window))
-            scores = ix.score(qi, wi, keys)[:, 0]                                            # [B, N]
+            # Score(t, s) = sum_j w_j ReLU(q_j . k_s) as keys @ q^T (streams the long key store once)
+            scores = (torch.einsum("bnc,bhc->bnh", keys, qi[:, 0]).relu() * wi[:, 0, None, :]).sum(-1) + 0.0
             visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
             idx, valid = topk_static(scores, ix.topk, visible)
             parts.append(((cache.raw if self.kind == "dsa" else cache.entries).gather(rows, idx, q.dtype), valid))
