@@ -36,6 +36,7 @@ def _ascending(idx):
     (203, 4, 8, 0, 4, 8, 0), (301, 1, 16, 16, 4, 32, 0), (150, 4, 64, 0, 3, 20, 0),   # k > visible: -1 pads
     (97, 1, 40, 8, 16, 16, 500), (9, 4, 5, 0, 4, 8, 77)])                               # cached chunks
 def test_native_indexer_topk_equals_twin(monkeypatch, mode, t, ratio, k, excl, nh, c, start):
+    monkeypatch.setattr(it, "NATIVE_MIN_QUERIES", 1)
     g = torch.Generator().manual_seed(t + k + len(mode))
     n = (start + t) // ratio
     q, w, keys = _inputs(2, t, n, nh, c, g, mode)
@@ -97,3 +98,18 @@ def test_inference_query_chunks_change_nothing(monkeypatch):
         monkeypatch.setattr(att, "INFER_CHUNK", 16)
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_topk_eager_equals_static():
+    """The eager decode selection (float topk + boundary-tie fallback) picks the same set as topk_static."""
+    from dsv4.kernels.topk import topk_eager, topk_static
+
+    g = torch.Generator().manual_seed(0)
+    for scores in (torch.randn(3, 500, generator=g), torch.randint(0, 3, (3, 500), generator=g).float()):
+        vis = torch.arange(500)[None] < torch.tensor([[500], [300], [40]])
+        for k in (16, 64):
+            a_i, a_v = topk_eager(scores, k, vis)
+            b_i, b_v = topk_static(scores, k, vis)
+            ka = [sorted(r[m].tolist()) for r, m in zip(a_i, a_v)]
+            kb = [sorted(r[m].tolist()) for r, m in zip(b_i, b_v)]
+            assert ka == kb

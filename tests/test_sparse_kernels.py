@@ -281,7 +281,8 @@ def test_chunked_indexer_topk_decode_rows():
     pos = torch.arange(t)
     full = chunked_indexer_topk(q, w, keys, k, pos, ratio, chunk=16, key_chunk=5)
     last = chunked_indexer_topk(q[:, -3:], w[:, -3:], keys, k, pos[-3:], ratio, chunk=2, key_chunk=7)
-    assert torch.equal(last, full[:, -3:])
+    assert torch.equal(last.sort(-1).values, full[:, -3:].sort(-1).values)   # the same sets (orders differ
+    # between the C++ path, used for many queries, and the PyTorch one)
 
 
 
@@ -330,8 +331,7 @@ def test_chunked_indexer_topk_long_decode_row():
     q, w, keys = _indexer_inputs(1, 1, n, 4, 16, g)
     pos = torch.tensor([4 * n + 2])
     want = topk_indices(Indexer.score(q, w, keys), k)
-    # the C++ path (used here: no grad, no document ids) returns the same set in ascending position
-    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4), want.sort(-1).values)  # k < N: no -1
+    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4), want)   # one query: the PyTorch path
     assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4, key_chunk=3000, return_scores=True)[0], want)
 
 # ------------------------------------------------------------------------------- memory check

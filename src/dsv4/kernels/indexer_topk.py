@@ -235,11 +235,14 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
 
 
 USE_NATIVE = True   # inference through the fused C++ score + top-k (dsv4.kernels.native) when it is built
+NATIVE_MIN_QUERIES = 64
 
 
 def _native(q, w, keys, same_doc_fn, return_scores):
     """The C++ kernel if it applies: CPU, no autograd, no document rule, ids only."""
     if not USE_NATIVE or same_doc_fn is not None or return_scores or q.device.type != "cpu":
+        return None
+    if q.shape[1] < NATIVE_MIN_QUERIES:   # it copies the keys into blocks once per call: pays off for many queries
         return None
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, w, keys)):
         return None

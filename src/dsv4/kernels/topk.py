@@ -38,3 +38,18 @@ def topk_static(scores: torch.Tensor, k: int, visible: torch.Tensor) -> tuple[to
     key = key.masked_fill(~visible, torch.iinfo(torch.int64).min)
     top = key.topk(min(k, n), dim=-1, sorted=False)
     return top.indices, visible.gather(-1, top.indices)
+
+
+def topk_eager(scores: torch.Tensor, k: int, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_static's result for eager calls over long rows: one torch.topk of the float scores (k + 1 of
+    them) is exact unless the k-th and (k+1)-th values tie (the boundary, where the position rule
+    decides; also rows with fewer than k visible entries); only then the int64-key path runs."""
+    n = scores.shape[-1]
+    if n <= k:
+        return topk_static(scores, k, visible)
+    s = scores.float().masked_fill(~visible, float("-inf"))
+    v, i = s.topk(k + 1, dim=-1, sorted=True)
+    if bool((v[..., k - 1] == v[..., k]).any()):
+        return topk_static(scores, k, visible)
+    i = i[..., :k]
+    return i, visible.gather(-1, i)

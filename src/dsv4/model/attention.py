@@ -19,7 +19,7 @@ from dsv4.kernels.attention import IMPLS, selection_mask
 from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.indexer_topk import chunked_indexer_topk, segment_same_doc
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
-from dsv4.kernels.topk import topk_static
+from dsv4.kernels.topk import topk_eager, topk_static
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, indexer_kl, visible_count, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
@@ -271,6 +271,7 @@ class Attention(KeepFP32):
             # Score(t, s) = sum_j w_j ReLU(q_j . k_s) as keys @ q^T (streams the long key store once)
             scores = (torch.einsum("bnc,bhc->bnh", keys, qi[:, 0]).relu() * wi[:, 0, None, :]).sum(-1) + 0.0
             visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
-            idx, valid = topk_static(scores, ix.topk, visible)
+            select = topk_static if torch.compiler.is_compiling() else topk_eager
+            idx, valid = select(scores, ix.topk, visible)
             parts.append(((cache.raw if self.kind == "dsa" else cache.entries).gather(rows, idx, q.dtype), valid))
         return decode_attention(q[:, 0], parts, self.attn_sink, self.scale).unsqueeze(1)
