@@ -115,3 +115,16 @@ def fmt_tokens(n: int) -> str:
 
 def fmt_load(x) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Perturb the parameters that start at 0/1 (norms, sinks, ape, mHC gates, router bias), so that checks
+    on a random model see them (used by the tests and by gpu_smoke.py)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("ape", "attn_sink", "_base", "_scale")) or "norm" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for n, b in model.named_buffers():
+            if n.endswith("gate.bias"):
+                b.normal_(0, 0.1, generator=g)

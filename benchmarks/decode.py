@@ -36,7 +36,8 @@ The script ends with (nan where a part was skipped):
 Usage
   .venv/bin/python benchmarks/decode.py                          # 1K/32K/128K, batch 1 and 8, all parts
   .venv/bin/python benchmarks/decode.py --contexts 1024 --batches 1 --ckpt runs/demo   # real MTP numbers
-  .venv/bin/python benchmarks/decode.py --eager --contexts 1024 32768 --json out.json
+  .venv/bin/python benchmarks/decode.py --eager --contexts 1024 32768 --json out.json --plot out.png
+  .venv/bin/python benchmarks/decode.py --replot docs/decode.json     # redraw docs/img/decode.png only
   .venv/bin/python benchmarks/decode.py --contexts 256 --batches 1 2 --steps 3 --warmup 1 \\
       --wide-context 64 --wide-steps 2 --no-mtp --no-transformers                   # smoke run, seconds
 """
@@ -88,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--mtp-tokens", type=int, default=64, help="tokens generated per MTP comparison run")
     p.add_argument("--no-profile", action="store_true", help="skip counting the ops of one step")
     p.add_argument("--json")
+    p.add_argument("--plot", default="docs/img/decode.png", help="PNG path ('' = no plot)")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run's --json")
     return p.parse_args(argv)
 
 
@@ -298,8 +301,41 @@ def ratio(a, b) -> float:
     return a / b if a is not None and b else float("nan")
 
 
+def make_plot(res: dict, path: str) -> str | None:
+    """tokens/s against context, one line per batch size, with transformers' batch-1 point(s)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    cases = [c for c in res["cases"] if "tiny" in str(c.get("model", "tiny"))] or res["cases"]
+    for b in sorted({c["batch"] for c in cases}):
+        pts = sorted((c["context"], c["tok_s"]) for c in cases if c["batch"] == b)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"dsv4, batch {b}")
+    hf = res.get("transformers_cases") or []
+    if hf:
+        ax.plot([c["context"] for c in hf], [c["tok_s"] for c in hf], "s", color="k",
+                label="transformers DeepseekV4, batch 1")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"decode, {res.get('step', 'dsv4')} step, {res['hardware']['cpu']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:   # redraw the plot of an earlier run's JSON (no measurement)
+        with open(args.replot) as f:
+            print(f"plot: {make_plot(json.load(f), args.plot or 'docs/img/decode.png')}")
+        return 0
     fmt = {"fp32": None, "bf16": torch.bfloat16, "fp8": "fp8"}[args.cache_dtype]
     cmd = sys.argv if argv is None else ["decode.py", *argv]
     res = dict(command="python " + " ".join(shlex.quote(a) for a in cmd), hardware=hardware_info(), cases=[],
@@ -425,6 +461,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
+    if args.plot:
+        print(f"plot: {make_plot(res, args.plot)}")
     for name, v in results.items():
         print(f"RESULT {name} {'nan' if math.isnan(v) else f'{v:.3f}'} (goal {GOALS[name]})")
     return 0

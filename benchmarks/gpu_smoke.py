@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
+from _common import randomize_  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,18 +49,6 @@ def parse_args(argv=None):
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randomize_(model, seed: int = 0) -> None:
-    """Perturb the parameters that start at 0/1 (norms, sinks, ape, mHC gates, router bias), as the tests do."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("ape", "attn_sink", "_base", "_scale")) or "norm" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for n, b in model.named_buffers():
-            if n.endswith("gate.bias"):
-                b.normal_(0, 0.1, generator=g)
 
 
 class Checks:

@@ -20,18 +20,6 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig.preset("tiny").replace(**base)
 
 
-def randomize_(model, seed: int = 0) -> None:
-    """Perturb parameters that start at 0/1 (norms, sinks, ape, mHC gates, balancing bias) so tests see them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("ape", "attn_sink", "_base", "_scale")) or "norm" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for n, b in model.named_buffers():
-            if n.endswith("gate.bias"):
-                b.normal_(0, 0.1, generator=g)
-
-
 @pytest.fixture
 def small_cfg():
     return small_config()
@@ -58,3 +46,6 @@ def load_benchmark(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+randomize_ = load_benchmark("_common").randomize_   # one copy, shared with benchmarks/gpu_smoke.py

@@ -18,7 +18,7 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
     bench = load_benchmark("decode")
     out = tmp_path / "decode.json"
     assert bench.main(["--eager", "--contexts", "48", "96", "--batches", "1", "2", "--steps", "2", "--warmup", "1",
-                       "--wide-context", "16", "--wide-steps", "1", "--mtp-tokens", "3", "--json", str(out)]) == 0
+                       "--wide-context", "16", "--wide-steps", "1", "--mtp-tokens", "3", "--json", str(out), "--plot", str(tmp_path / "d.png")]) == 0
     text = capsys.readouterr().out
     lines = text.strip().splitlines()
     tail = lines[-4:]
@@ -27,6 +27,7 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [(c["context"], c["batch"]) for c in res["cases"]] == [(48, 1), (48, 2), (96, 1), (96, 2)]
     assert all(c["tok_s"] > 0 and c["bytes"]["total"] > c["bytes"]["weights"] > 0 for c in res["cases"])
+    assert (tmp_path / "d.png").stat().st_size > 0
     r = res["results"]
     assert r["decode_flatness_1k_128k"] > 0 and r["decode_b8_over_b1"] > 0 and 0 < r["decode_mbu"] < 5
     assert res["wide"]["active_weight_mb"] >= 300 and "dsv4 wide" in text

@@ -240,9 +240,10 @@ class Attention(KeepFP32):
         return max(1, int(visible_count(pos.max() + 1, ratio, exclude_window)))
 
     def step_core(self, x, c_q, q, kv, cos, sin, pos, cache):
-        """One decode token per row at per-row positions pos [B], with static shapes: every store is read
-        whole (its capacity, fixed between ModelCache.begin calls) under validity masks, the indexer scores
-        every stored key and takes a shape-static top-k, and one kernel call attends the parts."""
+        """One decode token per row at per-row positions pos [B]; one kernel call attends the parts (window,
+        entries). Under torch.compile the shapes are static: every store is read whole (its capacity, fixed
+        between ModelCache.begin calls) under validity masks and the indexer's top-k is topk_static.
+        Eagerly, only the prefix some row can see is read and topk_eager selects (the same set)."""
         rows, view = cache.rows, cache.view
         if self.kind == "dsa":
             cache.raw.write_at(rows, pos, kv[:, 0])
