@@ -5,7 +5,7 @@ growths that ModelCache.begin performs, reads are whole stores under validity ma
 top-k is shape-static (dsv4.kernels.topk.topk_static) and the MoE runs its routing-independent path
 (Experts.forward_static). So inductor (its C++/OpenMP backend on CPU, Triton on CUDA) fuses the whole
 step -- the mHC maps with their Sinkhorn iterations, norms, router, gathered experts, attention -- into
-a few kernels instead of ~1,800 eager ops. One compilation per shape bucket: the batch size and every
+~180 calls instead of ~2,700 eager ops. One compilation per shape bucket: the batch size and every
 store's capacity (capacities grow by doubling, so a context of n tokens costs O(log n) buckets), and
 where a contiguous row range starts (whole stores are then read as slices; other row sets index by a
 row tensor, one graph per batch size); inductor also keeps its compiled code on disk, so a later
