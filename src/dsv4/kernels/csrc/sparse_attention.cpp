@@ -241,14 +241,6 @@ static inline int64_t make_key(float score, int64_t pos) {
   return (int64_t(o) << 32) | (LOW - pos);
 }
 
-static inline float key_score(int64_t key) {
-  int32_t o = int32_t(key >> 32);
-  int32_t i = o < 0 ? (o ^ 0x7FFFFFFF) : o;
-  float v;
-  std::memcpy(&v, &i, 4);
-  return v;
-}
-
 // Exact top-kk of one query's stored scores sc[0..L) (kk < L): a threshold from a strided sample of
 // ~1024 scores, chosen a little below the expected kk-th value, keeps ~kk + O(sqrt kk) candidates in one
 // pass; their distinct keys are then partitioned exactly. If fewer than kk pass (unlikely), the
