@@ -1,5 +1,7 @@
 """The compiled decode step (dsv4.infer.compiled) equals the eager step and the full forward: every layer
 kind, rows at different lengths, across a store growth (a new shape bucket)."""
+import unittest.mock
+
 import torch
 
 from conftest import every_kind_model
@@ -40,8 +42,31 @@ def test_static_moe_paths_equal_the_loop():
     ex = Experts(8, 16, 24, 10.0)
     for p in ex.parameters():
         p.data.normal_(0, 0.3, generator=g)
-    for n_tok in (1, 3, 7):   # gathered (N k <= E) and every-expert paths
+    for n_tok, compiling in ((1, False), (3, False), (7, False), (7, True)):
+        # gathered (N k <= E, or under torch.compile whatever N) and every-expert paths
         x = torch.randn(n_tok, 16, generator=g)
         idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n_tok)])
         w = torch.rand(n_tok, 2, generator=g)
-        torch.testing.assert_close(ex.forward_static(x, idx, w), ex.forward_reference(x, idx, w), rtol=1e-5, atol=1e-6)
+        with unittest.mock.patch.object(torch.compiler, "is_compiling", lambda: compiling):
+            y = ex.forward_static(x, idx, w)
+        torch.testing.assert_close(y, ex.forward_reference(x, idx, w), rtol=1e-5, atol=1e-6)
+
+
+def test_few_rows_products_equal_matmul():
+    """The decompositions the CPU backend uses for products of few rows (both loop orders)."""
+    from dsv4.infer import compiled
+
+    g = torch.Generator().manual_seed(0)
+    w_big = torch.randn(2048, 256, generator=g)          # 2 MiB > LARGE_WEIGHT: outputs-first when M > 1
+    w_small = torch.randn(64, 32, generator=g)
+    for m in (1, 2, 8):
+        for w in (w_big, w_small):
+            a = torch.randn(m, w.shape[1], generator=g)
+            torch.testing.assert_close(compiled._mm(a, w.t()), a @ w.t(), rtol=1e-5, atol=1e-4)
+            c = torch.randn(w.shape[0], generator=g)
+            torch.testing.assert_close(compiled._addmm(c, a, w.t(), beta=0.5, alpha=2.0),
+                                       torch.addmm(c, a, w.t(), beta=0.5, alpha=2.0), rtol=1e-5, atol=1e-4)
+        a, b = torch.randn(3, m, 40, generator=g), torch.randn(3, 40, 24, generator=g)
+        torch.testing.assert_close(compiled._bmm(a, b), a @ b, rtol=1e-5, atol=1e-4)
+    a = torch.randn(compiled.SMALL_ROWS + 1, 8, generator=g)
+    assert compiled._mm(a, torch.randn(8, 4)) is NotImplemented     # many rows: left to BLAS

@@ -78,10 +78,12 @@ class Experts(nn.Module):
 
     def forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes that do not depend on the routing (decode: few tokens, torch.compile).
-        N k <= E: each (token, slot) multiplies its own gathered expert (reads N k experts); otherwise every
-        expert runs on every token and the routing weights, zero off the chosen experts, mix them."""
+        Gathered: each (token, slot) multiplies its own expert, N k products of one row. Eager this copies
+        the N k experts first, so it is used when N k <= E; under torch.compile the gather is fused into
+        the products' loads and it always wins. Otherwise every expert runs on every token (E N products)
+        and the routing weights, zero off the chosen experts, mix them."""
         n_tok, k = idx.shape
-        if n_tok * k <= self.n:
+        if n_tok * k <= self.n or torch.compiler.is_compiling():
             w1, w2, w3 = self.w1[idx], self.w2[idx], self.w3[idx]                     # [N, k, ., .]
             gate = torch.einsum("nd,nkid->nki", x, w1)
             up = torch.einsum("nd,nkid->nki", x, w3)
