@@ -53,7 +53,7 @@ def test_static_moe_paths_equal_the_loop():
 
 
 def test_few_rows_products_equal_matmul():
-    """The decompositions the CPU backend uses for products of few rows (both loop orders)."""
+    """The decompositions the CPU backend uses for products of few rows or columns (both loop orders)."""
     from dsv4.infer import compiled
 
     g = torch.Generator().manual_seed(0)
@@ -68,5 +68,7 @@ def test_few_rows_products_equal_matmul():
                                        torch.addmm(c, a, w.t(), beta=0.5, alpha=2.0), rtol=1e-5, atol=1e-4)
         a, b = torch.randn(3, m, 40, generator=g), torch.randn(3, 40, 24, generator=g)
         torch.testing.assert_close(compiled._bmm(a, b), a @ b, rtol=1e-5, atol=1e-4)
-    a = torch.randn(compiled.SMALL_ROWS + 1, 8, generator=g)
-    assert compiled._mm(a, torch.randn(8, 4)) is NotImplemented     # many rows: left to BLAS
+    keys, q = torch.randn(300, 32, generator=g), torch.randn(32, 4, generator=g)     # few columns
+    torch.testing.assert_close(compiled._mm(keys, q), keys @ q, rtol=1e-5, atol=1e-4)
+    n = compiled.SMALL_ROWS + 1
+    assert compiled._mm(torch.randn(n, 8), torch.randn(8, n)) is NotImplemented   # a real GEMM: BLAS

@@ -40,8 +40,10 @@ SMALL_ROWS = 16   # products with at most this many rows become reductions (CPU)
 LARGE_WEIGHT = 1 << 20   # bytes: larger weights are read outputs-first when M > 1
 
 
-def _few_rows(a: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and a.shape[-2] <= SMALL_ROWS
+def _few_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """A product of few rows (a decode step's linear layers) or few columns (its scores of many cached
+    keys against a few query heads)."""
+    return a.device.type == "cpu" and min(a.shape[-2], b.shape[-1]) <= SMALL_ROWS
 
 
 def _product(a, b):
@@ -55,15 +57,15 @@ def _product(a, b):
 
 
 def _mm(a, b):
-    return _product(a, b) if _few_rows(a) else NotImplemented
+    return _product(a, b) if _few_rows(a, b) else NotImplemented
 
 
 def _addmm(c, a, b, beta=1, alpha=1):
-    return beta * c + alpha * _product(a, b) if _few_rows(a) else NotImplemented
+    return beta * c + alpha * _product(a, b) if _few_rows(a, b) else NotImplemented
 
 
 def _bmm(a, b):
-    return _product(a, b) if _few_rows(a) else NotImplemented
+    return _product(a, b) if _few_rows(a, b) else NotImplemented
 
 
 class _RuleKey(torch._inductor.custom_graph_pass.CustomGraphPass):
