@@ -3,8 +3,8 @@ kind, rows at different lengths, across a store growth (a new shape bucket)."""
 import unittest.mock
 
 import torch
-
 from conftest import every_kind_model
+
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.compiled import CompiledDecoder
 
@@ -47,7 +47,7 @@ def test_static_moe_paths_equal_the_loop():
         x = torch.randn(n_tok, 16, generator=g)
         idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n_tok)])
         w = torch.rand(n_tok, 2, generator=g)
-        with unittest.mock.patch.object(torch.compiler, "is_compiling", lambda: compiling):
+        with unittest.mock.patch.object(torch.compiler, "is_compiling", return_value=compiling):
             y = ex.forward_static(x, idx, w)
         torch.testing.assert_close(y, ex.forward_reference(x, idx, w), rtol=1e-5, atol=1e-6)
 
