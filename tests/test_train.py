@@ -446,3 +446,41 @@ def test_cli_report_writes_summary(cli, runs):
     assert rc == 0, err[-2000:]
     summary = runs["A"] / "report" / "summary.md"
     assert summary.exists() and summary.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------- dsv4 eval bpb
+def test_eval_bpb_on_the_validation_files_equals_the_runs_final_validation(runs, corpus, tmp_path):
+    """`dsv4 eval bpb` on a copy of the run's validation files, with the run's windows, reproduces the
+    bpb the trainer logged at the end (same tokens, windows, byte accounting), and xz on the same bytes."""
+    from dsv4.eval.text_bpb import bpb_on_text
+
+    run = runs["A"]
+    tc = TrainConfig.from_json(run / "train_config.json")
+    _, val_files = split_files(find_files(corpus), tc.val_fraction)
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for f in val_files:
+        shutil.copy(f, folder / f.name)
+    final = [r for r in _metrics(run) if r["kind"] == "final"][-1]
+    r = bpb_on_text(run, folder, seq_len=tc.seq_len, batch_size=tc.batch_size, progress=False)
+    assert r["bytes"] == final["val_bytes"]
+    assert abs(r["bpb"] - final["val_bpb"]) < 1e-5
+    assert abs(r["xz_bpb"] - final["xz_bpb"]) < 1e-9
+    capped = bpb_on_text(run, folder, seq_len=16, batch_size=2, max_tokens=40, progress=False)
+    assert capped["tokens"] == 64 and capped["bytes"] < r["bytes"]   # 2 batches of 2 x 16 targets
+
+
+def test_cli_eval_bpb_prints_the_demo_line_and_rejects_bad_input(runs, corpus, tmp_path):
+    out_json = tmp_path / "bpb.json"
+    p = subprocess.run([sys.executable, "-m", "dsv4", "eval", "bpb", "--ckpt", str(runs["A"]), "--data",
+                        str(corpus), "--seq-len", "64", "--max-tokens", "256", "--quiet", "--json", str(out_json)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("bits per byte:")]
+    assert len(line) == 1 and "xz -9 on the same" in line[0]
+    assert json.loads(out_json.read_text())["tokens"] == 256
+    bad = subprocess.run([sys.executable, "-m", "dsv4", "eval", "bpb", "--ckpt", str(runs["A"]), "--data",
+                          str(tmp_path / "missing"), "--quiet"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("dsv4: error:") and "missing" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

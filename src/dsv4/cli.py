@@ -211,6 +211,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_bpb(args) -> int:
+    from dsv4.eval.text_bpb import cmd_eval_bpb as run
+
+    return run(args)
+
+
 def cmd_report(args) -> int:
     from dsv4.eval.report import main_report
 
@@ -319,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seq-len", type=int, default=1024)
     rec.add_argument("--batches", type=int, default=2, help="validation windows to average over")
     rec.set_defaults(func=cmd_eval)
+    bp = ev_sub.add_parser("bpb", help="bits per byte of a run on any text, with xz -9 on the same bytes",
+                           description="Score a run on the text files at PATH with the training run's byte "
+                                       "accounting (dsv4.eval.text_bpb); xz -9 compresses the same bytes.")
+    bp.add_argument("--ckpt", required=True, metavar="RUN_DIR")
+    bp.add_argument("--data", required=True, metavar="PATH", help="a file, folder or glob (as dsv4 train --data)")
+    bp.add_argument("--seq-len", type=int, default=1024, help="window length (default: 1024)")
+    bp.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: 4)")
+    bp.add_argument("--max-tokens", type=int, default=None, metavar="N", help="score at most N tokens (default: all)")
+    bp.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    bp.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    bp.add_argument("--quiet", action="store_true", help="no progress bars")
+    bp.set_defaults(func=cmd_eval_bpb)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
