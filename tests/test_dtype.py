@@ -111,3 +111,17 @@ def test_precision_critical_tensors_stay_fp32_after_cast():
     assert any(n.endswith("attn_sink") for n in fp32) and any(n.endswith("gate.bias") for n in fp32)
     assert "hc_head_fn" in fp32 and "rope_compress.inv_freq" in fp32
     assert m.layers[0].attn.wq_a.weight.dtype == torch.bfloat16
+
+
+def test_bf16_autocast_train_step_of_an_fp32_model(models, ids):
+    """dtype=bf16 training (what dtype=auto picks where bf16 matmuls are faster): an fp32 model under CPU
+    autocast. The indexer's selection runs in fp32 inside it (it once wrote bf16 products into fp32 out=)."""
+    m32, _ = models
+    m = copy.deepcopy(m32).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, return_mtp=True)
+        loss = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -162,6 +162,13 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
     forces this PyTorch path.
     Score formula and float ops are those of dsv4.model.indexer.Indexer.score, per block.
     """
+    with torch.autocast(q.device.type, enabled=False):   # selection in fp32 also under bf16 autocast
+        return _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn,
+                                     return_scores)
+
+
+def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn,
+                          return_scores):
     b, t, n_h, c = q.shape
     n = keys.shape[1]
     kk = min(k, n)
