@@ -25,7 +25,7 @@ Everything is measured in one run on this machine:
 - ops per step: aten ops the profiler records in one batch-1 decode step (eager, and compiled);
 - MTP: the engine with and without speculative decoding, greedy, from one prompt; acceptance rate =
   accepted drafts / drafts; speed-up = speculative tokens/s / plain tokens/s. Random weights make the MTP
-  head useless (acceptance ~0): pass --ckpt RUN (e.g. runs/demo from `make demo`) for a real number.
+  head useless (acceptance ~0): pass --ckpt RUN (a run trained with its MTP block) for a real number.
 
 The script ends with (nan where a part was skipped):
   RESULT decode_vs_transformers_b1 X (goal 5)   dsv4 / transformers batch-1 tok/s at 1K
@@ -35,7 +35,7 @@ The script ends with (nan where a part was skipped):
 
 Usage
   .venv/bin/python benchmarks/decode.py                          # 1K/32K/128K, batch 1 and 8, all parts
-  .venv/bin/python benchmarks/decode.py --contexts 1024 --batches 1 --ckpt runs/demo   # real MTP numbers
+  .venv/bin/python benchmarks/decode.py --contexts 1024 --batches 1 --ckpt runs/mtp    # real MTP numbers
   .venv/bin/python benchmarks/decode.py --eager --contexts 1024 32768 --json out.json --plot out.png
   .venv/bin/python benchmarks/decode.py --replot docs/decode.json     # redraw docs/img/decode.png only
   .venv/bin/python benchmarks/decode.py --contexts 256 --batches 1 2 --steps 3 --warmup 1 \\
@@ -429,7 +429,10 @@ def main(argv=None) -> int:
         print(f"wide preset: {wide['active_weight_mb']:.0f} MB of weights read per token, built in "
               f"{wide['build_s']:.1f} s; batch-1 decode at {fmt_tokens(wide['context'])}: "
               f"MBU {wide['mbu']:.3f} of {bw / 1e9:.1f} GB/s")
-    if not args.no_mtp:
+    if not args.no_mtp and model.cfg.num_nextn_predict_layers == 0:
+        notes.append("MTP not measured: the model has no MTP block")
+        print(notes[-1])
+    elif not args.no_mtp:
         res["mtp"] = m = mtp_case(model, tok, args)
         print(f"MTP speculative (greedy, {args.mtp_tokens} tokens): acceptance {100 * m['acceptance']:.0f}%, "
               f"{m['mtp_tok_s']:.1f} vs {m['plain_tok_s']:.1f} tok/s = {m['speedup']:.2f}x, identical output: "

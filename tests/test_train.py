@@ -484,3 +484,25 @@ def test_cli_eval_bpb_prints_the_demo_line_and_rejects_bad_input(runs, corpus, t
                          check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dsv4: error:") and "missing" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------- the demo
+def test_train_demo_runs_a_fixed_step_budget_and_prints_the_bpb_line(corpus, tmp_path, monkeypatch):
+    """`dsv4 demo` trains a fixed number of steps (not a wall-clock budget) with pinned settings, then
+    reports, samples and prints the bpb line in its documented form. Small model and corpus here."""
+    import dsv4.train_demo as demo
+
+    assert demo.DEMO_STEPS > 0 and demo.DEMO_CONFIG["dtype"] in ("fp32", "bf16")
+    monkeypatch.setattr(demo, "DEMO_STEPS", 3)
+    monkeypatch.setitem(demo.DEMO_CONFIG, "final_eval_tokens", 2048)
+    lines = []
+    res = demo.run_train_demo(out=str(tmp_path / "demo"), overrides=[f"data={corpus}", "progress=false", "compile=off",
+                                                                 "seq_len=64", "batch_size=2", *MODEL,
+                                                                 "compress_ratios=[0,4,16]"],
+                              print_fn=lines.append)
+    assert res["step"] == 3
+    rows = _metrics(tmp_path / "demo")
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
+    bpb_line = [x for x in lines if x.startswith("validation bits per byte:")]
+    assert len(bpb_line) == 1 and "xz -9 on the same" in bpb_line[0]
+    assert TrainConfig.from_json(tmp_path / "demo" / "train_config.json").steps == 3

@@ -2,7 +2,7 @@
 
   dsv4 info --preset v4-flash | --config path/to/config.json
   dsv4 convert --from-transformers DIR OUT | --to-transformers DIR OUT
-  dsv4 demo [--minutes 8] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--tokens 16]
+  dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
   dsv4 chat --ckpt RUN_DIR [--system TEXT ...]      (stdin: messages, /reset, /exit)
@@ -62,7 +62,7 @@ def cmd_demo(args) -> int:
         return 0
     from dsv4.train_demo import run_train_demo
 
-    run_train_demo(out=args.out, minutes=args.minutes, overrides=args.overrides)
+    run_train_demo(out=args.out, steps=args.steps, minutes=args.minutes, overrides=args.overrides)
     return 0
 
 
@@ -246,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "random model's forward pass and generation only)")
     demo.add_argument("--random", action="store_true", help="only run a random model (seconds, no training)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--minutes", type=float, default=8.0, help="training budget (default: 8)")
+    budget = demo.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the fixed demo budget, dsv4.train_demo.DEMO_STEPS)")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="a wall-clock budget instead (the result then depends on the machine's speed)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="training/model overrides")
     demo.add_argument("--preset", default="tiny", metavar="NAME", help="preset to build (default: tiny)")
     demo.add_argument("--seed", type=int, default=0)

@@ -385,6 +385,7 @@ class Trainer:
         """Fix the schedule length for a --minutes run from the measured step time (kept in the state,
         so a resumed run uses the same schedule); reserves time for evaluations and the final pass."""
         n_val = len(self.data.val_stream.tokens) if hasattr(self.data.val_stream, "tokens") else 0
+        n_val = min(n_val, self.tc.final_eval_tokens)   # the closing evaluation scores at most this many
         tokens_per_step = self.tc.batch_size * self.tc.seq_len
         fwd_time = step_time / 3 / tokens_per_step  # a forward pass is about a third of a step
         final_eval = n_val * fwd_time * 1.3
