@@ -502,7 +502,7 @@ def test_train_demo_runs_a_fixed_step_budget_and_prints_the_bpb_line(corpus, tmp
                               print_fn=lines.append)
     assert res["step"] == 3
     rows = _metrics(tmp_path / "demo")
-    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 2     # train records count from 0
     bpb_line = [x for x in lines if x.startswith("validation bits per byte:")]
     assert len(bpb_line) == 1 and "xz -9 on the same" in bpb_line[0]
     assert TrainConfig.from_json(tmp_path / "demo" / "train_config.json").steps == 3
