@@ -14,12 +14,12 @@ Engram layers read their tables outside the graph (a graph break), which still w
 
 On CPU two more things matter, both measured with benchmarks/decode.py (docs/performance.md):
 - Products of a few rows (every linear layer and expert of a decode step: y = x W^T with x [B, d],
-  B <= SMALL_ROWS) are handed to inductor as y[b, n] = sum_k x[b, k] W[n, k], a reduction, instead of
+  B <= SMALL_ROWS) or of a few columns (scores of many cached keys against a few heads) are handed to inductor as y[b, n] = sum_k x[b, k] W[n, k], a reduction, instead of
   a BLAS call. BLAS runs such matrix-vector products on one thread at ~8 GB/s from memory; inductor's
   reduction is vectorised, splits the outputs over all threads and fuses the neighbouring elementwise
   maths and the experts' gather into its loads (tiny preset, batch 1: 3.9 -> 1.9 ms per step).
 - glibc's allocator gives large blocks back to the system after each step and maps them again on the
-  next (page faults on every step's buffers); tune_malloc keeps them (batch 8: ~20% of a step).
+  next (page faults on every step's buffers); tune_malloc keeps them (batch 8: ~5-20% of a step).
 
 The eager step (model(ids, cache=...), or Transformer.decode_logits uncompiled) is the reference
 twin; tests compare the two.
