@@ -1,8 +1,8 @@
 """`make demo` / `dsv4 demo`: the main job end to end on the embedded default.
 
 Trains the tiny preset on this interpreter's standard library for a fixed budget of DEMO_STEPS steps
-of DEMO_CONFIG (so the result does not depend on the machine's speed or load: the same torch gives the
-same bits per byte anywhere), writes the report (PNG plots + summary.md), samples code from the prompts
+of DEMO_CONFIG (so the result does not depend on the machine's speed or load; two runs on one machine
+still differ by ~2e-3 bpb, from threaded float arithmetic, see docs/training.md), writes the report (PNG plots + summary.md), samples code from the prompts
 "def " and "import ", and prints the validation bits per byte next to what `xz -9` achieves on the same
 bytes. The budget and settings come from the sweep in docs/training.md ("Choosing the demo").
 """
@@ -14,7 +14,7 @@ from dsv4.train.checkpoint import latest_checkpoint
 from dsv4.train.config import TrainConfig
 
 DEMO_STEPS = 140     # ~7 min of training on an idle 2-core AMD EPYC (fp32), the slowest machine measured
-# fp32 pinned (not dtype=auto, which picks bf16 where it is faster): the same numbers on every machine
+# fp32 pinned (not dtype=auto, which picks bf16 where it is faster): every machine runs the same arithmetic
 DEMO_CONFIG = {"batch_size": 8, "seq_len": 512, "lr": 8e-3, "dtype": "fp32", "compile": "on", "eval_every": 50,
                "eval_batches": 4, "ckpt_every": 100, "log_every": 5, "indexer_warmup_steps": 10,
                "final_eval_tokens": 131072}
