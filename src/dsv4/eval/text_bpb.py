@@ -26,6 +26,24 @@ from dsv4.eval.bpb import bits_per_byte, xz_bits_per_byte
 
 
 @torch.no_grad()
+def score_batches(model, batches, doc_mask: bool, dtype: torch.dtype = torch.float32):
+    """(nats, target tokens, target bytes, first batch) of the model's next-token losses summed over the
+    batches (dsv4.data.packing.Batch); bf16 dtype runs the forwards under autocast. The one scoring loop of
+    the trainer's validation and of `dsv4 eval bpb`."""
+    dev = next(model.parameters()).device
+    nats, n_tok, n_bytes, first = 0.0, 0, 0, None
+    for vb in batches:
+        first = first or vb
+        seg = vb.segment_ids.to(dev) if doc_mask else None
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(vb.input_ids.to(dev), segment_ids=seg).logits
+        nats += F.cross_entropy(logits.flatten(0, 1).float(), vb.targets.to(dev).flatten(), reduction="sum").item()
+        n_tok += vb.targets.numel()
+        n_bytes += vb.n_bytes
+    return nats, n_tok, n_bytes, first
+
+
+@torch.no_grad()
 def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_size: int = 4,
                 max_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """{"bpb", "xz_bpb", "bytes", "tokens", "loss", "files", "seq_len"} of the run's model on the files
@@ -49,16 +67,9 @@ def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_si
     n_batches = -(-n_windows // batch_size)
     if max_tokens is not None:
         n_batches = min(n_batches, max(1, -(-max_tokens // (batch_size * seq_len))))
-    tb = token_byte_lengths(tok)
-    nats, n_tok, n_bytes = 0.0, 0, 0
-    dev = next(model.parameters()).device
-    for vb in tqdm(val_batches(stream, batch_size, seq_len, n_batches, token_bytes=tb), total=n_batches,
-                   unit="batch", desc="bpb", disable=not progress):
-        seg = vb.segment_ids.to(dev) if doc_mask else None
-        logits = model(vb.input_ids.to(dev), segment_ids=seg).logits
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), vb.targets.to(dev).flatten(), reduction="sum").item()
-        n_tok += vb.targets.numel()
-        n_bytes += vb.n_bytes
+    batches = tqdm(val_batches(stream, batch_size, seq_len, n_batches, token_bytes=token_byte_lengths(tok)),
+                   total=n_batches, unit="batch", desc="bpb", disable=not progress)
+    nats, n_tok, n_bytes, _ = score_batches(model, batches, doc_mask)
     target_bytes = ids_to_bytes(tok, stream.tokens[1:n_tok + 1])   # the windows' targets, in order
     return {"bpb": bits_per_byte(nats, n_bytes), "xz_bpb": xz_bits_per_byte(target_bytes), "bytes": n_bytes,
             "tokens": n_tok, "loss": nats / n_tok, "files": len(files), "seq_len": seq_len, "doc_mask": doc_mask}

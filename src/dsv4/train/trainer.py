@@ -28,6 +28,7 @@ from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_docume
                        token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
+from dsv4.eval.text_bpb import score_batches
 from dsv4.kernels import compiled
 from dsv4.kernels.loss import linear_cross_entropy
 from dsv4.model.mhc import composite_gain
@@ -276,17 +277,9 @@ class Trainer:
     def _evaluate(self, step: int, max_batches: int | None) -> dict:
         tc, model = self.tc, self.model
         model.eval()
-        nats, n_tok, n_bytes = 0.0, 0, 0
-        first = None
-        for vb in val_batches(self.data.val_stream, tc.batch_size, tc.seq_len, max_batches,
-                              token_bytes=self.data.token_bytes):
-            first = first or vb
-            seg = vb.segment_ids if tc.doc_mask else None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-                logits = model(vb.input_ids, segment_ids=seg).logits
-            nats += F.cross_entropy(logits.flatten(0, 1).float(), vb.targets.flatten(), reduction="sum").item()
-            n_tok += vb.targets.numel()
-            n_bytes += vb.n_bytes
+        batches = val_batches(self.data.val_stream, tc.batch_size, tc.seq_len, max_batches,
+                              token_bytes=self.data.token_bytes)
+        nats, n_tok, n_bytes, first = score_batches(model, batches, tc.doc_mask, self.dtype)
         rec = {"kind": "val", "step": step, "val_loss": nats / n_tok, "val_bpb": bits_per_byte(nats, n_bytes),
                "val_tokens": n_tok}
         ids, seg = first.input_ids[:1], (first.segment_ids[:1] if tc.doc_mask else None)
