@@ -9,18 +9,26 @@ Variants
                       F.scaled_dot_product_attention(is_causal=True), SwiGLU MLP of width 512,
                       untied embedding/head over the 8192-token vocab -> 6,818,048 parameters
                       (the "6.8M-parameter dense SDPA transformer" of the reference description).
-  dsv4/adamw/mtp      ModelConfig.preset('tiny') Transformer, torch.optim.AdamW, return_mtp=True
-  dsv4/adamw/no-mtp   the same with return_mtp=False
-  dsv4/muon/mtp       the project's optimizer, dsv4.optim.groups.build_optimizer(model, lr=1e-3)
+  dsv4/adamw/mtp      ModelConfig.preset('tiny') Transformer, torch.optim.AdamW
+  dsv4/adamw/no-mtp   the same preset without its MTP block (num_nextn_predict_layers=0)
+  dsv4/muon/mtp       the default V4 step: the project's optimizer (Muon + AdamW groups,
+                      dsv4.optim.groups.build_optimizer(model, lr=1e-3)) and MTP
   dsv4/muon/no-mtp
 
-One train step = zero_grad, forward, loss, backward, optimizer step. For dsv4 the loss is
-dsv4.train.trainer.lm_losses: lm + 0.3 * mtp (when MTP is on) + out.aux_loss (when not None); the dense
-baseline uses plain next-token cross-entropy. Inputs are random token ids (fixed seed); each variant gets
---warmup untimed steps (default 1), then --steps timed steps (default 3); the median step time is
-reported and tokens/s = batch * seq / median. All models are built first and the timed steps run
-round-robin over the variants (--sequential: one variant after the other), so a change in machine load
-hits every variant alike. The min step time is shown too.
+One train step = zero_grad, forward, loss, backward, gradient clipping (norm 1.0), optimizer step. The
+dsv4 loss is the trainer's own, dsv4.train.trainer.step_loss in the sparse stage: LM + 0.3 MTP + MoE
+balance loss + the indexers' KL, with the heads fused with their cross entropy; the mHC maps are
+compiled as in the trainer's runs of 2 minutes or more (--no-compile: eager). The dense baseline uses
+plain next-token cross-entropy. Inputs are random token ids (fixed seed); each variant gets --warmup
+untimed steps (default 1; it includes the compilation), then --steps timed steps (default 3); the median
+step time is reported and tokens/s = batch * seq / median. Each variant runs all its steps before the
+next (as a training run does); --round-robin interleaves the variants step by step instead, which on
+these machines slows the dense baseline by up to 1.6x (its steps follow another model's) and so
+flatters the ratios. The min step time is shown too.
+
+Also reported: MFU of each dsv4 variant (model FLOPs of dsv4.eval.bpb.flops_per_token over the fp32
+matmul peak measured in the same run), the time split of the dsv4 steps (mHC, attention, MoE, heads,
+each alone on the step's shapes; the optimiser in the steps) and the RESULT lines of the issue.
 
 Shared machines: with 2 torch threads on 2 cores, any other busy process stalls torch's parallel
 regions and a step can take 10-20x longer. The script measures how many cores other processes used
@@ -33,15 +41,14 @@ Usage
   .venv/bin/python benchmarks/train_throughput.py --batch 1 --seq 256 --threads 4 --json out.json
 
 Options: --batch, --seq, --steps, --warmup, --threads, --only {dsv4,dense}, --attn {chunked,reference}
-(Transformer.set_attention_impl), --compile (dsv4.kernels.compiled.enable: torch.compile of the mHC maps; the
-warm-up steps then include compilation, so use --warmup 2), --sequential, --json OUT, --quiet.
+(Transformer.set_attention_impl), --no-compile, --no-split, --round-robin, --json OUT, --quiet.
 
 From Python (used by tests/test_benchmarks_smoke.py):
   from train_throughput import run, parse_args
   res = run(parse_args(["--batch", "1", "--seq", "64", "--steps", "1"]))
   res["tokens_per_s"]  # {variant name: tokens/s}
 
-The defaults take about 1 minute on 2 idle cores (much longer on a busy machine).
+The defaults take about 2-3 minutes on 2 idle cores (much longer on a busy machine).
 """
 from __future__ import annotations
 
@@ -155,28 +162,88 @@ def _make_dense(args):
 
 
 def _make_dsv4(args, optimizer: str, mtp: bool):
+    """The tiny preset (without its MTP block for no-mtp), stepped exactly as the trainer steps it:
+    dsv4.train.trainer.step_loss in the sparse stage (LM + 0.3 MTP + balance loss + indexer KL, heads
+    fused with their cross entropy), gradient clipping at 1.0, then the optimiser."""
     from dsv4 import ModelConfig
     from dsv4.model.transformer import Transformer
     from dsv4.optim.groups import build_optimizer
-    from dsv4.train.trainer import lm_losses
+    from dsv4.train.trainer import step_loss
 
     cfg = ModelConfig.preset("tiny")
+    if not mtp:
+        cfg.num_nextn_predict_layers = 0
     model = Transformer(cfg)
     if args.attn:
         model.set_attention_impl(args.attn)
     opt = _adamw(model) if optimizer == "adamw" else build_optimizer(model, lr=1e-3)
+    indexer = any(k in ("csa", "dsa") for k in cfg.layer_kinds)
 
     def loss_fn(ids, targets):
-        out = model(ids, return_mtp=mtp, segment_ids=None)
-        lm, mtp_loss = lm_losses(out, targets)
-        loss = lm
-        if mtp_loss is not None:
-            loss = loss + MTP_WEIGHT * mtp_loss
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-        return loss
+        return step_loss(model, ids, targets, indexer=indexer, mtp_weight=MTP_WEIGHT)[0]
 
     return model, opt, loss_fn
+
+
+def _fwd_bwd_seconds(f, inputs, repeats: int = 3) -> float:
+    """Best forward + backward wall time of f(*inputs) (two untimed calls first: compilation, caches)."""
+    grads = []
+
+    def once():
+        for x in inputs:
+            x.grad = None
+        t0 = time.perf_counter()
+        out = f(*inputs)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if not grads:
+            grads.extend(torch.ones_like(o) / o.numel() for o in outs)
+        torch.autograd.backward(outs, grads)
+        return time.perf_counter() - t0
+
+    once()
+    once()
+    return min(once() for _ in range(repeats))
+
+
+def time_split(model, ids: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Seconds per step of each part of a dsv4 step, forward + backward, each run alone on the step's
+    shapes with the step's settings: mHC (every unit's pre and post maps and the hc heads), attention
+    (every layer and MTP block, the indexer in its sparse-stage mode), MoE, heads (LM head and MTP heads
+    fused with the cross entropy). The optimiser is timed inside the real steps; the rest of a step
+    (embedding, norms, MTP projections, loss glue) is its remainder."""
+    from dsv4.kernels.loss import linear_cross_entropy
+    from dsv4.model.mhc import hc_head, hc_post, hc_pre
+
+    cfg, (b, t) = model.cfg, ids.shape
+    d, hc = cfg.hidden_size, cfg.hc_mult
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x, u, post, res = leaf(b, t, hc, d), leaf(b, t, d), leaf(b, t, hc), leaf(b, t, hc, hc)
+    blocks = list(model.layers) + list(model.mtp)
+    ropes = model.ropes(torch.arange(t))
+    pos = torch.arange(t)
+    blk = blocks[0]
+    unit = _fwd_bwd_seconds(lambda x: hc_pre(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base,
+                                             cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps), [x])
+    unit += _fwd_bwd_seconds(hc_post, [u, x, post, res])
+    head = _fwd_bwd_seconds(lambda x: hc_head(x, model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
+                                              cfg.hc_eps, cfg.rms_norm_eps), [x])
+    out = {"mHC": 2 * len(blocks) * unit + (1 + len(model.mtp)) * head, "attention": 0.0, "MoE": 0.0}
+    for i, blk in enumerate(blocks):
+        rope = ropes["compress"] if blk.attn.uses_compress_rope else ropes["main"]
+        if i < len(model.layers):  # the step's blocks run the indexer's sparse-stage forward (MTP: plain)
+            out["attention"] += _fwd_bwd_seconds(
+                lambda u, a=blk.attn, r=rope: a.forward_indexer(u, *r, pos, None, "sparse", False)[0], [u])
+        else:
+            out["attention"] += _fwd_bwd_seconds(lambda u, a=blk.attn, r=rope: a(u, *r, pos, None, None), [u])
+        out["MoE"] += _fwd_bwd_seconds(lambda u, m=blk.ffn: m(u, ids)[0], [u])
+    h = leaf(b * t, d)
+    out["heads"] = (1 + len(model.mtp)) * _fwd_bwd_seconds(
+        lambda h: linear_cross_entropy(h, model.head.weight, targets.reshape(-1)), [h])
+    return out
 
 
 def variants(only: str | None):
@@ -200,37 +267,73 @@ class _Runner:
         self.model, self.opt, self.loss_fn = factory(args)
         self.model.train()
         self.ids, self.targets = ids, targets
-        self.times, self.losses = [], []
+        self.times, self.opt_times, self.losses = [], [], []
 
     def step(self, timed: bool) -> float:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.ids, self.targets)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        t1 = time.perf_counter()
         self.opt.step()
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         self.losses.append(loss.item())
         if timed:
-            self.times.append(dt)
-        return dt
+            self.times.append(t2 - t0)
+            self.opt_times.append(t2 - t1)
+        return t2 - t0
 
     def result(self, tokens: int) -> dict:
         med = statistics.median(self.times)
         return dict(params=_n_params(self.model), step_times_s=self.times, median_step_s=med,
-                    min_step_s=min(self.times), tokens_per_s=tokens / med, losses=self.losses)
+                    min_step_s=min(self.times), tokens_per_s=tokens / med, losses=self.losses,
+                    optimizer_s=statistics.median(self.opt_times))
 
 
 # ---------------------------------------------------------------------------------- reporting
 def format_table(res: dict) -> str:
-    rows = [("name", "params", "step s (median)", "tokens/s", "vs dense", "step s (min)")]
+    rows = [("name", "params", "step s (median)", "tokens/s", "vs dense", "step s (min)", "MFU")]
     for name, r in res["results"].items():
         ratio = r.get("ratio_to_dense")
         rows.append((name, f"{r['params']:,}", f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
-                     "-" if ratio is None else f"{ratio:.2f}x", f"{r['min_step_s']:.3f}"))
+                     "-" if ratio is None else f"{ratio:.2f}x", f"{r['min_step_s']:.3f}",
+                     f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
     return "\n".join(lines)
+
+
+SPLIT_PARTS = ("mHC", "attention", "MoE", "heads", "optimizer", "other")
+
+
+def format_split(res: dict) -> str:
+    """Seconds per step of each part (parts alone, fwd + bwd; optimiser in-step; other = the rest)."""
+    rows = [("name",) + SPLIT_PARTS]
+    for name, r in res["results"].items():
+        if "split_s" in r:
+            rows.append((name,) + tuple(f"{r['split_s'][k]:.3f}" for k in SPLIT_PARTS))
+    if len(rows) == 1:
+        return ""
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def result_lines(res: dict) -> list[str]:
+    """The issue's targets, for the shape this run used."""
+    r = res["results"]
+    out = []
+    if "dsv4/muon/mtp" in r and r["dsv4/muon/mtp"].get("ratio_to_dense") is not None:
+        out.append(f"RESULT train_default_vs_dense {r['dsv4/muon/mtp']['ratio_to_dense']:.3f} (goal 0.8 at 4x1024, "
+                   "1.0 at 1x4096)")
+    if "dsv4/adamw/no-mtp" in r and r["dsv4/adamw/no-mtp"].get("ratio_to_dense") is not None:
+        out.append(f"RESULT train_adamw_nomtp_vs_dense {r['dsv4/adamw/no-mtp']['ratio_to_dense']:.3f} (goal 1.2)")
+    if "dsv4/muon/mtp" in r and "mfu" in r["dsv4/muon/mtp"]:
+        out.append(f"RESULT train_mfu {r['dsv4/muon/mtp']['mfu']:.3f} (goal 0.4)")
+    return out
 
 
 def format_reference() -> str:
@@ -252,11 +355,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--only", choices=("dsv4", "dense"), default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the mHC maps (dsv4.kernels.compiled)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the mHC maps (dsv4.kernels.compiled), as the trainer does in runs of 2 "
+                        "minutes or more (default on; the warm-up step includes the compilation)")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip the per-part time split (mHC, attention, MoE, heads, optimiser)")
     p.add_argument("--attn", choices=("chunked", "reference", "sparse"), default=None,
                    help="dsv4 attention implementation (default: the model's default, chunked)")
-    p.add_argument("--sequential", action="store_true",
-                   help="time all steps of one variant before the next (default: round-robin over variants)")
+    p.add_argument("--round-robin", dest="sequential", action="store_false",
+                   help="interleave the variants step by step (default: all steps of one variant, then the next)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no printing (for tests)")
     return p.parse_args(argv)
@@ -274,6 +381,8 @@ def run(args=None) -> dict:
     from dsv4.kernels import compiled
 
     compiled.enable(bool(getattr(args, "compile", False)))
+    from dsv4.eval.bpb import flops_per_token, measure_matmul_peak, mfu
+
     try:
         say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
         hw = hardware_info()
@@ -314,23 +423,48 @@ def run(args=None) -> dict:
         for name, r in results.items():
             if not all(math.isfinite(x) for x in r["losses"]):
                 say(f"  warning: {name} produced a non-finite loss")
-        del runners
         dense = results.get("dense/adamw")
         for r in results.values():
             r["ratio_to_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
-
+        peak = max(measure_matmul_peak(torch.float32, n=1024, seconds=0.5) for _ in range(3))
+        splits = {}
+        for name, r in results.items():
+            runner = runners[name]
+            if not name.startswith("dsv4/"):
+                continue
+            cfg = runner.model.cfg
+            r["flops_per_token"] = flops_per_token(cfg, args.seq, include_mtp=bool(cfg.num_nextn_predict_layers))
+            r["mfu"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak)
+            if args.split:
+                key = cfg.num_nextn_predict_layers
+                if key not in splits:
+                    say(f"  timing the parts of {name} alone ...")
+                    splits[key] = time_split(runner.model, ids, targets)
+                parts = dict(splits[key], optimizer=r["optimizer_s"])
+                parts["other"] = max(0.0, r["median_step_s"] - sum(parts.values()))
+                r["split_s"] = parts
+        del runners
         res = dict(hardware=hw, command=command,
                    config=dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                order="sequential" if args.sequential else "round-robin",
                                threads=args.threads, dtype="float32", attn=args.attn or "chunked",
                                only=args.only, dense_mlp_width=DENSE_MLP_WIDTH),
                    results=results, tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
+                   matmul_peak_flops=peak,
                    reference_not_measured=dict(REFERENCE_TOK_S), total_wall_s=time.perf_counter() - t_all)
         res["other_cpu_load"] = load.other_cores()
         say("")
         say(format_table(res))
         say("tokens/s = batch * seq / median step time; vs dense = tokens/s relative to the dense baseline "
-            "measured in this run.")
+            f"measured in this run; MFU = tokens/s * model FLOPs per token (dsv4.eval.bpb.flops_per_token: "
+            f"6 N_active + attention and indexer as computed) / the fp32 matmul peak measured in this run "
+            f"({peak / 1e9:.0f} GFLOP/s).")
+        split = format_split(res)
+        if split:
+            say("")
+            say("time split, seconds per step: mHC, attention, MoE and heads each run alone on the step's shapes "
+                "(forward + backward); optimizer timed in the steps; other = median step - the rest")
+            say(split)
         other = res["other_cpu_load"]
         if other is not None:
             say(f"other processes used on average {other:.2f} CPU cores during the run (from /proc/stat minus this "
@@ -341,10 +475,13 @@ def run(args=None) -> dict:
         say("")
         say(format_reference())
         say(f"\ntotal benchmark wall time: {res['total_wall_s']:.1f} s")
+        res["result_lines"] = result_lines(res)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)
             say(f"wrote {args.json}")
+        for line in res["result_lines"]:
+            say(line)
         return res
     finally:
         torch.set_num_threads(prev_threads)

@@ -54,7 +54,7 @@ def test_static_moe_paths_equal_the_loop():
 
 def test_few_rows_products_equal_matmul():
     """The decompositions the CPU backend uses for products of few rows or columns (both loop orders)."""
-    from dsv4.infer import compiled
+    from dsv4.kernels import inductor as compiled
 
     g = torch.Generator().manual_seed(0)
     w_big = torch.randn(2048, 256, generator=g)          # 2 MiB > LARGE_WEIGHT: outputs-first when M > 1

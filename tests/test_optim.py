@@ -336,3 +336,20 @@ def test_schedule_values():
     assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:])) and lrs[-1] == 0.0
     assert clip_grad_norm is torch.nn.utils.clip_grad_norm_
+
+
+def test_batched_newton_schulz_across_parameters_equals_one_by_one():
+    """Small same-shaped parameters share one batched Newton-Schulz; each must get its own update."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(16, 24), (16, 24), (3, 16, 24), (24, 16), (16, 24)]
+    p0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * (100.0 if i == 1 else 1.0) for s in shapes] for i in range(2)]
+    together = [nn.Parameter(x.clone()) for x in p0]
+    opt = Muon(together, lr=0.1, weight_decay=0.1)
+    for gs in grads:
+        for p, g in zip(together, gs):
+            p.grad = g.clone()
+        opt.step()
+    for k, x in enumerate(p0):
+        alone, _ = muon_step(x, [gs[k] for gs in grads], lr=0.1, wd=0.1)
+        torch.testing.assert_close(together[k].detach(), alone, atol=1e-6, rtol=1e-6)

@@ -13,11 +13,10 @@ process pays much less.
 Engram layers read their tables outside the graph (a graph break), which still works.
 
 On CPU two more things matter, both measured with benchmarks/decode.py (docs/performance.md):
-- Products of a few rows (every linear layer and expert of a decode step: y = x W^T with x [B, d],
-  B <= SMALL_ROWS) or of a few columns (scores of many cached keys against a few heads) are handed to inductor as y[b, n] = sum_k x[b, k] W[n, k], a reduction, instead of
-  a BLAS call. BLAS runs such matrix-vector products on one thread at ~8 GB/s from memory; inductor's
-  reduction is vectorised, splits the outputs over all threads and fuses the neighbouring elementwise
-  maths and the experts' gather into its loads (tiny preset, batch 1: 3.9 -> 1.9 ms per step).
+- The few-rows rule of dsv4.kernels.inductor: every product of a decode step (linear layers and
+  experts of B <= 16 rows, scores of many cached keys against a few heads) becomes a vectorised,
+  multi-threaded inductor reduction fused with its neighbours instead of a one-thread BLAS call (tiny
+  preset, batch 1: 3.9 -> 1.9 ms per step).
 - glibc's allocator gives large blocks back to the system after each step and maps them again on the
   next (page faults on every step's buffers); tune_malloc keeps them (batch 8: ~5-20% of a step).
 
@@ -33,63 +32,8 @@ import time
 
 import torch
 import torch._dynamo
-import torch._inductor.custom_graph_pass
 
-aten = torch.ops.aten
-SMALL_ROWS = 16   # products with at most this many rows become reductions (CPU)
-LARGE_WEIGHT = 1 << 20   # bytes: larger weights are read outputs-first when M > 1
-
-
-def _few_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """A product of few rows (a decode step's linear layers) or few columns (its scores of many cached
-    keys against a few query heads)."""
-    return a.device.type == "cpu" and min(a.shape[-2], b.shape[-1]) <= SMALL_ROWS
-
-
-def _product(a, b):
-    """a [..., M, K] @ b [..., K, N] as a sum over k: y[m, n] = sum_k a[m, k] b[k, n]. When b is a large
-    transposed weight (contiguous in k, more than a core's L2) and M > 1, the loops run outputs-first,
-    y^T[n, m] = sum_k b^T[n, k] a[m, k], so each weight row is read once for all M rows instead of once
-    per row (the LM head at batch 8: 64 MB read -> 8 MB)."""
-    if a.shape[-2] > 1 and b.stride(-2) == 1 and b.shape[-2] * b.shape[-1] * b.element_size() > LARGE_WEIGHT:
-        return (b.transpose(-1, -2).unsqueeze(-2) * a.unsqueeze(-3)).sum(-1).transpose(-1, -2)
-    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
-
-
-def _mm(a, b):
-    return _product(a, b) if _few_rows(a, b) else NotImplemented
-
-
-def _addmm(c, a, b, beta=1, alpha=1):
-    return beta * c + alpha * _product(a, b) if _few_rows(a, b) else NotImplemented
-
-
-def _bmm(a, b):
-    return _product(a, b) if _few_rows(a, b) else NotImplemented
-
-
-class _RuleKey(torch._inductor.custom_graph_pass.CustomGraphPass):
-    """Inductor keys its on-disk cache by the graph and its config, not by the decomposition table. This
-    pass changes nothing; its uuid (a hash of this file) puts the few-rows rule into the key, so a graph
-    compiled without the rule is never taken from the cache for one compiled with it, or the reverse."""
-
-    def __call__(self, graph):
-        return None
-
-    def uuid(self):
-        return torch._inductor.custom_graph_pass.get_hash_for_files((__file__,))
-
-
-def _cpu_backend(gm, example_inputs):
-    """Inductor with the few-rows products as reductions and the C++ wrapper (the kernel-launching code
-    in C++ too: ~15% off a tiny step)."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = {**select_decomp_table(), aten.mm.default: _mm, aten.addmm.default: _addmm,
-             aten.bmm.default: _bmm}
-    return compile_fx(gm, example_inputs, decompositions=table,
-                      config_patches={"cpp_wrapper": True, "post_grad_custom_pre_pass": _RuleKey()})
+from dsv4.kernels.inductor import cpu_backend
 
 
 def tune_malloc() -> bool:
@@ -122,7 +66,7 @@ class CompiledDecoder:
         opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if next(model.parameters()).device.type == "cpu" and mode is None:
             tune_malloc()
-            self.fn = torch.compile(model.decode_logits, dynamic=False, backend=_cpu_backend, options=opts)
+            self.fn = torch.compile(model.decode_logits, dynamic=False, backend=cpu_backend, options=opts)
         else:
             self.fn = torch.compile(model.decode_logits, dynamic=False, mode=mode, options=opts)
         self.compile_seconds: dict[tuple, float] = {}

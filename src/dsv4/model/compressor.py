@@ -56,9 +56,11 @@ class Compressor(KeepFP32):
         kv = F.linear(h.float(), self.wkv.weight.float())  # compressor projections run in fp32
         if self.ratio == 1:
             return kv, None
-        if slots is None:
-            slots = torch.arange(h.shape[1], device=h.device) % self.ratio
-        return kv, F.linear(h.float(), self.wgate.weight.float()) + self.ape.float()[slots]
+        gate = F.linear(h.float(), self.wgate.weight.float())
+        if slots is None:  # ape tiled along the blocks: its gradient is a plain sum (an index's backward,
+            t = h.shape[1]  # an accumulating scatter, gave run-to-run different sums on 2 threads)
+            return kv, gate + self.ape.float().repeat(-(-t // self.ratio), 1)[:t]
+        return kv, gate + self.ape.float()[slots]
 
     def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions)."""

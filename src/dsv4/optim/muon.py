@@ -38,6 +38,7 @@ KELLER_ABC = (3.4445, -4.7750, 2.0315)
 STABILISE_ABC = (2.0, -1.5, 0.5)
 V4_NS_STEPS: tuple[tuple[float, float, float], ...] = (KELLER_ABC,) * 8 + (STABILISE_ABC,) * 2
 NS_EPS = 1e-7
+BATCH_NUMEL = 1 << 18  # parameters up to this many elements share a batched Newton-Schulz with their shape
 
 
 def hybrid_newton_schulz(m: torch.Tensor, steps: Sequence[tuple[float, float, float]] = V4_NS_STEPS,
@@ -126,8 +127,12 @@ class Muon(Optimizer):
         return loss
 
     def _muon_group(self, group: dict) -> None:
+        """Momentum, Newton-Schulz, decay and update for every parameter of the group. Small parameters of
+        the same matrix shape are orthogonalised together in one batched Newton-Schulz (each matrix is
+        still normalised and iterated on its own, so the result equals one call per parameter)."""
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         dtype = torch.bfloat16 if group["ns_bf16"] else torch.float32
+        pending: dict[tuple[int, int], list] = {}
         for p, g in _dense_grads(group, "Muon"):
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -136,11 +141,24 @@ class Muon(Optimizer):
             buf.mul_(mu).add_(g)  # M_t = mu M_{t-1} + G_t
             u = g.add(buf, alpha=mu) if group["nesterov"] else buf
             rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
-            o = hybrid_newton_schulz(u.reshape(-1, rows, cols), dtype=dtype)
-            o = o.mul_(muon_scale(rows, cols, group["update_scale"])).reshape(p.shape)
+            mats = u.reshape(-1, rows, cols)
+            if p.numel() > BATCH_NUMEL:  # large enough to keep the matmul units busy on its own
+                self._apply(group, [p], hybrid_newton_schulz(mats, dtype=dtype), lr, wd)
+            else:
+                pending.setdefault((rows, cols), []).append((p, mats))
+        for items in pending.values():
+            ps = [p for p, _ in items]
+            self._apply(group, ps, hybrid_newton_schulz(torch.cat([m for _, m in items]), dtype=dtype), lr, wd)
+
+    @staticmethod
+    def _apply(group: dict, params: list, o: torch.Tensor, lr: float, wd: float) -> None:
+        """W <- W (1 - lr wd) - lr * scale * O for the parameters whose orthogonalised matrices o holds in order."""
+        rows, cols = o.shape[-2:]
+        o = o.mul_(muon_scale(rows, cols, group["update_scale"]))
+        for p, op in zip(params, o.split([p.numel() // (rows * cols) for p in params])):
             if wd:
                 p.mul_(1 - lr * wd)
-            p.add_(o.to(p.dtype), alpha=-lr)
+            p.add_(op.reshape(p.shape).to(p.dtype), alpha=-lr)
 
     def _adamw_group(self, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

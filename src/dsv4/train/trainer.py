@@ -75,6 +75,36 @@ def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = Non
     return lm, mtp
 
 
+def step_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, segment_ids=None,
+              warmup: bool = False, indexer: bool = True, mtp_weight: float = 0.3, engram_prefetched=None
+              ) -> tuple[torch.Tensor, dict]:
+    """The loss one training step minimises, and its parts (0-dim tensors, for the log).
+
+    Indexer warm-up (stage 1): the indexers' KL to dense attention alone. Otherwise (stage 2):
+    LM + mtp_weight * MTP + MoE balance loss + the indexers' KL on their selected entries, with the LM
+    and MTP heads fused with their cross entropy (out.h / out.mtp_h, dsv4.kernels.loss)."""
+    mode = "dense" if warmup else ("sparse" if indexer else None)
+    out = model(input_ids, return_mtp=not warmup, segment_ids=segment_ids, indexer_mode=mode,
+                compute_logits=False, engram_prefetched=engram_prefetched)
+    parts = {}
+    if warmup:
+        loss = out.indexer_loss
+    else:
+        lm, mtp = lm_losses(out, targets, model.head.weight)
+        loss = parts["lm_loss"] = lm
+        if mtp is not None:
+            loss = loss + mtp_weight * mtp
+            parts["mtp_loss"] = mtp
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            parts["aux_loss"] = out.aux_loss
+    if out.indexer_loss is not None:
+        if not warmup:
+            loss = loss + out.indexer_loss
+        parts["indexer_loss"] = out.indexer_loss
+    return loss, parts
+
+
 @dataclass
 class RunData:
     batches: Batches
@@ -198,7 +228,6 @@ class Trainer:
         set_lr(self.optimizer, lr)
         batch = self.data.batches.get(step)
         seg = batch.segment_ids if tc.doc_mask else None
-        mode = "dense" if warmup else ("sparse" if self.has_indexer else None)
         model.train()
         pre = None
         if self.engram is not None:
@@ -206,25 +235,10 @@ class Trainer:
             nxt = self.data.batches.get(step + 1)     # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            out = model(batch.input_ids, return_mtp=not warmup, segment_ids=seg, indexer_mode=mode,
-                        compute_logits=False, engram_prefetched=pre)
-            rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
-            if warmup:
-                loss = out.indexer_loss
-            else:
-                lm, mtp = lm_losses(out, batch.targets, model.head.weight)
-                loss = lm
-                rec["lm_loss"] = lm.item()
-                if mtp is not None:
-                    loss = loss + self.mc.mtp_loss_weight * mtp
-                    rec["mtp_loss"] = mtp.item()
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss
-                    rec["aux_loss"] = out.aux_loss.item()
-            if out.indexer_loss is not None:
-                if not warmup:
-                    loss = loss + out.indexer_loss
-                rec["indexer_loss"] = out.indexer_loss.item()
+            loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.has_indexer,
+                                    self.mc.mtp_loss_weight, pre)
+        rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
+        rec.update({k: v.item() for k, v in parts.items()})
         rec["loss"] = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         ok = math.isfinite(rec["loss"])
