@@ -13,7 +13,7 @@ help:
 	@echo "make setup      create $(VENV) and install dsv4 with its test extras (done on demand)"
 	@echo "make test       fast test suite (pytest -m 'not slow')"
 	@echo "make test-slow  slow tests only (pytest -m slow)"
-	@echo "make demo       train tiny on the Python stdlib (140 steps, ~10 min), report, samples, bpb vs xz"
+	@echo "make demo       train tiny on the Python stdlib (240 steps, ~10 min), report, samples, bpb vs xz"
 	@echo "make clean      remove caches and build output (keeps $(VENV))"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_ARGS=..."
 

@@ -10,8 +10,12 @@ to try it out). On a CUDA device (fp32, TF32 off):
       equals plain greedy;
   (d) decode speed at a 1K context, batch 1 and 8 (after --warmup steps; tokens/s = B / median step time,
       each step synchronised), eager or, with --compiled, dsv4.infer.compiled.CompiledDecoder (whose
-      logits are then checked against the eager step, max rel < --tol-cache; compile time printed, not timed).
-Exits 1 when a check fails. Ends with `RESULT gpu_decode_b1_tok_s X` and `RESULT gpu_decode_b8_tok_s X`.
+      logits are then checked against the eager step, max rel < --tol-cache; compile time printed, not timed);
+  (e) training on the device: `--train-steps` steps of the trainer (dsv4.train.trainer, dtype auto: bf16
+      autocast where the GPU has it) on this repository's own source files, batch 2 x 256; every loss
+      finite and a checkpoint written.
+Exits 1 when a check fails. Ends with `RESULT gpu_decode_b1_tok_s X`, `RESULT gpu_decode_b8_tok_s X` and
+`RESULT gpu_train_tok_s X`.
 
 Usage
   .venv/bin/python benchmarks/gpu_smoke.py                  # cuda, eager decode
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -43,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--compiled", action="store_true", help="time dsv4.infer.compiled.CompiledDecoder")
     p.add_argument("--tol-cache", type=float, default=1e-4)
     p.add_argument("--tol-cpu", type=float, default=1e-4)
+    p.add_argument("--train-steps", type=int, default=8, help="trainer steps on the device (0: skip)")
     return p.parse_args(argv)
 
 
@@ -134,6 +140,33 @@ def bench_decode(model, dev, context: int, batch: int, args, step_fn) -> dict:
     return dict(batch=batch, step_ms=step * 1e3, tok_s=batch / step)
 
 
+def check_training(dev: torch.device, steps: int, check) -> float | None:
+    """A few trainer steps on the device, then one more after a resume; returns training tokens/s."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from dsv4.train.checkpoint import latest_checkpoint
+    from dsv4.train.config import TrainConfig
+    from dsv4.train.trainer import train
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        common = dict(data=str(src), out=str(run), batch_size=2, seq_len=256, indexer_warmup_steps=2,
+                      warmup_steps=2, eval_every=10 ** 6, ckpt_every=steps, final_eval_tokens=4096,
+                      val_fraction=0.1, log_every=1, progress=False, device=str(dev))
+        final = train(TrainConfig(steps=steps, **common), ["hidden_size=128", "vocab_size=2048"])
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in recs if r.get("kind") == "train"]
+        ok = len(losses) == steps and all(map(math.isfinite, losses))
+        check(f"training on {dev} ({final.get('dtype')})", ok, f"{len(losses)} steps, losses {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f}, val bpb {final['val_bpb']:.3f}")
+        ck = latest_checkpoint(run)
+        check("checkpoint of the device run", ck is not None, str(ck.name if ck else None))
+        return final.get("tok_per_s")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -191,11 +224,14 @@ def main(argv=None) -> int:
     if args.compiled and step_fn is not eager:
         for key, s in dec.compile_seconds.items():
             print(f"  compile {key}: {s:.1f} s (not timed)")
+    train_tok_s = check_training(dev, args.train_steps, check) if args.train_steps > 0 else None
     if check.failed:
         print(f"FAILED: {', '.join(check.failed)}")
     for b in (1, 8):
         if b in res:
             print(f"RESULT gpu_decode_b{b}_tok_s {res[b]['tok_s']:.1f}")
+    if train_tok_s:
+        print(f"RESULT gpu_train_tok_s {train_tok_s:.1f}")
     return 1 if check.failed else 0
 
 

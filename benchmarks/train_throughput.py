@@ -20,11 +20,11 @@ dsv4 loss is the trainer's own, dsv4.train.trainer.step_loss in the sparse stage
 balance loss + the indexers' KL, with the heads fused with their cross entropy; the mHC maps are
 compiled as in the trainer's runs of 2 minutes or more (--no-compile: eager). The dense baseline uses
 plain next-token cross-entropy. Inputs are random token ids (fixed seed); each variant gets --warmup
-untimed steps (default 1; it includes the compilation), then --steps timed steps (default 3); the median
-step time is reported and tokens/s = batch * seq / median. Each variant runs all its steps before the
-next (as a training run does); --round-robin interleaves the variants step by step instead, which on
-these machines slows the dense baseline by up to 1.6x (its steps follow another model's) and so
-flatters the ratios. The min step time is shown too.
+untimed steps (default 1; it includes the compilation), then --steps timed steps (default 5); the median
+step time is reported and tokens/s = batch * seq / median. Each variant is built, warmed up, timed and
+freed before the next, so one model is in memory at a time, as in a training run; --round-robin builds
+all five first and interleaves their steps instead, which on these machines slowed the dense baseline
+by up to 1.6x (its big logits buffers then come from a crowded heap) and so flattered the ratios. The min step time is shown too.
 
 Also reported: MFU of each dsv4 variant (model FLOPs of dsv4.eval.bpb.flops_per_token over the fp32
 matmul peak measured in the same run), the time split of the dsv4 steps (mHC, attention, MoE, heads,
@@ -53,6 +53,7 @@ The defaults take about 2-3 minutes on 2 idle cores (much longer on a busy machi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -205,6 +206,23 @@ def _fwd_bwd_seconds(f, inputs, repeats: int = 3) -> float:
     return min(once() for _ in range(repeats))
 
 
+def newton_schulz_flops(opt) -> float:
+    """FLOPs of one optimizer step's Newton-Schulz iterations (0 for AdamW): per matrix n x m (n <= m after
+    the transpose) and iteration, X X^T (2 n^2 m), the Gram polynomial (2 n^3) and its product with X (2 n^2 m)."""
+    from dsv4.optim.muon import V4_NS_STEPS
+
+    total = 0.0
+    for group in opt.param_groups:
+        if group.get("algorithm") != "muon":
+            continue
+        for p in group["params"]:
+            rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
+            n, m = min(rows, cols), max(rows, cols)
+            count = p.numel() // (rows * cols)
+            total += count * len(V4_NS_STEPS) * (4 * n * n * m + 2 * n ** 3)
+    return total
+
+
 def time_split(model, ids: torch.Tensor, targets: torch.Tensor) -> dict:
     """Seconds per step of each part of a dsv4 step, forward + backward, each run alone on the step's
     shapes with the step's settings: mHC (every unit's pre and post maps and the hc heads), attention
@@ -351,7 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--only", choices=("dsv4", "dense"), default=None)
@@ -405,36 +423,31 @@ def run(args=None) -> dict:
         tokens = args.batch * args.seq
         t_all = time.perf_counter()
         load = LoadMeter()
-        runners = {}
-        for name, _kind, factory in variants(args.only):
+        peak = max(measure_matmul_peak(torch.float32, n=1024, seconds=0.5) for _ in range(3))
+        results, splits = {}, {}
+
+        def build(name, factory):
             t0 = time.perf_counter()
-            runners[name] = r = _Runner(factory, args, ids, targets)
+            r = _Runner(factory, args, ids, targets)
             for _ in range(args.warmup):
                 r.step(timed=False)
             say(f"  built {name:<18} + {args.warmup} warm-up step(s): {time.perf_counter() - t0:6.1f} s")
-        if args.sequential:
-            order = [(name, i) for name in runners for i in range(args.steps)]
-        else:  # round-robin: slow drifts in machine load hit every variant alike
-            order = [(name, i) for i in range(args.steps) for name in runners]
-        for name, i in order:
-            dt = runners[name].step(timed=True)
+            return r
+
+        def timed_step(name, r, i):
+            dt = r.step(timed=True)
             say(f"  step {i + 1}/{args.steps} {name:<18} {dt:7.3f} s  ({tokens / dt:9,.0f} tokens/s)")
-        results = {name: r.result(tokens) for name, r in runners.items()}
-        for name, r in results.items():
+
+        def finish(name, runner):
+            results[name] = r = runner.result(tokens)
             if not all(math.isfinite(x) for x in r["losses"]):
                 say(f"  warning: {name} produced a non-finite loss")
-        dense = results.get("dense/adamw")
-        for r in results.values():
-            r["ratio_to_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
-        peak = max(measure_matmul_peak(torch.float32, n=1024, seconds=0.5) for _ in range(3))
-        splits = {}
-        for name, r in results.items():
-            runner = runners[name]
             if not name.startswith("dsv4/"):
-                continue
+                return
             cfg = runner.model.cfg
             r["flops_per_token"] = flops_per_token(cfg, args.seq, include_mtp=bool(cfg.num_nextn_predict_layers))
             r["mfu"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak)
+            r["newton_schulz_flops"] = newton_schulz_flops(runner.opt)
             if args.split:
                 key = cfg.num_nextn_predict_layers
                 if key not in splits:
@@ -443,7 +456,26 @@ def run(args=None) -> dict:
                 parts = dict(splits[key], optimizer=r["optimizer_s"])
                 parts["other"] = max(0.0, r["median_step_s"] - sum(parts.values()))
                 r["split_s"] = parts
-        del runners
+
+        if args.sequential:  # one model in memory at a time, as in a training run
+            for name, _kind, factory in variants(args.only):
+                runner = build(name, factory)
+                for i in range(args.steps):
+                    timed_step(name, runner, i)
+                finish(name, runner)
+                del runner
+                gc.collect()
+        else:  # round-robin: all models built first, slow drifts in machine load hit every variant alike
+            runners = {name: build(name, factory) for name, _kind, factory in variants(args.only)}
+            for i in range(args.steps):
+                for name, runner in runners.items():
+                    timed_step(name, runner, i)
+            for name, runner in runners.items():
+                finish(name, runner)
+            del runners
+        dense = results.get("dense/adamw")
+        for r in results.values():
+            r["ratio_to_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
         res = dict(hardware=hw, command=command,
                    config=dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                order="sequential" if args.sequential else "round-robin",
@@ -465,6 +497,13 @@ def run(args=None) -> dict:
             say("time split, seconds per step: mHC, attention, MoE and heads each run alone on the step's shapes "
                 "(forward + backward); optimizer timed in the steps; other = median step - the rest")
             say(split)
+        ns = res["results"].get("dsv4/muon/mtp", {}).get("newton_schulz_flops")
+        if ns:
+            line = (f"Muon's Newton-Schulz alone (10 iterations on every matrix, the expert matrices included): "
+                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured peak, whatever the batch")
+            if "dense/adamw" in res["results"]:
+                line += f"; the dense baseline's whole step: {res['results']['dense/adamw']['median_step_s']:.2f} s"
+            say(line)
         other = res["other_cpu_load"]
         if other is not None:
             say(f"other processes used on average {other:.2f} CPU cores during the run (from /proc/stat minus this "

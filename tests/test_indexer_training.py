@@ -92,3 +92,32 @@ def test_warmup_raises_recall_above_random():
     after = indexer_recall(model, val)[1]
     assert after["recall"] > before["recall"] + 0.02
     assert after["recall"] > after["random"] + 0.05
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparse_stage_on_the_gather_kernels_equals_the_masked_twin(packed, monkeypatch):
+    """The sparse stage (indexer_mode="sparse") of CSA and DSA layers runs Attention.sparse_indexer_core
+    (no [B,T,N] tensor) under the default impl; the masked chunked kernel is its reference. Output,
+    indexer KL and every gradient agree, with and without document masks."""
+    from conftest import every_kind_model
+    from dsv4.model import attention
+
+    monkeypatch.setattr(attention, "SPARSE_STAGE_MIN_ENTRIES", 0)   # the gather path at any length
+    model = every_kind_model().train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3))
+    seg = torch.cumsum((torch.arange(90) % 37 == 36).long(), 0).expand(2, -1).contiguous() if packed else None
+    results = []
+    for impl in ("sparse", "chunked"):
+        model.set_attention_impl(impl)
+        model.zero_grad()
+        out = model(ids, indexer_mode="sparse", segment_ids=seg)
+        loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss + out.indexer_loss
+        loss.backward()
+        results.append((out.logits.detach(), out.indexer_loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lo_s, kl_s, g_s), (lo_c, kl_c, g_c) = results
+    torch.testing.assert_close(lo_s, lo_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_s, kl_c, rtol=1e-5, atol=1e-6)
+    assert kl_s > 0 and g_s.keys() == g_c.keys()
+    for n in g_c:
+        torch.testing.assert_close(g_s[n], g_c[n], rtol=1e-4, atol=1e-5, msg=n)

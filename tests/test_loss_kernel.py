@@ -21,6 +21,23 @@ def test_fused_linear_ce_matches_reference():
                                    rtol=1e-6, atol=1e-7)
 
 
+
+def test_fused_linear_ce_under_bf16_autocast():
+    """Training with dtype=bf16 (or on a GPU): bf16 hidden states against the fp32 head weight, under autocast."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 32, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(200, 32, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, 200, (300,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, y, chunk=64)
+        fh, fw = torch.autograd.grad(got, [h, w])
+        ref = linear_cross_entropy_reference(h, w, y)
+        gh, gw = torch.autograd.grad(ref, [h, w])
+    assert fh.dtype == torch.bfloat16 and fw.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fh.float(), gh.float(), rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(fw, gw.float(), rtol=5e-2, atol=2e-3)
+
 def test_ids_to_bytes_is_exact_even_when_cut_mid_character(tmp_path):
     from dsv4.data import ids_to_bytes, token_byte_lengths, train_tokenizer
 

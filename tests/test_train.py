@@ -401,6 +401,8 @@ def cli(runs, corpus, tmp_path_factory):
         "corrupt_resume": _cli("train", "--out", corrupt, "--resume", "--no-progress"),
         "corrupt_generate": _cli("generate", "--ckpt", corrupt, "--prompt", "def ", "--max-new-tokens", "2"),
         "resume_not_a_run": _cli("train", "--out", not_a_run, "--resume", "--no-progress"),
+        "no_such_device": _cli("train", "--data", corpus, "--out", root / "o3", "--steps", "2", "--no-progress",
+                               "--device", "cuda:99", *model_args),
         "generate": _cli("generate", "--ckpt", runs["A"], "--prompt", "def ", "--max-new-tokens", "5"),
         "report": _cli("report", runs["A"]),
     }
@@ -418,6 +420,7 @@ def cli(runs, corpus, tmp_path_factory):
     ("corrupt_resume", ["corrupt", "{newest}"]),
     ("corrupt_generate", ["corrupt", "{newest}"]),
     ("resume_not_a_run", ["not a dsv4 run", "{not_a_run}"]),
+    ("no_such_device", ["device=cuda:99"]),
 ])
 def test_cli_bad_input_is_one_line_error_with_status_2(cli, case, facts):
     rc, out, err = cli["results"][case]
@@ -431,7 +434,7 @@ def test_cli_bad_input_is_one_line_error_with_status_2(cli, case, facts):
 
 
 def test_cli_bad_input_leaves_no_checkpoints(cli):
-    for out in ("o1", "o2"):
+    for out in ("o1", "o2", "o3"):
         assert list_checkpoints(cli["root"] / out) == []
 
 

@@ -19,8 +19,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        # clone: views that share storage (stacked experts split per expert) must be separate tensors
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp,
+        # copies on the CPU: views that share storage (stacked experts split per expert) must be separate
+        # tensors, and device tensors are written from host memory
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt", **(metadata or {})})
         os.replace(tmp, path)
     except BaseException:

@@ -199,14 +199,25 @@ def _plot_loss_terms(tr, out, made):
 
 
 def _plot_bpb(va, final, out, made):
-    vx, vy = series(va, "val_bpb")
+    """Periodic validation (a few batches) as a line; the closing evaluation (final_eval_tokens, the bytes xz
+    is measured on) as its own marker, since it scores more tokens than the periodic points."""
+    pts = [(r["step"], _num(r.get("val_bpb")), r.get("val_tokens")) for r in va if _num(r.get("val_bpb")) is not None]
     xz = _num(final.get("xz_bpb"))
-    if not vy:
+    if not pts:
         return
+    sizes = [p[2] or 0 for p in pts]
+    closing = pts[-1] if final and len(set(sizes)) > 1 and sizes[-1] == max(sizes) else None
+    periodic = pts[:-1] if closing else pts
     fig, (ax,) = _figure()
-    ax.plot(vx, vy, "o-", color="tab:green", ms=4, label="validation bpb")
+    if periodic:
+        n = periodic[-1][2]
+        ax.plot([p[0] for p in periodic], [p[1] for p in periodic], "o-", color="tab:green", ms=4,
+                label="validation bpb" + (f" ({n:,} tokens)" if n else ""))
+    if closing:
+        ax.plot([closing[0]], [closing[1]], "*", color="tab:blue", ms=12,
+                label=f"closing evaluation ({closing[2]:,} tokens): {closing[1]:.3f}")
     if xz is not None:
-        ax.axhline(xz, color="tab:red", ls="--", label=f"xz -9 ({xz:.3f} bpb)")
+        ax.axhline(xz, color="tab:red", ls="--", label=f"xz -9 on the closing bytes ({xz:.3f} bpb)")
     _label(ax, "Validation bits per byte", "bits per byte")
     ax.legend()
     _save(fig, out, "bpb.png", made, "Validation bits per byte against the xz -9 baseline")

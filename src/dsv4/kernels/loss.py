@@ -36,6 +36,7 @@ class _FusedLinearCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(w, dtype=acc) if need_w else None
+        w_h = w.to(h.dtype)  # the products below take explicit dtypes (out= and in-place are not autocast)
         for s in range(0, n, chunk):
             hs, ts = h[s:s + chunk], target[s:s + chunk]
             logp = torch.log_softmax(F.linear(hs, w).to(acc), -1)
@@ -44,7 +45,7 @@ class _FusedLinearCE(torch.autograd.Function):
             g[torch.arange(len(ts)), ts] -= 1.0               # d CE / d logits, times n
             g = g.to(h.dtype)
             if need_h:
-                torch.mm(g, w, out=grad_h[s:s + chunk]).mul_(1.0 / n)
+                torch.mm(g, w_h, out=grad_h[s:s + chunk]).mul_(1.0 / n)
             if need_w:
                 if grad_w.dtype == h.dtype:
                     grad_w.addmm_(g.T, hs, alpha=1.0 / n)

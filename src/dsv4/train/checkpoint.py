@@ -50,13 +50,18 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
-    return ({"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))},
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return (tensors,
             {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
              "python": repr(random.getstate())})
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
     name, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     import ast

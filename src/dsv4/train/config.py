@@ -39,6 +39,7 @@ class TrainConfig:
     keep_last: int = 3
     dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)
     threads: int = 0  # torch threads; 0 = leave torch's default
+    device: str = "cpu"  # cpu | cuda | cuda:N (dtype=auto: fp32 on the CPU, bf16 autocast on a GPU that has it)
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
     # Engram tables (models with engram_layer_ids): where the rows live and how they are fed and trained
@@ -60,6 +61,7 @@ class TrainConfig:
             raise ConfigError(f"minutes={self.minutes!r}: must be > 0")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile={self.compile!r}: must be auto, on or off")
+        self.validate_device()
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype={self.dtype!r}: must be auto, fp32 or bf16")
         if self.engram_store not in ("ram", "mmap"):
@@ -68,6 +70,15 @@ class TrainConfig:
             raise ConfigError("engram_hot_rows and engram_lr_mult must be >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
+
+    def validate_device(self) -> None:
+        """ConfigError in one line when `device` names no usable device on this machine."""
+        from dsv4.device import resolve_device
+
+        try:
+            resolve_device(self.device, "device=")
+        except ValueError as e:
+            raise ConfigError(str(e).replace("device= ", "device=", 1)) from None
 
     def to_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ConfigError, ModelConfig
+from dsv4.device import resolve_device
 from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_documents, load_tokenizer, split_files,
                        token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
@@ -44,12 +45,15 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite losses)."""
 
 
-def pick_dtype(choice: str) -> torch.dtype:
-    """fp32, bf16, or for 'auto' whichever matmul is faster on this machine (bf16 needs AMX to win)."""
+def pick_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """fp32, bf16, or for 'auto': on a CUDA device bf16 when it supports it (autocast, fp32 weights), on the
+    CPU whichever matmul is faster on this machine (bf16 needs AMX to win)."""
     if choice == "fp32":
         return torch.float32
     if choice == "bf16":
         return torch.bfloat16
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     f32 = measure_matmul_peak(torch.float32, n=512, seconds=0.2)
     b16 = measure_matmul_peak(torch.bfloat16, n=512, seconds=0.2)
     return torch.bfloat16 if b16 > 1.2 * f32 else torch.float32
@@ -133,7 +137,7 @@ class Trainer:
             if not (run / "train_config.json").exists():
                 raise ConfigError(f"--resume: {run} has no train_config.json (not a dsv4 run directory)")
             saved = TrainConfig.from_json(run / "train_config.json")
-            saved.progress = tc.progress
+            saved.progress, saved.device = tc.progress, tc.device  # a run may continue on another device
             tc = saved
             mc = ModelConfig.from_json(run / "model_config.json")
         else:
@@ -156,10 +160,15 @@ class Trainer:
         tc.to_json(self.run / "train_config.json")
         mc.to_json(self.run / "model_config.json")
         torch.manual_seed(tc.seed)
+        self.device = resolve_device(tc.device, "device=")
         self.model = Transformer(mc)
-        self.model.init_weights(seed=tc.seed)
+        self.model.init_weights(seed=tc.seed)  # on the CPU: the same weights on every device
+        self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
         self.engram = None
+        if mc.engram_layer_ids and self.device.type != "cpu":
+            raise ConfigError(f"device={tc.device}: Engram training keeps its tables and their optimiser in host "
+                              "memory and runs on the CPU only; use device=cpu")
         if mc.engram_layer_ids:
             from dsv4.model.engram import canonical_map, save_canonical_map
             from dsv4.train.engram import EngramTraining
@@ -169,7 +178,7 @@ class Trainer:
             self.model.set_canonical_map(cmap)
             self.engram = EngramTraining(self.model, tc.engram_store, tc.engram_dir or self.run / "engram_tables",
                                          tc.engram_prefetch, tc.engram_hot_rows, tc.engram_lr_mult, tc.seed)
-        self.dtype = pick_dtype(tc.dtype)
+        self.dtype = pick_dtype(tc.dtype, self.device)
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
         self.has_indexer = any(k in ("csa", "dsa") for k in mc.layer_kinds)
@@ -187,7 +196,7 @@ class Trainer:
                 print(f"resumed from {ck} at step {self.state['step']}")
         self._truncate_metrics(self.state["step"])  # also drops the records of a run restarted at step 0
         # best of three short runs: one unlucky slice of a shared CPU must not inflate MFU
-        self.peak = max(measure_matmul_peak(torch.float32, n=1024, seconds=0.3) for _ in range(3))
+        self.peak = max(measure_matmul_peak(self.dtype, n=1024, seconds=0.3, device=self.device) for _ in range(3))
         self.flops_tok = flops_per_token(mc, tc.seq_len)
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
 
@@ -226,7 +235,7 @@ class Trainer:
         lr = tc.indexer_lr if warmup else lr_at(step - self.warm, tc.lr, tc.warmup_steps, total - self.warm,
                                                  tc.min_lr_ratio)
         set_lr(self.optimizer, lr)
-        batch = self.data.batches.get(step)
+        batch = self.data.batches.get(step).to(self.device, non_blocking=True)
         seg = batch.segment_ids if tc.doc_mask else None
         model.train()
         pre = None
@@ -234,7 +243,7 @@ class Trainer:
             pre = self.engram.take_prefetched()
             nxt = self.data.batches.get(step + 1)     # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.has_indexer,
                                     self.mc.mtp_loss_weight, pre)
         rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
@@ -296,7 +305,8 @@ class Trainer:
         nats, n_tok, n_bytes, first = score_batches(model, batches, tc.doc_mask, self.dtype)
         rec = {"kind": "val", "step": step, "val_loss": nats / n_tok, "val_bpb": bits_per_byte(nats, n_bytes),
                "val_tokens": n_tok}
-        ids, seg = first.input_ids[:1], (first.segment_ids[:1] if tc.doc_mask else None)
+        ids = first.input_ids[:1].to(self.device)
+        seg = first.segment_ids[:1].to(self.device) if tc.doc_mask else None
         if self.has_indexer:
             rc = indexer_recall(model, ids, seg)
             rec["indexer_layers"] = list(rc)
