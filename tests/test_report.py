@@ -131,3 +131,24 @@ def test_flops_per_token_and_mfu():
     # longer contexts cost more through the attention term only
     assert flops_per_token(cfg, 4096) > flops_per_token(cfg, 256)
     assert mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+
+
+def test_warmup_flops_count_what_an_indexer_warmup_step_computes():
+    """A warm-up step: forward without LM head or MTP, dense attention over every visible entry, the
+    indexers' scoring forward + backward and their own weights' backward; far less than a training step
+    (warm-up MFU was reported at 150-210% when counted as one)."""
+    from conftest import small_config
+
+    from dsv4.info import count_params
+
+    cfg = small_config()
+    comp = count_params(cfg)["components"]
+    w = flops_breakdown(cfg, 256, stage="warmup")
+    assert w["n_active"] == count_params(cfg)["active"] - comp["head"]
+    assert w["matmul"] == 2 * w["n_active"] + 4 * comp["attention.indexer"]
+    assert w["indexer"] == pytest.approx(flops_breakdown(cfg, 256, include_mtp=False)["indexer"])  # fwd + bwd
+    assert w["attention"] > flops_breakdown(cfg, 256, training=False, include_mtp=False)["attention"]  # dense
+    assert w["total"] < 0.5 * flops_per_token(cfg, 256)
+    assert flops_per_token(cfg, 256, stage="warmup") == w["total"]
+    with pytest.raises(ValueError, match="stage"):
+        flops_breakdown(cfg, 256, stage="dense")

@@ -48,13 +48,15 @@ def xz_bits_per_byte(data: bytes) -> float:
 
 
 # ------------------------------------------------------------------------------ FLOPs
-def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int) -> tuple[float, float]:
+def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int, dense: bool = False
+              ) -> tuple[float, float]:
     """Mean over query positions t in [0, seq_len) of (attended keys, indexer-scored entries).
 
     Counts from dsv4.model.indexer (visible_count, window_count): the raw window holds min(t+1, n_win)
     tokens; hca adds every complete compressed entry ((t+1) // m of them); csa adds the indexer's
     top-k of those; dsa (m = 1) adds the indexer's top-k raw tokens outside the window. The indexer
-    scores every causally visible entry ((t+1) // m, i.e. t+1 raw tokens for dsa).
+    scores every causally visible entry ((t+1) // m, i.e. t+1 raw tokens for dsa). dense=True (the
+    indexer warm-up): csa and dsa attend every visible entry instead of the top-k.
     """
     t1 = np.arange(1, seq_len + 1, dtype=np.float64)  # t + 1
     keys = window_count(t1, window)
@@ -63,22 +65,32 @@ def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int) -> tu
         keys = keys + visible_count(t1, ratio)
     elif kind == "csa":
         scored = visible_count(t1, ratio)
-        keys = keys + np.minimum(topk, scored)
+        keys = keys + (scored if dense else np.minimum(topk, scored))
     elif kind == "dsa":
         scored = visible_count(t1, ratio)
-        keys = keys + np.minimum(topk, visible_count(t1, ratio, window))
+        outside = visible_count(t1, ratio, window)
+        keys = keys + (outside if dense else np.minimum(topk, outside))
     return float(keys.mean()), float(scored.mean())
 
 
-def flops_breakdown(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True) -> dict:
-    """FLOPs per token, split into terms (see ``flops_per_token``); values are floats."""
+def flops_breakdown(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True,
+                    stage: str = "sparse") -> dict:
+    """FLOPs per token, split into terms (see ``flops_per_token``); values are floats.
+
+    stage="warmup": a step of the indexer warm-up as the trainer computes it: the forward of the main
+    blocks without the LM head and MTP (2 N), attention over every visible entry, the indexers'
+    scoring forward and backward, and the backward of the indexers' own weights (4 N_indexer); nothing
+    else has a gradient."""
     from dsv4.info import count_params
 
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
+    if stage not in ("sparse", "warmup"):
+        raise ValueError(f"stage={stage!r}: must be 'sparse' or 'warmup'")
     cfg = model_cfg
     pc = count_params(cfg)
-    n_mtp = cfg.num_nextn_predict_layers if include_mtp else 0
+    warm = stage == "warmup"
+    n_mtp = cfg.num_nextn_predict_layers if include_mtp and not warm else 0
     # active params without the input embedding (a row lookup), LM head included; the MTP blocks
     # add their per-token share and run the shared LM head once more per depth.
     n_active = pc["active"] + (pc["mtp_active"] + n_mtp * pc["components"].get("head", 0) if n_mtp else 0)
@@ -88,18 +100,25 @@ def flops_breakdown(model_cfg, seq_len: int, training: bool = True, include_mtp:
     for i in range(cfg.num_hidden_layers + n_mtp):
         key = (cfg.layer_kind(i), cfg.compress_ratio(i))
         if key not in cache:
-            cache[key] = _avg_keys(seq_len, key[0], key[1], cfg.sliding_window, cfg.index_topk)
+            cache[key] = _avg_keys(seq_len, key[0], key[1], cfg.sliding_window, cfg.index_topk, dense=warm)
         keys, scored = cache[key]
         attn += 2 * 2 * h * c * keys                                 # q.k and p.v, 2 FLOPs per MAC
         index += 2 * cfg.index_n_heads * cfg.index_head_dim * scored  # q_I.k_I per indexer head
-    mult = 3 if training else 1  # backward = 2 x forward
-    out = {"n_active": float(n_active), "matmul": 2.0 * mult * n_active,
-           "attention": float(mult * attn), "indexer": float(mult * index)}
+    if warm:
+        n_fwd = n_active - pc["components"].get("head", 0)
+        n_ix = pc["components"].get("attention.indexer", 0)
+        out = {"n_active": float(n_fwd), "matmul": 2.0 * n_fwd + 4.0 * n_ix, "attention": float(attn),
+               "indexer": float(3 * index)}
+    else:
+        mult = 3 if training else 1  # backward = 2 x forward
+        out = {"n_active": float(n_active), "matmul": 2.0 * mult * n_active,
+               "attention": float(mult * attn), "indexer": float(mult * index)}
     out["total"] = out["matmul"] + out["attention"] + out["indexer"]
     return out
 
 
-def flops_per_token(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True) -> float:
+def flops_per_token(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True,
+                    stage: str = "sparse") -> float:
     """Model FLOPs per token for MFU: 6 * N_active + 3 * (attention + indexer scoring) forward FLOPs.
 
     - Matmul term: the standard ``6 N`` (Kaplan et al. 2020; forward 2N, backward 4N) with
@@ -119,8 +138,9 @@ def flops_per_token(model_cfg, seq_len: int, training: bool = True, include_mtp:
     - Attention and indexer terms are multiplied by 3 when training (backward = 2 x forward).
     Ignored (each well under 1%): softmax/norm/activation elementwise work, the Sinkhorn of mHC,
     top-k selection, router scoring beyond its matmul.
+    stage="warmup" counts a step of the indexer warm-up instead (see flops_breakdown).
     """
-    return flops_breakdown(model_cfg, seq_len, training=training, include_mtp=include_mtp)["total"]
+    return flops_breakdown(model_cfg, seq_len, training=training, include_mtp=include_mtp, stage=stage)["total"]
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

@@ -198,6 +198,7 @@ class Trainer:
         # best of three short runs: one unlucky slice of a shared CPU must not inflate MFU
         self.peak = max(measure_matmul_peak(self.dtype, n=1024, seconds=0.3, device=self.device) for _ in range(3))
         self.flops_tok = flops_per_token(mc, tc.seq_len)
+        self.flops_warm = flops_per_token(mc, tc.seq_len, stage="warmup")  # an indexer warm-up step
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
 
     def _truncate_metrics(self, step: int) -> None:
@@ -331,7 +332,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=st["total_steps"], initial=start, unit="step", dynamic_ncols=True, desc="train")
-        window_t, window_tok, step_times = time.perf_counter(), 0, []
+        window_t, window_tok, window_flops, step_times = time.perf_counter(), 0, 0.0, []
         step = start
         self._in_update = self._pending_interrupt = False
         old_handler = None
@@ -345,6 +346,8 @@ class Trainer:
                 dt = time.perf_counter() - ts
                 st["tokens"] += tokens_per_step
                 window_tok += tokens_per_step
+                window_flops += tokens_per_step * (self.flops_warm if rec["stage"] == "indexer_warmup"
+                                                   else self.flops_tok)
                 step += 1
                 st["step"] = step
                 st["elapsed"] = time.perf_counter() - t0
@@ -358,10 +361,10 @@ class Trainer:
                 if step % tc.log_every == 0 or step == st["total_steps"]:
                     now = time.perf_counter()
                     rec["tok_per_s"] = window_tok / (now - window_t)
-                    rec["mfu"] = rec["tok_per_s"] * self.flops_tok / self.peak
+                    rec["mfu"] = window_flops / (now - window_t) / self.peak  # FLOPs of the steps as computed
                     rec["tokens"] = st["tokens"]
                     rec["time"] = st["elapsed"]
-                    window_t, window_tok = now, 0
+                    window_t, window_tok, window_flops = now, 0, 0.0
                     self.write(rec)
                 if bar is not None:
                     bar.update(1)
