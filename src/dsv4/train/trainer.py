@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.device import resolve_device
 from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_documents, load_tokenizer, split_files,
                        token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
+from dsv4.device import resolve_device
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
 from dsv4.eval.text_bpb import score_batches
