@@ -509,3 +509,19 @@ def test_train_demo_runs_a_fixed_step_budget_and_prints_the_bpb_line(corpus, tmp
     bpb_line = [x for x in lines if x.startswith("validation bits per byte:")]
     assert len(bpb_line) == 1 and "xz -9 on the same" in bpb_line[0]
     assert TrainConfig.from_json(tmp_path / "demo" / "train_config.json").steps == 3
+
+
+def test_resume_keeps_or_changes_the_device_and_rejects_a_missing_one(tmp_path):
+    """--resume without --device keeps the run's own device; a device this machine lacks is a one-line
+    ConfigError before any data or model is touched (here a run saved with device=cuda:99)."""
+    from dsv4.config import ConfigError
+    from dsv4.train.config import TrainConfig
+
+    run = tmp_path / "r"
+    run.mkdir()
+    TrainConfig(out=str(run), steps=2, device="cuda:99").to_json(run / "train_config.json")
+    ModelConfig.preset("tiny").to_json(run / "model_config.json")
+    with pytest.raises(ConfigError, match="device=cuda:99"):
+        trainer_mod.Trainer.create(TrainConfig(out=str(run), progress=False, device=""), resume=True)
+    with pytest.raises(ConfigError, match="device=cuda:98"):
+        trainer_mod.Trainer.create(TrainConfig(out=str(run), progress=False, device="cuda:98"), resume=True)

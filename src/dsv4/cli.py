@@ -74,9 +74,12 @@ def cmd_train(args) -> int:
         raise ConfigError("--resume continues a run with its saved settings; drop --steps/--minutes/overrides")
     if not args.resume and args.steps is None and args.minutes is None:
         raise ConfigError("give --steps N or --minutes M")
+    # --resume without --device continues on the run's own device ("" = keep it)
+    device = args.device or ("" if args.resume else "cpu")
     tc = TrainConfig(preset=args.preset, data=args.data, out=args.out, tokenizer=args.tokenizer,
-                     steps=args.steps, minutes=args.minutes, progress=not args.no_progress, device=args.device)
-    tc.validate_device()
+                     steps=args.steps, minutes=args.minutes, progress=not args.no_progress, device=device)
+    if device:
+        tc.validate_device()
     final = train(tc, args.overrides, resume=args.resume)
     print(f"val bits/byte {final['val_bpb']:.3f} (xz -9 on the same bytes: {final['xz_bpb']:.3f}); "
           f"run in {args.out}")
@@ -269,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
     tr.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.add_argument("--device", default="cpu", metavar="DEV",
-                    help="cpu (default, fp32), cuda or cuda:N (bf16 autocast where the GPU has it); with --resume "
-                         "the run continues there")
+    tr.add_argument("--device", default=None, metavar="DEV",
+                    help="cpu (default, fp32), cuda or cuda:N (bf16 autocast where the GPU has it); with --resume: "
+                         "continue there (default: the run's own device)")
     tr.add_argument("overrides", nargs="*", metavar="key=value",
                     help="training or model config fields, e.g. lr=1e-3 seq_len=512 hidden_size=128")
     tr.set_defaults(func=cmd_train)

@@ -137,7 +137,10 @@ class Trainer:
             if not (run / "train_config.json").exists():
                 raise ConfigError(f"--resume: {run} has no train_config.json (not a dsv4 run directory)")
             saved = TrainConfig.from_json(run / "train_config.json")
-            saved.progress, saved.device = tc.progress, tc.device  # a run may continue on another device
+            saved.progress = tc.progress
+            if tc.device:  # a run may continue on another device; "" keeps its own
+                saved.device = tc.device
+            saved.validate_device()
             tc = saved
             mc = ModelConfig.from_json(run / "model_config.json")
         else:
