@@ -141,7 +141,7 @@ def bench_decode(model, dev, context: int, batch: int, args, step_fn) -> dict:
 
 
 def check_training(dev: torch.device, steps: int, check) -> float | None:
-    """A few trainer steps on the device, then one more after a resume; returns training tokens/s."""
+    """A few trainer steps on the device (every loss finite, a checkpoint written); returns training tokens/s."""
     import json
     import tempfile
     from pathlib import Path

@@ -24,7 +24,8 @@ untimed steps (default 1; it includes the compilation), then --steps timed steps
 step time is reported and tokens/s = batch * seq / median. Each variant is built, warmed up, timed and
 freed before the next, so one model is in memory at a time, as in a training run; --round-robin builds
 all five first and interleaves their steps instead, which on these machines slowed the dense baseline
-by up to 1.6x (its big logits buffers then come from a crowded heap) and so flattered the ratios. The min step time is shown too.
+by up to 1.6x (its big logits buffers then come from a crowded heap) and so flattered the ratios. The
+min step time is shown too.
 
 Also reported: MFU of each dsv4 variant (model FLOPs of dsv4.eval.bpb.flops_per_token over the fp32
 matmul peak measured in the same run), the time split of the dsv4 steps (mHC, attention, MoE, heads,
@@ -178,10 +179,9 @@ def _make_dsv4(args, optimizer: str, mtp: bool):
     if args.attn:
         model.set_attention_impl(args.attn)
     opt = _adamw(model) if optimizer == "adamw" else build_optimizer(model, lr=1e-3)
-    indexer = any(k in ("csa", "dsa") for k in cfg.layer_kinds)
 
     def loss_fn(ids, targets):
-        return step_loss(model, ids, targets, indexer=indexer, mtp_weight=MTP_WEIGHT)[0]
+        return step_loss(model, ids, targets, mtp_weight=MTP_WEIGHT)[0]
 
     return model, opt, loss_fn
 
@@ -317,6 +317,12 @@ def format_table(res: dict) -> str:
         rows.append((name, f"{r['params']:,}", f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
                      "-" if ratio is None else f"{ratio:.2f}x", f"{r['min_step_s']:.3f}",
                      f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"))
+    return _layout(rows)
+
+
+def _layout(rows: list[tuple]) -> str:
+    """Rows of strings as a text table: first column left-aligned, the others right-aligned, a rule under
+    the header."""
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
@@ -332,12 +338,7 @@ def format_split(res: dict) -> str:
     for name, r in res["results"].items():
         if "split_s" in r:
             rows.append((name,) + tuple(f"{r['split_s'][k]:.3f}" for k in SPLIT_PARTS))
-    if len(rows) == 1:
-        return ""
-    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
+    return _layout(rows) if len(rows) > 1 else ""
 
 
 def result_lines(res: dict) -> list[str]:
@@ -379,7 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="skip the per-part time split (mHC, attention, MoE, heads, optimiser)")
     p.add_argument("--attn", choices=("chunked", "reference", "sparse"), default=None,
-                   help="dsv4 attention implementation (default: the model's default, chunked)")
+                   help="dsv4 attention implementation (default: the model's default, sparse)")
     p.add_argument("--round-robin", dest="sequential", action="store_false",
                    help="interleave the variants step by step (default: all steps of one variant, then the next)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
@@ -479,7 +480,7 @@ def run(args=None) -> dict:
         res = dict(hardware=hw, command=command,
                    config=dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                order="sequential" if args.sequential else "round-robin",
-                               threads=args.threads, dtype="float32", attn=args.attn or "chunked",
+                               threads=args.threads, dtype="float32", attn=args.attn or "sparse",
                                only=args.only, dense_mlp_width=DENSE_MLP_WIDTH),
                    results=results, tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
                    matmul_peak_flops=peak,
@@ -500,7 +501,8 @@ def run(args=None) -> dict:
         ns = res["results"].get("dsv4/muon/mtp", {}).get("newton_schulz_flops")
         if ns:
             line = (f"Muon's Newton-Schulz alone (10 iterations on every matrix, the expert matrices included): "
-                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured peak, whatever the batch")
+                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured peak, "
+                    "whatever the batch")
             if "dense/adamw" in res["results"]:
                 line += f"; the dense baseline's whole step: {res['results']['dense/adamw']['median_step_s']:.2f} s"
             say(line)

@@ -121,6 +121,11 @@ class ModelConfig:
     def layer_kinds(self) -> list[str]:
         return [self.layer_kind(i) for i in range(self.num_hidden_layers)]
 
+    @property
+    def has_indexer(self) -> bool:
+        """Whether some main layer has a lightning indexer (CSA or DSA)."""
+        return any(k in ("csa", "dsa") for k in self.layer_kinds)
+
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         def need(cond: bool, name: str, rule: str):

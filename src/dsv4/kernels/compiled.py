@@ -25,11 +25,8 @@ def enabled() -> bool:
     return _ENABLED
 
 
-def _backend(args):
-    from dsv4.kernels.inductor import cpu_backend
-
-    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
-    return cpu_backend if devices == {"cpu"} else "inductor"
+def _on_cpu(args) -> bool:
+    return {a.device.type for a in args if isinstance(a, torch.Tensor)} == {"cpu"}
 
 
 def fusable(fn):
@@ -39,11 +36,12 @@ def fusable(fn):
     def wrapper(*args, **kwargs):
         if not _ENABLED:
             return fn(*args, **kwargs)
-        backend = _backend(args)
-        key = backend if isinstance(backend, str) else "cpu"
-        if key not in compiled:
-            compiled[key] = torch.compile(fn, dynamic=False, backend=backend)
-        return compiled[key](*args, **kwargs)
+        cpu = _on_cpu(args)
+        if cpu not in compiled:  # one twin per kind of device: CPU graphs get the few-rows rule
+            from dsv4.kernels.inductor import cpu_backend
+
+            compiled[cpu] = torch.compile(fn, dynamic=False, backend=cpu_backend if cpu else "inductor")
+        return compiled[cpu](*args, **kwargs)
 
     wrapper.eager = fn
     return wrapper

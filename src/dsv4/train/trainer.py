@@ -80,14 +80,13 @@ def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = Non
 
 
 def step_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, segment_ids=None,
-              warmup: bool = False, indexer: bool = True, mtp_weight: float = 0.3, engram_prefetched=None
-              ) -> tuple[torch.Tensor, dict]:
+              warmup: bool = False, mtp_weight: float = 0.3, engram_prefetched=None) -> tuple[torch.Tensor, dict]:
     """The loss one training step minimises, and its parts (0-dim tensors, for the log).
 
     Indexer warm-up (stage 1): the indexers' KL to dense attention alone. Otherwise (stage 2):
     LM + mtp_weight * MTP + MoE balance loss + the indexers' KL on their selected entries, with the LM
     and MTP heads fused with their cross entropy (out.h / out.mtp_h, dsv4.kernels.loss)."""
-    mode = "dense" if warmup else ("sparse" if indexer else None)
+    mode = "dense" if warmup else ("sparse" if model.cfg.has_indexer else None)
     out = model(input_ids, return_mtp=not warmup, segment_ids=segment_ids, indexer_mode=mode,
                 compute_logits=False, engram_prefetched=engram_prefetched)
     parts = {}
@@ -184,7 +183,7 @@ class Trainer:
         self.dtype = pick_dtype(tc.dtype, self.device)
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
-        self.has_indexer = any(k in ("csa", "dsa") for k in mc.layer_kinds)
+        self.has_indexer = mc.has_indexer
         self.warm = tc.indexer_warmup_steps if self.has_indexer else 0
         self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0,
                       "tokens": 0}
@@ -248,8 +247,7 @@ class Trainer:
             nxt = self.data.batches.get(step + 1)     # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.has_indexer,
-                                    self.mc.mtp_loss_weight, pre)
+            loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight, pre)
         rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
         rec.update({k: v.item() for k, v in parts.items()})
         rec["loss"] = loss.item()
