@@ -12,7 +12,9 @@ Variants
   dsv4/adamw/mtp      ModelConfig.preset('tiny') Transformer, torch.optim.AdamW
   dsv4/adamw/no-mtp   the same preset without its MTP block (num_nextn_predict_layers=0)
   dsv4/muon/mtp       the default V4 step: the project's optimizer (Muon + AdamW groups,
-                      dsv4.optim.groups.build_optimizer(model, lr=1e-3)) and MTP
+                      dsv4.optim.groups.build_optimizer(model, lr=1e-3)) and MTP; Newton-Schulz in
+                      the trainer's default precision (ns_dtype=auto: bf16 where the bf16 matmul is
+                      faster on this machine, as torch.optim.Muon always does; --ns-dtype to pin it)
   dsv4/muon/no-mtp
 
 One train step = zero_grad, forward, loss, backward, gradient clipping (norm 1.0), optimizer step. The
@@ -178,7 +180,8 @@ def _make_dsv4(args, optimizer: str, mtp: bool):
     model = Transformer(cfg)
     if args.attn:
         model.set_attention_impl(args.attn)
-    opt = _adamw(model) if optimizer == "adamw" else build_optimizer(model, lr=1e-3)
+    opt = (_adamw(model) if optimizer == "adamw"
+           else build_optimizer(model, lr=1e-3, ns_bf16=getattr(args, "ns_bf16", False)))
 
     def loss_fn(ids, targets):
         return step_loss(model, ids, targets, mtp_weight=MTP_WEIGHT)[0]
@@ -383,6 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dsv4 attention implementation (default: the model's default, sparse)")
     p.add_argument("--round-robin", dest="sequential", action="store_false",
                    help="interleave the variants step by step (default: all steps of one variant, then the next)")
+    p.add_argument("--ns-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="Muon's Newton-Schulz precision (default: auto, the trainer's default: bf16 where its "
+                        "matmul is faster on this machine)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no printing (for tests)")
     return p.parse_args(argv)
@@ -401,6 +407,9 @@ def run(args=None) -> dict:
 
     compiled.enable(bool(getattr(args, "compile", False)))
     from dsv4.eval.bpb import flops_per_token, measure_matmul_peak, mfu
+    from dsv4.train.trainer import pick_dtype
+
+    args.ns_bf16 = pick_dtype(getattr(args, "ns_dtype", "fp32")) == torch.bfloat16
 
     try:
         say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
@@ -414,7 +423,8 @@ def run(args=None) -> dict:
             say(f"command: {command}")
         say(f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step, fp32, "
             f"warm-up {args.warmup}, timed steps {args.steps}, dsv4 attention: {args.attn or 'default (sparse)'}, "
-            f"compiled mHC: {bool(getattr(args, 'compile', False))}")
+            f"compiled mHC: {bool(getattr(args, 'compile', False))}, Muon's Newton-Schulz in "
+            f"{'bf16' if args.ns_bf16 else 'fp32'}")
 
         torch.manual_seed(1234)
         vocab = 8192
@@ -481,6 +491,7 @@ def run(args=None) -> dict:
                    config=dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                order="sequential" if args.sequential else "round-robin",
                                threads=args.threads, dtype="float32", attn=args.attn or "sparse",
+                               ns_dtype="bfloat16" if args.ns_bf16 else "float32",
                                only=args.only, dense_mlp_width=DENSE_MLP_WIDTH),
                    results=results, tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
                    matmul_peak_flops=peak,
@@ -501,8 +512,9 @@ def run(args=None) -> dict:
         ns = res["results"].get("dsv4/muon/mtp", {}).get("newton_schulz_flops")
         if ns:
             line = (f"Muon's Newton-Schulz alone (10 iterations on every matrix, the expert matrices included): "
-                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured peak, "
-                    "whatever the batch")
+                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured fp32 peak, "
+                    "whatever the batch" + (" (this run iterates in bf16, whose matmul is faster here)"
+                                            if args.ns_bf16 else ""))
             if "dense/adamw" in res["results"]:
                 line += f"; the dense baseline's whole step: {res['results']['dense/adamw']['median_step_s']:.2f} s"
             say(line)

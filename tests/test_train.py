@@ -37,8 +37,8 @@ from dsv4.weights import load_state_dict
 MODEL = ("vocab_size=512 hidden_size=64 num_attention_heads=2 head_dim=32 qk_rope_head_dim=8 q_lora_rank=32 "
          "o_lora_rank=32 o_groups=2 moe_intermediate_size=64 index_n_heads=4 index_head_dim=16 index_topk=8 "
          "sliding_window=16 compress_ratios=[0,4,16,0] num_hidden_layers=3").split()
-# dtype=fp32: no bf16-vs-fp32 timing at start-up, and bitwise-reproducible arithmetic.
-RUN = ("seq_len=64 batch_size=2 progress=false dtype=fp32 log_every=1 eval_every=2 eval_batches=2 "
+# dtype=fp32, ns_dtype=fp32: no bf16-vs-fp32 timing at start-up, and bitwise-reproducible arithmetic.
+RUN = ("seq_len=64 batch_size=2 progress=false dtype=fp32 ns_dtype=fp32 log_every=1 eval_every=2 eval_batches=2 "
        "ckpt_every=2 keep_last=2 indexer_warmup_steps=2 warmup_steps=2").split()
 SMALL = MODEL + RUN
 
@@ -525,3 +525,23 @@ def test_resume_keeps_or_changes_the_device_and_rejects_a_missing_one(tmp_path):
         trainer_mod.Trainer.create(TrainConfig(out=str(run), progress=False, device=""), resume=True)
     with pytest.raises(ConfigError, match="device=cuda:98"):
         trainer_mod.Trainer.create(TrainConfig(out=str(run), progress=False, device="cuda:98"), resume=True)
+
+
+@pytest.mark.parametrize("ns_dtype, bf16", [("fp32", False), ("bf16", True)])
+def test_ns_dtype_sets_muons_newton_schulz_precision_and_resume_keeps_it(corpus, tokenizer, tmp_path, ns_dtype, bf16):
+    """ns_dtype reaches every Muon group of the optimiser; --resume takes the precision saved with the
+    optimiser state even when the run's config now says otherwise (as ns_dtype=auto may measure otherwise on
+    another machine), so a resumed run continues exactly; a bad value is a ConfigError."""
+    from dsv4.config import ConfigError
+
+    over = [o for o in SMALL if not o.startswith("ns_dtype")] + [f"ns_dtype={ns_dtype}"]
+    run = tmp_path / "run"
+    train(_tc(run, corpus, tokenizer, 2), over)
+    saved = TrainConfig.from_json(run / "train_config.json")
+    saved.ns_dtype = "bf16" if ns_dtype == "fp32" else "fp32"
+    saved.to_json(run / "train_config.json")
+    tr = Trainer.create(TrainConfig(out=str(run), progress=False), resume=True)
+    muon = [g for g in tr.optimizer.param_groups if g["algorithm"] == "muon"]
+    assert muon and all(g["ns_bf16"] is bf16 for g in muon)
+    with pytest.raises(ConfigError, match="ns_dtype='fp16'"):
+        TrainConfig(steps=2, ns_dtype="fp16").validate()

@@ -14,8 +14,9 @@ from dsv4.train.checkpoint import latest_checkpoint
 from dsv4.train.config import TrainConfig
 
 DEMO_STEPS = 240     # ~7 min of training on an idle 2-core AMD EPYC (fp32), the slowest machine measured
-# fp32 pinned (not dtype=auto, which picks bf16 where it is faster): every machine runs the same arithmetic
-DEMO_CONFIG = {"batch_size": 8, "seq_len": 512, "lr": 8e-3, "dtype": "fp32", "compile": "on", "eval_every": 50,
+# fp32 pinned (not dtype=auto / ns_dtype=auto, which pick bf16 where it is faster): every machine runs the
+# same arithmetic
+DEMO_CONFIG = {"batch_size": 8, "seq_len": 512, "lr": 8e-3, "dtype": "fp32", "ns_dtype": "fp32", "compile": "on", "eval_every": 50,
                "eval_batches": 4, "ckpt_every": 100, "log_every": 5, "indexer_warmup_steps": 10,
                "final_eval_tokens": 131072}
 # the tiny preset without its MTP block (1.5x the tokens per second, no worse per step) and with experts

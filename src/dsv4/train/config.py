@@ -38,6 +38,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)
+    ns_dtype: str = "auto"  # Muon's Newton-Schulz iterations: auto | fp32 | bf16 (auto: bf16 where its matmul is faster)
     threads: int = 0  # torch threads; 0 = leave torch's default
     device: str = "cpu"  # cpu | cuda | cuda:N (dtype=auto: fp32 on the CPU, bf16 autocast on a GPU that has it)
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
@@ -62,8 +63,9 @@ class TrainConfig:
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile={self.compile!r}: must be auto, on or off")
         self.validate_device()
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"dtype={self.dtype!r}: must be auto, fp32 or bf16")
+        for key in ("dtype", "ns_dtype"):
+            if getattr(self, key) not in ("auto", "fp32", "bf16"):
+                raise ConfigError(f"{key}={getattr(self, key)!r}: must be auto, fp32 or bf16")
         if self.engram_store not in ("ram", "mmap"):
             raise ConfigError(f"engram_store={self.engram_store!r}: must be ram or mmap")
         if self.engram_hot_rows < 0 or self.engram_lr_mult < 0:
