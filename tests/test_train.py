@@ -545,3 +545,84 @@ def test_ns_dtype_sets_muons_newton_schulz_precision_and_resume_keeps_it(corpus,
     assert muon and all(g["ns_bf16"] is bf16 for g in muon)
     with pytest.raises(ConfigError, match="ns_dtype='fp16'"):
         TrainConfig(steps=2, ns_dtype="fp16").validate()
+
+
+# ------------------------------------------------- short budgets, planning, progress (issue 13, items 1, 9, 11)
+@pytest.mark.parametrize("total, has_indexer, warm, lr_warm", [
+    (17, True, 1, 1), (60, True, 6, 5), (240, True, 24, 20), (1000, True, 30, 20), (17, False, 0, 1),
+    (5, True, 0, 1)])
+def test_warmups_scale_with_the_planned_steps(total, has_indexer, warm, lr_warm):
+    """Left at None, the indexer warm-up is min(30, 10% of the run) and the LR warm-up min(20, 10% of the LM
+    stage); an explicit length is kept (the indexer's capped at the run)."""
+    assert trainer_mod.stage_plan(total, TrainConfig(steps=total), has_indexer) == (warm, lr_warm)
+    assert trainer_mod.stage_plan(total, TrainConfig(steps=total, indexer_warmup_steps=40, warmup_steps=3),
+                                  True) == (min(40, total), 3)
+
+
+def test_a_short_run_trains_the_language_model_and_says_its_budget_is_small(corpus, tokenizer, tmp_path, capsys):
+    """17 steps used to be all indexer warm-up at a rising LR (ending at the random model's loss): now 15 of
+    them train the LM at the full LR, the LM loss falls, and a one-line notice says the budget is small."""
+    over = [o for o in SMALL if not o.startswith(("indexer_warmup_steps", "warmup_steps"))]
+    run = tmp_path / "run"
+    train(_tc(run, corpus, tokenizer, 17), over)
+    rows = [r for r in _metrics(run) if r["kind"] == "train"]
+    stages = [r["stage"] for r in rows]
+    assert stages.count("indexer_warmup") == 1 and stages.count("sparse") == 16
+    lm = [r["lm_loss"] for r in rows if r["stage"] == "sparse"]
+    assert max(r["lr"] for r in rows) == pytest.approx(TrainConfig().lr)
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.15, lm
+    err = capsys.readouterr().err
+    notices = [x for x in err.splitlines() if "too few to train" in x]
+    assert len(notices) == 1 and notices[0].startswith("dsv4: warning: a budget of 17 steps gives only 16")
+
+
+def test_progress_bar_shows_the_lm_loss_and_the_indexer_kl_apart():
+    warm = {"stage": "indexer_warmup", "loss": 0.19, "indexer_loss": 0.19, "lr": 1e-3}
+    sparse = {"stage": "sparse", "loss": 6.9, "lm_loss": 6.5, "indexer_loss": 0.2, "lr": 2e-3, "tok_per_s": 900.0}
+    assert trainer_mod.progress_fields(warm) == {"stage": "indexer warm-up", "indexer_kl": "0.190", "lr": "1.0e-03"}
+    assert trainer_mod.progress_fields(sparse) == {"lm_loss": "6.500", "indexer_kl": "0.200", "lr": "2.0e-03",
+                                                   "tok/s": "900"}
+
+
+def test_a_minutes_run_is_planned_before_its_first_step_without_changing_the_run(corpus, tokenizer, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A --minutes run knows its length (so the bar has a total and an ETA) before step 0: probe steps time
+    both stages at lr 0 and put every piece of state back, so its steps equal those of a --steps run of the
+    planned length, loss for loss. Reaching the budget is no warning."""
+    totals = []
+    real_step = Trainer.train_step
+
+    def recording_step(self, step):
+        totals.append(self.state["total_steps"])
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    over = [o for o in SMALL if not o.startswith(("indexer_warmup_steps", "warmup_steps"))]
+    a = tmp_path / "minutes"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(TrainConfig(data=str(corpus), out=str(a), tokenizer=str(tokenizer), minutes=0.25, progress=False),
+              over)
+    planned = totals[0]
+    assert planned is not None and planned >= 2 and all(t <= planned for t in totals)
+    assert f"planned {planned} steps for 0.25 minutes" in capsys.readouterr().out
+    la = _train_losses(a)
+    b = tmp_path / "steps"
+    saved = TrainConfig.from_json(a / "train_config.json")
+    assert saved.steps is None and saved.minutes == 0.25
+    train(_tc(b, corpus, tokenizer, planned), over)
+    lb = _train_losses(b)
+    common = sorted(set(la) & set(lb))
+    assert len(common) >= 2 and all(la[s] == lb[s] for s in common), (la, lb)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "override lr='abc': expected a number"),
+    ("doc_mask=maybe", "override doc_mask='maybe': expected a boolean"),
+    ("steps=ten", "override steps='ten': expected an integer"),
+    ("seed=1.5", "override seed='1.5': expected an integer")])
+def test_a_bad_training_override_names_its_key(override, message):
+    from dsv4.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        apply_overrides(TrainConfig(), ModelConfig.preset("tiny"), [override])

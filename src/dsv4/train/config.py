@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +23,14 @@ class TrainConfig:
     seq_len: int = 1024
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # LR warm-up of the LM stage; None = min(20, 10% of its steps)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     val_fraction: float = 0.05
     doc_mask: bool = True  # sample-level attention masks at document boundaries
-    indexer_warmup_steps: int = 30  # stage 1: dense attention, only the indexers learn (KL); 0 = off
+    # stage 1: dense attention, only the indexers learn (KL); None = min(30, 10% of the planned steps); 0 = off
+    indexer_warmup_steps: int | None = None
     indexer_lr: float = 1e-3  # DSA paper's warm-up learning rate
     bias_update_speed: float | None = None  # None = model config's (gamma = 1e-3)
     max_bad_steps: int = 5  # consecutive NaN/inf losses before stopping with an error
@@ -70,6 +73,15 @@ class TrainConfig:
             raise ConfigError(f"engram_store={self.engram_store!r}: must be ram or mmap")
         if self.engram_hot_rows < 0 or self.engram_lr_mult < 0:
             raise ConfigError("engram_hot_rows and engram_lr_mult must be >= 0")
+        for name in ("warmup_steps", "indexer_warmup_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        for name in ("lr", "indexer_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a finite number > 0")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a finite number >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
 
@@ -109,9 +121,25 @@ def _coerce(value: str, like):
     return value
 
 
+_EXPECTED = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}
+
+
+def _coerce_field(key: str, value: str, hint) -> object:
+    """A TrainConfig override's value parsed by the field's annotation (int | None accepts 'none')."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        return _coerce(value, hint()) if hint in _EXPECTED else value
+    except ValueError:
+        raise ConfigError(f"override {key}={value!r}: expected {_EXPECTED[hint]}") from None
+
+
 def apply_overrides(train: TrainConfig, model: ModelConfig, overrides: list[str]) -> tuple[TrainConfig, ModelConfig]:
     """Apply `key=value` strings; a key names a TrainConfig or ModelConfig field, else ConfigError."""
-    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tfields = typing.get_type_hints(TrainConfig)
     mfields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
     t_upd, m_upd = {}, {}
     for item in overrides:
@@ -119,7 +147,7 @@ def apply_overrides(train: TrainConfig, model: ModelConfig, overrides: list[str]
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         if key in tfields:
-            t_upd[key] = _coerce(value, getattr(train, key))
+            t_upd[key] = _coerce_field(key, value, tfields[key])
         elif key in mfields:
             try:
                 m_upd[key] = _coerce(value, getattr(model, key))

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -65,6 +66,28 @@ def _cpu_bf16_faster() -> bool:
     f32 = measure_matmul_peak(torch.float32, n=512, seconds=0.2)
     b16 = measure_matmul_peak(torch.bfloat16, n=512, seconds=0.2)
     return b16 > 1.2 * f32
+
+
+INDEXER_WARMUP = 30   # default indexer warm-up steps (the DSA report's stage 1), at most WARMUP_FRACTION of a run
+LR_WARMUP = 20        # default LR warm-up steps of the LM stage, at most WARMUP_FRACTION of that stage
+WARMUP_FRACTION = 0.1
+MIN_LM_STEPS = 50     # fewer language-model steps than this barely move the loss off the random model's
+
+
+def stage_plan(total: int, tc: TrainConfig, has_indexer: bool) -> tuple[int, int]:
+    """(indexer warm-up steps, LR warm-up steps) of a run of `total` steps. A length the config leaves at
+    None scales with the run: min(default, 10% of the steps it precedes), so a short run still spends
+    ~90% of its steps training the language model at its full learning rate."""
+    if not has_indexer:
+        warm = 0
+    elif tc.indexer_warmup_steps is None:
+        warm = min(INDEXER_WARMUP, int(total * WARMUP_FRACTION))
+    else:
+        warm = min(tc.indexer_warmup_steps, total)
+    lm = total - warm
+    lr_warm = (max(1, min(LR_WARMUP, int(lm * WARMUP_FRACTION))) if tc.warmup_steps is None
+               else max(1, tc.warmup_steps))
+    return warm, lr_warm
 
 
 def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = None
@@ -193,7 +216,6 @@ class Trainer:
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
         self.has_indexer = mc.has_indexer
-        self.warm = tc.indexer_warmup_steps if self.has_indexer else 0
         self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0,
                       "tokens": 0}
         if resume:
@@ -206,11 +228,24 @@ class Trainer:
                 self.state.update(saved)
                 print(f"resumed from {ck} at step {self.state['step']}")
         self._truncate_metrics(self.state["step"])  # also drops the records of a run restarted at step 0
+        self.warm, self.lr_warm = 0, 1
+        if self.state["total_steps"] is not None:
+            self.set_plan(self.state["total_steps"])
         # best of three short runs: one unlucky slice of a shared CPU must not inflate MFU
         self.peak = max(measure_matmul_peak(self.dtype, n=1024, seconds=0.3, device=self.device) for _ in range(3))
         self.flops_tok = flops_per_token(mc, tc.seq_len)
         self.flops_warm = flops_per_token(mc, tc.seq_len, stage="warmup")  # an indexer warm-up step
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+
+    def set_plan(self, total: int) -> None:
+        """Fix the run's length and its two warm-ups (stage_plan); warn once when too short to train."""
+        self.state["total_steps"] = total
+        self.warm, self.lr_warm = stage_plan(total, self.tc, self.has_indexer)
+        if self.state["step"] == 0 and total - self.warm < MIN_LM_STEPS:
+            budget = f"{self.tc.minutes:g} minutes" if self.tc.minutes else f"{total} steps"
+            notice(f"a budget of {budget} gives only {total - self.warm} language-model steps "
+                   f"({self.warm} more are indexer warm-up): too few to train; the loss will stay near the "
+                   f"random model's. Give --steps {MIN_LM_STEPS * 4} or more, or a longer --minutes budget.")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (those steps run again)."""
@@ -243,8 +278,8 @@ class Trainer:
         tc, model = self.tc, self.model
         warmup = step < self.warm
         self.set_stage(warmup)
-        total = self.state["total_steps"] or (step + 10 ** 6)
-        lr = tc.indexer_lr if warmup else lr_at(step - self.warm, tc.lr, tc.warmup_steps, total - self.warm,
+        total = self.state["total_steps"]
+        lr = tc.indexer_lr if warmup else lr_at(step - self.warm, tc.lr, self.lr_warm, total - self.warm,
                                                  tc.min_lr_ratio)
         set_lr(self.optimizer, lr)
         batch = self.data.batches.get(step).to(self.device, non_blocking=True)
@@ -290,6 +325,46 @@ class Trainer:
         for m in self.moes:
             m.update_bias(gamma if ok and not warmup else 0.0)
         return rec
+
+    def probe_seconds(self, warmup: bool, repeats: int = 2) -> float:
+        """Wall time of one training step of a stage (the last of `repeats`; the first one compiles), run on
+        batch 0 at learning rate 0 with everything put back afterwards: the parameters are unchanged (lr = 0),
+        the optimiser state is emptied again (it is empty before step 0), MoE loads, Engram row gradients and
+        the RNG are restored. Plans a --minutes run before its first step."""
+        tc, model = self.tc, self.model
+        if self.optimizer.state:
+            raise RuntimeError("probe_seconds runs before the first step only")
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        loads = [m.load.clone() for m in self.moes]
+        batch = self.data.batches.get(0).to(self.device)
+        seg = batch.segment_ids if tc.doc_mask else None
+        self.set_stage(warmup)
+        model.train()
+        set_lr(self.optimizer, 0.0)
+        dt = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                loss, _ = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight)
+            if math.isfinite(loss.item()):
+                loss.backward()
+                params = [p for p in model.parameters() if p.grad is not None]
+                if params and math.isfinite(clip_grad_norm(params, tc.grad_clip).item()):
+                    self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.engram is not None:
+                self.engram.step(0.0, apply=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t
+        self.optimizer.state.clear()
+        for m, load in zip(self.moes, loads):
+            m.load.copy_(load)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        return dt
 
     def _on_sigint(self, signum, frame):
         """Ctrl-C during the parameter update is held until the step is complete."""
@@ -337,19 +412,25 @@ class Trainer:
         budget = tc.minutes * 60 if tc.minutes else None
         t0 = time.perf_counter() - st["elapsed"]
         start = st["step"]
+        if st["total_steps"] is None:  # a --minutes run: its length is planned before its first step
+            t_sparse = self.probe_seconds(warmup=False)
+            t_warm = self.probe_seconds(warmup=True) if self.has_indexer else t_sparse
+            self.set_plan(self._plan_steps(budget, time.perf_counter() - t0, t_warm, t_sparse))
+            print(f"planned {st['total_steps']} steps for {tc.minutes:g} minutes "
+                  f"({t_sparse:.2f} s per step; {self.warm} of them indexer warm-up)")
         bar = None
         if tc.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=st["total_steps"], initial=start, unit="step", dynamic_ncols=True, desc="train")
-        window_t, window_tok, window_flops, step_times = time.perf_counter(), 0, 0.0, []
+        window_t, window_tok, window_flops = time.perf_counter(), 0, 0.0
         step = start
         self._in_update = self._pending_interrupt = False
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            while st["total_steps"] is None or step < st["total_steps"]:
+            while step < st["total_steps"]:
                 ts = time.perf_counter()
                 rec = self.train_step(step)
                 self._in_update = False
@@ -361,13 +442,6 @@ class Trainer:
                 step += 1
                 st["step"] = step
                 st["elapsed"] = time.perf_counter() - t0
-                if step > self.warm + 2:  # the first sparse steps compile (MTP shapes): not representative
-                    step_times.append(dt)
-                if st["total_steps"] is None and len(step_times) >= 5:
-                    st["total_steps"] = self._plan_steps(budget, st["elapsed"], step, sorted(step_times)[2])
-                    if bar is not None:
-                        bar.total = st["total_steps"]
-                        bar.refresh()
                 if step % tc.log_every == 0 or step == st["total_steps"]:
                     now = time.perf_counter()
                     rec["tok_per_s"] = window_tok / (now - window_t)
@@ -378,18 +452,14 @@ class Trainer:
                     self.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    post = {"loss": f"{rec['loss']:.3f}", "lr": f"{rec['lr']:.1e}"}
-                    if "tok_per_s" in rec:
-                        post["tok/s"] = f"{rec['tok_per_s']:.0f}"
-                    bar.set_postfix(post)
+                    bar.set_postfix(progress_fields(rec), refresh=False)
                 if step % tc.eval_every == 0 and step != st["total_steps"]:
                     self.write(self.evaluate(step, tc.eval_batches))
                 if step % tc.ckpt_every == 0 and step != st["total_steps"]:
                     save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
                                     extra=self.engram.save if self.engram else None)
-                if budget is not None and st["elapsed"] > budget * 1.05:
-                    warnings.warn(f"time budget of {tc.minutes} min exceeded at step {step}; stopping early")
-                    st["total_steps"] = step
+                if budget is not None and st["elapsed"] > budget * 1.05 and step < st["total_steps"]:
+                    st["total_steps"] = step   # the plan overran the budget: stop here (the schedule is kept)
                 if self._pending_interrupt:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -411,17 +481,31 @@ class Trainer:
                         extra=self.engram.save if self.engram else None)
         return self.finish(step)
 
-    def _plan_steps(self, budget, elapsed, step, step_time) -> int:
-        """Fix the schedule length for a --minutes run from the measured step time (kept in the state,
-        so a resumed run uses the same schedule); reserves time for evaluations and the final pass."""
+    def _plan_steps(self, budget: float, elapsed: float, t_warm: float, t_sparse: float) -> int:
+        """Steps of a --minutes run: the most whose indexer warm-up steps (t_warm s each) and LM steps
+        (t_sparse s each), plus periodic evaluations and checkpoints, fit in the budget left after the
+        closing evaluation. Kept in the state, so a resumed run uses the same schedule."""
+        tc = self.tc
         n_val = len(self.data.val_stream.tokens) if hasattr(self.data.val_stream, "tokens") else 0
-        n_val = min(n_val, self.tc.final_eval_tokens)   # the closing evaluation scores at most this many
-        tokens_per_step = self.tc.batch_size * self.tc.seq_len
-        fwd_time = step_time / 3 / tokens_per_step  # a forward pass is about a third of a step
+        n_val = min(n_val, tc.final_eval_tokens)   # the closing evaluation scores at most this many
+        tokens_per_step = tc.batch_size * tc.seq_len
+        fwd_time = t_sparse / 3 / tokens_per_step  # a forward pass is about a third of a step
         final_eval = n_val * fwd_time * 1.3
-        periodic = (self.tc.eval_batches * tokens_per_step * fwd_time * 1.5 + 2.0) / self.tc.eval_every
-        left = budget - elapsed - final_eval - 10.0
-        return max(step + 1, step + int(left / (step_time * (1 + 0.03) + periodic)))
+        periodic = (tc.eval_batches * tokens_per_step * fwd_time * 1.5 + min(2.0, t_sparse)) / tc.eval_every
+        left = budget - elapsed - final_eval - min(10.0, 0.05 * budget)
+
+        def cost(n: int) -> float:
+            warm = stage_plan(n, tc, self.has_indexer)[0]
+            return warm * t_warm + (n - warm) * t_sparse * 1.03 + n * periodic
+
+        lo, hi = 1, 1
+        while cost(hi * 2) <= left and hi < 10 ** 8:
+            hi *= 2
+        hi *= 2
+        while hi - lo > 1:   # the largest n with cost(n) <= left (cost grows with n)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
+        return lo
 
     def finish(self, step: int) -> dict:
         """Full validation pass, xz baseline on the same bytes, a final metrics line."""
@@ -444,6 +528,26 @@ class Trainer:
                  "params": sum(p.numel() for p in self.model.parameters())}
         self.write(final)
         return final
+
+
+def notice(message: str) -> None:
+    """A one-line warning for the person at the terminal (stderr), without a Python source line."""
+    print(f"dsv4: warning: {message}", file=sys.stderr, flush=True)
+
+
+def progress_fields(rec: dict) -> dict:
+    """The progress bar's postfix for a train record: the stage's own loss (the language model's CE in
+    the LM stage, with the indexer's KL beside it; the KL alone during the indexer warm-up), lr, tok/s."""
+    if rec["stage"] == "indexer_warmup":
+        post = {"stage": "indexer warm-up", "indexer_kl": f"{rec['loss']:.3f}"}
+    else:
+        post = {"lm_loss": f"{rec.get('lm_loss', rec['loss']):.3f}"}
+        if "indexer_loss" in rec:
+            post["indexer_kl"] = f"{rec['indexer_loss']:.3f}"
+    post["lr"] = f"{rec['lr']:.1e}"
+    if "tok_per_s" in rec:
+        post["tok/s"] = f"{rec['tok_per_s']:.0f}"
+    return post
 
 
 def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
