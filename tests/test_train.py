@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,7 +248,7 @@ def test_binary_file_in_corpus_is_skipped_with_a_warning(corpus, tmp_path):
     shutil.copytree(corpus, data)
     (data / "blob.dat").write_bytes(bytes(range(256)) * 8)
     assert data / "blob.dat" in split_files(find_files(data), 0.05)[0]  # in the training split
-    with pytest.warns(DataWarning, match=r"blob\.dat.*binary"):
+    with pytest.warns(DataWarning, match=r"skipping 1 of \d+ files that are not UTF-8 text: .*blob\.dat \(binary\)"):
         final = train(_tc(tmp_path / "run", data, None, 2), SMALL)  # trains its own tokenizer too
     assert math.isfinite(final["val_bpb"])
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-0000002"
@@ -626,3 +627,23 @@ def test_a_bad_training_override_names_its_key(override, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         apply_overrides(TrainConfig(), ModelConfig.preset("tiny"), [override])
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a.dat"], "no text documents in {data}: none of its 1 files is UTF-8 text"),
+    (["a.dat", "b.dat", "c.py"], "need at least 2 text files in {data} to split into train and validation, found 1"),
+])
+def test_a_corpus_without_enough_text_fails_clearly_and_leaves_no_run_folder(tmp_path, names, message):
+    """Text is checked before the tokenizer: binary files are counted in one warning, the error says what
+    is missing, and the --out folder the failed start created is removed again."""
+    from dsv4.data import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in names:
+        (data / n).write_bytes(b"def f():\n    return 1\n" if n.endswith(".py") else bytes(range(256)))
+    out = tmp_path / "new" / "run"
+    with pytest.warns(DataWarning, match=r"skipping \d of \d files that are not UTF-8 text: .*a\.dat \(binary\)"):
+        with pytest.raises(DataError, match=re.escape(message.format(data=data))):
+            train(_tc(out, data, None, 2), SMALL)
+    assert not (tmp_path / "new").exists()

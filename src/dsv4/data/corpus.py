@@ -6,6 +6,7 @@ so two machines, or a resumed run, see the same documents in the same order.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-__all__ = ["DataError", "DataWarning", "Document", "default_corpus", "find_files", "iter_documents",
+__all__ = ["DataError", "DataWarning", "Document", "default_corpus", "find_files", "iter_documents", "text_files",
            "split_files", "BINARY_EXTENSIONS"]
 
 # Extensions that are never text; other files are still sniffed for NUL bytes / bad UTF-8 when read.
@@ -115,8 +116,36 @@ def find_files(spec: str | Path | None = None) -> list[Path]:
     raise DataError(f"no such file or directory: {path}")
 
 
-def _warn(msg: str) -> None:
-    warnings.warn(msg, DataWarning, stacklevel=3)
+def _sniff(path: Path) -> str | None:
+    """Why the file is not text, judged from its first SNIFF_BYTES (None: it looks like UTF-8 text)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if b"\x00" in head:
+        return "binary"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut multi-byte tail is fine
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 at byte {e.start}"
+    return None
+
+
+def text_files(files: Sequence[str | Path], show: int = 3) -> list[Path]:
+    """The files that look like text (by their first SNIFF_BYTES), checked before anything reads them
+    whole; the others are reported in ONE DataWarning that counts them and names the first `show`."""
+    files = [Path(p) for p in files]
+    why = {p: r for p in files if (r := _sniff(p)) is not None}
+    if why:
+        names = "; ".join(f"{p} ({r})" for p, r in list(why.items())[:show])
+        more = f"; and {len(why) - show} more" if len(why) > show else ""
+        _warn(f"skipping {len(why)} of {len(files)} files that are not UTF-8 text: {names}{more}", stacklevel=2)
+    return [p for p in files if p not in why]
+
+
+def _warn(msg: str, stacklevel: int = 3) -> None:
+    warnings.warn(msg, DataWarning, stacklevel=stacklevel)
 
 
 def _read_text(path: Path) -> str | None:

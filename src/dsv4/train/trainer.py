@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dsv4.config import ConfigError, ModelConfig
 from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_documents, load_tokenizer, split_files,
-                       token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
+                       text_files, token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
 from dsv4.device import resolve_device
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
@@ -182,10 +182,19 @@ class Trainer:
                                   "or choose another --out")
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        created = None   # the topmost folder this start creates, removed again if the start fails
+        if not run.exists():
+            created = run
+            while not created.parent.exists():
+                created = created.parent
         run.mkdir(parents=True, exist_ok=True)
-        data = prepare_data(tc, mc, run)
-        t = cls(tc, mc, run, data)
-        t.build(resume)
+        try:
+            t = cls(tc, mc, run, prepare_data(tc, mc, run))
+            t.build(resume)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
         return t
 
     def build(self, resume: bool) -> None:
@@ -552,10 +561,15 @@ def progress_fields(rec: dict) -> dict:
 
 def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
     """Find files, split by path hash, train (or load) the tokenizer, tokenize both splits (cached)."""
-    files = find_files(tc.data)
+    found = find_files(tc.data)
+    files = text_files(found)   # binary / non-UTF-8 files go first, in one warning
+    where = tc.data or "the standard library"
+    if not files:
+        raise DataError(f"no text documents in {where}: none of its {len(found)} files is UTF-8 text")
     train_files, val_files = split_files(files, tc.val_fraction)
     if not train_files or not val_files:
-        raise DataError(f"need at least 2 documents to split into train and validation, found {len(files)}")
+        raise DataError(f"need at least 2 text files in {where} to split into train and validation, found "
+                        f"{len(files)} ({files[0]})")
     tok_path = run / "tokenizer.json"
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
