@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=131072)
     p.add_argument("--json", default=None)
-    p.add_argument("--plot", default="docs/img/engram_ablation.png")
+    p.add_argument("--plot", default="engram_ablation.png", help="PNG path (default: ./engram_ablation.png)")
     return p.parse_args(argv)
 
 

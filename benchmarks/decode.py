@@ -34,10 +34,10 @@ The script ends with (nan where a part was skipped):
   RESULT decode_mbu X (goal 0.6)                wide preset, batch 1
 
 Usage
-  .venv/bin/python benchmarks/decode.py                          # 1K/32K/128K, batch 1 and 8, all parts
+  .venv/bin/python benchmarks/decode.py                          # 1K/32K/128K, batch 1 and 8, all parts (./decode.png)
   .venv/bin/python benchmarks/decode.py --contexts 1024 --batches 1 --ckpt runs/mtp    # real MTP numbers
   .venv/bin/python benchmarks/decode.py --eager --contexts 1024 32768 --json out.json --plot out.png
-  .venv/bin/python benchmarks/decode.py --replot docs/decode.json     # redraw docs/img/decode.png only
+  .venv/bin/python benchmarks/decode.py --replot docs/decode.json --plot docs/img/decode.png   # redraw only
   .venv/bin/python benchmarks/decode.py --contexts 256 --batches 1 2 --steps 3 --warmup 1 \\
       --wide-context 64 --wide-steps 2 --no-mtp --no-transformers                   # smoke run, seconds
 """
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--mtp-tokens", type=int, default=64, help="tokens generated per MTP comparison run")
     p.add_argument("--no-profile", action="store_true", help="skip counting the ops of one step")
     p.add_argument("--json")
-    p.add_argument("--plot", default="docs/img/decode.png", help="PNG path ('' = no plot)")
+    p.add_argument("--plot", default="decode.png", help="PNG path (default: ./decode.png; '' = no plot)")
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run's --json")
     return p.parse_args(argv)
 
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:   # redraw the plot of an earlier run's JSON (no measurement)
         with open(args.replot) as f:
-            print(f"plot: {make_plot(json.load(f), args.plot or 'docs/img/decode.png')}")
+            print(f"plot: {make_plot(json.load(f), args.plot or 'decode.png')}")
         return 0
     fmt = {"fp32": None, "bf16": torch.bfloat16, "fp8": "fp8"}[args.cache_dtype]
     cmd = sys.argv if argv is None else ["decode.py", *argv]

@@ -48,7 +48,7 @@ case whose time, extrapolated quadratically from the same kind's previous size, 
 sort-merge per key block). Every skip is printed and recorded in the JSON.
 
 Output: hardware, the command, per-case lines, the final tables, a target check, --json OUT, and a log-log
-PNG (--plot, default docs/img/long_context.png): prefill time, prefill peak memory, decode time per token.
+PNG (--plot, default ./long_context.png): prefill time, prefill peak memory, decode time per token.
 
 Usage
   .venv/bin/python benchmarks/long_context.py                       # defaults (~5 min on 2 idle cores)
@@ -414,7 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--index-heads", type=int, default=None)
     p.add_argument("--index-dim", type=int, default=None)
     p.add_argument("--json", default=None, metavar="OUT")
-    p.add_argument("--plot", default="docs/img/long_context.png", help="PNG path ('' = no plot)")
+    p.add_argument("--plot", default="long_context.png", help="PNG path (default: ./long_context.png; '' = no plot)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

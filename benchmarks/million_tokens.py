@@ -17,8 +17,9 @@ kernel depends on lengths, not on token values).
 
 Usage
   .venv/bin/python benchmarks/million_tokens.py                        # 1M tokens (~30-60 min, 2 cores)
+                                                                       # plot: ./million_tokens.png
   .venv/bin/python benchmarks/million_tokens.py --tokens 65536 --probe-at 4096 65536
-  .venv/bin/python benchmarks/million_tokens.py --json docs/million_tokens.json
+  .venv/bin/python benchmarks/million_tokens.py --json docs/million_tokens.json --plot docs/img/million_tokens.png
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", default="docs/img/million_tokens.png", help="PNG path ('' = no plot)")
+    p.add_argument("--plot", default="million_tokens.png", help="PNG path ('' = no plot)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

@@ -6,14 +6,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import small_config
 from dsv4.cli import build_parser, main
-from dsv4.data import ids_to_bytes, train_tokenizer
+from dsv4.data import ids_to_bytes, load_tokenizer, train_tokenizer
 from dsv4.generate import generate, load_run
+from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import Detokenizer, Engine
 from dsv4.model.transformer import Transformer
 from dsv4.train.checkpoint import save_checkpoint
@@ -122,7 +124,31 @@ def test_chat_with_piped_stdin(procs, run):
     (out, err), rc = procs["chat"]
     assert rc == 0, err[-2000:]
     assert "(history cleared)" in out
-    assert (run / "chat_template.json").exists()     # written on first use
+    assert out.count("you: ") == 2 and "you: hello there\nassistant: " in out and "you: what is json?\n" in out
+    assert not (run / "chat_template.json").exists()     # a read-only command writes nothing into the run
+
+
+def test_piped_chat_labels_each_exchange(run, monkeypatch):
+    """stdin not a terminal: "you: ..." / "assistant: ..." per exchange, a blank line between turns."""
+    monkeypatch.setattr(Engine, "stream", lambda self, prompt, params=None: iter([
+        SimpleNamespace(text="Hi", finish_reason=None), SimpleNamespace(text=" there.", finish_reason="stop")]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nsecond\n"))
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["chat", "--ckpt", str(run)]) == 0
+    assert out.getvalue() == ("you: hello\nassistant: Hi there.\n\n(history cleared)\n"
+                              "you: second\nassistant: Hi there.\n\n")
+
+
+def test_developer_role_is_the_system_role(run):
+    """OpenAI's `developer` role renders and encodes as `system` (so the server takes it too)."""
+    tok = load_tokenizer(run)
+    t = ChatTemplate()
+    user = {"role": "user", "content": "Hi!"}
+    as_developer = t.encode(tok, [{"role": "developer", "content": "Be terse."}, user])
+    assert as_developer == t.encode(tok, [{"role": "system", "content": "Be terse."}, user])
+    with pytest.raises(ChatError, match="system, user, assistant, developer; got 'tool'"):
+        t.encode(tok, [{"role": "tool", "content": "x"}])
 
 
 def test_chat_keeps_history_until_reset(run, monkeypatch):
@@ -153,3 +179,78 @@ def test_serve_arguments():
     a = build_parser().parse_args(["serve", "--ckpt", "r", "--host", "0.0.0.0", "--port", "9", "--api-key", "k",
                                    "--max-batch", "2", "--max-waiting", "3", "--max-context", "512"])
     assert (a.host, a.port, a.api_key, a.max_batch, a.max_waiting, a.max_context) == ("0.0.0.0", 9, "k", 2, 3, 512)
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_ends_a_streaming_command_quietly(run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["generate", "--ckpt", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_directory_is_accepted_wherever_a_checkpoint_is(run, tmp_path, capsys):
+    """info --config RUN and convert --to-transformers RUN take the run's newest checkpoint."""
+    assert main(["info", "--config", str(run)]) == 0
+    assert "total_params: " in capsys.readouterr().out
+    assert main(["convert", "--to-transformers", str(run), str(tmp_path / "hf")]) == 0
+    assert main(["convert", "--to-transformers", str(run / "ckpt-0000001"), str(tmp_path / "hf2")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tmp_path / "hf2" / "model.safetensors").read_bytes()
+
+
+def _one_line_error(capsys) -> str:
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv4: error: ") and "Traceback" not in cap.err, cap.err
+    return lines[0]
+
+
+def test_convert_in_the_wrong_direction_is_a_one_line_error(run, tmp_path, capsys):
+    ckpt = run / "ckpt-0000001"
+    assert main(["convert", "--from-transformers", str(ckpt), str(tmp_path / "x")]) == 2
+    assert f"{ckpt} is a dsv4 checkpoint, not a transformers model folder; use --to-transformers" in \
+        _one_line_error(capsys)
+    assert main(["convert", "--from-transformers", str(run), str(tmp_path / "x")]) == 2
+    assert "use --to-transformers" in _one_line_error(capsys)
+    assert main(["convert", "--to-transformers", str(run), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--to-transformers", str(tmp_path / "hf"), str(tmp_path / "y")]) == 2
+    err = _one_line_error(capsys)
+    assert "is a transformers model folder, not a dsv4 checkpoint" in err and "--from-transformers" in err
+    assert main(["generate", "--ckpt", str(tmp_path / "hf"), "--prompt", "x"]) == 2     # same check on loading
+    assert "--from-transformers" in _one_line_error(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_transformers_round_trip_of_a_run_loads_everywhere(run, tmp_path, monkeypatch, capsys):
+    """RUN -> transformers (weights, config, tokenizer for AutoTokenizer) -> dsv4 folder that generate, chat
+    and info load, with the same tokens out as the run itself."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", "--to-transformers", str(run), str(hf)]) == 0
+    assert main(["convert", "--from-transformers", str(hf), str(back)]) == 0
+    capsys.readouterr()
+    ours, theirs = load_tokenizer(run), transformers.AutoTokenizer.from_pretrained(hf)
+    text = "def decode(self, s):\n    return json.loads(s)"
+    assert theirs(text)["input_ids"] == ours.encode(text).ids and theirs.decode(ours.encode(text).ids) == text
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (0, 1)
+
+    def generated(ckpt) -> str:
+        out = Recorder()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", "import json", "--max-new-tokens", "6",
+                     "--temperature", "0"]) == 0
+        monkeypatch.undo()
+        return out.getvalue()
+
+    assert generated(back) == generated(run)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--ckpt", str(back), "--max-new-tokens", "2"]) == 0
+    assert main(["info", "--config", str(back)]) == 0
+    assert "assistant: " in capsys.readouterr().out
+    assert sorted(p.name for p in back.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

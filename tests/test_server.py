@@ -1,5 +1,6 @@
 """The OpenAI-compatible server (dsv4.infer.server): a real uvicorn server on a free loopback port,
 a tiny random model and a tokenizer trained here, driven by the official `openai` client and httpx."""
+import contextlib
 import json
 import socket
 import threading
@@ -15,7 +16,8 @@ import uvicorn
 from conftest import small_config
 from dsv4.data import train_tokenizer
 from dsv4.infer.chat import ChatError, ChatTemplate, load_template, render, validate_messages
-from dsv4.infer.engine import BackgroundEngine, Engine
+from dsv4.infer.engine import BackgroundEngine, Engine, QueueFull
+from dsv4.infer.sampling import SamplingParams
 from dsv4.infer.server import create_app
 from dsv4.model.transformer import Transformer
 
@@ -83,6 +85,15 @@ def client(live):
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def paused_engine(tok, max_batch: int, max_waiting: int):
+    """(BackgroundEngine, gate): the engine thread takes requests in but runs no step until gate.set(), so
+    admission is deterministic. Set the gate before bg.close()."""
+    eng = Engine(tiny_model(), tok, max_batch=max_batch)
+    gate, step = threading.Event(), eng.step
+    eng.step = lambda: (gate.wait(), step())[1]
+    return BackgroundEngine(eng, max_waiting=max_waiting), gate
+
+
 def wait_idle(bg, timeout=10.0) -> dict:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -122,8 +133,8 @@ def test_chat_template_render_and_validation(tmp_path):
         with pytest.raises(ChatError, match=__import__("re").escape(fact)):
             render(bad)
     (tmp_path / "tokenizer.json").write_text("{}")
-    t = load_template(tmp_path)               # written on first use, read back afterwards
-    assert (tmp_path / "chat_template.json").exists() and t == ChatTemplate()
+    t = load_template(tmp_path)               # the default, and nothing is written into the run
+    assert not (tmp_path / "chat_template.json").exists() and t == ChatTemplate()
     (tmp_path / "chat_template.json").write_text(json.dumps({"message": "[{role}] {content}\n", "bos": True}))
     t = load_template(tmp_path)
     assert t.render([{"role": "user", "content": "x"}]) == "[user] x\n<|assistant|>\n" and t.bos
@@ -248,16 +259,75 @@ def test_api_key(bg, tok):
         s.stop()
 
 
+def test_admission_is_rows_plus_waiting_slots(tok):
+    """max_batch B, max_waiting W: B + W unfinished requests are admitted, wherever they are (inbox, queue or
+    row); the next one is QueueFull until one finishes."""
+    for b, w in [(2, 1), (1, 0), (3, 2)]:
+        bg, gate = paused_engine(tok, b, w)
+        try:
+            done = []
+            sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+            reqs = [bg.submit([5, 6, 7], sp, done.append) for _ in range(b + w)]
+            with pytest.raises(QueueFull, match=f"{b} running \\+ {w} waiting"):
+                bg.submit([5], sp, done.append)
+            assert bg.load()["active"] == b + w
+            gate.set()
+            t0 = time.time()
+            while not all(r.finished for r in reqs) and time.time() - t0 < 30:
+                time.sleep(0.01)
+            assert all(r.finish_reason == "length" for r in reqs)
+            assert sum(e.finish_reason is not None for e in done) == b + w
+            assert wait_idle(bg)["active"] == 0          # finished requests give their slots back
+            again = [bg.submit([5], sp, done.append) for _ in range(b + w)]
+            t0 = time.time()
+            while not all(r.finished for r in again) and time.time() - t0 < 30:
+                time.sleep(0.01)
+            assert all(r.finished for r in again) and bg.load()["active"] == 0
+        finally:
+            gate.set()
+            bg.close()
+
+
+def test_aborted_requests_free_their_admission_slots(tok):
+    bg, gate = paused_engine(tok, 1, 1)
+    try:
+        sp = SamplingParams(max_tokens=2, temperature=0)
+        a, _ = bg.submit([5], sp, None), bg.submit([6], sp, None)
+        with pytest.raises(QueueFull):
+            bg.submit([7], sp, None)
+        bg.abort(a.id)
+        gate.set()
+        t0 = time.time()
+        while bg.load()["active"] and time.time() - t0 < 30:
+            time.sleep(0.01)
+        assert a.finish_reason == "abort" and bg.load()["active"] == 0
+        bg.submit([7], sp, None)
+    finally:
+        gate.set()
+        bg.close()
+
+
 def test_full_queue_is_503_with_retry_after(tok):
-    full = BackgroundEngine(Engine(tiny_model(), tok, max_batch=1), max_waiting=0)
+    """--max-batch 2 --max-waiting 1: three simultaneous requests are all served, the fourth gets a 503."""
+    full, gate = paused_engine(tok, 2, 1)
     s = LiveServer(create_app(full, tok, MODEL, max_context=CONTEXT))
     try:
-        for path, body in [("completions", {"prompt": "x"}),
-                           ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True})]:
-            r = httpx.post(f"{s.url}/v1/{path}", json={"model": MODEL, **body})
-            assert _error(r, 503)["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
-        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"       # still serving
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "ignore_eos": True, "stream": True}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(httpx.stream("POST", f"{s.url}/v1/{path}", json=b, timeout=60))
+                       for path, b in [("completions", body), ("chat/completions", chat), ("completions", body)]]
+            assert [r.status_code for r in streams] == [200, 200, 200]
+            for path, b in [("completions", {**body, "stream": False}), ("chat/completions", chat)]:
+                r = httpx.post(f"{s.url}/v1/{path}", json=b)
+                assert _error(r, 503)["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+            assert httpx.get(f"{s.url}/health").json()["status"] == "ok"       # still serving
+            gate.set()
+            for r in streams:
+                assert parse_sse(r.iter_lines())[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert httpx.post(f"{s.url}/v1/completions", json={**body, "stream": False}).status_code == 200
     finally:
+        gate.set()
         s.stop()
         full.close()
 
@@ -320,3 +390,119 @@ def test_a_tokenizer_smaller_than_the_model_vocab_does_not_fail_the_engine():
     finally:
         s.stop()
         eng.close()
+
+
+# ----------------------------------------------------------------------------- odd input, sampling fields
+def _post(live, path: str, body):
+    """POST a body as JSON text: a dict through json.dumps (a lone surrogate travels as the escape \\ud83d, NaN as
+    the literal NaN), or a str as it is."""
+    raw = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(f"{live.url}/v1/{path}", content=raw.encode(), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+def test_lone_surrogates_are_400_naming_the_field(live):
+    """A lone surrogate (the JSON escape \\ud83d alone) is not text the tokenizer can take: a 400, not a 500."""
+    cmpl, msg = {"model": MODEL, "prompt": "x"}, {"role": "user", "content": "x"}
+    cases = [("completions", {**cmpl, "prompt": "hi \ud83d"}, "prompt"),
+             ("completions", {**cmpl, "prompt": ["\udc00"]}, "prompt"),
+             ("completions", {**cmpl, "stop": ["\ud83d"]}, "stop"),
+             ("completions", {**cmpl, "user": "\ud83d"}, "user"),
+             ("completions", {**cmpl, "model": "\ud83d"}, "model"),
+             ("chat/completions", {"model": MODEL, "messages": [{**msg, "content": "\ud83d"}]}, "messages"),
+             ("chat/completions", {"model": MODEL, "messages": [{**msg, "content": [{"type": "text",
+                                                                                    "text": "a\udfff"}]}]}, "messages"),
+             ("chat/completions", {"model": MODEL, "messages": [{**msg, "role": "\ud83d"}]}, "messages")]
+    for path, body, param in cases:
+        raw = json.dumps(body)
+        assert "\\ud" in raw                    # sent as the JSON escape
+        err = _error(_post(live, path, raw), 400)
+        assert err["param"] == param and "surrogate" in err["message"], (raw, err)
+    # a proper surrogate pair is an ordinary character
+    r = _post(live, "completions", {**cmpl, "prompt": "hi \ud83d\ude00", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 1, r.text
+
+
+def test_odd_json_is_400(live):
+    head = json.dumps({"model": MODEL, "prompt": "x"})[:-1]     # '{"model": ..., "prompt": "x"' and a field to add
+    for raw in ["NaN", head + ', "temperature": NaN}', head + ', "temperature": -Infinity}', head + ', "top_p": 1e999}',
+                head + ', "seed": ' + "9" * 5000 + "}", "[" * 10000 + "]" * 10000,
+                head + ', "user": ' + "[" * 10000 + "]" * 10000 + "}"]:
+        assert _error(_post(live, "completions", raw), 400)["code"] == "invalid_json", raw[:80]
+    deep = head + ', "user": ' + "[" * 100 + "]" * 100 + "}"   # parses, but nested too deeply
+    assert _error(_post(live, "completions", deep), 400)["param"] == "user"
+    for field, value in [("temperature", 2 ** 2000), ("top_p", -2 ** 80), ("max_tokens", 1e308), ("n", 2 ** 80),
+                         ("model", ["x"]), ("prompt", [1, "a"]), ("stop_token_ids", "abc"), ("a\nb", "\ud800")]:
+        err = _error(_post(live, "completions", {"model": MODEL, "prompt": "x", field: value}), 400)
+        assert err["param"] in (field, "a\\nb") and "\n" not in err["message"], (field, err)
+    err = _error(httpx.post(f"{live.url}/v1/chat/completions", json={"model": MODEL, "messages": [[1]]}), 400)
+    assert err["param"] == "messages"
+
+
+def test_huge_prompts_are_refused_without_tokenizing(live):
+    """10 MB of text is refused from its byte length (tokenizing it would take seconds)."""
+    t0 = time.time()
+    for path, body in [("completions", {"prompt": "x = 1\n" * 2_000_000}),
+                       ("chat/completions", {"messages": [{"role": "user", "content": "é" * 5_000_000}]})]:
+        err = _error(httpx.post(f"{live.url}/v1/{path}", json={"model": MODEL, **body}, timeout=60), 400)
+        assert err["code"] == "context_length_exceeded" and "at least" in err["message"]
+    assert time.time() - t0 < 20
+
+
+def test_response_format_other_than_text_is_400(live):
+    for path, base in [("completions", {"prompt": "x"}),
+                       ("chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
+        for rf in [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}},
+                   "text", {"type": "text", "x": 1}]:
+            err = _error(httpx.post(f"{live.url}/v1/{path}", json={"model": MODEL, **base, "response_format": rf}),
+                         400)
+            assert err["param"] == "response_format" and "response_format is not supported" in err["message"]
+        r = httpx.post(f"{live.url}/v1/{path}", json={"model": MODEL, **base, "max_tokens": 1,
+                                                       "response_format": {"type": "text"}}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_seed_range(live):
+    for seed in [2 ** 70, 2 ** 64, -1, -2 ** 80, 1.5, "7"]:
+        err = _error(httpx.post(f"{live.url}/v1/completions",
+                                json={"model": MODEL, "prompt": "x", "max_tokens": 1, "seed": seed}), 400)
+        assert err["param"] == "seed", (seed, err)
+    for seed in [0, 2 ** 63, 2 ** 64 - 1]:
+        r = httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                                           "seed": seed}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_logit_bias_and_penalties_change_the_output(client, tok):
+    """logit_bias +100 forces a token at temperature 0; presence / frequency penalties stop the repeats of
+    plain greedy decoding (this random model's logits span < 1); all three default to no change."""
+    x = tok.token_to_id("x")
+    kw = dict(model=MODEL, prompt="def encode(self, o):", max_tokens=24, temperature=0)
+    ignore = {"ignore_eos": True}
+    plain = client.completions.create(**kw, extra_body=ignore).choices[0].text
+    forced = client.completions.create(**kw, logit_bias={str(x): 100}, extra_body=ignore).choices[0].text
+    assert forced == "x" * 24 != plain
+    banned = client.completions.create(**kw, logit_bias={str(x): -100}, extra_body=ignore).choices[0].text
+    assert "x" not in banned
+    defaults = client.completions.create(**kw, logit_bias={}, presence_penalty=0, frequency_penalty=0.0,
+                                         extra_body=ignore).choices[0].text
+    assert defaults == plain
+    ids = dict(kw, prompt=tok.encode(kw["prompt"]).ids)
+    for field in ("presence_penalty", "frequency_penalty"):
+        text = client.completions.create(**ids, **{field: 2.0}, extra_body=ignore).choices[0].text
+        assert text != plain, field
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+    assert client.chat.completions.create(**chat, logit_bias={str(x): 100},
+                                          extra_body=ignore).choices[0].message.content == "x" * 6
+
+
+def test_bad_logit_bias_and_penalties_are_400(live):
+    url = f"{live.url}/v1/completions"
+    for field, value in [("logit_bias", [1]), ("logit_bias", "x"), ("logit_bias", {"abc": 1}),
+                         ("logit_bias", {"-1": 1}), ("logit_bias", {"512": 1}), ("logit_bias", {"1": 101}),
+                         ("logit_bias", {"1": "2"}), ("logit_bias", {"1": True}), ("logit_bias", {"1.5": 1}),
+                         ("logit_bias", {" 1": 1}), ("logit_bias", {"1": None}), ("logit_bias", {"9" * 40: 1}),
+                         ("presence_penalty", 2.5), ("presence_penalty", "1"), ("frequency_penalty", -3),
+                         ("frequency_penalty", 2 ** 80), ("frequency_penalty", [0])]:
+        err = _error(httpx.post(url, json={"model": MODEL, "prompt": "x", field: value}), 400)
+        assert err["param"] == field, (field, value, err)

@@ -1,34 +1,90 @@
 """The `dsv4` command. Thin: it parses arguments and calls the library.
 
-  dsv4 info --preset v4-flash | --config path/to/config.json
-  dsv4 convert --from-transformers DIR OUT | --to-transformers DIR OUT
-  dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--tokens 16]
+  dsv4 --version
+  dsv4 info --preset v4-flash | --config path/to/config.json (or a run / checkpoint / model directory)
+  dsv4 convert --from-transformers DIR OUT | --to-transformers RUN_DIR OUT
+  dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--max-new-tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
   dsv4 chat --ckpt RUN_DIR [--system TEXT ...]      (stdin: messages, /reset, /exit)
   dsv4 serve --ckpt RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8 --max-waiting 64]
   (generate, chat and serve take --device cpu | cuda | cuda:N; default cpu)
-  dsv4 report RUN_DIR
+  dsv4 eval indexer-recall --ckpt RUN_DIR | dsv4 eval bpb --ckpt RUN_DIR --data PATH
+  dsv4 report RUN_DIR | --ckpt RUN_DIR
 
-Bad input (an unknown preset, a missing file, an invalid config) prints one line
-`dsv4: error: ...` on stderr and exits with status 2.
+Wherever a checkpoint is taken, a run directory means its newest checkpoint. Bad input (an unknown
+preset, a missing file, an invalid config or flag value) prints one line `dsv4: error: ...` on stderr
+and exits with status 2; a closed stdout (`dsv4 info ... | head`) ends the command quietly (status 141).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 from dsv4.config import ConfigError, available_presets
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError)
+SIGPIPE_STATUS = 141   # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def package_version() -> str:
+    """The installed distribution's version, else dsv4.__version__ (a source checkout on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsv4")
+    except PackageNotFoundError:
+        from dsv4 import __version__
+
+        return __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with this command's one-line errors (status 2)."""
+
+    def error(self, message):
+        where = self.prog.partition(" ")[2]
+        print(f"dsv4: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, low, strict: bool = False, high=None):
+    """An argparse type: `kind` (int or float) >= low (> low when strict, <= high when given)."""
+    rule = f"{'> ' if strict else '>= '}{low}" + (f" and <= {high}" if high is not None else "")
+    name = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {name} {rule}, got {text!r}") from None
+        if math.isnan(v) or v < low or (strict and v == low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {name} {rule}, got {text!r}")
+        return v
+
+    return parse
+
+
+COUNT = _number(int, 1)          # steps, tokens per forward, requests, ...
+NON_NEGATIVE = _number(int, 0)
+MINUTES = _number(float, 0, strict=True)
+TEMPERATURE = _number(float, 0)
 
 
 def _load_config(args):
     from dsv4.config import ModelConfig
 
-    if args.config is not None:
-        return ModelConfig.from_json(args.config), str(args.config)
-    return ModelConfig.preset(args.preset), args.preset
+    if args.config is None:
+        return ModelConfig.preset(args.preset), args.preset
+    path = Path(args.config)
+    if path.is_dir() and not (path / "config.json").exists():
+        from dsv4.train.checkpoint import find_checkpoint
+
+        path = find_checkpoint(path)    # a run directory: its newest checkpoint
+    return ModelConfig.from_json(path), str(args.config)
 
 
 def cmd_info(args) -> int:
@@ -48,9 +104,11 @@ def cmd_convert(args) -> int:
         raise
     if args.from_transformers is not None:
         conv.convert_from_transformers_dir(args.from_transformers, args.out)
+        print(f"wrote {args.out}")
+    elif conv.convert_to_transformers_dir(args.to_transformers, args.out) is None:
+        print(f"wrote {args.out} (no tokenizer.json beside the checkpoint, so no tokenizer files)")
     else:
-        conv.convert_to_transformers_dir(args.to_transformers, args.out)
-    print(f"wrote {args.out}")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -58,7 +116,7 @@ def cmd_demo(args) -> int:
     if args.random:
         from dsv4.demo import run_demo
 
-        run_demo(preset=args.preset, seed=args.seed, new_tokens=args.tokens, temperature=args.temperature)
+        run_demo(preset=args.preset, seed=args.seed, new_tokens=args.max_new_tokens, temperature=args.temperature)
         return 0
     from dsv4.train_demo import run_train_demo
 
@@ -66,17 +124,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_resume_flags(args) -> None:
+    """With --resume: a ConfigError naming each flag or key=value that disagrees with the run's saved
+    train_config.json / model_config.json (the trainer continues with the saved settings; only --device and
+    --no-progress change on resume). Flags equal to the saved values are fine."""
+    from dsv4.config import ModelConfig
+    from dsv4.train.config import TrainConfig, apply_overrides
+
+    run = Path(args.out)
+    if not (run / "train_config.json").exists():
+        return          # the trainer says that this is not a run
+    saved = TrainConfig.from_json(run / "train_config.json")
+    saved_model = ModelConfig.from_json(run / "model_config.json")
+
+    def same(given, kept) -> bool:
+        return given == kept or (isinstance(kept, str) and Path(given).expanduser().resolve() == Path(kept).resolve())
+
+    flags = {"--preset": (args.preset, saved.preset), "--data": (args.data, saved.data),
+             "--tokenizer": (args.tokenizer, saved.tokenizer), "--steps": (args.steps, saved.steps),
+             "--minutes": (args.minutes, saved.minutes)}
+    bad = [f"{flag} {given} (saved: {kept if kept is not None else 'not set'})"
+           for flag, (given, kept) in flags.items() if given is not None and not same(given, kept)]
+    new, new_model = apply_overrides(saved, saved_model, args.overrides)
+    for item in args.overrides:
+        key = item.split("=", 1)[0]
+        old, now = (saved, new) if hasattr(saved, key) else (saved_model, new_model)
+        if getattr(now, key) != getattr(old, key):
+            bad.append(f"{item} (saved: {key}={getattr(old, key)!r})")
+    if bad:
+        raise ConfigError(f"--resume continues {run} with its saved settings (a resumed run keeps its length too); "
+                          f"these disagree: {', '.join(bad)}; drop them, or train into a new --out")
+
+
 def cmd_train(args) -> int:
     from dsv4.train.config import TrainConfig
     from dsv4.train.trainer import train
 
-    if args.resume and (args.steps is not None or args.minutes is not None or args.overrides):
-        raise ConfigError("--resume continues a run with its saved settings; drop --steps/--minutes/overrides")
-    if not args.resume and args.steps is None and args.minutes is None:
+    if args.resume:
+        _check_resume_flags(args)
+    elif args.steps is None and args.minutes is None:
         raise ConfigError("give --steps N or --minutes M")
     # --resume without --device continues on the run's own device ("" = keep it)
     device = args.device or ("" if args.resume else "cpu")
-    tc = TrainConfig(preset=args.preset, data=args.data, out=args.out, tokenizer=args.tokenizer,
+    tc = TrainConfig(preset=args.preset or "tiny", data=args.data, out=args.out, tokenizer=args.tokenizer,
                      steps=args.steps, minutes=args.minutes, progress=not args.no_progress, device=device)
     if device:
         tc.validate_device()
@@ -104,7 +194,7 @@ def _engine(args):
     from dsv4.generate import load_run
     from dsv4.infer.engine import Engine
 
-    model, tok = load_run(args.ckpt, device=_device(args))
+    model, tok = load_run(args.ckpt, device=_device(args))   # a run directory: its newest checkpoint
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
@@ -143,7 +233,7 @@ def cmd_chat(args) -> int:
     template = load_template(args.ckpt)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty()    # piped input: each exchange is printed as "you: ..." / "assistant: ..."
     out = sys.stdout
     if interactive:
         print("dsv4 chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
@@ -183,12 +273,14 @@ def cmd_chat(args) -> int:
         p.max_tokens = min(p.max_tokens, engine.max_context - len(ids))
         turn += 1
         answer = []
+        if not interactive:
+            out.write(f"you: {line}\nassistant: ")
         for ev in engine.stream(ids, p):
             if ev.text:
                 answer.append(ev.text)
                 out.write(ev.text)
                 out.flush()
-        out.write("\n")
+        out.write("\n" if interactive else "\n\n")
         out.flush()
         history.append({"role": "assistant", "content": "".join(answer).strip()})
     return 0
@@ -206,6 +298,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """`dsv4 eval indexer-recall` (recall_on_run checks --seq-len / --batches before loading the run)."""
     from dsv4.eval.recall import recall_on_run
 
     rows = recall_on_run(args.ckpt, seq_len=args.seq_len, batches=args.batches)
@@ -222,13 +315,23 @@ def cmd_eval_bpb(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """`dsv4 report RUN_DIR`, or `--ckpt RUN_DIR` like the other commands."""
     from dsv4.eval.report import main_report
 
+    if args.run_dir and args.ckpt and args.run_dir != args.ckpt:
+        raise ConfigError(f"two run directories given ({args.run_dir} and --ckpt {args.ckpt}); give one")
+    args.run_dir = args.run_dir or args.ckpt
+    if args.run_dir is None:
+        raise ConfigError("report needs a run directory: dsv4 report RUN_DIR (or --ckpt RUN_DIR)")
     return main_report(args)
 
 
+CKPT_HELP = "a run directory (its newest checkpoint), a checkpoint directory or a converted model directory"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 sparse language models in PyTorch.")
+    p = _Parser(prog="dsv4", description="DeepSeek-V4 sparse language models in PyTorch.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="parameter counts, layer schedule and KV-cache size of a config",
@@ -236,13 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "layer schedule and the served KV-cache size.")
     src = info.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", metavar="NAME", help=f"a built-in preset: {', '.join(available_presets())}")
-    src.add_argument("--config", metavar="FILE", help="a config.json (or a directory holding one)")
+    src.add_argument("--config", metavar="FILE", help="a config.json, a directory holding one (ours or transformers'), "
+                                                      "or a run directory (its newest checkpoint)")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert checkpoints to/from the transformers layout")
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-transformers", metavar="DIR", help="a transformers DeepseekV4 checkpoint directory")
-    way.add_argument("--to-transformers", metavar="DIR", help="a dsv4 (official layout) checkpoint directory")
+    way.add_argument("--to-transformers", metavar="DIR",
+                     help="a dsv4 run directory (its newest checkpoint), checkpoint or model directory")
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)
 
@@ -251,25 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--random", action="store_true", help="only run a random model (seconds, no training)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     budget = demo.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None,
+    budget.add_argument("--steps", type=COUNT, default=None,
                         help="training steps (default: the fixed demo budget, dsv4.train_demo.DEMO_STEPS)")
-    budget.add_argument("--minutes", type=float, default=None,
+    budget.add_argument("--minutes", type=MINUTES, default=None,
                         help="a wall-clock budget instead (the result then depends on the machine's speed)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="training/model overrides")
     demo.add_argument("--preset", default="tiny", metavar="NAME", help="preset to build (default: tiny)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--tokens", type=int, default=16, help="tokens to generate (default: 16)")
-    demo.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 = sampling")
+    demo.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=16,
+                      help="with --random: tokens to generate (default: 16)")
+    demo.add_argument("--tokens", type=NON_NEGATIVE, dest="max_new_tokens", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS)  # old name
+    demo.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default), > 0 = sampling")
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="train a model on text (default: this Python's standard library)")
-    tr.add_argument("--preset", default="tiny", metavar="NAME", help="model preset (default: tiny)")
+    tr.add_argument("--preset", default=None, metavar="NAME", help="model preset (default: tiny)")
     tr.add_argument("--data", default=None, metavar="PATH", help="folder, glob, file or .jsonl (default: stdlib)")
     tr.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoints, metrics, report)")
     tr.add_argument("--tokenizer", default=None, metavar="FILE", help="use this tokenizer.json instead of training one")
     budget = tr.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    budget.add_argument("--steps", type=COUNT, default=None, help="optimiser steps")
+    budget.add_argument("--minutes", type=MINUTES, default=None, help="wall-clock budget")
     tr.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.add_argument("--device", default=None, metavar="DEV",
@@ -287,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "faster for long generations)")
 
     def sampling_options(sp, temperature: float, max_new: int):
-        sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+        sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
         device_option(sp)
         sp.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default: {max_new}")
         sp.add_argument("--temperature", type=float, default=temperature,
@@ -295,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
         sp.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter (default)")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-        sp.add_argument("--max-context", type=int, default=None, metavar="N",
+        sp.add_argument("--max-context", type=COUNT, default=None, metavar="N",
                         help="tokens per request, prompt + output (default: the model's limit)")
 
     ge = sub.add_parser("generate", help="sample text from a trained run (cached engine, streamed)")
@@ -312,19 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=cmd_chat)
 
     se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    se.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="a run directory or checkpoint directory")
+    se.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
     device_option(se)
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    se.add_argument("--port", type=int, default=8000, help="default: 8000")
-    se.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
-    se.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    se.add_argument("--max-waiting", type=int, default=64,
-                    help="requests that may wait for a slot; more get HTTP 503 (default: 64)")
-    se.add_argument("--max-context", type=int, default=None, metavar="N",
-                    help="tokens per request, prompt + output (default: the model's limit)")
-    se.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per forward (default: 2048)")
+    se.add_argument("--port", type=_number(int, 0, high=65535), default=8000, help="default: 8000 (0: any free port)")
+    se.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $DSV4_API_KEY; unset = no key)")
+    se.add_argument("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
+    se.add_argument("--max-waiting", type=NON_NEGATIVE, default=64,
+                    help="requests that may wait for a row: max-batch + max-waiting are accepted at once, more "
+                         "get HTTP 503 (default: 64)")
+    se.add_argument("--max-context", type=COUNT, default=None, metavar="N",
+                    help="tokens per request, prompt + output (default: the run's training seq_len, else the "
+                         "model's limit)")
+    se.add_argument("--prefill-chunk", type=COUNT, default=2048, help="prompt tokens per forward (default: 2048)")
     se.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
-    se.add_argument("--default-max-tokens", type=int, default=256,
+    se.add_argument("--default-max-tokens", type=COUNT, default=256,
                     help="chat answer limit when a request gives none (default: 256)")
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(func=cmd_serve)
@@ -332,14 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluations of a trained run")
     ev_sub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
     rec = ev_sub.add_parser("indexer-recall", help="mass recall of the indexers' top-k against dense attention")
-    rec.add_argument("--ckpt", required=True, metavar="RUN_DIR")
-    rec.add_argument("--seq-len", type=int, default=1024)
-    rec.add_argument("--batches", type=int, default=2, help="validation windows to average over")
+    rec.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    rec.add_argument("--seq-len", type=int, default=1024, help="window length, >= 2 (default: 1024)")
+    rec.add_argument("--batches", type=int, default=2, help="validation windows to average over (default: 2)")
     rec.set_defaults(func=cmd_eval)
     bp = ev_sub.add_parser("bpb", help="bits per byte of a run on any text, with xz -9 on the same bytes",
                            description="Score a run on the text files at PATH with the training run's byte "
                                        "accounting (dsv4.eval.text_bpb); xz -9 compresses the same bytes.")
-    bp.add_argument("--ckpt", required=True, metavar="RUN_DIR")
+    bp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
     bp.add_argument("--data", required=True, metavar="PATH", help="a file, folder or glob (as dsv4 train --data)")
     bp.add_argument("--seq-len", type=int, default=1024, help="window length (default: 1024)")
     bp.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: 4)")
@@ -350,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.set_defaults(func=cmd_eval_bpb)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")
-    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    rep.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    rep.add_argument("--ckpt", metavar="RUN_DIR", help="the same, as the other commands take it")
     rep.set_defaults(func=cmd_report)
     return p
 
@@ -360,10 +471,33 @@ def _one_line(e: BaseException) -> str:
     return msg if not isinstance(e, FileNotFoundError) or e.filename is None else f"file not found: {e.filename}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _stdout_to_devnull() -> None:
+    """After a BrokenPipeError: point stdout at devnull so the exit-time flush cannot fail again (the python
+    docs' "Note on SIGPIPE")."""
     try:
-        return args.func(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # an in-memory stdout has no file descriptor
+        pass
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: one `dsv4: warning: ...` line, no source line."""
+    print(f"dsv4: warning: {' '.join(str(message).split())}", file=file or sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:         # the reader went away: `dsv4 info ... | head -3`
+        _stdout_to_devnull()
+        return SIGPIPE_STATUS
     except USER_ERRORS as e:
         print(f"dsv4: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -372,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

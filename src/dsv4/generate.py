@@ -10,24 +10,31 @@ from pathlib import Path
 import torch
 
 from dsv4.data import EOS_ID, load_tokenizer
-from dsv4.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from dsv4.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, run_folder
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a training run directory (its newest checkpoint) or a checkpoint dir; the
-    model is on `device` ("cpu", "cuda", "cuda:1", ...; ValueError when this machine has no such device)."""
+    """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
+    dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
+    ValueError when this machine has no such device)."""
     from dsv4.config import ModelConfig
     from dsv4.device import resolve_device
     from dsv4.model.transformer import Transformer
+    from dsv4.weights import load_model
 
     device = resolve_device(device)
-    path = Path(run_dir)
-    ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"no checkpoint found in {path}")
-    run = ckpt.parent if (ckpt.parent / "tokenizer.json").exists() else path
-    model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
-    load_checkpoint(ckpt, model)
+    ckpt = find_checkpoint(run_dir)
+    run = run_folder(ckpt)
+    if not (run / "tokenizer.json").exists():
+        raise CheckpointError(f"no tokenizer.json in {run}")
+    if (ckpt / "state.json").exists():
+        model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
+        load_checkpoint(ckpt, model)
+    else:   # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
+        try:
+            model = load_model(ckpt)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if model.engrams():   # Engram tables (chunked safetensors in the checkpoint) and the canonical map
         from dsv4.memory import load_store
         from dsv4.model.engram import canonical_map_path, load_canonical_map

@@ -88,25 +88,19 @@ def save_model(model, directory: str | Path) -> None:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None):
-    """Build a Transformer from config.json and load its safetensors weights (strict names and shapes)."""
+    """Build a Transformer from config.json and copy its safetensors weights into it (strict names and shapes;
+    official FP8 / MXFP4 tensors dequantised). The model is built for real, not on the meta device, so the
+    buffers no checkpoint holds (rope frequencies of every rotary, canonical token ids, MoE loads) are the
+    model's own; weights stored in bf16 land in the fp32 model unless `dtype` says otherwise."""
     from dsv4.config import ModelConfig
     from dsv4.model.transformer import Transformer
-
-    directory = Path(directory)
-    cfg = ModelConfig.from_json(directory / "config.json")
-    with torch.device("meta"):
-        model = Transformer(cfg)
     from dsv4.quant.formats import dequantize_state_dict
 
+    directory = Path(directory)
+    model = Transformer(ModelConfig.from_json(directory / "config.json"))
     state = dequantize_state_dict(load_state_dict(directory))  # official FP8 / MXFP4 checkpoints
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    model.rope_main.__init__(cfg.qk_rope_head_dim, cfg.rope_theta)
-    model.rope_compress.__init__(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
-    for mod in model.modules():  # non-persistent buffers are still on meta
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
     return model.to(dtype) if dtype is not None else model

@@ -2,13 +2,21 @@
 
 Names follow the official-to-transformers correspondence of the released checkpoints; routed experts
 are fused in transformers (gate_up_proj[e] = cat(w1, w3), down_proj[e] = w2). transformers builds no
-MTP block and ignores `mtp.*` keys on load, so they are carried through unchanged and the round trip
-dsv4 -> transformers -> dsv4 is exact.
+MTP block and ignores `mtp.*` keys on load, so they are carried through unchanged.
+
+A transformers folder written here also holds the run's tokenizer (tokenizer.json + tokenizer_config.json,
+loadable with AutoTokenizer) and dsv4_config.json, the exact dsv4 config (fields transformers has no name
+for, such as the MTP entries of compress_ratios), so the round trip dsv4 -> transformers -> dsv4 gives the
+same config and weights. A dsv4 folder written here (config.json, model.safetensors, tokenizer.json) loads
+with `dsv4 generate / chat / serve / info`.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,6 +67,16 @@ LAYER = [
     ("ffn.shared_experts.w3", "mlp.shared_experts.up_proj"),
     ("ffn.shared_experts.w2", "mlp.shared_experts.down_proj"),
 ]
+# config fields transformers' DeepseekV4Config has under the same name
+FIELDS = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts",
+          "n_shared_experts", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "max_position_embeddings",
+          "rope_theta", "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "swiglu_limit",
+          "sliding_window", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk",
+          "num_nextn_predict_layers", "rms_norm_eps", "tie_word_embeddings", "initializer_range", "bos_token_id",
+          "eos_token_id")
+DSV4_CONFIG = "dsv4_config.json"   # the exact dsv4 config, beside a transformers config.json
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
 
 
@@ -67,7 +85,7 @@ def _rename(suffix: str, table, src: int, dst: int) -> str:
         a = pair[src]
         if suffix == a or suffix.startswith(a + "."):
             return pair[dst] + suffix[len(a):]
-    raise KeyError(f"no transformers name known for {suffix!r}")
+    raise ValueError(f"no transformers name known for {suffix!r}")
 
 
 def to_transformers_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -83,7 +101,7 @@ def to_transformers_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) ->
             _, i, suffix = k.split(".", 2)
             out[f"model.layers.{i}.{_rename(suffix, LAYER, 0, 1)}"] = v
         else:
-            raise KeyError(f"unexpected dsv4 tensor {k!r}")
+            raise ValueError(f"unexpected dsv4 tensor {k!r}")
     for i in range(cfg.num_hidden_layers):
         n = cfg.n_routed_experts
         if (i, 0, "w1") not in experts:
@@ -117,17 +135,24 @@ def from_transformers_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) 
         elif "rotary_emb" in k:
             continue
         else:
-            raise KeyError(f"unexpected transformers tensor {k!r}")
+            raise ValueError(f"unexpected transformers tensor {k!r}")
     return out
 
 
-def to_transformers_config(cfg: ModelConfig):
-    """A transformers DeepseekV4Config with the same maths (no DSA layers: transformers has none)."""
-    from transformers import DeepseekV4Config
+def to_transformers_config(cfg: ModelConfig, dtype: str | None = None):
+    """A transformers DeepseekV4Config with the same maths (no DSA layers: transformers has none); `dtype`:
+    the weights' dtype name (default: cfg.torch_dtype)."""
+    try:
+        from transformers import DeepseekV4Config
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"converting to transformers needs the transformers package ({e}); "
+                           "pip install 'transformers==5.24.0'") from None
 
     kinds = cfg.layer_kinds
     if "dsa" in kinds:
         raise ConfigError("compress_ratios: DSA layers (ratio 1) have no transformers equivalent")
+    if cfg.engram_layer_ids:
+        raise ConfigError("engram_layer_ids: Engram layers have no transformers equivalent")
     hca = {cfg.compress_ratio(i) for i, k in enumerate(kinds) if k == "hca"}
     if len(hca) > 1:
         raise ConfigError(f"compress_ratios: transformers needs one HCA ratio for all layers, got {sorted(hca)}")
@@ -139,17 +164,10 @@ def to_transformers_config(cfg: ModelConfig):
         rope = {"rope_type": "yarn", "factor": rs["factor"], "beta_fast": rs.get("beta_fast", 32),
                 "beta_slow": rs.get("beta_slow", 1),
                 "original_max_position_embeddings": rs["original_max_position_embeddings"]}
-    fields = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts",
-              "n_shared_experts", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
-              "max_position_embeddings", "rope_theta", "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters",
-              "hc_eps", "swiglu_limit", "sliding_window", "o_groups", "o_lora_rank", "index_n_heads",
-              "index_head_dim", "index_topk", "num_nextn_predict_layers", "rms_norm_eps", "tie_word_embeddings",
-              "initializer_range", "bos_token_id", "eos_token_id")
-    kw = {f: getattr(cfg, f) for f in fields}
+    kw = {f: getattr(cfg, f) for f in FIELDS}
     kw["mlp_layer_types"] = ["hash_moe" if i < cfg.num_hash_layers else "moe" for i in range(len(kinds))]
     return DeepseekV4Config(
-        **kw, layer_types=layer_types,
+        **kw, layer_types=layer_types, dtype=dtype or cfg.torch_dtype,
         compress_rates={"compressed_sparse_attention": CSA_RATIO,
                         "heavily_compressed_attention": hca.pop() if hca else 128},
         partial_rotary_factor=cfg.qk_rope_head_dim / cfg.head_dim, rope_parameters=rope)
@@ -157,27 +175,96 @@ def to_transformers_config(cfg: ModelConfig):
 
 def from_transformers_config(hf_config) -> ModelConfig:
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-    return ModelConfig.from_dict(d)
-
-
-def convert_from_transformers_dir(src: str | Path, out: str | Path) -> ModelConfig:
-    """transformers checkpoint dir (config.json + safetensors) -> dsv4 dir (config.json + model.safetensors)."""
-    src, out = Path(src), Path(out)
-    cfg = ModelConfig.from_dict(json.loads((src / "config.json").read_text()))
-    sd = from_transformers_state_dict(load_state_dict(src), cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_state_dict(sd, out)
-    cfg.to_json(out / "config.json")
+    dtype = d.get("dtype") or d.get("torch_dtype")
+    cfg = ModelConfig.from_dict(d)
+    if isinstance(dtype, str):
+        cfg.torch_dtype = dtype.removeprefix("torch.")
     return cfg
 
 
-def convert_to_transformers_dir(src: str | Path, out: str | Path) -> None:
-    """dsv4 dir -> transformers dir loadable with DeepseekV4ForCausalLM.from_pretrained."""
+def is_transformers_folder(path: str | Path) -> bool:
+    """Whether `path` holds a transformers DeepseekV4 config.json (layer_types, no compress_ratios)."""
+    try:
+        d = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "layer_types" in d and "compress_ratios" not in d
+
+
+def weights_dtype(sd: dict[str, torch.Tensor]) -> str | None:
+    """The float dtype holding most of the weights, as a config name ("float32", "bfloat16", ...)."""
+    counts = Counter()
+    for v in sd.values():
+        if v.dtype in WEIGHT_DTYPES:
+            counts[v.dtype] += v.numel()
+    return str(counts.most_common(1)[0][0]).removeprefix("torch.") if counts else None
+
+
+def _saved_dsv4_config(src: Path, mapped: ModelConfig) -> ModelConfig | None:
+    """The exact dsv4 config an export left beside config.json, when it still describes the same model."""
+    path = src / DSV4_CONFIG
+    if not path.exists():
+        return None
+    saved = ModelConfig.from_json(path)
+    n = mapped.num_hidden_layers
+    same = (all(getattr(saved, f) == getattr(mapped, f) for f in (*FIELDS, "num_hash_layers", "qk_rope_head_dim"))
+            and saved.compress_ratios[:n] == mapped.compress_ratios[:n])
+    if not same:
+        warnings.warn(f"{path} does not match {src / 'config.json'}; using config.json", stacklevel=2)
+    return saved if same else None
+
+
+def convert_from_transformers_dir(src: str | Path, out: str | Path) -> ModelConfig:
+    """transformers checkpoint dir -> dsv4 model dir (config.json, model.safetensors, and tokenizer.json when
+    the source has one), loadable by dsv4.generate.load_run."""
+    from dsv4.train.checkpoint import find_checkpoint
+
     src, out = Path(src), Path(out)
-    cfg = ModelConfig.from_json(src / "config.json")
-    hf = to_transformers_config(cfg)
+    if not is_transformers_folder(src):
+        try:
+            find_checkpoint(src)
+        except ValueError:
+            raise ConfigError(f"{src} is not a transformers model folder (no config.json with layer_types)") from None
+        raise ConfigError(f"{src} is a dsv4 checkpoint, not a transformers model folder; use --to-transformers")
+    mapped = from_transformers_config(json.loads((src / "config.json").read_text()))
+    sd = from_transformers_state_dict(load_state_dict(src), mapped)
+    cfg = _saved_dsv4_config(src, mapped)
+    if cfg is None:
+        cfg = mapped
+        cfg.torch_dtype = weights_dtype(sd) or cfg.torch_dtype
+    out.mkdir(parents=True, exist_ok=True)
+    save_state_dict(sd, out)
+    cfg.to_json(out / "config.json")
+    if (src / "tokenizer.json").exists():
+        shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    return cfg
+
+
+def convert_to_transformers_dir(src: str | Path, out: str | Path) -> Path | None:
+    """dsv4 run, checkpoint or model dir -> transformers dir loadable with DeepseekV4ForCausalLM.from_pretrained
+    (and AutoTokenizer when the run has a tokenizer). Returns the tokenizer.json copied, or None."""
+    from dsv4.data import load_tokenizer
+    from dsv4.train.checkpoint import find_checkpoint, run_folder
+
+    ckpt = find_checkpoint(src)
+    cfg = ModelConfig.from_json(ckpt / "config.json")
+    weights = load_state_dict(ckpt)
+    hf = to_transformers_config(cfg, dtype=weights_dtype(weights))
     hf.architectures = ["DeepseekV4ForCausalLM"]
-    sd = to_transformers_state_dict(load_state_dict(src), cfg)
+    sd = to_transformers_state_dict(weights, cfg)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(sd, out)
     hf.save_pretrained(out)
+    cfg.to_json(out / DSV4_CONFIG)
+    tok = run_folder(ckpt) / "tokenizer.json"
+    if not tok.exists():
+        return None
+    shutil.copyfile(tok, out / "tokenizer.json")
+    vocab = load_tokenizer(tok)
+    special = {name: vocab.id_to_token(i) for name, i in (("bos_token", cfg.bos_token_id),
+                                                          ("eos_token", cfg.eos_token_id)) if i is not None}
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": cfg.max_position_embeddings,
+         "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    return tok

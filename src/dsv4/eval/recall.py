@@ -40,15 +40,20 @@ def indexer_recall(model, input_ids: torch.Tensor, segment_ids: torch.Tensor | N
 
 
 def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
-    """Per indexer layer: mean mass recall on validation windows of a training run (its own val split)."""
+    """Per indexer layer: mean mass recall on validation windows of a training run (its own val split); a
+    checkpoint directory names its run. ValueError for seq_len < 2 or batches < 1, before anything is loaded."""
     import json
-    from pathlib import Path
 
     from dsv4.data import find_files, split_files, tokenize_files_cached, val_batches
     from dsv4.generate import load_run
+    from dsv4.train.checkpoint import find_checkpoint, run_folder
 
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len}: must be >= 2 (a window holds inputs and their next tokens)")
+    if batches < 1:
+        raise ValueError(f"batches={batches}: must be >= 1")
     model, tok = load_run(run_dir)
-    run = Path(run_dir)
+    run = run_folder(find_checkpoint(run_dir))
     tc = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
     _, val_files = split_files(find_files(tc.get("data")), tc.get("val_fraction", 0.05))
     stream = tokenize_files_cached(val_files, tok, None, show_progress=False)
@@ -61,7 +66,6 @@ def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
     for layer, rs in sorted(acc.items()):
         ok = [r for r in rs if r["queries"]]
         n = sum(r["queries"] for r in ok)
-        mean = (lambda key: sum(r[key] * r["queries"] for r in ok) / n if n else float("nan"))
-        out.append({"layer": layer, "kind": model.cfg.layer_kind(layer), "recall": mean("recall"),
-                    "random": mean("random"), "queries": n})
+        mean = {key: sum(r[key] * r["queries"] for r in ok) / n if n else float("nan") for key in ("recall", "random")}
+        out.append({"layer": layer, "kind": model.cfg.layer_kind(layer), **mean, "queries": n})
     return out

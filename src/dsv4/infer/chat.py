@@ -24,6 +24,7 @@ from pathlib import Path
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}   # OpenAI's newer name for the system role
 
 
 class ChatError(ValueError):
@@ -40,7 +41,7 @@ class ChatTemplate:
     bos_id: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChatTemplate":
+    def from_dict(cls, d: dict) -> ChatTemplate:
         if not isinstance(d, dict):
             raise ChatError(f"a chat template must be a JSON object, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -91,8 +92,8 @@ def _content(m: dict, i: int) -> str:
 
 
 def validate_messages(messages) -> list[dict]:
-    """[{role, content}] with role in system/user/assistant and string content; raise ChatError naming
-    the bad message otherwise."""
+    """[{role, content}] with role in system/user/assistant (developer = system, as OpenAI treats it) and
+    string content; raise ChatError naming the bad message otherwise."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("messages must be a non-empty list of {\"role\", \"content\"} objects")
     out = []
@@ -100,26 +101,21 @@ def validate_messages(messages) -> list[dict]:
         if not isinstance(m, dict):
             raise ChatError(f"messages[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise ChatError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+            raise ChatError(f"messages[{i}].role must be one of {', '.join((*ROLES, *ROLE_ALIASES))}; got {role!r}")
         out.append({"role": role, "content": _content(m, i)})
     return out
 
 
-def template_dir(run_dir: str | Path) -> Path:
-    """The folder holding the run's tokenizer.json (a run folder, or the parent of a checkpoint folder)."""
-    path = Path(run_dir)
-    if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
-        return path
-    return path.parent
-
-
-def load_template(run_dir: str | Path | None = None, write: bool = True) -> ChatTemplate:
-    """The chat template of a run: RUN/chat_template.json, written with the default on first use
-    (unless write=False or the folder is read-only). None -> the default template."""
+def load_template(run_dir: str | Path | None = None) -> ChatTemplate:
+    """The chat template of a run: chat_template.json beside its tokenizer.json when there is one (write it
+    there to change the format), else the default. Nothing is written into the run. None -> the default."""
     if run_dir is None:
         return ChatTemplate()
-    path = template_dir(run_dir) / TEMPLATE_FILE
+    from dsv4.train.checkpoint import run_folder
+
+    path = run_folder(run_dir) / TEMPLATE_FILE
     if path.exists():
         try:
             return ChatTemplate.from_dict(json.loads(path.read_text()))
@@ -127,13 +123,7 @@ def load_template(run_dir: str | Path | None = None, write: bool = True) -> Chat
             raise ChatError(f"{path}: not valid JSON ({e})") from None
         except TypeError as e:
             raise ChatError(f"{path}: {e}") from None
-    t = ChatTemplate()
-    if write:
-        try:
-            path.write_text(json.dumps(t.to_dict(), indent=1) + "\n")
-        except OSError:
-            pass
-    return t
+    return ChatTemplate()
 
 
 def render(messages, template: ChatTemplate | None = None, add_generation_prompt: bool = True) -> str:

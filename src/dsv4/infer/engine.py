@@ -3,12 +3,13 @@
 Each request owns one row (slot) of a `ModelCache`. A step (1) admits waiting requests into free
 rows, (2) runs one prefill chunk of every request still reading its prompt, (3) runs ONE decode
 forward for all requests that are generating, whatever their lengths (mixed-length decode), and
-samples each row with its own parameters and generator. Finished requests free their row at once, so
-new ones join the running batch on the next step. Optional MTP speculative decoding
-(dsv4.infer.speculative) replaces (3) for requests at temperature-independent exactness.
+samples each row with its own parameters and generator (logit bias and penalties applied batched first,
+see dsv4.infer.sampling.adjust_logits). Finished requests free their row at once, so new ones join the
+running batch on the next step. Optional MTP speculative decoding (dsv4.infer.speculative) replaces (3)
+for requests at temperature-independent exactness; requests with a logit bias or penalties take (3).
 
-`Engine` is single-threaded; `BackgroundEngine` runs it in a thread for the server, with a bounded
-waiting queue.
+`Engine` is single-threaded; `BackgroundEngine` runs it in a thread for the server and admits at most
+max_batch + max_waiting unfinished requests (one per row plus a bounded waiting queue).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from dsv4.infer.cache import ModelCache
-from dsv4.infer.sampling import SamplingParams, sample
+from dsv4.infer.sampling import SamplingParams, adjust_logits, sample
 
 
 class QueueFull(RuntimeError):
@@ -100,7 +101,7 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tok = model.eval(), tokenizer
-        self.cfg = model.cfg
+        self.cfg, self.max_batch = model.cfg, max_batch
         self.device = next(model.parameters()).device   # inputs are made here; sampling runs on the CPU
         self.max_context = min(max_context or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
@@ -171,11 +172,13 @@ class Engine:
         for req in [r for r in self.running if r.fed < len(r.prompt)]:
             self._prefill_chunk(req, events)
         ready = [r for r in self.running if r.fed == len(r.prompt) and r.pending is not None]
+        if ready and self.spec is not None:   # the speculator does not adjust logits (bias, penalties):
+            spec = [r for r in ready if not r.params.adjusts_logits]   # requests that need it decode plainly
+            if spec:
+                self.spec.step(spec, events)
+            ready = [r for r in ready if r.params.adjusts_logits]
         if ready:
-            if self.spec is not None:
-                self.spec.step(ready, events)
-            else:
-                self._decode(ready, events)
+            self._decode(ready, events)
         self.stats["steps"] += 1
         return events
 
@@ -189,7 +192,8 @@ class Engine:
         req.fed += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
         if last:
-            self._accept(req, [sample(out.logits[0, -1].cpu(), req.params, req.gen)], events)
+            logits = adjust_logits(out.logits[0, -1:].cpu(), [req.params], [req.output])
+            self._accept(req, [sample(logits[0], req.params, req.gen)], events)
 
     def _decode(self, reqs: list[Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.pending] for r in reqs], device=self.device)
@@ -199,6 +203,7 @@ class Engine:
         else:
             logits = self.model(ids, cache=self.cache, rows=rows, last_only=True).logits[:, -1].cpu()
         # (one device -> host copy per step: a no-op on the CPU)
+        logits = adjust_logits(logits, [r.params for r in reqs], [r.output for r in reqs])
         self.stats["decode_tokens"] += len(reqs)
         for i, r in enumerate(reqs):
             r.pending = None
@@ -259,6 +264,8 @@ class Engine:
 
     def _release(self, req: Request, reason: str) -> None:
         req.finish_reason, req.pending = reason, None
+        if self.spec is not None:
+            self.spec.pending_x.pop(req.id, None)
         if req in self.running:
             self.running.remove(req)
             self.free_rows.append(req.row)
@@ -293,23 +300,40 @@ class Engine:
 
 class BackgroundEngine:
     """Runs an Engine in a daemon thread. submit() is thread-safe; on_event is called from the engine
-    thread. At most max_waiting requests may wait for a row, beyond that submit() raises QueueFull."""
+    thread. At most engine.max_batch + max_waiting requests may be unfinished (one per cache row, the
+    others waiting for a row, wherever they are: inbox, waiting queue or row); beyond that submit()
+    raises QueueFull."""
 
     def __init__(self, engine: Engine, max_waiting: int = 64):
         self.engine, self.max_waiting = engine, max_waiting
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()   # an RLock: an abort under it may finish a request (on_event)
         self._inbox: list = []
+        self._active = 0                   # submitted and not finished (counted under _cv)
         self._stop = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def capacity(self) -> int:
+        """Unfinished requests admitted at once: one per row plus max_waiting."""
+        return self.engine.max_batch + self.max_waiting
+
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
+        def tracked(ev: Event) -> None:    # engine thread: the last event frees an admission slot
+            if ev.finish_reason is not None:
+                with self._cv:
+                    self._active -= 1
+            if on_event is not None:
+                on_event(ev)
+
         with self._cv:
-            if len(self.engine.waiting) + sum(1 for k, *_ in self._inbox if k == "add") >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            if self._active >= self.capacity:
+                raise QueueFull(f"{self._active} requests are running or waiting (at most "
+                                f"{self.engine.max_batch} running + {self.max_waiting} waiting)")
             # validation errors surface here, in the caller's thread; the engine thread owns `waiting`
-            req = self.engine.make_request(prompt, params, on_event)
+            req = self.engine.make_request(prompt, params, tracked)
+            self._active += 1
             self._inbox.append(("add", req))
             self._cv.notify()
         return req
@@ -321,7 +345,8 @@ class BackgroundEngine:
 
     def load(self) -> dict:
         e = self.engine
-        return dict(running=len(e.running), waiting=len(e.waiting), free_rows=len(e.free_rows))
+        return {"running": len(e.running), "waiting": len(e.waiting), "free_rows": len(e.free_rows),
+                "active": self._active, "capacity": self.capacity}
 
     def close(self) -> None:
         with self._cv:

@@ -7,7 +7,11 @@
 
 Both POST endpoints stream server-sent events with "stream": true, as the OpenAI API does
 (`data: {json}` chunks, then `data: [DONE]`). Errors are OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}; no client input gives a 5xx other than 503 (overloaded):
+bodies that are not JSON objects, NaN / Infinity literals, nesting deeper than MAX_DEPTH, strings that
+are not Unicode (lone surrogates) and wrong types or ranges are 400s naming the field.
+
+Admission: at most max_batch + max_waiting unfinished requests (BackgroundEngine); more get 503.
 
 Threading: the engine runs in its own thread; each request owns an asyncio.Queue that the engine
 thread fills through loop.call_soon_threadsafe. A request whose client goes away (a closed stream, or
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -29,9 +35,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
-from dsv4.infer.sampling import SamplingParams
+from dsv4.infer.sampling import BIAS_LIMIT, PENALTY_LIMIT, ParamError, SamplingParams
 
 DISCONNECT_POLL_S = 0.25   # how often a non-streamed request checks that its client is still there
+MAX_DEPTH = 64             # deeper JSON nesting in a request body is refused (400)
+API_KEY_ENV = "DSV4_API_KEY"
 
 
 class APIError(Exception):
@@ -55,6 +63,66 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
+def _show(v, limit: int = 60) -> str:
+    """A short one-line repr of client input for an error message."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:     # a lone surrogate, e.g. the JSON escape "\ud83d" alone
+        return False
+    return True
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(f"{_show(s)} overflows a double")
+    return v
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body -> a JSON object of Unicode strings nested at most MAX_DEPTH deep (else APIError 400)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, NaN / Infinity, a too long integer
+        raise _bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    except RecursionError:
+        raise _bad(f"the request body is nested too deeply (at most {MAX_DEPTH} levels)", None,
+                   "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
+    for name, value in body.items():
+        param = name if name.isprintable() and len(name) <= 100 else name[:100].encode("unicode_escape").decode()
+        stack = [(name, 0), (value, 1)]
+        while stack:      # iterative: a deep body cannot exhaust the stack here
+            v, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise _bad(f"'{param}' is nested more than {MAX_DEPTH} levels deep", param)
+            if isinstance(v, str):
+                if not _utf8(v):
+                    raise _bad(f"'{param}' holds a string that is not valid Unicode (a lone surrogate)", param)
+            elif isinstance(v, list):
+                stack.extend((x, depth + 1) for x in v)
+            elif isinstance(v, dict):
+                stack.extend(kv for k, x in v.items() for kv in ((k, depth), (x, depth + 1)))
+    return body
+
+
+def resolve_api_key(api_key: str | None, environ=None) -> str | None:
+    """The key the server requires: api_key, else $DSV4_API_KEY (so it stays out of `ps`); None (or "") = none."""
+    if api_key is None:
+        api_key = (os.environ if environ is None else environ).get(API_KEY_ENV)
+    return api_key or None
+
+
 def _get_int(body: dict, name: str, default, minimum: int | None = None):
     v = body.get(name)
     if v is None:
@@ -63,9 +131,9 @@ def _get_int(body: dict, name: str, default, minimum: int | None = None):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
-            raise _bad(f"'{name}' must be an integer, got {v!r}", name)
+            raise _bad(f"'{name}' must be an integer, got {_show(v)}", name)
     if minimum is not None and v < minimum:
-        raise _bad(f"'{name}' must be >= {minimum}, got {v}", name, "invalid_value")
+        raise _bad(f"'{name}' must be >= {minimum}, got {_show(v)}", name, "invalid_value")
     return v
 
 
@@ -74,12 +142,16 @@ def _get_float(body: dict, name: str, default: float, lo: float | None = None, h
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise _bad(f"'{name}' must be a number, got {v!r}", name)
-    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise _bad(f"'{name}' must be in {rng}, got {v}", name, "invalid_value")
-    return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        raise _bad(f"'{name}' must be a number, got {_show(v)}", name)
+    try:
+        f = float(v)
+    except OverflowError:          # an integer beyond any double
+        f = math.inf if v > 0 else -math.inf
+    if (lo is not None and (f < lo or (lo_open and f == lo))) or (hi is not None and f > hi) or math.isinf(f):
+        rng = f"{'(' if lo_open else '['}{lo}, " + (f"{hi}]" if hi is not None else "inf)")
+        raise _bad(f"'{name}' must be a finite number in {rng}, got {_show(v)}", name, "invalid_value")
+    return f
 
 
 def _get_bool(body: dict, name: str, default: bool = False) -> bool:
@@ -87,8 +159,26 @@ def _get_bool(body: dict, name: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _bad(f"'{name}' must be a boolean, got {v!r}", name)
+        raise _bad(f"'{name}' must be a boolean, got {_show(v)}", name)
     return v
+
+
+def _get_logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
+    """{"token id": bias} -> {id: bias}; ids in [0, vocab_size), biases in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad(f"'logit_bias' must be an object mapping token ids to numbers, got {_show(v)}", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 20 and int(k) < vocab_size):
+            raise _bad(f"logit_bias keys must be token ids in [0, {vocab_size}), got {_show(k)}", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -BIAS_LIMIT <= b <= BIAS_LIMIT:
+            raise _bad(f"logit_bias values must be numbers in [-100, 100], got {_show(b)} for token {k}",
+                       "logit_bias")
+        out[int(k)] = float(b)
+    return out
 
 
 def _get_stop(body: dict) -> list[str]:
@@ -115,6 +205,7 @@ class Server:
         self.template = chat_template or ChatTemplate()
         self.default_max_tokens, self.retry_after_s = default_max_tokens, retry_after_s
         self.created = int(time.time())
+        self.max_token_bytes = max_token_bytes(tokenizer)
 
     # ------------------------------------------------------------------ checks
     def check_auth(self, request: Request) -> None:
@@ -122,7 +213,8 @@ class Server:
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"),
+                                                                   self.api_key.encode()):
             raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'." if auth else
                            "You didn't provide an API key. Pass it as 'Authorization: Bearer KEY'.",
                            "invalid_request_error", None, "invalid_api_key",
@@ -132,19 +224,25 @@ class Server:
         model = body.get("model")
         if model is None:
             raise _bad("you must provide a model parameter", "model")
+        if not isinstance(model, str):
+            raise _bad(f"'model' must be a string, got {_show(model)}", "model")
         if model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
-                           "invalid_request_error", "model", "model_not_found")
+            raise model_not_found(model, self.model_name)
+
+    @staticmethod
+    def check_unsupported(body: dict) -> None:
+        """400 for the OpenAI fields this server does not implement (rather than ignoring them)."""
+        rf = body.get("response_format")
+        if rf is not None and rf != {"type": "text"}:
+            raise _bad("response_format is not supported (only {\"type\": \"text\"})", "response_format")
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise _bad(f"{name} are not supported", name)
+        if body.get("suffix"):
+            raise _bad("suffix is not supported", "suffix")
 
     async def read_json(self, request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object", None, "invalid_json")
-        return body
+        return parse_body(await request.body())
 
     def sampling(self, body: dict, prompt_len: int, max_tokens_default: int | None,
                  max_tokens_names=("max_tokens",)) -> SamplingParams:
@@ -176,10 +274,12 @@ class Server:
             top_k = 0
         if top_k < 0:
             raise _bad(f"'top_k' must be >= 0 (or -1), got {top_k}", "top_k", "invalid_value")
-        stop_ids = body.get("stop_token_ids") or []
+        stop_ids = body.get("stop_token_ids")
+        stop_ids = [] if stop_ids is None else stop_ids
         if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or
                                                  not 0 <= t < self.vocab_size for t in stop_ids):
             raise _bad(f"'stop_token_ids' must be a list of token ids in [0, {self.vocab_size})", "stop_token_ids")
+        penalty = (-PENALTY_LIMIT, PENALTY_LIMIT)
         p = SamplingParams(max_tokens=max_tokens,
                            temperature=_get_float(body, "temperature", 1.0, 0.0),
                            top_k=top_k,
@@ -187,26 +287,37 @@ class Server:
                            seed=_get_int(body, "seed", None),
                            stop=_get_stop(body),
                            stop_token_ids=stop_ids,
-                           ignore_eos=_get_bool(body, "ignore_eos"))
+                           ignore_eos=_get_bool(body, "ignore_eos"),
+                           frequency_penalty=_get_float(body, "frequency_penalty", 0.0, *penalty),
+                           presence_penalty=_get_float(body, "presence_penalty", 0.0, *penalty),
+                           logit_bias=_get_logit_bias(body, self.vocab_size))
         try:
             return p.validate(self.vocab_size)
-        except ValueError as e:
-            raise _bad(str(e)) from None
+        except ParamError as e:
+            raise _bad(str(e), e.param, "invalid_value") from None
 
-    def check_prompt_len(self, n: int, param: str) -> None:
+    def check_prompt_len(self, n: int, param: str, at_least: bool = False) -> None:
         if n == 0:
             raise _bad(f"the {param} is empty", param)
         if n >= self.max_context:
             raise _bad(f"This model's maximum context length is {self.max_context} tokens. However, your "
-                       f"{param} has {n} tokens (at most {self.max_context - 1} fit, leaving room for one "
-                       f"generated token). Please reduce the length of the {param}.", param,
-                       "context_length_exceeded")
+                       f"{param} has {'at least ' if at_least else ''}{n} tokens (at most {self.max_context - 1} "
+                       f"fit, leaving room for one generated token). Please reduce the length of the {param}.",
+                       param, "context_length_exceeded")
+
+    def check_text_len(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing it, a text too long for the context whatever its tokens."""
+        if self.max_token_bytes and len(text) >= self.max_context:
+            n = len(text.encode("utf-8")) // self.max_token_bytes
+            if n >= self.max_context:
+                self.check_prompt_len(n, param, at_least=True)
 
     def prompt_ids(self, body: dict) -> list[int]:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]             # a batch of one prompt
         if isinstance(p, str):
+            self.check_text_len(p, "prompt")
             return list(self.tok.encode(p).ids)
         if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             if any(not 0 <= t < self.vocab_size for t in p):
@@ -214,7 +325,7 @@ class Server:
             return list(p)
         if p is None:
             raise _bad("you must provide a prompt", "prompt")
-        if isinstance(p, list):
+        if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
             raise _bad("only one prompt per request is supported (a string or a list of token ids)", "prompt")
         raise _bad("'prompt' must be a string or a list of token ids", "prompt")
 
@@ -236,8 +347,10 @@ class Server:
             raise APIError(503, f"The server is overloaded ({e}); retry after {self.retry_after_s} s.",
                            "server_error", None, "overloaded",
                            headers={"Retry-After": str(self.retry_after_s)}) from None
+        except ParamError as e:
+            raise _bad(str(e), e.param) from None
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise _bad(str(e), "prompt") from None
         return req, q
 
     async def collect(self, request: Request, req, q: asyncio.Queue) -> tuple[str, str]:
@@ -322,6 +435,7 @@ class Server:
     async def completions(self, request: Request):
         body = await self.read_json(request)
         self.check_model(body)
+        self.check_unsupported(body)
         stream = _get_bool(body, "stream")
         include_usage = self.stream_options(body, stream)
         prompt = self.prompt_ids(body)
@@ -349,12 +463,13 @@ class Server:
     async def chat_completions(self, request: Request):
         body = await self.read_json(request)
         self.check_model(body)
+        self.check_unsupported(body)
         stream = _get_bool(body, "stream")
         include_usage = self.stream_options(body, stream)
-        if body.get("tools") or body.get("functions"):
-            raise _bad("tools are not supported", "tools")
+        messages = body.get("messages")
         try:
-            prompt = self.template.encode(self.tok, body.get("messages"))
+            self.check_text_len(self.template.render(messages), "messages")
+            prompt = self.template.encode(self.tok, messages)
         except ChatError as e:
             raise _bad(str(e), "messages") from None
         self.check_prompt_len(len(prompt), "messages")
@@ -383,6 +498,23 @@ class Server:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "logprobs": None, "finish_reason": reason}],
                 "usage": self.usage(req)}
+
+
+def model_not_found(model: str, served: str) -> APIError:
+    shown = model if len(model) <= 100 and model.isprintable() else _show(model)
+    return APIError(404, f"The model `{shown}` does not exist; this server serves `{served}`.",
+                    "invalid_request_error", "model", "model_not_found")
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """An upper bound on the UTF-8 bytes one token of a byte-level BPE stands for (so a text of n bytes has at
+    least n / bound tokens); None for other tokenizers."""
+    try:
+        if type(tokenizer.pre_tokenizer).__name__ != "ByteLevel" or tokenizer.normalizer is not None:
+            return None
+        return max(len(t.encode("utf-8")) for t in tokenizer.get_vocab()) or None
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key: str | None = None,
@@ -430,8 +562,7 @@ def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key:
     async def model(model_id: str, request: Request):
         srv.check_auth(request)
         if model_id != srv.model_name:
-            raise APIError(404, f"The model `{model_id}` does not exist", "invalid_request_error", "model",
-                           "model_not_found")
+            raise model_not_found(model_id, srv.model_name)
         return srv.model_card()
 
     @app.post("/v1/completions")
@@ -447,16 +578,40 @@ def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key:
     return app
 
 
+def train_seq_len(ckpt: str | Path) -> int | None:
+    """The training sequence length of a run (RUN/train_config.json "seq_len"; for a checkpoint folder
+    RUN/ckpt-N, its parent's), or None when there is none."""
+    path = Path(ckpt)
+    folders = [path, path.parent] if (path / "state.json").exists() else [path]
+    for folder in folders:
+        f = folder / "train_config.json"
+        if f.is_file():
+            try:
+                n = json.loads(f.read_text()).get("seq_len")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+    return None
+
+
+def serving_context(ckpt: str | Path, model_limit: int, max_context: int | None = None) -> int:
+    """Tokens per request (prompt + output): max_context when given, else the run's training seq_len, else the
+    model's position limit; never above that limit."""
+    n = max_context or train_seq_len(ckpt) or model_limit
+    return min(n, model_limit)
+
+
 def build(ckpt: str | Path, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
           max_context: int | None = None, prefill_chunk: int = 2048, model_name: str | None = None,
           default_max_tokens: int = 256, device="cpu", compile: bool = False):
     """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`; compile: decode
-    steps through torch.compile."""
+    steps through torch.compile; max_context: default serving_context (the run's training seq_len)."""
     from dsv4.generate import load_run
     from dsv4.infer.chat import load_template
     from dsv4.infer.engine import Engine
 
     model, tok = load_run(ckpt, device=device)
+    max_context = serving_context(ckpt, model.cfg.max_position_embeddings, max_context)
     engine = Engine(model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
                     compile=compile)
     bg = BackgroundEngine(engine, max_waiting=max_waiting)
@@ -470,14 +625,16 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
           max_batch: int = 8, max_waiting: int = 64, max_context: int | None = None, prefill_chunk: int = 2048,
           model_name: str | None = None, default_max_tokens: int = 256, log_level: str = "info",
           device="cpu", compile: bool = False) -> None:
-    """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise)."""
+    """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise); api_key: default
+    $DSV4_API_KEY (none when unset)."""
     import uvicorn
 
-    app, bg, name = build(ckpt, api_key, max_batch, max_waiting, max_context, prefill_chunk, model_name,
-                          default_max_tokens, device, compile)
+    app, bg, name = build(ckpt, resolve_api_key(api_key), max_batch, max_waiting, max_context, prefill_chunk,
+                          model_name, default_max_tokens, device, compile)
+    srv = app.state.server
     print(f"dsv4: serving model '{name}' on {bg.engine.device} at http://{host}:{port}/v1 "
-          f"(max_batch {max_batch}, "
-          f"max_waiting {max_waiting}, context {bg.engine.max_context})", flush=True)
+          f"(max_batch {max_batch}, max_waiting {max_waiting}, context {srv.max_context} tokens"
+          f"{', API key required' if srv.api_key else ''})", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

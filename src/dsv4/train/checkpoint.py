@@ -136,3 +136,31 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
     return state
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder `path` names: itself when it holds a model (a training checkpoint, or weights with
+    their config.json as `dsv4 convert --from-transformers` writes), else a run folder's newest checkpoint.
+    CheckpointError (one line) when it is neither, or a transformers model folder."""
+    from dsv4.convert.transformers import is_transformers_folder
+
+    path = Path(path)
+    if is_transformers_folder(path):
+        raise CheckpointError(f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
+                              f"`dsv4 convert --from-transformers {path} OUT`")
+    if (path / "state.json").exists() or (path / "config.json").exists():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint found in {path} (expected a run folder, a ckpt-* folder or a model "
+                              "folder with config.json)" if path.is_dir() else f"{path} does not exist")
+    return ckpt
+
+
+def run_folder(path: str | Path) -> Path:
+    """The folder holding a checkpoint's tokenizer.json (and chat_template.json): `path` itself when it has
+    one or its parent has none (a run folder, a converted model), else its parent (a ckpt-* folder)."""
+    path = Path(path)
+    if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
+        return path
+    return path.parent

@@ -440,10 +440,8 @@ class Trainer:
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while step < st["total_steps"]:
-                ts = time.perf_counter()
                 rec = self.train_step(step)
                 self._in_update = False
-                dt = time.perf_counter() - ts
                 st["tokens"] += tokens_per_step
                 window_tok += tokens_per_step
                 window_flops += tokens_per_step * (self.flops_warm if rec["stage"] == "indexer_warmup"
