@@ -81,7 +81,7 @@ def _load_config(args):
         return ModelConfig.preset(args.preset), args.preset
     path = Path(args.config)
     if path.is_dir() and not (path / "config.json").exists():
-        from dsv4.train.checkpoint import find_checkpoint
+        from dsv4.run import find_checkpoint
 
         path = find_checkpoint(path)    # a run directory: its newest checkpoint
     return ModelConfig.from_json(path), str(args.config)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dsv4.data import EOS_ID, load_tokenizer
-from dsv4.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, run_folder
+from dsv4.run import CheckpointError, find_checkpoint, run_folder
+from dsv4.train.checkpoint import load_checkpoint
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):

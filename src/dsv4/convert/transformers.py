@@ -217,7 +217,7 @@ def _saved_dsv4_config(src: Path, mapped: ModelConfig) -> ModelConfig | None:
 def convert_from_transformers_dir(src: str | Path, out: str | Path) -> ModelConfig:
     """transformers checkpoint dir -> dsv4 model dir (config.json, model.safetensors, and tokenizer.json when
     the source has one), loadable by dsv4.generate.load_run."""
-    from dsv4.train.checkpoint import find_checkpoint
+    from dsv4.run import find_checkpoint
 
     src, out = Path(src), Path(out)
     if not is_transformers_folder(src):
@@ -244,7 +244,7 @@ def convert_to_transformers_dir(src: str | Path, out: str | Path) -> Path | None
     """dsv4 run, checkpoint or model dir -> transformers dir loadable with DeepseekV4ForCausalLM.from_pretrained
     (and AutoTokenizer when the run has a tokenizer). Returns the tokenizer.json copied, or None."""
     from dsv4.data import load_tokenizer
-    from dsv4.train.checkpoint import find_checkpoint, run_folder
+    from dsv4.run import find_checkpoint, run_folder
 
     ckpt = find_checkpoint(src)
     cfg = ModelConfig.from_json(ckpt / "config.json")

@@ -46,7 +46,7 @@ def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
 
     from dsv4.data import find_files, split_files, tokenize_files_cached, val_batches
     from dsv4.generate import load_run
-    from dsv4.train.checkpoint import find_checkpoint, run_folder
+    from dsv4.run import find_checkpoint, run_folder
 
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: must be >= 2 (a window holds inputs and their next tokens)")

@@ -49,7 +49,7 @@ def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_si
     """{"bpb", "xz_bpb", "bytes", "tokens", "loss", "files", "seq_len"} of the run's model on the files
     found at `data` (a file, folder or glob, as `dsv4 train --data`), scoring at most `max_tokens`."""
     from dsv4.generate import load_run
-    from dsv4.train.checkpoint import find_checkpoint, run_folder
+    from dsv4.run import find_checkpoint, run_folder
     from dsv4.train.config import TrainConfig
 
     if seq_len < 1 or batch_size < 1:

@@ -113,7 +113,7 @@ def load_template(run_dir: str | Path | None = None) -> ChatTemplate:
     there to change the format), else the default. Nothing is written into the run. None -> the default."""
     if run_dir is None:
         return ChatTemplate()
-    from dsv4.train.checkpoint import run_folder
+    from dsv4.run import run_folder
 
     path = run_folder(run_dir) / TEMPLATE_FILE
     if path.exists():

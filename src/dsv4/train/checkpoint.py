@@ -19,11 +19,9 @@ import torch
 
 from dsv4.weights import load_state_dict, save_state_dict
 
-PREFIX = "ckpt-"
+from dsv4.run import PREFIX, CheckpointError, latest_checkpoint, list_checkpoints
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or corrupt."""
+__all__ = ["CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 
 def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -103,19 +101,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / "state.json").exists())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load weights (+ optimiser and RNG state) into model/optimizer; returns the saved state dict."""
     path = Path(path)
@@ -136,31 +121,3 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: {str(e).splitlines()[0]}") from None
     return state
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder `path` names: itself when it holds a model (a training checkpoint, or weights with
-    their config.json as `dsv4 convert --from-transformers` writes), else a run folder's newest checkpoint.
-    CheckpointError (one line) when it is neither, or a transformers model folder."""
-    from dsv4.convert.transformers import is_transformers_folder
-
-    path = Path(path)
-    if is_transformers_folder(path):
-        raise CheckpointError(f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
-                              f"`dsv4 convert --from-transformers {path} OUT`")
-    if (path / "state.json").exists() or (path / "config.json").exists():
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"no checkpoint found in {path} (expected a run folder, a ckpt-* folder or a model "
-                              "folder with config.json)" if path.is_dir() else f"{path} does not exist")
-    return ckpt
-
-
-def run_folder(path: str | Path) -> Path:
-    """The folder holding a checkpoint's tokenizer.json (and chat_template.json): `path` itself when it has
-    one or its parent has none (a run folder, a converted model), else its parent (a ckpt-* folder)."""
-    path = Path(path)
-    if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
-        return path
-    return path.parent

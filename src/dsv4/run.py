@@ -1,0 +1,58 @@
+"""The run directory: where a training run keeps its checkpoints, and how a path names a checkpoint.
+
+A run folder RUN holds train_config.json, model_config.json, tokenizer.json (and optionally
+chat_template.json), metrics.jsonl and checkpoints RUN/ckpt-NNNNNNN/ (dsv4.train.checkpoint writes
+them; a complete one holds state.json). Every command that takes a checkpoint also takes the run folder
+(its newest checkpoint) or a model folder (config.json + safetensors, as `dsv4 convert
+--from-transformers` writes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PREFIX = "ckpt-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / "state.json").exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder `path` names: itself when it holds a model (a training checkpoint, or weights with
+    their config.json as `dsv4 convert --from-transformers` writes), else a run folder's newest checkpoint.
+    CheckpointError (one line) when it is neither, or a transformers model folder."""
+    from dsv4.convert.transformers import is_transformers_folder
+
+    path = Path(path)
+    if is_transformers_folder(path):
+        raise CheckpointError(f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
+                              f"`dsv4 convert --from-transformers {path} OUT`")
+    if (path / "state.json").exists() or (path / "config.json").exists():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint found in {path} (expected a run folder, a ckpt-* folder or a model "
+                              "folder with config.json)" if path.is_dir() else f"{path} does not exist")
+    return ckpt
+
+
+def run_folder(path: str | Path) -> Path:
+    """The folder holding a checkpoint's tokenizer.json (and chat_template.json): `path` itself when it has
+    one or its parent has none (a run folder, a converted model), else its parent (a ckpt-* folder)."""
+    path = Path(path)
+    if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
+        return path
+    return path.parent
