@@ -7,12 +7,14 @@ STAMP  := $(VENV)/.dsv4-installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup $(VENV) test test-slow demo clean
+.PHONY: help setup $(VENV) test test-slow lint format demo clean
 
 help:
 	@echo "make setup      create $(VENV) and install dsv4 with its test extras (done on demand)"
 	@echo "make test       fast test suite (pytest -m 'not slow')"
 	@echo "make test-slow  slow tests only (pytest -m slow)"
+	@echo "make lint       ruff check + ruff format --check (settings in pyproject.toml)"
+	@echo "make format     ruff format + the safe ruff fixes"
 	@echo "make demo       train tiny on the Python stdlib (240 steps, ~10 min), report, samples, bpb vs xz"
 	@echo "make clean      remove caches and build output (keeps $(VENV))"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_ARGS=..."
@@ -32,6 +34,14 @@ setup $(VENV): $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # pytest exits 5 when no test is selected; that is not a failure here.
 test-slow: $(STAMP)

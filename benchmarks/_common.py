@@ -1,5 +1,6 @@
 """Helpers every benchmark script shares: hardware description, the load other processes put on the
 machine during a run, RSS high-water marks, and number formatting."""
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,16 @@ def hardware_info() -> dict:
             mem = int(f.readline().split()[1]) / 1024 / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform(), loadavg=load, mem_total_gb=mem)
+    return dict(
+        cpu=cpu,
+        logical_cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        loadavg=load,
+        mem_total_gb=mem,
+    )
 
 
 def cpu_busy_s() -> float | None:

@@ -15,6 +15,7 @@ Usage
   .venv/bin/python benchmarks/ablate_engram.py                       # 3 seeds x 2 arms (~15 min, 2 cores)
   .venv/bin/python benchmarks/ablate_engram.py --seeds 0 --steps 20 --out /tmp/abl   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import hardware_info  # noqa: E402
+from _common import hardware_info
 
-from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.info import count_params  # noqa: E402
-from dsv4.train.config import TrainConfig  # noqa: E402
-from dsv4.train.trainer import train  # noqa: E402
+from dsv4.config import ModelConfig
+from dsv4.info import count_params
+from dsv4.train.config import TrainConfig
+from dsv4.train.trainer import train
 
 ARMS = {"baseline": ("tiny", []), "engram": ("tiny-engram", ["moe_intermediate_size=220"])}
 
@@ -65,8 +66,10 @@ def main(argv=None) -> int:
     res = {"command": "python " + " ".join(sys.argv), "hardware": hardware_info(), "args": vars(args), "runs": {}}
     act = {arm: active_params(p, o) for arm, (p, o) in ARMS.items()}
     res["active_params"] = act
-    print(f"active parameters: baseline {act['baseline']:,}, engram {act['engram']:,} "
-          f"({100 * (act['engram'] / act['baseline'] - 1):+.2f}%); tokens per run {args.steps * args.batch * args.seq:,}")
+    print(
+        f"active parameters: baseline {act['baseline']:,}, engram {act['engram']:,} "
+        f"({100 * (act['engram'] / act['baseline'] - 1):+.2f}%); tokens per run {args.steps * args.batch * args.seq:,}"
+    )
     shared = None
     for seed in args.seeds:
         for arm, (preset, over) in ARMS.items():
@@ -74,21 +77,44 @@ def main(argv=None) -> int:
             if run.exists():
                 shutil.rmtree(run)
             run.mkdir(parents=True)
-            if shared is not None:   # same tokenizer and token caches for every run
+            if shared is not None:  # same tokenizer and token caches for every run
                 shutil.copy(shared / "tokenizer.json", run / "tokenizer.json")
                 shutil.copytree(shared / "cache", run / "cache")
-            tc = TrainConfig(preset=preset, data=args.data, out=str(run), tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch,
-                             seq_len=args.seq, lr=args.lr, seed=seed, eval_every=10 ** 6, ckpt_every=10 ** 6,
-                             keep_last=1, final_eval_tokens=args.eval_tokens, progress=False, threads=args.threads,
-                             compile="off", dtype="fp32")
+            tc = TrainConfig(
+                preset=preset,
+                data=args.data,
+                out=str(run),
+                tokenizer=args.tokenizer,
+                steps=args.steps,
+                batch_size=args.batch,
+                seq_len=args.seq,
+                lr=args.lr,
+                seed=seed,
+                eval_every=10**6,
+                ckpt_every=10**6,
+                keep_last=1,
+                final_eval_tokens=args.eval_tokens,
+                progress=False,
+                threads=args.threads,
+                compile="off",
+                dtype="fp32",
+            )
             t0 = time.perf_counter()
             final = train(tc, over)
             shared = shared or run
-            res["runs"].setdefault(arm, []).append(dict(seed=seed, val_bpb=final["val_bpb"], xz_bpb=final["xz_bpb"],
-                                                        wall_s=time.perf_counter() - t0,
-                                                        tok_per_s=final["tok_per_s"]))
-            print(f"  {arm:8s} seed {seed}: val bpb {final['val_bpb']:.4f}  ({time.perf_counter() - t0:.0f} s, "
-                  f"{final['tok_per_s'] or 0:.0f} tok/s)")
+            res["runs"].setdefault(arm, []).append(
+                dict(
+                    seed=seed,
+                    val_bpb=final["val_bpb"],
+                    xz_bpb=final["xz_bpb"],
+                    wall_s=time.perf_counter() - t0,
+                    tok_per_s=final["tok_per_s"],
+                )
+            )
+            print(
+                f"  {arm:8s} seed {seed}: val bpb {final['val_bpb']:.4f}  ({time.perf_counter() - t0:.0f} s, "
+                f"{final['tok_per_s'] or 0:.0f} tok/s)"
+            )
     summary = {}
     for arm, rs in res["runs"].items():
         v = [r["val_bpb"] for r in rs]
@@ -97,14 +123,22 @@ def main(argv=None) -> int:
     b, e = summary["baseline"], summary["engram"]
     diff = e["mean"] - b["mean"]
     noise = (b["std"] ** 2 / b["n"] + e["std"] ** 2 / e["n"]) ** 0.5
-    verdict = ("Engram HELPED" if diff < -2 * noise and noise > 0 else
-               "Engram HURT" if diff > 2 * noise and noise > 0 else "no difference beyond the seed noise")
+    verdict = (
+        "Engram HELPED"
+        if diff < -2 * noise and noise > 0
+        else "Engram HURT"
+        if diff > 2 * noise and noise > 0
+        else "no difference beyond the seed noise"
+    )
     res["verdict"] = verdict
-    print(f"\nval bpb over {b['n']} seeds: baseline {b['mean']:.4f} +- {b['std']:.4f}, engram {e['mean']:.4f} +- "
-          f"{e['std']:.4f}; difference {diff:+.4f} (2 x standard error {2 * noise:.4f}) -> {verdict}")
+    print(
+        f"\nval bpb over {b['n']} seeds: baseline {b['mean']:.4f} +- {b['std']:.4f}, engram {e['mean']:.4f} +- "
+        f"{e['std']:.4f}; difference {diff:+.4f} (2 x standard error {2 * noise:.4f}) -> {verdict}"
+    )
     if args.plot:
         try:
             import matplotlib
+
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 

@@ -41,6 +41,7 @@ Usage
   .venv/bin/python benchmarks/decode.py --contexts 256 --batches 1 2 --steps 3 --warmup 1 \\
       --wide-context 64 --wide-steps 2 --no-mtp --no-transformers                   # smoke run, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,15 +57,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import LoadMeter, fmt_tokens, hardware_info  # noqa: E402
+from _common import LoadMeter, fmt_tokens, hardware_info
 
-from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.infer.cache import ModelCache  # noqa: E402
-from dsv4.infer.engine import Engine  # noqa: E402
-from dsv4.infer.sampling import SamplingParams  # noqa: E402
-from dsv4.info import count_params  # noqa: E402
-from dsv4.model.transformer import Transformer  # noqa: E402
-from dsv4.quant.kv import KVCodec  # noqa: E402
+from dsv4.config import ModelConfig
+from dsv4.infer.cache import ModelCache
+from dsv4.infer.engine import Engine
+from dsv4.infer.sampling import SamplingParams
+from dsv4.info import count_params
+from dsv4.model.transformer import Transformer
+from dsv4.quant.kv import KVCodec
 
 REF_CONTEXT = 1024
 GOALS = dict(decode_vs_transformers_b1=5, decode_flatness_1k_128k=1.3, decode_b8_over_b1=4, decode_mbu=0.6)
@@ -81,8 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp8"], default="fp32")
     p.add_argument("--ckpt", help="a training run (model + tokenizer); default: the tiny preset, random weights")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' DeepseekV4")
-    p.add_argument("--hf-contexts", type=int, nargs="*", default=[],
-                   help="more contexts for transformers besides the reference (1K) one (it is slow at long ones)")
+    p.add_argument(
+        "--hf-contexts",
+        type=int,
+        nargs="*",
+        default=[],
+        help="more contexts for transformers besides the reference (1K) one (it is slow at long ones)",
+    )
     p.add_argument("--wide-context", type=int, default=256, help="context of the wide-preset MBU run (0: skip)")
     p.add_argument("--wide-steps", type=int, default=8)
     p.add_argument("--no-mtp", action="store_true", help="skip the MTP speculative comparison")
@@ -133,12 +139,12 @@ def cache_bytes(cfg: ModelConfig, context: int, fmt) -> float:
     total = 0
     for i in range(cfg.num_hidden_layers):
         kind, m = cfg.layer_kind(i), cfg.compress_ratio(i)
-        total += min(context, cfg.sliding_window) * kv              # the window (raw tokens)
+        total += min(context, cfg.sliding_window) * kv  # the window (raw tokens)
         n = context // m if m else 0
         if kind == "hca":
-            total += n * kv                                          # every compressed entry
+            total += n * kv  # every compressed entry
         elif kind in ("csa", "dsa"):
-            total += n * ik + min(n, cfg.index_topk) * kv            # indexer keys scanned + top-k gathered
+            total += n * ik + min(n, cfg.index_topk) * kv  # indexer keys scanned + top-k gathered
     return total
 
 
@@ -193,11 +199,11 @@ def decode_case(model, step, context: int, batch: int, steps: int, args, ids, fm
     cache = ModelCache(model, batch=batch, capacity=context + steps + args.warmup + 16, dtype=fmt)
     t0 = time.perf_counter()
     for s in range(0, context, args.prefill_chunk):
-        model(ids[:, s:min(s + args.prefill_chunk, context)], cache=cache, rows=[0], last_only=True)
+        model(ids[:, s : min(s + args.prefill_chunk, context)], cache=cache, rows=[0], last_only=True)
     prefill_s = time.perf_counter() - t0
     if batch > 1:
         cache.copy_row(0, list(range(1, batch)))
-    tok = ids[0, context:context + 1].repeat(batch, 1)
+    tok = ids[0, context : context + 1].repeat(batch, 1)
     times = []
     for i in range(args.warmup + steps):
         t0 = time.perf_counter()
@@ -205,9 +211,16 @@ def decode_case(model, step, context: int, batch: int, steps: int, args, ids, fm
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    r = dict(context=context, batch=batch, prefill_s=prefill_s, prefill_tok_s=context / prefill_s,
-             step_ms=step_s * 1e3, tok_s=batch / step_s, bytes=step_bytes(model, batch, context, fmt))
-    if profile_ops:   # one more step each way, on the same cache (capacity has room)
+    r = dict(
+        context=context,
+        batch=batch,
+        prefill_s=prefill_s,
+        prefill_tok_s=context / prefill_s,
+        step_ms=step_s * 1e3,
+        tok_s=batch / step_s,
+        bytes=step_bytes(model, batch, context, fmt),
+    )
+    if profile_ops:  # one more step each way, on the same cache (capacity has room)
         eager = EagerStep(model)
         r["ops_eager"] = count_ops(lambda: eager(tok, cache))
         if not isinstance(step, EagerStep):
@@ -228,10 +241,10 @@ def build_transformers(model):
 
     try:
         hf_cfg = to_transformers_config(model.cfg)
-        hf_cfg._attn_implementation = "eager"    # (it has no SDPA path)
+        hf_cfg._attn_implementation = "eager"  # (it has no SDPA path)
         hf = transformers.DeepseekV4ForCausalLM(hf_cfg).eval()
         missing, _ = hf.load_state_dict(to_transformers_state_dict(model.state_dict(), model.cfg), strict=False)
-    except Exception as e:   # e.g. an Engram config, which transformers does not have
+    except Exception as e:  # e.g. an Engram config, which transformers does not have
         return None, f"transformers cannot build this config: {' '.join(str(e).split())[:200]}"
     if missing:
         return None, f"transformers model misses {len(missing)} weights (e.g. {missing[0]})"
@@ -245,7 +258,7 @@ def hf_decode_case(hf, context: int, steps: int, args, ids) -> dict:
     t0 = time.perf_counter()
     out = hf(ids[:, :context], use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
-    kv, tok = getattr(out, key), ids[:, context:context + 1]
+    kv, tok = getattr(out, key), ids[:, context : context + 1]
     times = []
     for i in range(args.warmup + steps):
         t0 = time.perf_counter()
@@ -254,8 +267,14 @@ def hf_decode_case(hf, context: int, steps: int, args, ids) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return dict(context=context, batch=1, prefill_s=prefill_s, prefill_tok_s=context / prefill_s,
-                step_ms=step_s * 1e3, tok_s=1 / step_s)
+    return dict(
+        context=context,
+        batch=1,
+        prefill_s=prefill_s,
+        prefill_tok_s=context / prefill_s,
+        step_ms=step_s * 1e3,
+        tok_s=1 / step_s,
+    )
 
 
 def mtp_case(model, tok, args) -> dict:
@@ -275,9 +294,14 @@ def mtp_case(model, tok, args) -> dict:
         dt = time.perf_counter() - t0
         out[name] = dict(tok_s=len(r.output) / dt, tokens=r.output, stats=dict(eng.stats))
     st = out["mtp"]["stats"]
-    return dict(acceptance=st["accepted"] / max(st["drafted"], 1), speedup=out["mtp"]["tok_s"] / out["plain"]["tok_s"],
-                plain_tok_s=out["plain"]["tok_s"], mtp_tok_s=out["mtp"]["tok_s"],
-                identical=out["plain"]["tokens"] == out["mtp"]["tokens"], trained=tok is not None)
+    return dict(
+        acceptance=st["accepted"] / max(st["drafted"], 1),
+        speedup=out["mtp"]["tok_s"] / out["plain"]["tok_s"],
+        plain_tok_s=out["plain"]["tok_s"],
+        mtp_tok_s=out["mtp"]["tok_s"],
+        identical=out["plain"]["tokens"] == out["mtp"]["tokens"],
+        trained=tok is not None,
+    )
 
 
 # ------------------------------------------------------------------------------ report
@@ -285,8 +309,10 @@ def row(name, r, bw) -> str:
     b = r.get("bytes")
     mb = f"{b['total'] / 1e6:9.1f}" if b else f"{'-':>9}"
     mbu = f"{b['total'] / (r['step_ms'] / 1e3) / bw:6.3f}" if b else f"{'-':>6}"
-    return (f"  {name:<22} {fmt_tokens(r['context']):>7} {r['batch']:>5} {r['tok_s']:9.1f} {r['step_ms']:9.2f} "
-            f"{mb} {mbu} {r['prefill_tok_s']:11.0f}")
+    return (
+        f"  {name:<22} {fmt_tokens(r['context']):>7} {r['batch']:>5} {r['tok_s']:9.1f} {r['step_ms']:9.2f} "
+        f"{mb} {mbu} {r['prefill_tok_s']:11.0f}"
+    )
 
 
 def fmt_bucket(key) -> str:
@@ -305,6 +331,7 @@ def make_plot(res: dict, path: str) -> str | None:
     """tokens/s against context, one line per batch size, with transformers' batch-1 point(s)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -316,8 +343,13 @@ def make_plot(res: dict, path: str) -> str | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"dsv4, batch {b}")
     hf = res.get("transformers_cases") or []
     if hf:
-        ax.plot([c["context"] for c in hf], [c["tok_s"] for c in hf], "s", color="k",
-                label="transformers DeepseekV4, batch 1")
+        ax.plot(
+            [c["context"] for c in hf],
+            [c["tok_s"] for c in hf],
+            "s",
+            color="k",
+            label="transformers DeepseekV4, batch 1",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s")
@@ -332,18 +364,17 @@ def make_plot(res: dict, path: str) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.replot:   # redraw the plot of an earlier run's JSON (no measurement)
+    if args.replot:  # redraw the plot of an earlier run's JSON (no measurement)
         with open(args.replot) as f:
             print(f"plot: {make_plot(json.load(f), args.plot or 'decode.png')}")
         return 0
     fmt = {"fp32": None, "bf16": torch.bfloat16, "fp8": "fp8"}[args.cache_dtype]
     cmd = sys.argv if argv is None else ["decode.py", *argv]
-    res = dict(command="python " + " ".join(shlex.quote(a) for a in cmd), hardware=hardware_info(), cases=[],
-               notes=[])
+    res = dict(command="python " + " ".join(shlex.quote(a) for a in cmd), hardware=hardware_info(), cases=[], notes=[])
     notes = res["notes"]
     tok = None
     if args.ckpt:
-        from dsv4.generate import load_run
+        from dsv4.run import load_run
 
         model, tok = load_run(args.ckpt)
     else:
@@ -353,9 +384,11 @@ def main(argv=None) -> int:
     if note:
         notes.append(note)
     res["step"] = label
-    print(f"dsv4 decode benchmark: {'run ' + args.ckpt if args.ckpt else 'tiny preset, random weights'}, "
-          f"{label} step, cache {args.cache_dtype}, {res['hardware']['cpu']}, {torch.get_num_threads()} threads",
-          flush=True)
+    print(
+        f"dsv4 decode benchmark: {'run ' + args.ckpt if args.ckpt else 'tiny preset, random weights'}, "
+        f"{label} step, cache {args.cache_dtype}, {res['hardware']['cpu']}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     bw = copy_bandwidth()
     res["copy_bandwidth_gb_s"] = bw / 1e9
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)", flush=True)
@@ -364,11 +397,14 @@ def main(argv=None) -> int:
     if ref_ctx != REF_CONTEXT:
         notes.append(f"1K context not run: ratios use {fmt_tokens(ref_ctx)} instead")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, model.cfg.vocab_size, (1, max(contexts + args.hf_contexts + [args.wide_context]) + 1),
-                        generator=g)
+    ids = torch.randint(
+        2, model.cfg.vocab_size, (1, max(contexts + args.hf_contexts + [args.wide_context]) + 1), generator=g
+    )
     load = LoadMeter()
-    header = (f"  {'model':<22} {'context':>7} {'batch':>5} {'tok/s':>9} {'ms/step':>9} {'MB/step':>9} {'MBU':>6} "
-              f"{'prefill t/s':>11}")
+    header = (
+        f"  {'model':<22} {'context':>7} {'batch':>5} {'tok/s':>9} {'ms/step':>9} {'MB/step':>9} {'MBU':>6} "
+        f"{'prefill t/s':>11}"
+    )
     print("decode (MBU = bytes read per step / step time / copy bandwidth):")
     print(header, flush=True)
     for ctx in contexts:
@@ -398,20 +434,26 @@ def main(argv=None) -> int:
         wmodel = Transformer(ModelConfig.preset("wide")).eval()
         build_s = time.perf_counter() - t0
         wstep, wlabel, _ = make_step(wmodel, args.eager)
-        wide = decode_case(wmodel, wstep, args.wide_context, 1, args.wide_steps, args,
-                           ids.remainder(wmodel.cfg.vocab_size), fmt)
-        wide.update(model="dsv4 wide", build_s=build_s,
-                    compile_seconds={fmt_bucket(k): v for k, v in wstep.compile_seconds.items()},
-                    mbu=wide["bytes"]["total"] / (wide["step_ms"] / 1e3) / bw,
-                    active_weight_mb=weight_bytes(wmodel, 1) / 1e6)
+        wide = decode_case(
+            wmodel, wstep, args.wide_context, 1, args.wide_steps, args, ids.remainder(wmodel.cfg.vocab_size), fmt
+        )
+        wide.update(
+            model="dsv4 wide",
+            build_s=build_s,
+            compile_seconds={fmt_bucket(k): v for k, v in wstep.compile_seconds.items()},
+            mbu=wide["bytes"]["total"] / (wide["step_ms"] / 1e3) / bw,
+            active_weight_mb=weight_bytes(wmodel, 1) / 1e6,
+        )
         print(row(f"dsv4 wide ({wlabel})", wide, bw), flush=True)
         del wmodel, wstep
     res["wide"] = wide
     largest = max(contexts)
     if largest != 131072:
         notes.append(f"flatness: 128K not run, the largest context run is {fmt_tokens(largest)}")
-    comp = {**{f"tiny: {fmt_bucket(k)}": v for k, v in step.compile_seconds.items()},
-            **({f"wide: {k}": v for k, v in wide["compile_seconds"].items()} if wide else {})}
+    comp = {
+        **{f"tiny: {fmt_bucket(k)}": v for k, v in step.compile_seconds.items()},
+        **({f"wide: {k}": v for k, v in wide["compile_seconds"].items()} if wide else {}),
+    }
     res["compile_seconds"] = comp
     if comp:
         print("compile time per shape bucket (paid in the warm-up, not timed):")
@@ -419,25 +461,36 @@ def main(argv=None) -> int:
             print(f"  {k}: {v:.1f} s")
     pr = next((c for c in res["cases"] if "ops_eager" in c), None)
     if pr:
+
         def ops(d):
             return f"{d['top']} top-level / {d['all']} with nested"
 
-        print(f"aten ops per decode step (profiler, batch {pr['batch']}, {fmt_tokens(pr['context'])} context): "
-              f"eager {ops(pr['ops_eager'])}; " + (f"compiled {ops(pr['ops_compiled'])}" if "ops_compiled" in pr
-                                                   else f"compiled: not run ({note or '--eager'})"))
+        print(
+            f"aten ops per decode step (profiler, batch {pr['batch']}, {fmt_tokens(pr['context'])} context): "
+            f"eager {ops(pr['ops_eager'])}; "
+            + (
+                f"compiled {ops(pr['ops_compiled'])}"
+                if "ops_compiled" in pr
+                else f"compiled: not run ({note or '--eager'})"
+            )
+        )
     if wide:
-        print(f"wide preset: {wide['active_weight_mb']:.0f} MB of weights read per token, built in "
-              f"{wide['build_s']:.1f} s; batch-1 decode at {fmt_tokens(wide['context'])}: "
-              f"MBU {wide['mbu']:.3f} of {bw / 1e9:.1f} GB/s")
+        print(
+            f"wide preset: {wide['active_weight_mb']:.0f} MB of weights read per token, built in "
+            f"{wide['build_s']:.1f} s; batch-1 decode at {fmt_tokens(wide['context'])}: "
+            f"MBU {wide['mbu']:.3f} of {bw / 1e9:.1f} GB/s"
+        )
     if not args.no_mtp and model.cfg.num_nextn_predict_layers == 0:
         notes.append("MTP not measured: the model has no MTP block")
         print(notes[-1])
     elif not args.no_mtp:
         res["mtp"] = m = mtp_case(model, tok, args)
-        print(f"MTP speculative (greedy, {args.mtp_tokens} tokens): acceptance {100 * m['acceptance']:.0f}%, "
-              f"{m['mtp_tok_s']:.1f} vs {m['plain_tok_s']:.1f} tok/s = {m['speedup']:.2f}x, identical output: "
-              f"{m['identical']}" + ("" if m["trained"] else "  [random weights: the MTP head is untrained, "
-                                                               "pass --ckpt RUN]"))
+        print(
+            f"MTP speculative (greedy, {args.mtp_tokens} tokens): acceptance {100 * m['acceptance']:.0f}%, "
+            f"{m['mtp_tok_s']:.1f} vs {m['plain_tok_s']:.1f} tok/s = {m['speedup']:.2f}x, identical output: "
+            f"{m['identical']}"
+            + ("" if m["trained"] else "  [random weights: the MTP head is untrained, pass --ckpt RUN]")
+        )
     res["other_load"] = load.other_cores()
     print(f"other processes used {res['other_load'] or 0:.2f} cores on average")
 
@@ -457,7 +510,8 @@ def main(argv=None) -> int:
         decode_vs_transformers_b1=ratio(tok_s(ref_ctx, b1), tok_s(ref_ctx, 1, hf_cases)),
         decode_flatness_1k_128k=ratio(step_ms(largest, b1), step_ms(ref_ctx, b1)),
         decode_b8_over_b1=ratio(tok_s(ref_ctx, bn), tok_s(ref_ctx, b1)) if bn != b1 else float("nan"),
-        decode_mbu=wide["mbu"] if wide else float("nan"))
+        decode_mbu=wide["mbu"] if wide else float("nan"),
+    )
     res["results"] = results
     for n in notes:
         print(f"note: {n}")

@@ -29,6 +29,7 @@ Usage
   .venv/bin/python benchmarks/engram_offload.py                      # 4 GB table (~10 min, 2 cores)
   .venv/bin/python benchmarks/engram_offload.py --table-gb 0.1 --steps 4 --decode-tokens 16   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,22 +44,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import hardware_info  # noqa: E402
+from _common import hardware_info
 
-from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.data import Batches, train_tokenizer  # noqa: E402
-from dsv4.data.corpus import default_corpus, find_files, iter_documents  # noqa: E402
-from dsv4.infer.engine import Engine  # noqa: E402
-from dsv4.infer.sampling import SamplingParams  # noqa: E402
-from dsv4.model.engram import canonical_map  # noqa: E402
-from dsv4.model.transformer import Transformer  # noqa: E402
-from dsv4.optim.groups import build_optimizer  # noqa: E402
-from dsv4.train.engram import EngramTraining  # noqa: E402
+from dsv4.config import ModelConfig
+from dsv4.data import Batches, train_tokenizer
+from dsv4.data.corpus import default_corpus, find_files, iter_documents
+from dsv4.infer.engine import Engine
+from dsv4.infer.sampling import SamplingParams
+from dsv4.model.engram import canonical_map
+from dsv4.model.transformer import Transformer
+from dsv4.optim.groups import build_optimizer
+from dsv4.train.engram import EngramTraining
 
-CASES = {"ram": dict(store="ram", prefetch=False, hot=0),
-         "mmap": dict(store="mmap", prefetch=False, hot=0),
-         "mmap+prefetch": dict(store="mmap", prefetch=True, hot=0),
-         "mmap+prefetch+hot": dict(store="mmap", prefetch=True, hot=1 << 20)}
+CASES = {
+    "ram": dict(store="ram", prefetch=False, hot=0),
+    "mmap": dict(store="mmap", prefetch=False, hot=0),
+    "mmap+prefetch": dict(store="mmap", prefetch=True, hot=0),
+    "mmap+prefetch+hot": dict(store="mmap", prefetch=True, hot=1 << 20),
+}
 
 
 def parse_args(argv=None):
@@ -98,6 +101,7 @@ def data(args, work: Path, vocab: int):
             break
     if tok_path.exists():
         from dsv4.data import load_tokenizer
+
         tok = load_tokenizer(tok_path)
     else:
         tok = train_tokenizer(texts, vocab, tok_path, show_progress=False)
@@ -111,7 +115,7 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
     model.set_canonical_map(canonical_map(tok, cfg.vocab_size))
     table_dir = work / "tables"
     if spec["store"] == "mmap":
-        files = [p for p in table_dir.rglob("*.npy")]
+        files = list(table_dir.rglob("*.npy"))
         evict(files)
     t0 = time.perf_counter()
     eng = EngramTraining(model, spec["store"], table_dir, spec["prefetch"], spec["hot"], 5.0, seed=0)
@@ -146,7 +150,7 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
             e._table = None
         del eng
         gc.collect()
-        evict([p for p in table_dir.rglob("*.npy")])
+        evict(list(table_dir.rglob("*.npy")))
         eng = EngramTraining(model, spec["store"], table_dir, spec["prefetch"], spec["hot"], 5.0, seed=0)
     model.eval()
     prompt = stream[:256].tolist()
@@ -155,11 +159,17 @@ def run_case(name: str, spec: dict, cfg, tok, stream, args, work: Path) -> dict:
     t0 = time.perf_counter()
     r = engine.generate([prompt], SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True))[0]
     decode_tok_s = len(r.output) / (time.perf_counter() - t0)
-    res = dict(case=name, train_tok_s=train_tok_s, decode_tok_s=decode_tok_s, setup_s=setup_s,
-               step_ms=[t * 1e3 for t in times], **stats)
+    res = dict(
+        case=name,
+        train_tok_s=train_tok_s,
+        decode_tok_s=decode_tok_s,
+        setup_s=setup_s,
+        step_ms=[t * 1e3 for t in times],
+        **stats,
+    )
     for f in eng.front.values():
         f.flush()
-    del eng, model, opt, engine   # unmaps the files, so the next case can drop them from the page cache
+    del eng, model, opt, engine  # unmaps the files, so the next case can drop them from the page cache
     gc.collect()
     return res
 
@@ -173,13 +183,24 @@ def main(argv=None) -> int:
     base = ModelConfig.preset("tiny-engram")
     heads = len(base.engram_orders) * base.engram_heads
     dim = base.engram_d_mem // heads
-    rows_per_head = int(args.table_gb * 2 ** 30 / 4 / dim / heads)
+    rows_per_head = int(args.table_gb * 2**30 / 4 / dim / heads)
     cfg = base.replace(engram_rows_per_head=rows_per_head)
-    res = dict(command="python " + " ".join(sys.argv), hardware=hardware_info(), table_gb=args.table_gb,
-               threads=torch.get_num_threads(), steps=args.steps, warmup=args.warmup,
-               rows_per_head=rows_per_head, row_dim=dim, heads=heads, cases=[])
-    print(f"Engram offload: table {args.table_gb:g} GB ({heads} heads x {rows_per_head:,} rows x {dim} fp32), "
-          f"batch {args.batch}x{args.seq}, {res['hardware']['cpu']}, {torch.get_num_threads()} threads")
+    res = dict(
+        command="python " + " ".join(sys.argv),
+        hardware=hardware_info(),
+        table_gb=args.table_gb,
+        threads=torch.get_num_threads(),
+        steps=args.steps,
+        warmup=args.warmup,
+        rows_per_head=rows_per_head,
+        row_dim=dim,
+        heads=heads,
+        cases=[],
+    )
+    print(
+        f"Engram offload: table {args.table_gb:g} GB ({heads} heads x {rows_per_head:,} rows x {dim} fp32), "
+        f"batch {args.batch}x{args.seq}, {res['hardware']['cpu']}, {torch.get_num_threads()} threads"
+    )
     tok, stream = data(args, work, base.vocab_size)
     names = list(args.cases) + (["ram"] if "ram" in args.cases and len(args.cases) > 1 else [])
     for name in names:
@@ -187,24 +208,33 @@ def main(argv=None) -> int:
         r = run_case(name, CASES[name], cfg, tok, stream, args, work)
         res["cases"].append(r)
         extra = "".join(f", {k} {v:.3f}" for k, v in r.items() if k.startswith("engram"))
-        print(f"  {name:18s} train {r['train_tok_s']:7.0f} tok/s, decode {r['decode_tok_s']:6.1f} tok/s "
-              f"(setup {r['setup_s']:.0f} s, case {time.perf_counter() - t0:.0f} s{extra})")
+        print(
+            f"  {name:18s} train {r['train_tok_s']:7.0f} tok/s, decode {r['decode_tok_s']:6.1f} tok/s "
+            f"(setup {r['setup_s']:.0f} s, case {time.perf_counter() - t0:.0f} s{extra})"
+        )
     rams = [c for c in res["cases"] if c["case"] == "ram"]
     if rams:
         base_train = statistics.mean(c["train_tok_s"] for c in rams)
         base_dec = statistics.mean(c["decode_tok_s"] for c in rams)
-        res["ram_baseline"] = dict(train_tok_s=base_train, decode_tok_s=base_dec,
-                                   train_spread=(max(c["train_tok_s"] for c in rams) / min(c["train_tok_s"] for c in rams) - 1))
-        print(f"throughput cost vs the table in RAM (1 - case / ram; RAM = mean of {len(rams)} runs, which differ by "
-              f"{100 * res['ram_baseline']['train_spread']:.1f}% in training tok/s):")
+        res["ram_baseline"] = dict(
+            train_tok_s=base_train,
+            decode_tok_s=base_dec,
+            train_spread=(max(c["train_tok_s"] for c in rams) / min(c["train_tok_s"] for c in rams) - 1),
+        )
+        print(
+            f"throughput cost vs the table in RAM (1 - case / ram; RAM = mean of {len(rams)} runs, which differ by "
+            f"{100 * res['ram_baseline']['train_spread']:.1f}% in training tok/s):"
+        )
         for c in res["cases"]:
             if c["case"] == "ram":
                 continue
             c["train_cost"] = 1 - c["train_tok_s"] / base_train
             c["decode_cost"] = 1 - c["decode_tok_s"] / base_dec
             ok = "MET" if c["train_cost"] <= 0.03 else "NOT MET"
-            print(f"  {c['case']:18s} training {100 * c['train_cost']:+5.1f}%  decode {100 * c['decode_cost']:+5.1f}%"
-                  + (f"  (target <= 3% with the prefetcher: {ok})" if "prefetch" in c["case"] else ""))
+            print(
+                f"  {c['case']:18s} training {100 * c['train_cost']:+5.1f}%  decode {100 * c['decode_cost']:+5.1f}%"
+                + (f"  (target <= 3% with the prefetcher: {ok})" if "prefetch" in c["case"] else "")
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

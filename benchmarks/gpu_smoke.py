@@ -21,6 +21,7 @@ Usage
   .venv/bin/python benchmarks/gpu_smoke.py                  # cuda, eager decode
   .venv/bin/python benchmarks/gpu_smoke.py --device cuda:1 --compiled
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import randomize_  # noqa: E402
+from _common import randomize_
 
 
 def parse_args(argv=None):
@@ -73,19 +74,19 @@ def check_cache(model, ids, check, tol) -> None:
 
     full = model(ids).logits
     t = ids.shape[1]
-    cache = ModelCache(model, batch=ids.shape[0], capacity=64, page=64)   # grows in pages on the way
+    cache = ModelCache(model, batch=ids.shape[0], capacity=64, page=64)  # grows in pages on the way
     outs, p = [], 0
-    chunks = [128, 1, 37, 50]                                             # prefill 216 tokens ...
-    chunks += [1] * (t - sum(chunks))                                     # ... then decode one at a time
+    chunks = [128, 1, 37, 50]  # prefill 216 tokens ...
+    chunks += [1] * (t - sum(chunks))  # ... then decode one at a time
     for n in chunks:
-        outs.append(model(ids[:, p:p + n], cache=cache).logits)
+        outs.append(model(ids[:, p : p + n], cache=cache).logits)
         p += n
     e = rel(torch.cat(outs, 1), full)
     check("cache == full forward (chunked prefill + token-by-token decode)", e < tol, f"max rel {e:.2e}")
     cache = ModelCache(model, batch=3, capacity=64, page=64)
     a, b = t // 2, t // 2 + 41
     model(ids[0:1, :a], cache=cache, rows=[0])
-    model(ids[1:2, :b], cache=cache, rows=[2])                            # row 1 stays empty
+    model(ids[1:2, :b], cache=cache, rows=[2])  # row 1 stays empty
     worst = 0.0
     for s in range(t - b):
         tok = torch.stack([ids[0, a + s], ids[1, b + s]])[:, None]
@@ -127,7 +128,7 @@ def bench_decode(model, dev, context: int, batch: int, args, step_fn) -> dict:
     model(ids[:, :context], cache=cache, rows=[0], last_only=True)
     if batch > 1:
         cache.copy_row(0, list(range(1, batch)))
-    tok = ids[:, context:context + 1].repeat(batch, 1)
+    tok = ids[:, context : context + 1].repeat(batch, 1)
     times = []
     for i in range(args.warmup + args.steps):
         sync(dev)
@@ -153,15 +154,30 @@ def check_training(dev: torch.device, steps: int, check) -> float | None:
     src = Path(__file__).resolve().parent.parent / "src"
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        common = dict(data=str(src), out=str(run), batch_size=2, seq_len=256, indexer_warmup_steps=2,
-                      warmup_steps=2, eval_every=10 ** 6, ckpt_every=steps, final_eval_tokens=4096,
-                      val_fraction=0.1, log_every=1, progress=False, device=str(dev))
+        common = dict(
+            data=str(src),
+            out=str(run),
+            batch_size=2,
+            seq_len=256,
+            indexer_warmup_steps=2,
+            warmup_steps=2,
+            eval_every=10**6,
+            ckpt_every=steps,
+            final_eval_tokens=4096,
+            val_fraction=0.1,
+            log_every=1,
+            progress=False,
+            device=str(dev),
+        )
         final = train(TrainConfig(steps=steps, **common), ["hidden_size=128", "vocab_size=2048"])
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in recs if r.get("kind") == "train"]
         ok = len(losses) == steps and all(map(math.isfinite, losses))
-        check(f"training on {dev} ({final.get('dtype')})", ok, f"{len(losses)} steps, losses {losses[0]:.3f} -> "
-              f"{losses[-1]:.3f}, val bpb {final['val_bpb']:.3f}")
+        check(
+            f"training on {dev} ({final.get('dtype')})",
+            ok,
+            f"{len(losses)} steps, losses {losses[0]:.3f} -> {losses[-1]:.3f}, val bpb {final['val_bpb']:.3f}",
+        )
         ck = latest_checkpoint(run)
         check("checkpoint of the device run", ck is not None, str(ck.name if ck else None))
         return final.get("tok_per_s")
@@ -181,12 +197,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"gpu_smoke: {e}")
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False    # exactness is checked in true fp32
+    torch.backends.cuda.matmul.allow_tf32 = False  # exactness is checked in true fp32
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    print(f"dsv4 GPU smoke: {name} ({dev}), torch {torch.__version__}, "
-          f"tiny preset, random weights, fp32", flush=True)
+    print(f"dsv4 GPU smoke: {name} ({dev}), torch {torch.__version__}, tiny preset, random weights, fp32", flush=True)
     cfg = ModelConfig.preset("tiny")
     torch.manual_seed(0)
     cpu_model = Transformer(cfg).eval()
@@ -219,8 +234,10 @@ def main(argv=None) -> int:
     for b in args.batches:
         r = bench_decode(model, dev, args.context, b, args, step_fn)
         res[b] = r
-        print(f"  decode ({label}) context {args.context} batch {b}: {r['tok_s']:.1f} tok/s "
-              f"({r['step_ms']:.2f} ms/step)", flush=True)
+        print(
+            f"  decode ({label}) context {args.context} batch {b}: {r['tok_s']:.1f} tok/s ({r['step_ms']:.2f} ms/step)",
+            flush=True,
+        )
     if args.compiled and step_fn is not eager:
         for key, s in dec.compile_seconds.items():
             print(f"  compile {key}: {s:.1f} s (not timed)")
@@ -246,8 +263,8 @@ def check_compiled(model, dec, dev, check, tol) -> None:
     model(ids[:, :280], cache=cc)
     worst = 0.0
     for s in range(280, 300):
-        a = model(ids[:, s:s + 1], cache=ce, last_only=True).logits[:, -1]
-        b = dec(ids[:, s:s + 1], cc)
+        a = model(ids[:, s : s + 1], cache=ce, last_only=True).logits[:, -1]
+        b = dec(ids[:, s : s + 1], cc)
         worst = max(worst, rel(b, a))
     check("compiled decode step == eager step", worst < tol, f"max rel {worst:.2e}, 20 steps")
 

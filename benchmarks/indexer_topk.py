@@ -10,6 +10,7 @@ keys, is extrapolated to the whole causal triangle (~ T/2 visible keys x ratio^-
 Old and new run interleaved (old, new, old, new, ...); the best time of each is reported, with
 old/new ratios and a check that both give the same ids. n_heads 4, c 32, B 1, random fp32 inputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_old(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:src/dsv4/kernels/indexer_topk.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"{rev}:src/dsv4/kernels/indexer_topk.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     mod = types.ModuleType("old_indexer_topk")
     exec(compile(src, f"{rev}:indexer_topk.py", "exec"), mod.__dict__)
     return mod.chunked_indexer_topk
@@ -53,8 +55,11 @@ def compare(name, fns, reps, args, kw):
             best[key] = min(best[key], dt)
     same = torch.equal(outs["old"], outs["new"]) if "old" in outs else None
     ratio = best["old"] / best["new"] if "old" in best else float("nan")
-    print(f"{name:48s} old {best.get('old', float('nan')):9.3f} s  new {best['new']:8.3f} s  "
-          f"old/new {ratio:6.1f}x  same ids: {same}", flush=True)
+    print(
+        f"{name:48s} old {best.get('old', float('nan')):9.3f} s  new {best['new']:8.3f} s  "
+        f"old/new {ratio:6.1f}x  same ids: {same}",
+        flush=True,
+    )
     return best
 
 
@@ -78,8 +83,13 @@ def main():
         n = t // ratio
         q, w, keys = inputs(t, n)
         reps = 1 if t > 16384 else a.reps
-        compare(f"prefill T={t} ratio={ratio} N={n} k={k} excl={excl}", fns, reps,
-                (q, w, keys, k, torch.arange(t), ratio), dict(exclude_window=excl))
+        compare(
+            f"prefill T={t} ratio={ratio} N={n} k={k} excl={excl}",
+            fns,
+            reps,
+            (q, w, keys, k, torch.arange(t), ratio),
+            dict(exclude_window=excl),
+        )
     n = 262144
     for k in (64, 512):
         q, w, keys = inputs(1, n, seed=1)
@@ -92,8 +102,8 @@ def main():
     pos = torch.arange(t_full - tq, t_full)
     best = compare(f"1M est: last {tq} queries, N={n}, k={k}", fns, 1, (q, w, keys, k, pos, ratio), {})
     for key, dt in best.items():
-        per_q = dt / tq                      # s per query with N visible keys
-        total = per_q * t_full / 2           # visible keys grow linearly: average N/2
+        per_q = dt / tq  # s per query with N visible keys
+        total = per_q * t_full / 2  # visible keys grow linearly: average N/2
         print(f"  {key}: {per_q * 1e3:.2f} ms/query at N={n} -> 1M prefill ~ {total:.0f} s ({total / 3600:.2f} h)")
 
 

@@ -23,10 +23,12 @@ Not part of `make test`. Usage
   .venv/bin/python benchmarks/load_test.py --clients 8 --seconds 10
   .venv/bin/python benchmarks/load_test.py --ckpt runs/demo --max-batch 8 --json /tmp/load.json
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -44,10 +46,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
 from _common import hardware_info  # noqa: E402
 
-WORDS = ("the json module encodes and decodes python objects lists dicts strings numbers "
-         "a decoder reads text and returns values an encoder writes them back").split()
+WORDS = (
+    "the json module encodes and decodes python objects lists dicts strings numbers "
+    "a decoder reads text and returns values an encoder writes them back"
+).split()
 
 
 def make_tiny_run(path: Path) -> Path:
@@ -63,9 +68,22 @@ def make_tiny_run(path: Path) -> Path:
     tok = train_tokenizer(texts, 512, path / "tokenizer.json", show_progress=False)
     assert tok.get_vocab_size() == 512
     cfg = ModelConfig.preset("tiny").replace(
-        vocab_size=512, hidden_size=64, num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32,
-        o_lora_rank=32, moe_intermediate_size=64, index_n_heads=16, index_head_dim=16, index_topk=16,
-        sliding_window=16, compress_ratios=[0, 4, 16, 4, 0], num_hash_layers=1, max_position_embeddings=1024)
+        vocab_size=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_lora_rank=32,
+        moe_intermediate_size=64,
+        index_n_heads=16,
+        index_head_dim=16,
+        index_topk=16,
+        sliding_window=16,
+        compress_ratios=[0, 4, 16, 4, 0],
+        num_hash_layers=1,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     save_checkpoint(path, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
@@ -93,7 +111,7 @@ def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 class StreamError(Exception):
@@ -124,8 +142,12 @@ def check_stream(kind: str, lines: list[str], max_tokens: int) -> dict:
     if reasons[-1] not in ("stop", "length") or any(r is not None for r in reasons[:-1]):
         raise StreamError(f"bad finish_reason sequence {reasons}")
     usage = events[-1].get("usage")
-    if events[-1]["choices"] or not usage or usage["completion_tokens"] > max_tokens or \
-            usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"]:
+    if (
+        events[-1]["choices"]
+        or not usage
+        or usage["completion_tokens"] > max_tokens
+        or usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"]
+    ):
         raise StreamError(f"bad usage chunk {events[-1]}")
     return usage
 
@@ -147,9 +169,14 @@ async def client(i: int, base: str, args, deadline: float, st: Stats) -> None:
             kind = "chat" if (i + n) % 2 else "completion"
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, args.prompt_words)))
             max_tokens = rng.randint(max(1, args.max_tokens // 4), args.max_tokens)
-            body = {"model": args.model_name, "max_tokens": max_tokens, "stream": True,
-                    "stream_options": {"include_usage": True}, "temperature": rng.choice([0.0, 0.8]),
-                    "seed": rng.randint(0, 1 << 30)}
+            body = {
+                "model": args.model_name,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "temperature": rng.choice([0.0, 0.8]),
+                "seed": rng.randint(0, 1 << 30),
+            }
             if kind == "chat":
                 path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
             else:
@@ -196,10 +223,8 @@ async def sample_rss(pid: int, out: list, stop: asyncio.Event, every: float = 1.
     t0 = time.perf_counter()
     while not stop.is_set():
         out.append((time.perf_counter() - t0, rss_mb(pid)))
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def wait_idle(base: str, timeout: float = 30.0) -> dict:
@@ -227,17 +252,28 @@ async def run_load(base: str, pid: int, args) -> dict:
     rss = [m for _, m in samples if m is not None]
     q = max(1, len(rss) // 4)
     res = dict(
-        clients=args.clients, seconds=round(elapsed, 1), requests_ok=st.ok, rejected_503=st.rejected,
-        deliberate_disconnects=st.disconnects, errors=len(st.errors), first_errors=st.errors[:5],
-        requests_per_s=st.ok / elapsed, tokens_per_s=st.tokens / elapsed, completion_tokens=st.tokens,
+        clients=args.clients,
+        seconds=round(elapsed, 1),
+        requests_ok=st.ok,
+        rejected_503=st.rejected,
+        deliberate_disconnects=st.disconnects,
+        errors=len(st.errors),
+        first_errors=st.errors[:5],
+        requests_per_s=st.ok / elapsed,
+        tokens_per_s=st.tokens / elapsed,
+        completion_tokens=st.tokens,
         prompt_tokens=st.prompt_tokens,
-        latency_p50_s=pct(st.latency, 50), latency_p95_s=pct(st.latency, 95),
-        ttft_p50_s=pct(st.ttft, 50), ttft_p95_s=pct(st.ttft, 95),
-        rss_start_mb=rss[0] if rss else None, rss_peak_mb=max(rss) if rss else None,
+        latency_p50_s=pct(st.latency, 50),
+        latency_p95_s=pct(st.latency, 95),
+        ttft_p50_s=pct(st.ttft, 50),
+        ttft_p95_s=pct(st.ttft, 95),
+        rss_start_mb=rss[0] if rss else None,
+        rss_peak_mb=max(rss) if rss else None,
         rss_end_mb=rss[-1] if rss else None,
         rss_first_quarter_peak_mb=max(rss[:q]) if rss else None,
         rss_last_quarter_peak_mb=max(rss[-q:]) if rss else None,
-        health_after=health)
+        health_after=health,
+    )
     res["idle_after"] = health["running"] == 0 and health["waiting"] == 0 and health["status"] == "ok"
     return res
 
@@ -264,9 +300,24 @@ def main() -> int:
         ckpt = Path(args.ckpt)
     args.model_name = "load-test"
     port = free_port()
-    cmd = [sys.executable, "-m", "dsv4", "serve", "--ckpt", str(ckpt), "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-waiting", str(args.max_waiting),
-           "--model-name", args.model_name, "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsv4",
+        "serve",
+        "--ckpt",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-waiting",
+        str(args.max_waiting),
+        "--model-name",
+        args.model_name,
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -294,27 +345,42 @@ def main() -> int:
             server.kill()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    res.update(command=" ".join(shlex.quote(a) for a in sys.argv), server_exit=server.returncode,
-               ckpt=str(args.ckpt or "tiny random model"), max_batch=args.max_batch, max_waiting=args.max_waiting,
-               hardware=hardware_info())
+    res.update(
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+        server_exit=server.returncode,
+        ckpt=str(args.ckpt or "tiny random model"),
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        hardware=hardware_info(),
+    )
 
     def f(x, unit="", nd=2):
         return "-" if x is None else f"{x:.{nd}f}{unit}"
 
     print(f"clients {res['clients']}, {res['seconds']} s, max_batch {args.max_batch}, max_waiting {args.max_waiting}")
-    print(f"requests ok {res['requests_ok']}  503s {res['rejected_503']}  deliberate disconnects "
-          f"{res['deliberate_disconnects']}  errors {res['errors']}")
+    print(
+        f"requests ok {res['requests_ok']}  503s {res['rejected_503']}  deliberate disconnects "
+        f"{res['deliberate_disconnects']}  errors {res['errors']}"
+    )
     for e in res["first_errors"]:
         print(f"  error: {e}")
-    print(f"requests/s {f(res['requests_per_s'])}  tokens/s {f(res['tokens_per_s'], nd=1)}  "
-          f"(completion tokens {res['completion_tokens']}, prompt tokens {res['prompt_tokens']})")
-    print(f"latency p50 {f(res['latency_p50_s'], ' s')}  p95 {f(res['latency_p95_s'], ' s')}   "
-          f"time to first token p50 {f(res['ttft_p50_s'], ' s')}  p95 {f(res['ttft_p95_s'], ' s')}")
-    print(f"server RSS start {f(res['rss_start_mb'], ' MB', 0)}  peak {f(res['rss_peak_mb'], ' MB', 0)}  "
-          f"end {f(res['rss_end_mb'], ' MB', 0)}  (peak in first quarter {f(res['rss_first_quarter_peak_mb'], ' MB', 0)}"
-          f", last quarter {f(res['rss_last_quarter_peak_mb'], ' MB', 0)})")
-    print(f"server idle afterwards (every slot free): {res['idle_after']} {res['health_after']}; "
-          f"server exit status {server.returncode}")
+    print(
+        f"requests/s {f(res['requests_per_s'])}  tokens/s {f(res['tokens_per_s'], nd=1)}  "
+        f"(completion tokens {res['completion_tokens']}, prompt tokens {res['prompt_tokens']})"
+    )
+    print(
+        f"latency p50 {f(res['latency_p50_s'], ' s')}  p95 {f(res['latency_p95_s'], ' s')}   "
+        f"time to first token p50 {f(res['ttft_p50_s'], ' s')}  p95 {f(res['ttft_p95_s'], ' s')}"
+    )
+    print(
+        f"server RSS start {f(res['rss_start_mb'], ' MB', 0)}  peak {f(res['rss_peak_mb'], ' MB', 0)}  "
+        f"end {f(res['rss_end_mb'], ' MB', 0)}  (peak in first quarter {f(res['rss_first_quarter_peak_mb'], ' MB', 0)}"
+        f", last quarter {f(res['rss_last_quarter_peak_mb'], ' MB', 0)})"
+    )
+    print(
+        f"server idle afterwards (every slot free): {res['idle_after']} {res['health_after']}; "
+        f"server exit status {server.returncode}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0 if res["errors"] == 0 and res["idle_after"] else 1

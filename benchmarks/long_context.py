@@ -63,6 +63,7 @@ From Python (used by tests/test_benchmarks_long_context_smoke.py):
 Shared machines: with 2 torch threads on 2 cores any other busy process inflates the timings; the script
 measures the CPU time other processes used during the run (/proc/stat) and warns above 0.25 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,27 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import (_LIBC, LoadMeter, hardware_info, fmt_load as _fmt_load,
-                     fmt_tokens as _fmt_t, reset_hwm as _reset_hwm,
-                     status_kb as _status_kb, trim as _trim)
+from _common import (
+    _LIBC,
+    LoadMeter,
+    hardware_info,
+)
+from _common import (
+    fmt_load as _fmt_load,
+)
+from _common import (
+    fmt_tokens as _fmt_t,
+)
+from _common import (
+    reset_hwm as _reset_hwm,
+)
+from _common import (
+    status_kb as _status_kb,
+)
+from _common import (
+    trim as _trim,
+)
+
 from dsv4.config import ModelConfig
 from dsv4.kernels.indexer_topk import chunked_indexer_topk
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention
@@ -96,13 +115,19 @@ MB = 1024 * 1024
 # ---------------------------------------------------------------------------------- memory helpers
 # ---------------------------------------------------------------------------------- model pieces
 def make_config(args, kind: str) -> ModelConfig:
-    over = dict(num_hidden_layers=1, num_nextn_predict_layers=0, compress_ratios=[RATIO[kind]],
-                sliding_window=args.window)
+    over = dict(
+        num_hidden_layers=1, num_nextn_predict_layers=0, compress_ratios=[RATIO[kind]], sliding_window=args.window
+    )
     if kind in TOPK:
         over["index_topk"] = TOPK[kind] if args.topk is None else args.topk
-    for name, attr in (("hidden_size", "hidden"), ("num_attention_heads", "heads"), ("head_dim", "head_dim"),
-                       ("qk_rope_head_dim", "rope_dim"), ("index_n_heads", "index_heads"),
-                       ("index_head_dim", "index_dim")):
+    for name, attr in (
+        ("hidden_size", "hidden"),
+        ("num_attention_heads", "heads"),
+        ("head_dim", "head_dim"),
+        ("qk_rope_head_dim", "rope_dim"),
+        ("index_n_heads", "index_heads"),
+        ("index_head_dim", "index_dim"),
+    ):
         v = getattr(args, attr)
         if v is not None:
             over[name] = v
@@ -149,7 +174,7 @@ def kv_bytes(args, kind: str, t: int) -> int:
     elif kind == "hca":
         n += (t // 128) * c
     elif kind == "dsa":
-        n += t * ci       # entries = the raw kv itself
+        n += t * ci  # entries = the raw kv itself
     return 4 * n
 
 
@@ -178,11 +203,12 @@ def prefill_case(args, kind: str, attn: Attention, rope: Rotary, t: int) -> dict
     load = LoadMeter()
     rss0 = _status_kb("VmRSS")
     hwm_ok = _reset_hwm()
-    holder = {}
+    holder = {"inputs": (x, cos, sin, positions)}  # dropped below, so their memory is freed before the next case
+    del x, cos, sin, positions
 
     def fn():
         holder["out"] = None
-        holder["out"] = layer_forward(kind, attn, x, cos, sin, positions)
+        holder["out"] = layer_forward(kind, attn, *holder["inputs"])
 
     # first run alone for the memory peak (later runs reach the same peak)
     t0 = time.perf_counter()
@@ -191,18 +217,23 @@ def prefill_case(args, kind: str, attn: Attention, rope: Rotary, t: int) -> dict
     hwm = _status_kb("VmHWM")
     peak = None if (rss0 is None or hwm is None or not hwm_ok) else max(0, hwm - rss0) * 1024
     out = holder.pop("out")
-    assert out.shape == x.shape and torch.isfinite(out).all(), kind
+    assert out.shape == holder["inputs"][0].shape and torch.isfinite(out).all(), kind
     del out
     times = [first]
     if first < args.min_time and args.repeats > 1:
         _, more = _time_runs(fn, args.min_time, args.repeats - 1)
         times += more
-        holder.clear()
-    del x, cos, sin, positions
+    holder.clear()
     other = load.other_cores()
     _trim()
-    return dict(time_s=statistics.median(times), times_s=times, peak_bytes=peak, other_load=other,
-                peak_bytes_per_token=None if peak is None else peak / t, kv_entries_bytes=kv_bytes(args, kind, t))
+    return dict(
+        time_s=statistics.median(times),
+        times_s=times,
+        peak_bytes=peak,
+        other_load=other,
+        peak_bytes_per_token=None if peak is None else peak / t,
+        kv_entries_bytes=kv_bytes(args, kind, t),
+    )
 
 
 # ---------------------------------------------------------------------------------- (b) decode
@@ -217,7 +248,7 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
     kv_pos = torch.arange(s)
     sink = attn.attn_sink
     if kind == "dense":
-        qd = q.view(1, 1, h, c)                       # MQA decode: 4 query rows against the one kv head
+        qd = q.view(1, 1, h, c)  # MQA decode: 4 query rows against the one kv head
         k = kv.view(1, 1, s, c)
 
         def step():
@@ -233,12 +264,13 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
         ent = kv if kind == "dsa" else torch.randn(1, n, c, generator=g)
         keys = torch.randn(1, n, ix.head_dim, generator=g)
         qi = torch.randn(1, 1, ix.n_heads, ix.head_dim, generator=g)
-        wi = torch.randn(1, 1, ix.n_heads, generator=g) * (ix.n_heads ** -0.5 * ix.head_dim ** -0.5)
+        wi = torch.randn(1, 1, ix.n_heads, generator=g) * (ix.n_heads**-0.5 * ix.head_dim**-0.5)
 
         def step():
             idx = chunked_indexer_topk(qi, wi, keys, ix.topk, q_pos, ix.ratio, ix.exclude_window)
             return sparse_attention(q, kv, sink, attn.scale, win, q_pos, kv_pos, ent, idx)
-    out = step()                                      # warm-up
+
+    out = step()  # warm-up
     assert torch.isfinite(out).all(), kind
     load = LoadMeter()
     times = []
@@ -247,8 +279,13 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return dict(time_s=statistics.median(times), min_s=min(times), reps=len(times),
-                context_bytes=kv_bytes(args, kind, s), other_load=load.other_cores())
+    return dict(
+        time_s=statistics.median(times),
+        min_s=min(times),
+        reps=len(times),
+        context_bytes=kv_bytes(args, kind, s),
+        other_load=load.other_cores(),
+    )
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -271,10 +308,18 @@ def format_prefill(res: dict) -> str:
                 continue
             ratio = r.get("dense_over_kind")
             peak = r["peak_bytes"]
-            rows.append((_fmt_t(t), kind, f"{r['time_s']:.3f}", "-" if ratio is None else f"{ratio:.2f}x",
-                         "-" if peak is None else f"{peak / MB:.1f}",
-                         "-" if peak is None else f"{r['peak_bytes_per_token']:,.0f}",
-                         f"{r['kv_entries_bytes'] / MB:.1f}", _fmt_load(r.get("other_load"))))
+            rows.append(
+                (
+                    _fmt_t(t),
+                    kind,
+                    f"{r['time_s']:.3f}",
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    "-" if peak is None else f"{peak / MB:.1f}",
+                    "-" if peak is None else f"{r['peak_bytes_per_token']:,.0f}",
+                    f"{r['kv_entries_bytes'] / MB:.1f}",
+                    _fmt_load(r.get("other_load")),
+                )
+            )
     return _table(rows)
 
 
@@ -285,9 +330,18 @@ def format_decode(res: dict) -> str:
             r = res["decode"].get(kind, {}).get(str(s))
             if r is None:
                 continue
-            rows.append((_fmt_t(s), kind, f"{r['time_s'] * 1e3:.3f}", f"{r['ratio_to_first']:.2f}x",
-                         f"{r['min_s'] * 1e3:.3f}", str(r["reps"]), f"{r['context_bytes'] / MB:.1f}",
-                         _fmt_load(r.get("other_load"))))
+            rows.append(
+                (
+                    _fmt_t(s),
+                    kind,
+                    f"{r['time_s'] * 1e3:.3f}",
+                    f"{r['ratio_to_first']:.2f}x",
+                    f"{r['min_s'] * 1e3:.3f}",
+                    str(r["reps"]),
+                    f"{r['context_bytes'] / MB:.1f}",
+                    _fmt_load(r.get("other_load")),
+                )
+            )
     return _table(rows)
 
 
@@ -302,34 +356,56 @@ def check_targets(res: dict) -> list[dict]:
     for kind, t, goal in PREFILL_GOALS:
         r = pre.get(kind, {}).get(str(t))
         ratio = None if r is None else r.get("dense_over_kind")
-        out.append(dict(target=f"{kind} prefill at {_fmt_t(t)} >= {goal:g}x faster than dense SDPA", value=ratio,
-                        met=None if ratio is None else ratio >= goal, result=f"{kind}_prefill_{t // 1024}k_vs_dense",
-                        goal=goal, text="not measured" if ratio is None else f"{ratio:.2f}x"))
+        out.append(
+            dict(
+                target=f"{kind} prefill at {_fmt_t(t)} >= {goal:g}x faster than dense SDPA",
+                value=ratio,
+                met=None if ratio is None else ratio >= goal,
+                result=f"{kind}_prefill_{t // 1024}k_vs_dense",
+                goal=goal,
+                text="not measured" if ratio is None else f"{ratio:.2f}x",
+            )
+        )
     for kind in res["config"]["kinds"]:
-        pts = [(int(t), r["peak_bytes_per_token"]) for t, r in pre.get(kind, {}).items()
-               if "skipped" not in r and r.get("peak_bytes_per_token")]
+        pts = [
+            (int(t), r["peak_bytes_per_token"])
+            for t, r in pre.get(kind, {}).items()
+            if "skipped" not in r and r.get("peak_bytes_per_token")
+        ]
         pts = [p for p in sorted(pts) if p[0] >= 4096] or sorted(pts)
         if len(pts) < 2:
             continue
         growth = pts[-1][1] / pts[0][1]
         # linear memory <=> bytes per token do not grow with T (allow 25% noise)
-        out.append(dict(target=f"{kind} prefill peak memory linear in T (B/token at {_fmt_t(pts[-1][0])} <= "
-                               f"1.25x that at {_fmt_t(pts[0][0])})", value=growth, met=growth <= 1.25,
-                        text=f"{pts[0][1]:,.0f} -> {pts[-1][1]:,.0f} B/token ({growth:.2f}x)"))
+        out.append(
+            dict(
+                target=f"{kind} prefill peak memory linear in T (B/token at {_fmt_t(pts[-1][0])} <= "
+                f"1.25x that at {_fmt_t(pts[0][0])})",
+                value=growth,
+                met=growth <= 1.25,
+                text=f"{pts[0][1]:,.0f} -> {pts[-1][1]:,.0f} B/token ({growth:.2f}x)",
+            )
+        )
     dec = res["decode"]
     for kind in ("csa", "hca"):
         r = dec.get(kind, {}).get(str(1 << 20))
         ratio = None if r is None else r["ratio_to_first"]
         first = res["config"]["decode_sizes"][0] if res["config"]["decode_sizes"] else None
-        out.append(dict(target=f"{kind} decode per token at 1M within 3x of {_fmt_t(first) if first else '?'}",
-                        value=ratio, met=None if ratio is None else ratio <= 3.0,
-                        text="not measured" if ratio is None else f"{ratio:.2f}x"))
+        out.append(
+            dict(
+                target=f"{kind} decode per token at 1M within 3x of {_fmt_t(first) if first else '?'}",
+                value=ratio,
+                met=None if ratio is None else ratio <= 3.0,
+                text="not measured" if ratio is None else f"{ratio:.2f}x",
+            )
+        )
     return out
 
 
 def make_plot(res: dict, path: str) -> str | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import matplotlib.ticker
@@ -338,30 +414,48 @@ def make_plot(res: dict, path: str) -> str | None:
     colors = {"dense": "black", "dsa": "tab:blue", "csa": "tab:orange", "hca": "tab:green"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     hw = res["hardware"]
-    fig.suptitle(f"dsv4 one attention layer (hidden {res['config']['hidden']}, {res['config']['heads']} heads x "
-                 f"{res['config']['head_dim']}, window {res['config']['window']}), fp32, B=1, "
-                 f"{hw['torch_threads']} threads, {hw['cpu']}", fontsize=10)
-    panels = [(axes[0], "prefill", "time_s", "prefill forward time (s)", "T (tokens)", 1.0),
-              (axes[1], "prefill", "peak_bytes", "prefill peak RSS growth (MB)", "T (tokens)", 1.0 / MB),
-              (axes[2], "decode", "time_s", "decode core time per token (ms)", "context S (tokens)", 1e3)]
+    fig.suptitle(
+        f"dsv4 one attention layer (hidden {res['config']['hidden']}, {res['config']['heads']} heads x "
+        f"{res['config']['head_dim']}, window {res['config']['window']}), fp32, B=1, "
+        f"{hw['torch_threads']} threads, {hw['cpu']}",
+        fontsize=10,
+    )
+    panels = [
+        (axes[0], "prefill", "time_s", "prefill forward time (s)", "T (tokens)", 1.0),
+        (axes[1], "prefill", "peak_bytes", "prefill peak RSS growth (MB)", "T (tokens)", 1.0 / MB),
+        (axes[2], "decode", "time_s", "decode core time per token (ms)", "context S (tokens)", 1e3),
+    ]
     for ax, part, key, title, xlabel, mul in panels:
         for kind, per in res[part].items():
             pts = sorted((int(t), r[key] * mul) for t, r in per.items() if "skipped" not in r and r.get(key))
             if not pts:
                 continue
-            label = {"dense": "dense causal SDPA", "dsa": "DSA (m=1, top-2048)", "csa": "CSA (m=4, top-512)",
-                     "hca": "HCA (m=128)"}[kind]
+            label = {
+                "dense": "dense causal SDPA",
+                "dsa": "DSA (m=1, top-2048)",
+                "csa": "CSA (m=4, top-512)",
+                "hca": "HCA (m=128)",
+            }[kind]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[kind], label=label)
         if part == "prefill" and key == "peak_bytes":
             sizes = res["config"]["sizes"]
             c = res["config"]["head_dim"]
             ax.plot(sizes, [t * c * 4 / MB for t in sizes], ":", color="gray", label=f"raw kv alone (T x {c} x 4 B)")
         if part == "prefill" and key == "time_s":
-            skipped = [f"{k} {_fmt_t(int(t))}" for k, per in res["prefill"].items() for t, r in per.items()
-                       if "skipped" in r]
+            skipped = [
+                f"{k} {_fmt_t(int(t))}" for k, per in res["prefill"].items() for t, r in per.items() if "skipped" in r
+            ]
             if skipped:
-                ax.text(0.98, 0.02, "skipped: " + ", ".join(skipped), transform=ax.transAxes, ha="right",
-                        va="bottom", fontsize=8, color="gray")
+                ax.text(
+                    0.98,
+                    0.02,
+                    "skipped: " + ", ".join(skipped),
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=8,
+                    color="gray",
+                )
         ax.set_xscale("log", base=2)
         xs = res["config"]["decode_sizes" if part == "decode" else "sizes"]
         if xs:
@@ -383,24 +477,46 @@ def make_plot(res: dict, path: str) -> str | None:
 
 # ---------------------------------------------------------------------------------- driver
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 131072], help="prefill lengths T")
-    p.add_argument("--decode-sizes", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1048576],
-                   help="decode context lengths S (none: skip decode)")
+    p.add_argument(
+        "--decode-sizes",
+        type=int,
+        nargs="*",
+        default=[4096, 16384, 65536, 262144, 1048576],
+        help="decode context lengths S (none: skip decode)",
+    )
     p.add_argument("--kinds", nargs="+", default=list(ALL_KINDS), choices=ALL_KINDS, help="prefill kinds")
-    p.add_argument("--decode-kinds", nargs="*", default=None, choices=ALL_KINDS,
-                   help="decode kinds (default: the --kinds)")
+    p.add_argument(
+        "--decode-kinds", nargs="*", default=None, choices=ALL_KINDS, help="decode kinds (default: the --kinds)"
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-dense-above", type=int, default=None, metavar="N",
-                   help="skip dense SDPA prefill for T > N (default: run every size)")
-    p.add_argument("--skip-above", nargs="*", default=[], metavar="KIND=N",
-                   help="skip prefill of KIND for T > N (e.g. dsa=65536)")
-    p.add_argument("--max-case-s", type=float, default=240.0, metavar="S",
-                   help="skip a prefill case whose time, extrapolated quadratically from the same kind's "
-                        "previous size, exceeds S seconds (default %(default)s; 0 = never skip)")
-    p.add_argument("--min-time", type=float, default=2.0,
-                   help="prefill: cases whose first run is shorter are repeated (median reported)")
+    p.add_argument(
+        "--skip-dense-above",
+        type=int,
+        default=None,
+        metavar="N",
+        help="skip dense SDPA prefill for T > N (default: run every size)",
+    )
+    p.add_argument(
+        "--skip-above", nargs="*", default=[], metavar="KIND=N", help="skip prefill of KIND for T > N (e.g. dsa=65536)"
+    )
+    p.add_argument(
+        "--max-case-s",
+        type=float,
+        default=240.0,
+        metavar="S",
+        help="skip a prefill case whose time, extrapolated quadratically from the same kind's "
+        "previous size, exceeds S seconds (default %(default)s; 0 = never skip)",
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=2.0,
+        help="prefill: cases whose first run is shorter are repeated (median reported)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="prefill: at most this many runs per case")
     p.add_argument("--decode-time", type=float, default=0.5, help="decode: time budget per case (s)")
     p.add_argument("--decode-min-reps", type=int, default=5)
@@ -434,26 +550,45 @@ def run(args=None) -> dict:
         hw = hardware_info()
         cfg0 = make_config(args, "csa")
         say(f"command: {shlex.join([sys.executable] + sys.argv)}")
-        say(f"hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, "
+        say(
+            f"hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, "
             f"{hw['mem_total_gb']:.1f} GB RAM, torch {hw['torch']} ({hw['torch_threads']} threads), "
-            f"python {hw['python']}, {hw['platform']}")
+            f"python {hw['python']}, {hw['platform']}"
+        )
         if hw["loadavg"]:
             say("load average (1/5/15 min): " + " ".join(f"{x:.2f}" for x in hw["loadavg"]))
-        say(f"layer: hidden {cfg0.hidden_size}, {cfg0.num_attention_heads} heads x {cfg0.head_dim} (rope "
+        say(
+            f"layer: hidden {cfg0.hidden_size}, {cfg0.num_attention_heads} heads x {cfg0.head_dim} (rope "
             f"{cfg0.qk_rope_head_dim}), q/o lora {cfg0.q_lora_rank}/{cfg0.o_lora_rank}, indexer "
             f"{cfg0.index_n_heads} x {cfg0.index_head_dim}, window {args.window}; fp32, B=1, no grad"
-            + ("" if _LIBC is not None else "; WARNING: no glibc malloc_trim, RSS peaks may undercount"))
+            + ("" if _LIBC is not None else "; WARNING: no glibc malloc_trim, RSS peaks may undercount")
+        )
         layers = {k: make_layer(args, k) for k in sorted(set(kinds) | set(decode_kinds))}
-        res = dict(config=dict(sizes=sizes, decode_sizes=dsizes, kinds=kinds, decode_kinds=decode_kinds,
-                               threads=args.threads, window=args.window, hidden=cfg0.hidden_size,
-                               heads=cfg0.num_attention_heads, head_dim=cfg0.head_dim, rope_dim=cfg0.qk_rope_head_dim,
-                               index_heads=cfg0.index_n_heads, index_dim=cfg0.index_head_dim,
-                               topk={k: layers[k][0].indexer.topk for k in layers if k in TOPK},
-                               skip_dense_above=args.skip_dense_above, max_case_s=args.max_case_s,
-                               dense_baseline="V4 layer projections + causal SDPA core (kv head expanded), no sink",
-                               decode_note="core work only, random precomputed context tensors, no KV cache"),
-                   hardware=hw, command=[sys.executable] + sys.argv, prefill={k: {} for k in kinds},
-                   decode={k: {} for k in decode_kinds})
+        res = dict(
+            config=dict(
+                sizes=sizes,
+                decode_sizes=dsizes,
+                kinds=kinds,
+                decode_kinds=decode_kinds,
+                threads=args.threads,
+                window=args.window,
+                hidden=cfg0.hidden_size,
+                heads=cfg0.num_attention_heads,
+                head_dim=cfg0.head_dim,
+                rope_dim=cfg0.qk_rope_head_dim,
+                index_heads=cfg0.index_n_heads,
+                index_dim=cfg0.index_head_dim,
+                topk={k: layers[k][0].indexer.topk for k in layers if k in TOPK},
+                skip_dense_above=args.skip_dense_above,
+                max_case_s=args.max_case_s,
+                dense_baseline="V4 layer projections + causal SDPA core (kv head expanded), no sink",
+                decode_note="core work only, random precomputed context tensors, no KV cache",
+            ),
+            hardware=hw,
+            command=[sys.executable] + sys.argv,
+            prefill={k: {} for k in kinds},
+            decode={k: {} for k in decode_kinds},
+        )
         t_all = time.perf_counter()
         load_all = LoadMeter()
 
@@ -474,14 +609,19 @@ def run(args=None) -> dict:
             for kind in kinds:
                 why = None
                 if kind in caps and t > caps[kind]:
-                    why = (f"--skip-dense-above {caps[kind]}" if kind == "dense" and args.skip_dense_above is not None
-                           else f"--skip-above {kind}={caps[kind]}")
+                    why = (
+                        f"--skip-dense-above {caps[kind]}"
+                        if kind == "dense" and args.skip_dense_above is not None
+                        else f"--skip-above {kind}={caps[kind]}"
+                    )
                 elif args.max_case_s and kind in last:
                     t_prev, s_prev = last[kind]
                     pred = s_prev * (t / t_prev) ** 2
                     if pred > args.max_case_s:
-                        why = (f"predicted {pred:.0f} s > --max-case-s {args.max_case_s:g} "
-                               f"(quadratic from {_fmt_t(t_prev)})")
+                        why = (
+                            f"predicted {pred:.0f} s > --max-case-s {args.max_case_s:g} "
+                            f"(quadratic from {_fmt_t(t_prev)})"
+                        )
                 if why:
                     res["prefill"][kind][str(t)] = dict(skipped=why)
                     say(f"  T={_fmt_t(t):>5} {kind:5s} skipped: {why}")
@@ -491,9 +631,12 @@ def run(args=None) -> dict:
                 last[kind] = (t, r["time_s"])
                 res["prefill"][kind][str(t)] = r
                 pk = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / MB:8.1f} MB"
-                say(f"  T={_fmt_t(t):>5} {kind:5s} {r['time_s']:9.3f} s  (runs: "
-                    + ", ".join(f"{x:.3f}" for x in r["times_s"]) + f")  peak {pk}  "
-                    f"kv+entries {r['kv_entries_bytes'] / MB:.1f} MB  other load {_fmt_load(r['other_load'])}")
+                say(
+                    f"  T={_fmt_t(t):>5} {kind:5s} {r['time_s']:9.3f} s  (runs: "
+                    + ", ".join(f"{x:.3f}" for x in r["times_s"])
+                    + f")  peak {pk}  "
+                    f"kv+entries {r['kv_entries_bytes'] / MB:.1f} MB  other load {_fmt_load(r['other_load'])}"
+                )
         for kind in kinds:
             for t, r in res["prefill"][kind].items():
                 d = res["prefill"].get("dense", {}).get(t)
@@ -510,16 +653,20 @@ def run(args=None) -> dict:
                 first = first or r["time_s"]
                 r["ratio_to_first"] = r["time_s"] / first
                 res["decode"][kind][str(s)] = r
-                say(f"  S={_fmt_t(s):>5} {kind:5s} {r['time_s'] * 1e3:9.3f} ms/token  ({r['reps']} reps, "
-                    f"x{r['ratio_to_first']:.2f} of {_fmt_t(dsizes[0])})")
+                say(
+                    f"  S={_fmt_t(s):>5} {kind:5s} {r['time_s'] * 1e3:9.3f} ms/token  ({r['reps']} reps, "
+                    f"x{r['ratio_to_first']:.2f} of {_fmt_t(dsizes[0])})"
+                )
                 _trim()
 
         res["total_wall_s"] = time.perf_counter() - t_all
         res["other_cpu_load"] = load_all.other_cores()
         res["targets"] = check_targets(res)
 
-        say("\nprefill (whole layer; vs dense = dense time / kind time; peak = RSS high-water growth; "
-            "B/token = peak / T)")
+        say(
+            "\nprefill (whole layer; vs dense = dense time / kind time; peak = RSS high-water growth; "
+            "B/token = peak / T)"
+        )
         say(format_prefill(res))
         if dsizes and decode_kinds:
             say(f"\ndecode (core work of one step at position S-1; vs first = time / time at {_fmt_t(dsizes[0])})")
@@ -532,8 +679,10 @@ def run(args=None) -> dict:
         if other is not None:
             say(f"\nother processes used on average {other:.2f} CPU cores during the run")
             if other > 0.25:
-                say("WARNING: the cores were shared with other processes, timings are inflated; rerun on an idle "
-                    "machine.")
+                say(
+                    "WARNING: the cores were shared with other processes, timings are inflated; rerun on an idle "
+                    "machine."
+                )
         say(f"total benchmark wall time: {res['total_wall_s']:.1f} s")
         if args.plot:
             path = make_plot(res, args.plot)
@@ -543,7 +692,7 @@ def run(args=None) -> dict:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)
             say(f"wrote {args.json}")
-        for tgt in res.get("targets", []):   # one line per issue target that this run measured
+        for tgt in res.get("targets", []):  # one line per issue target that this run measured
             if tgt.get("result") and tgt["value"] is not None:
                 say(f"RESULT {tgt['result']} {tgt['value']:.3f} (goal {tgt['goal']:g})")
         return res

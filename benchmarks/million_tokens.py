@@ -21,6 +21,7 @@ Usage
   .venv/bin/python benchmarks/million_tokens.py --tokens 65536 --probe-at 4096 65536
   .venv/bin/python benchmarks/million_tokens.py --json docs/million_tokens.json --plot docs/img/million_tokens.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import LoadMeter, fmt_tokens, hardware_info, status_kb  # noqa: E402
+from _common import LoadMeter, fmt_tokens, hardware_info, status_kb
 
-from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.info import kv_cache_bytes  # noqa: E402
-from dsv4.infer.cache import ModelCache  # noqa: E402
-from dsv4.model.transformer import Transformer  # noqa: E402
+from dsv4.config import ModelConfig
+from dsv4.infer.cache import ModelCache
+from dsv4.info import kv_cache_bytes
+from dsv4.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,8 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=1 << 20, help="context length to prefill (default 1,048,576)")
     p.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward)")
     p.add_argument("--decode", type=int, default=32, help="tokens to decode after the prefill")
-    p.add_argument("--probe-at", type=int, nargs="*", default=[4096, 16384, 65536, 262144, 1 << 20],
-                   help="contexts at which decode cost is probed (then rolled back)")
+    p.add_argument(
+        "--probe-at",
+        type=int,
+        nargs="*",
+        default=[4096, 16384, 65536, 262144, 1 << 20],
+        help="contexts at which decode cost is probed (then rolled back)",
+    )
     p.add_argument("--probe-steps", type=int, default=6)
     p.add_argument("--cache-dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -65,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args):
     cfg = ModelConfig.preset("tiny")
     need = args.tokens + args.decode + args.probe_steps + 1
-    if need > cfg.max_position_embeddings:   # a full 1M context + decoded tokens: positions past 2^20
+    if need > cfg.max_position_embeddings:  # a full 1M context + decoded tokens: positions past 2^20
         cfg = cfg.replace(max_position_embeddings=need)
     torch.manual_seed(args.seed)
     model = Transformer(cfg).eval()
@@ -80,7 +86,7 @@ def probe(model, cache, ids, steps: int) -> float:
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        model(ids[:, i:i + 1], cache=cache, last_only=True)
+        model(ids[:, i : i + 1], cache=cache, last_only=True)
         times.append(time.perf_counter() - t0)
     cache.rollback(0, steps)
     return statistics.median(times[1:] if steps > 1 else times)
@@ -91,23 +97,43 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     say = print
-    res = dict(command="python " + " ".join(shlex.quote(a) for a in sys.argv), hardware=hardware_info(),
-               tokens=args.tokens, chunk=args.chunk, cache_dtype=args.cache_dtype)
+    res = dict(
+        command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+        hardware=hardware_info(),
+        tokens=args.tokens,
+        chunk=args.chunk,
+        cache_dtype=args.cache_dtype,
+    )
     model, ids = build(args)
     cfg = model.cfg
-    res["model"] = dict(preset="tiny", params=sum(p.numel() for p in model.parameters()),
-                        layers=[cfg.layer_kind(i) + (f"(m={cfg.compress_ratio(i)})" if cfg.compress_ratio(i) else "")
-                                for i in range(cfg.num_hidden_layers)], window=cfg.sliding_window,
-                        index_topk=cfg.index_topk)
+    res["model"] = dict(
+        preset="tiny",
+        params=sum(p.numel() for p in model.parameters()),
+        layers=[
+            cfg.layer_kind(i) + (f"(m={cfg.compress_ratio(i)})" if cfg.compress_ratio(i) else "")
+            for i in range(cfg.num_hidden_layers)
+        ],
+        window=cfg.sliding_window,
+        index_topk=cfg.index_topk,
+    )
     rss_model = status_kb("VmRSS")
-    say(f"dsv4 million-token run: {fmt_tokens(args.tokens)} tokens, chunk {args.chunk}, cache {args.cache_dtype}, "
-        f"{res['hardware']['cpu']}, {torch.get_num_threads()} threads")
-    say(f"model: tiny preset, {res['model']['params'] / 1e6:.1f}M params, layers {res['model']['layers']}, "
-        f"window {cfg.sliding_window}, top-k {cfg.index_topk}; RSS with the model {rss_model / 1024:.0f} MB")
+    say(
+        f"dsv4 million-token run: {fmt_tokens(args.tokens)} tokens, chunk {args.chunk}, cache {args.cache_dtype}, "
+        f"{res['hardware']['cpu']}, {torch.get_num_threads()} threads"
+    )
+    say(
+        f"model: tiny preset, {res['model']['params'] / 1e6:.1f}M params, layers {res['model']['layers']}, "
+        f"window {cfg.sliding_window}, top-k {cfg.index_topk}; RSS with the model {rss_model / 1024:.0f} MB"
+    )
     # the stores start small and double as the context grows: a decode step reads whole stores (static
     # shapes), so a probe at 4K must not read a 1M-token allocation
-    cache = ModelCache(model, batch=1, capacity=min(args.chunk, 4096), dtype=DTYPES[args.cache_dtype],
-                       spare=max(3, args.probe_steps - 1))
+    cache = ModelCache(
+        model,
+        batch=1,
+        capacity=min(args.chunk, 4096),
+        dtype=DTYPES[args.cache_dtype],
+        spare=max(3, args.probe_steps - 1),
+    )
     probes = sorted({p for p in args.probe_at if 0 < p <= args.tokens})
     bounds = sorted(set(list(range(args.chunk, args.tokens, args.chunk)) + probes + [args.tokens]))
     load = LoadMeter()
@@ -123,15 +149,17 @@ def run(args) -> dict:
         pos = end
         if pos in probes:
             probe_res[pos] = probe(model, cache, ids[:, pos:], args.probe_steps)
-            bar.write(f"  context {fmt_tokens(pos):>5}: decode {probe_res[pos] * 1e3:8.2f} ms/token, "
-                      f"RSS {status_kb('VmRSS') / 1024:.0f} MB, prefill so far {time.perf_counter() - t_start:.0f} s")
-        if args.json:   # partial results survive a crash or a kill
+            bar.write(
+                f"  context {fmt_tokens(pos):>5}: decode {probe_res[pos] * 1e3:8.2f} ms/token, "
+                f"RSS {status_kb('VmRSS') / 1024:.0f} MB, prefill so far {time.perf_counter() - t_start:.0f} s"
+            )
+        if args.json:  # partial results survive a crash or a kill
             with open(args.json + ".partial", "w") as f:
                 json.dump(dict(res, chunks=chunks, probes={str(k): v for k, v in probe_res.items()}), f)
     bar.close()
     prefill_s = sum(c["time_s"] for c in chunks)
     # decode: 32 greedy tokens from the prefilled context
-    nxt = model(ids[:, pos:pos + 1], cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
+    nxt = model(ids[:, pos : pos + 1], cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
     dec = []
     for _ in range(args.decode - 1):
         t0 = time.perf_counter()
@@ -140,16 +168,26 @@ def run(args) -> dict:
     used = cache.used_bytes(0)
     served, flash = kv_cache_bytes(cfg), kv_cache_bytes(ModelConfig.preset("v4-flash"))
     res.update(
-        prefill_s=prefill_s, prefill_tok_s=args.tokens / prefill_s, chunks=chunks,
+        prefill_s=prefill_s,
+        prefill_tok_s=args.tokens / prefill_s,
+        chunks=chunks,
         probes={str(k): v for k, v in probe_res.items()},
-        decode_ms_per_token=1e3 * statistics.median(dec) if dec else None, decode_tokens=args.decode,
-        peak_rss_mb=status_kb("VmHWM") / 1024, model_rss_mb=rss_model / 1024,
-        cache=dict(held_bytes_per_token=used["per_token"], fixed_bytes=used["fixed"], context=used["length"],
-                   allocated_bytes=cache.nbytes(),
-                   served_formula_bytes_per_token=served["per_token"],
-                   v4_flash_served_bytes_per_token=flash["per_token"],
-                   v4_flash_ratio_to_bf16_gqa8=flash["ratio_to_baseline"]),
-        other_load=load.other_cores(), total_wall_s=time.perf_counter() - t_start)
+        decode_ms_per_token=1e3 * statistics.median(dec) if dec else None,
+        decode_tokens=args.decode,
+        peak_rss_mb=status_kb("VmHWM") / 1024,
+        model_rss_mb=rss_model / 1024,
+        cache=dict(
+            held_bytes_per_token=used["per_token"],
+            fixed_bytes=used["fixed"],
+            context=used["length"],
+            allocated_bytes=cache.nbytes(),
+            served_formula_bytes_per_token=served["per_token"],
+            v4_flash_served_bytes_per_token=flash["per_token"],
+            v4_flash_ratio_to_bf16_gqa8=flash["ratio_to_baseline"],
+        ),
+        other_load=load.other_cores(),
+        total_wall_s=time.perf_counter() - t_start,
+    )
     if probes:
         first, last = probes[0], probes[-1]
         res["decode_ratio_last_to_first"] = probe_res[last] / probe_res[first]
@@ -159,22 +197,32 @@ def run(args) -> dict:
 
 def report(res: dict) -> str:
     c = res["cache"]
-    out = [f"\nprefill {fmt_tokens(res['tokens'])} tokens: {res['prefill_s']:.0f} s ({res['prefill_tok_s']:.0f} tok/s); "
-           f"decode after it: {res['decode_ms_per_token']:.1f} ms/token ({res['decode_tokens']} tokens, greedy)",
-           f"peak RSS {res['peak_rss_mb']:.0f} MB (model alone {res['model_rss_mb']:.0f} MB)",
-           "decode per token vs context (probe steps, median):"]
+    out = [
+        f"\nprefill {fmt_tokens(res['tokens'])} tokens: {res['prefill_s']:.0f} s ({res['prefill_tok_s']:.0f} tok/s); "
+        f"decode after it: {res['decode_ms_per_token']:.1f} ms/token ({res['decode_tokens']} tokens, greedy)",
+        f"peak RSS {res['peak_rss_mb']:.0f} MB (model alone {res['model_rss_mb']:.0f} MB)",
+        "decode per token vs context (probe steps, median):",
+    ]
     probes = res["probes"]
     first = next(iter(probes.values()), None)
     for k, v in probes.items():
-        out.append(f"  {fmt_tokens(int(k)):>5}: {v * 1e3:8.2f} ms  ({v / first:.2f}x of {fmt_tokens(int(next(iter(probes))))})")
+        out.append(
+            f"  {fmt_tokens(int(k)):>5}: {v * 1e3:8.2f} ms  ({v / first:.2f}x of {fmt_tokens(int(next(iter(probes))))})"
+        )
     if "decode_ratio_last_to_first" in res:
         r = res["decode_ratio_last_to_first"]
-        out.append(f"target: decode at the last probe within 2x of the first: {r:.2f}x -> {'MET' if r <= 2 else 'NOT MET'}")
-    out.append(f"cache held here ({res['cache_dtype']}, tiny shape, MTP excluded): {c['held_bytes_per_token']:.1f} B per "
-               f"token of context + {c['fixed_bytes'] / 1024:.0f} KiB fixed (windows, compressor states); "
-               f"served-layout formula for the same config: {c['served_formula_bytes_per_token']:.1f} B/token")
-    out.append(f"V4-Flash served layout (dsv4 info --preset v4-flash): {c['v4_flash_served_bytes_per_token']:.0f} B/token "
-               f"= {100 * c['v4_flash_ratio_to_bf16_gqa8']:.2f}% of a BF16 GQA-8 cache")
+        out.append(
+            f"target: decode at the last probe within 2x of the first: {r:.2f}x -> {'MET' if r <= 2 else 'NOT MET'}"
+        )
+    out.append(
+        f"cache held here ({res['cache_dtype']}, tiny shape, MTP excluded): {c['held_bytes_per_token']:.1f} B per "
+        f"token of context + {c['fixed_bytes'] / 1024:.0f} KiB fixed (windows, compressor states); "
+        f"served-layout formula for the same config: {c['served_formula_bytes_per_token']:.1f} B/token"
+    )
+    out.append(
+        f"V4-Flash served layout (dsv4 info --preset v4-flash): {c['v4_flash_served_bytes_per_token']:.0f} B/token "
+        f"= {100 * c['v4_flash_ratio_to_bf16_gqa8']:.2f}% of a BF16 GQA-8 cache"
+    )
     out.append(f"other processes used {res['other_load'] or 0:.2f} cores on average during the run")
     return "\n".join(out)
 
@@ -182,6 +230,7 @@ def report(res: dict) -> str:
 def make_plot(res: dict, path: str) -> str | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -53,6 +53,7 @@ From Python (used by tests/test_benchmarks_smoke.py):
 
 The defaults take about 2-3 minutes on 2 idle cores (much longer on a busy machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,8 +126,16 @@ class DenseBlock(nn.Module):
 class DenseTransformer(nn.Module):
     """Standard pre-norm decoder-only transformer (the baseline)."""
 
-    def __init__(self, vocab: int = 8192, d: int = 256, layers: int = 4, n_heads: int = 4, head_dim: int = 64,
-                 mlp: int = DENSE_MLP_WIDTH, eps: float = 1e-6):
+    def __init__(
+        self,
+        vocab: int = 8192,
+        d: int = 256,
+        layers: int = 4,
+        n_heads: int = 4,
+        head_dim: int = 64,
+        mlp: int = DENSE_MLP_WIDTH,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(DenseBlock(d, n_heads, head_dim, mlp, eps) for _ in range(layers))
@@ -180,8 +189,11 @@ def _make_dsv4(args, optimizer: str, mtp: bool):
     model = Transformer(cfg)
     if args.attn:
         model.set_attention_impl(args.attn)
-    opt = (_adamw(model) if optimizer == "adamw"
-           else build_optimizer(model, lr=1e-3, ns_bf16=getattr(args, "ns_bf16", False)))
+    opt = (
+        _adamw(model)
+        if optimizer == "adamw"
+        else build_optimizer(model, lr=1e-3, ns_bf16=getattr(args, "ns_bf16", False))
+    )
 
     def loss_fn(ids, targets):
         return step_loss(model, ids, targets, mtp_weight=MTP_WEIGHT)[0]
@@ -222,7 +234,7 @@ def newton_schulz_flops(opt) -> float:
             rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
             n, m = min(rows, cols), max(rows, cols)
             count = p.numel() // (rows * cols)
-            total += count * len(V4_NS_STEPS) * (4 * n * n * m + 2 * n ** 3)
+            total += count * len(V4_NS_STEPS) * (4 * n * n * m + 2 * n**3)
     return total
 
 
@@ -247,23 +259,31 @@ def time_split(model, ids: torch.Tensor, targets: torch.Tensor) -> dict:
     ropes = model.ropes(torch.arange(t))
     pos = torch.arange(t)
     blk = blocks[0]
-    unit = _fwd_bwd_seconds(lambda x: hc_pre(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base,
-                                             cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps), [x])
+    unit = _fwd_bwd_seconds(
+        lambda x: hc_pre(
+            x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        ),
+        [x],
+    )
     unit += _fwd_bwd_seconds(hc_post, [u, x, post, res])
-    head = _fwd_bwd_seconds(lambda x: hc_head(x, model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
-                                              cfg.hc_eps, cfg.rms_norm_eps), [x])
+    head = _fwd_bwd_seconds(
+        lambda x: hc_head(x, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, cfg.hc_eps, cfg.rms_norm_eps),
+        [x],
+    )
     out = {"mHC": 2 * len(blocks) * unit + (1 + len(model.mtp)) * head, "attention": 0.0, "MoE": 0.0}
     for i, blk in enumerate(blocks):
         rope = ropes["compress"] if blk.attn.uses_compress_rope else ropes["main"]
         if i < len(model.layers):  # the step's blocks run the indexer's sparse-stage forward (MTP: plain)
             out["attention"] += _fwd_bwd_seconds(
-                lambda u, a=blk.attn, r=rope: a.forward_indexer(u, *r, pos, None, "sparse", False)[0], [u])
+                lambda u, a=blk.attn, r=rope: a.forward_indexer(u, *r, pos, None, "sparse", False)[0], [u]
+            )
         else:
             out["attention"] += _fwd_bwd_seconds(lambda u, a=blk.attn, r=rope: a(u, *r, pos, None, None), [u])
         out["MoE"] += _fwd_bwd_seconds(lambda u, m=blk.ffn: m(u, ids)[0], [u])
     h = leaf(b * t, d)
     out["heads"] = (1 + len(model.mtp)) * _fwd_bwd_seconds(
-        lambda h: linear_cross_entropy(h, model.head.weight, targets.reshape(-1)), [h])
+        lambda h: linear_cross_entropy(h, model.head.weight, targets.reshape(-1)), [h]
+    )
     return out
 
 
@@ -307,9 +327,15 @@ class _Runner:
 
     def result(self, tokens: int) -> dict:
         med = statistics.median(self.times)
-        return dict(params=_n_params(self.model), step_times_s=self.times, median_step_s=med,
-                    min_step_s=min(self.times), tokens_per_s=tokens / med, losses=self.losses,
-                    optimizer_s=statistics.median(self.opt_times))
+        return dict(
+            params=_n_params(self.model),
+            step_times_s=self.times,
+            median_step_s=med,
+            min_step_s=min(self.times),
+            tokens_per_s=tokens / med,
+            losses=self.losses,
+            optimizer_s=statistics.median(self.opt_times),
+        )
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -317,9 +343,17 @@ def format_table(res: dict) -> str:
     rows = [("name", "params", "step s (median)", "tokens/s", "vs dense", "step s (min)", "MFU")]
     for name, r in res["results"].items():
         ratio = r.get("ratio_to_dense")
-        rows.append((name, f"{r['params']:,}", f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
-                     "-" if ratio is None else f"{ratio:.2f}x", f"{r['min_step_s']:.3f}",
-                     f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"))
+        rows.append(
+            (
+                name,
+                f"{r['params']:,}",
+                f"{r['median_step_s']:.3f}",
+                f"{r['tokens_per_s']:,.0f}",
+                "-" if ratio is None else f"{ratio:.2f}x",
+                f"{r['min_step_s']:.3f}",
+                f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+            )
+        )
     return _layout(rows)
 
 
@@ -349,8 +383,10 @@ def result_lines(res: dict) -> list[str]:
     r = res["results"]
     out = []
     if "dsv4/muon/mtp" in r and r["dsv4/muon/mtp"].get("ratio_to_dense") is not None:
-        out.append(f"RESULT train_default_vs_dense {r['dsv4/muon/mtp']['ratio_to_dense']:.3f} (goal 0.8 at 4x1024, "
-                   "1.0 at 1x4096)")
+        out.append(
+            f"RESULT train_default_vs_dense {r['dsv4/muon/mtp']['ratio_to_dense']:.3f} (goal 0.8 at 4x1024, "
+            "1.0 at 1x4096)"
+        )
     if "dsv4/adamw/no-mtp" in r and r["dsv4/adamw/no-mtp"].get("ratio_to_dense") is not None:
         out.append(f"RESULT train_adamw_nomtp_vs_dense {r['dsv4/adamw/no-mtp']['ratio_to_dense']:.3f} (goal 1.2)")
     if "dsv4/muon/mtp" in r and "mfu" in r["dsv4/muon/mtp"]:
@@ -360,8 +396,10 @@ def result_lines(res: dict) -> list[str]:
 
 def format_reference() -> str:
     dense = REFERENCE_TOK_S["dense SDPA transformer (6.8M)"]
-    lines = ["Reference numbers from the issue -- NOT measured in this run (same class of machine, "
-             "2 threads, fp32, batch 4 x 1024):"]
+    lines = [
+        "Reference numbers from the issue -- NOT measured in this run (same class of machine, "
+        "2 threads, fp32, batch 4 x 1024):"
+    ]
     for k, v in REFERENCE_TOK_S.items():
         lines.append(f"  {k:<32} ~{v:>7,.0f} tokens/s   ({v / dense:.2f}x dense)")
     return "\n".join(lines)
@@ -369,26 +407,47 @@ def format_reference() -> str:
 
 # ---------------------------------------------------------------------------------- entry points
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--only", choices=("dsv4", "dense"), default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the mHC maps (dsv4.kernels.compiled), as the trainer does in runs of 2 "
-                        "minutes or more (default on; the warm-up step includes the compilation)")
-    p.add_argument("--no-split", dest="split", action="store_false",
-                   help="skip the per-part time split (mHC, attention, MoE, heads, optimiser)")
-    p.add_argument("--attn", choices=("chunked", "reference", "sparse"), default=None,
-                   help="dsv4 attention implementation (default: the model's default, sparse)")
-    p.add_argument("--round-robin", dest="sequential", action="store_false",
-                   help="interleave the variants step by step (default: all steps of one variant, then the next)")
-    p.add_argument("--ns-dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="Muon's Newton-Schulz precision (default: auto, the trainer's default: bf16 where its "
-                        "matmul is faster on this machine)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the mHC maps (dsv4.kernels.compiled), as the trainer does in runs of 2 "
+        "minutes or more (default on; the warm-up step includes the compilation)",
+    )
+    p.add_argument(
+        "--no-split",
+        dest="split",
+        action="store_false",
+        help="skip the per-part time split (mHC, attention, MoE, heads, optimiser)",
+    )
+    p.add_argument(
+        "--attn",
+        choices=("chunked", "reference", "sparse"),
+        default=None,
+        help="dsv4 attention implementation (default: the model's default, sparse)",
+    )
+    p.add_argument(
+        "--round-robin",
+        dest="sequential",
+        action="store_false",
+        help="interleave the variants step by step (default: all steps of one variant, then the next)",
+    )
+    p.add_argument(
+        "--ns-dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="Muon's Newton-Schulz precision (default: auto, the trainer's default: bf16 where its "
+        "matmul is faster on this machine)",
+    )
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no printing (for tests)")
     return p.parse_args(argv)
@@ -415,16 +474,20 @@ def run(args=None) -> dict:
         say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
         hw = hardware_info()
         command = " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv) if __name__ == "__main__" else None
-        say(f"CPU: {hw['cpu']} ({hw['logical_cpus']} logical CPUs), torch threads: {hw['torch_threads']}, "
-            f"torch {hw['torch']}, python {hw['python']}")
+        say(
+            f"CPU: {hw['cpu']} ({hw['logical_cpus']} logical CPUs), torch threads: {hw['torch_threads']}, "
+            f"torch {hw['torch']}, python {hw['python']}"
+        )
         if hw["loadavg"]:
             say("load average (1/5/15 min): " + " ".join(f"{x:.2f}" for x in hw["loadavg"]))
         if command:
             say(f"command: {command}")
-        say(f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step, fp32, "
+        say(
+            f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step, fp32, "
             f"warm-up {args.warmup}, timed steps {args.steps}, dsv4 attention: {args.attn or 'default (sparse)'}, "
             f"compiled mHC: {bool(getattr(args, 'compile', False))}, Muon's Newton-Schulz in "
-            f"{'bf16' if args.ns_bf16 else 'fp32'}")
+            f"{'bf16' if args.ns_bf16 else 'fp32'}"
+        )
 
         torch.manual_seed(1234)
         vocab = 8192
@@ -487,44 +550,67 @@ def run(args=None) -> dict:
         dense = results.get("dense/adamw")
         for r in results.values():
             r["ratio_to_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
-        res = dict(hardware=hw, command=command,
-                   config=dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                               order="sequential" if args.sequential else "round-robin",
-                               threads=args.threads, dtype="float32", attn=args.attn or "sparse",
-                               ns_dtype="bfloat16" if args.ns_bf16 else "float32",
-                               only=args.only, dense_mlp_width=DENSE_MLP_WIDTH),
-                   results=results, tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
-                   matmul_peak_flops=peak,
-                   reference_not_measured=dict(REFERENCE_TOK_S), total_wall_s=time.perf_counter() - t_all)
+        res = dict(
+            hardware=hw,
+            command=command,
+            config=dict(
+                batch=args.batch,
+                seq=args.seq,
+                steps=args.steps,
+                warmup=args.warmup,
+                order="sequential" if args.sequential else "round-robin",
+                threads=args.threads,
+                dtype="float32",
+                attn=args.attn or "sparse",
+                ns_dtype="bfloat16" if args.ns_bf16 else "float32",
+                only=args.only,
+                dense_mlp_width=DENSE_MLP_WIDTH,
+            ),
+            results=results,
+            tokens_per_s={k: v["tokens_per_s"] for k, v in results.items()},
+            matmul_peak_flops=peak,
+            reference_not_measured=dict(REFERENCE_TOK_S),
+            total_wall_s=time.perf_counter() - t_all,
+        )
         res["other_cpu_load"] = load.other_cores()
         say("")
         say(format_table(res))
-        say("tokens/s = batch * seq / median step time; vs dense = tokens/s relative to the dense baseline "
+        say(
+            "tokens/s = batch * seq / median step time; vs dense = tokens/s relative to the dense baseline "
             f"measured in this run; MFU = tokens/s * model FLOPs per token (dsv4.eval.bpb.flops_per_token: "
             f"6 N_active + attention and indexer as computed) / the fp32 matmul peak measured in this run "
-            f"({peak / 1e9:.0f} GFLOP/s).")
+            f"({peak / 1e9:.0f} GFLOP/s)."
+        )
         split = format_split(res)
         if split:
             say("")
-            say("time split, seconds per step: mHC, attention, MoE and heads each run alone on the step's shapes "
-                "(forward + backward); optimizer timed in the steps; other = median step - the rest")
+            say(
+                "time split, seconds per step: mHC, attention, MoE and heads each run alone on the step's shapes "
+                "(forward + backward); optimizer timed in the steps; other = median step - the rest"
+            )
             say(split)
         ns = res["results"].get("dsv4/muon/mtp", {}).get("newton_schulz_flops")
         if ns:
-            line = (f"Muon's Newton-Schulz alone (10 iterations on every matrix, the expert matrices included): "
-                    f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured fp32 peak, "
-                    "whatever the batch" + (" (this run iterates in bf16, whose matmul is faster here)"
-                                            if args.ns_bf16 else ""))
+            line = (
+                f"Muon's Newton-Schulz alone (10 iterations on every matrix, the expert matrices included): "
+                f"{ns / 1e9:.0f} GFLOP per step = at least {ns / peak:.2f} s at the measured fp32 peak, "
+                "whatever the batch"
+                + (" (this run iterates in bf16, whose matmul is faster here)" if args.ns_bf16 else "")
+            )
             if "dense/adamw" in res["results"]:
                 line += f"; the dense baseline's whole step: {res['results']['dense/adamw']['median_step_s']:.2f} s"
             say(line)
         other = res["other_cpu_load"]
         if other is not None:
-            say(f"other processes used on average {other:.2f} CPU cores during the run (from /proc/stat minus this "
-                f"process)")
+            say(
+                f"other processes used on average {other:.2f} CPU cores during the run (from /proc/stat minus this "
+                f"process)"
+            )
             if other > 0.25:
-                say("WARNING: the cores were shared with other processes during the run, so these timings are "
-                    "inflated and noisy (compare the min column; rerun on an idle machine).")
+                say(
+                    "WARNING: the cores were shared with other processes during the run, so these timings are "
+                    "inflated and noisy (compare the min column; rerun on an idle machine)."
+                )
         say("")
         say(format_reference())
         say(f"\ntotal benchmark wall time: {res['total_wall_s']:.1f} s")

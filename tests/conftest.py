@@ -13,9 +13,22 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 def small_config(**overrides) -> ModelConfig:
     """A tiny V4 config with every main layer kind (swa, csa, hca m'=16, csa) and both router kinds."""
-    base = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, head_dim=32, qk_rope_head_dim=8,
-                q_lora_rank=32, o_lora_rank=32, moe_intermediate_size=64, index_n_heads=16, index_head_dim=16,
-                index_topk=16, sliding_window=16, compress_ratios=[0, 4, 16, 4, 0], num_hash_layers=1)
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_lora_rank=32,
+        moe_intermediate_size=64,
+        index_n_heads=16,
+        index_head_dim=16,
+        index_topk=16,
+        sliding_window=16,
+        compress_ratios=[0, 4, 16, 4, 0],
+        num_hash_layers=1,
+    )
     base.update(overrides)
     return ModelConfig.preset("tiny").replace(**base)
 
@@ -30,13 +43,13 @@ def every_kind_model(**overrides):
     SWA MTP block; window 8, top-6 (so selections and windows bite at short lengths)."""
     from dsv4.model.transformer import Transformer
 
-    cfg = small_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6,
-                       **overrides)
+    cfg = small_config(
+        num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6, **overrides
+    )
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     randomize_(m)
     return m
-
 
 
 def load_benchmark(name: str):
@@ -48,4 +61,4 @@ def load_benchmark(name: str):
     return mod
 
 
-randomize_ = load_benchmark("_common").randomize_   # one copy, shared with benchmarks/gpu_smoke.py
+randomize_ = load_benchmark("_common").randomize_  # one copy, shared with benchmarks/gpu_smoke.py

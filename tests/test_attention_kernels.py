@@ -1,11 +1,11 @@
 """Fast attention paths equal the masked dense reference, forward and backward; document masking."""
+
 import pytest
 import torch
+from conftest import randomize_, small_config
 
 from dsv4.kernels.attention import attention_chunked, attention_reference
 from dsv4.model.transformer import Transformer
-
-from conftest import randomize_, small_config
 
 
 def _inputs(b, t, n, h=3, c=16, seed=0):
@@ -28,8 +28,10 @@ def test_chunked_equals_reference_fwd_bwd(t, window, chunk, with_entries):
     outs = []
     for fn, extra in ((attention_reference, {}), (attention_chunked, {"chunk": chunk})):
         o = fn(q, kv, sink, 0.25, window, pos, pos, q_seg=seg, kv_seg=seg, **kw, **extra)
-        grads = torch.autograd.grad((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum(),
-                                    [q, kv, sink] + ([ent] if with_entries else []))
+        grads = torch.autograd.grad(
+            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum(),
+            [q, kv, sink] + ([ent] if with_entries else []),
+        )
         outs.append((o, grads))
     (o1, g1), (o2, g2) = outs
     torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-12)
@@ -51,7 +53,9 @@ def test_model_chunked_equals_reference(ratios):
         model.zero_grad()
         out = model(ids, return_mtp=True)
         (out.logits.square().mean() + out.mtp_logits[0].square().mean()).backward()
-        res.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        res.append(
+            (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     (l1, g1) = res[0]
     for l2, g2 in res[1:]:
         torch.testing.assert_close(l2, l1, rtol=1e-9, atol=1e-12)

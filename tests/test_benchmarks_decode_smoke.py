@@ -1,5 +1,6 @@
 """Smoke test for benchmarks/decode.py (eager step, toy sizes) and its bytes-per-step accounting; the
 `wide` preset reads >= 300 MB of weights per decode token and stays small in total."""
+
 import json
 import math
 import re
@@ -17,8 +18,34 @@ RESULT_NAMES = ["decode_vs_transformers_b1", "decode_flatness_1k_128k", "decode_
 def test_decode_benchmark_smoke(tmp_path, capsys):
     bench = load_benchmark("decode")
     out = tmp_path / "decode.json"
-    assert bench.main(["--eager", "--contexts", "48", "96", "--batches", "1", "2", "--steps", "2", "--warmup", "1",
-                       "--wide-context", "16", "--wide-steps", "1", "--mtp-tokens", "3", "--json", str(out), "--plot", str(tmp_path / "d.png")]) == 0
+    assert (
+        bench.main(
+            [
+                "--eager",
+                "--contexts",
+                "48",
+                "96",
+                "--batches",
+                "1",
+                "2",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--wide-context",
+                "16",
+                "--wide-steps",
+                "1",
+                "--mtp-tokens",
+                "3",
+                "--json",
+                str(out),
+                "--plot",
+                str(tmp_path / "d.png"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     lines = text.strip().splitlines()
     tail = lines[-4:]
@@ -32,9 +59,10 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
     assert r["decode_flatness_1k_128k"] > 0 and r["decode_b8_over_b1"] > 0 and 0 < r["decode_mbu"] < 5
     assert res["wide"]["active_weight_mb"] >= 300 and "dsv4 wide" in text
     assert "aten ops per decode step" in text and res["cases"][0]["ops_eager"]["all"] > 0
-    assert "1K context not run" in text and "128K not run" in text      # the table says what was substituted
+    assert "1K context not run" in text and "128K not run" in text  # the table says what was substituted
     try:
         import transformers
+
         has_hf = hasattr(transformers, "DeepseekV4ForCausalLM")
     except ImportError:
         has_hf = False
@@ -60,6 +88,6 @@ def test_step_bytes_counts_each_weight_once():
 def test_wide_preset_reads_far_more_than_the_cpu_cache():
     cfg = ModelConfig.preset("wide")
     pc = count_params(cfg)
-    assert 4 * pc["active"] >= 300e6                     # weights read per decode token, fp32
-    assert 4 * pc["total_with_mtp"] <= 1.5e9             # small enough to build in seconds
+    assert 4 * pc["active"] >= 300e6  # weights read per decode token, fp32
+    assert 4 * pc["total_with_mtp"] <= 1.5e9  # small enough to build in seconds
     assert set(cfg.layer_kinds) == {"swa", "csa", "hca"} and cfg.n_routed_experts > cfg.num_experts_per_tok

@@ -1,4 +1,5 @@
 """Smoke test for benchmarks/long_context.py: every kind, prefill at T=512/1024, decode at 1K/2K."""
+
 import json
 import math
 
@@ -8,15 +9,39 @@ from conftest import load_benchmark
 def test_long_context_smoke(tmp_path):
     bench = load_benchmark("long_context")
     out, png = tmp_path / "lc.json", tmp_path / "lc.png"
-    args = bench.parse_args(["--sizes", "512", "1024", "--decode-sizes", "1024", "2048", "--threads", "1",
-                             "--min-time", "0", "--repeats", "1", "--decode-time", "0.02", "--decode-min-reps", "2",
-                             "--skip-dense-above", "512", "--quiet", "--json", str(out), "--plot", str(png)])
+    args = bench.parse_args(
+        [
+            "--sizes",
+            "512",
+            "1024",
+            "--decode-sizes",
+            "1024",
+            "2048",
+            "--threads",
+            "1",
+            "--min-time",
+            "0",
+            "--repeats",
+            "1",
+            "--decode-time",
+            "0.02",
+            "--decode-min-reps",
+            "2",
+            "--skip-dense-above",
+            "512",
+            "--quiet",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     res = bench.run(args)
 
     kinds = {"dense", "dsa", "csa", "hca"}
     assert set(res["prefill"]) == kinds and set(res["decode"]) == kinds
     assert res["config"]["topk"] == {"dsa": 2048, "csa": 512}
-    assert "skipped" in res["prefill"]["dense"]["1024"]          # --skip-dense-above
+    assert "skipped" in res["prefill"]["dense"]["1024"]  # --skip-dense-above
     for kind in kinds:
         for t in ("512", "1024"):
             r = res["prefill"][kind][t]

@@ -1,4 +1,5 @@
 """Smoke test for benchmarks/train_throughput.py: every variant runs one tiny training step."""
+
 import json
 import math
 
@@ -8,8 +9,24 @@ from conftest import load_benchmark
 def test_train_throughput_smoke(tmp_path):
     bench = load_benchmark("train_throughput")
     out = tmp_path / "bench.json"
-    args = bench.parse_args(["--batch", "1", "--seq", "64", "--steps", "1", "--warmup", "0",
-                             "--threads", "1", "--no-compile", "--quiet", "--json", str(out)])
+    args = bench.parse_args(
+        [
+            "--batch",
+            "1",
+            "--seq",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--no-compile",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     res = bench.run(args)
 
     expected = {"dense/adamw", "dsv4/adamw/mtp", "dsv4/adamw/no-mtp", "dsv4/muon/mtp", "dsv4/muon/no-mtp"}

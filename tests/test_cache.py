@@ -1,9 +1,10 @@
 """Cached inference equals the full forward: chunked prefill, token-by-token decode, mixed-length batches,
 rollback; the decode kernel equals the sparse kernels; bad use gets clear errors."""
+
 import pytest
 import torch
-
 from conftest import every_kind_model
+
 from dsv4.infer.cache import CacheError, ModelCache
 from dsv4.kernels.decode_attention import decode_attention
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention
@@ -13,7 +14,7 @@ T = 90
 
 @pytest.fixture(scope="module")
 def model():
-    return every_kind_model()   # HCA m=8: 11 blocks in T = 90
+    return every_kind_model()  # HCA m=8: 11 blocks in T = 90
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def run_chunks(model, ids, chunks, **kw):
     outs, p = [], 0
     with torch.no_grad():
         for n in chunks:
-            outs.append(model(ids[:, p:p + n], cache=cache).logits)
+            outs.append(model(ids[:, p : p + n], cache=cache).logits)
             p += n
     assert int(cache.lengths[0]) == p
     return torch.cat(outs, 1)
@@ -51,7 +52,7 @@ def test_mixed_length_decode_batch(model, ids, full):
     cache = ModelCache(model, batch=3, capacity=16, page=16)
     with torch.no_grad():
         model(ids[0:1, :30], cache=cache, rows=[0])
-        model(ids[1:2, :41], cache=cache, rows=[2])   # row 1 stays empty
+        model(ids[1:2, :41], cache=cache, rows=[2])  # row 1 stays empty
         for s in range(25):
             tok = torch.stack([ids[0, 30 + s], ids[1, 41 + s]])[:, None]
             o = model(tok, cache=cache, rows=[0, 2]).logits[:, 0]
@@ -65,7 +66,7 @@ def test_rollback_then_continue(model, ids, full, n):
     junk = torch.randint(0, 512, (2, n), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         model(ids[:, :33], cache=cache)
-        model(junk, cache=cache)          # e.g. rejected speculative tokens (33 + n crosses blocks)
+        model(junk, cache=cache)  # e.g. rejected speculative tokens (33 + n crosses blocks)
         cache.rollback(None, n)
         o = model(ids[:, 33:60], cache=cache).logits
     assert rel(o, full[:, 33:60]) < 1e-5
@@ -105,10 +106,11 @@ def test_decode_kernel_equals_sparse_kernels():
     idx[0, 0, -2:] = -1
     ref = sparse_attention(q, kv, sink, 0.25, win, q_pos, kv_pos, ent, idx)[:, 0]
     win_part = (kv[:, -win:], torch.ones(b, win, dtype=torch.bool))
-    got = decode_attention(q[:, 0], [win_part, (ent[torch.arange(b)[:, None], idx[:, 0].clamp_min(0)], idx[:, 0] >= 0)],
-                           sink, 0.25)
+    got = decode_attention(
+        q[:, 0], [win_part, (ent[torch.arange(b)[:, None], idx[:, 0].clamp_min(0)], idx[:, 0] >= 0)], sink, 0.25
+    )
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    ref = dense_entries_attention(q, kv, sink, 0.25, win, q_pos, kv_pos, ent, ratio=4)[:, 0]   # 10 visible
+    ref = dense_entries_attention(q, kv, sink, 0.25, win, q_pos, kv_pos, ent, ratio=4)[:, 0]  # 10 visible
     got = decode_attention(q[:, 0], [win_part, (ent, (torch.arange(n) < s // 4).expand(b, n))], sink, 0.25)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 

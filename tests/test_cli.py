@@ -1,4 +1,5 @@
 """The `dsv4` command: info output, error handling, argument parsing, the demo."""
+
 import json
 import os
 import shutil
@@ -67,8 +68,12 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_argument_errors_exit_2(capsys):
-    for argv in (["info"], ["info", "--preset", "tiny", "--config", "x.json"],
-                 ["convert", "--from-transformers", "a", "--to-transformers", "b", "out"], []):
+    for argv in (
+        ["info"],
+        ["info", "--preset", "tiny", "--config", "x.json"],
+        ["convert", "--from-transformers", "a", "--to-transformers", "b", "out"],
+        [],
+    ):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(argv)
         assert e.value.code == 2
@@ -121,8 +126,8 @@ def test_console_script_if_installed():
 
 def test_convert_round_trip_through_the_cli(tmp_path, capsys):
     import torch
-
     from conftest import small_config
+
     from dsv4.model.transformer import Transformer
     from dsv4.weights import load_state_dict, save_model
 
@@ -165,35 +170,47 @@ def test_version(capsys):
 def test_closed_stdout_is_not_a_traceback():
     """`dsv4 info --preset v4-flash | head -3` when head has gone: no BrokenPipeError traceback."""
     r, w = os.pipe()
-    os.close(r)                      # the reader is gone before the first write
+    os.close(r)  # the reader is gone before the first write
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
-    p = subprocess.run([sys.executable, "-m", "dsv4", "info", "--preset", "v4-flash"], stdout=w,
-                       stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "dsv4", "info", "--preset", "v4-flash"],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
 
 
-@pytest.mark.parametrize("argv, fact", [
-    (["eval", "indexer-recall", "--ckpt", "runs/none", "--seq-len", "0"], "seq_len=0: must be >= 2"),
-    (["eval", "indexer-recall", "--ckpt", "runs/none", "--batches", "0"], "batches=0: must be >= 1"),
-    (["serve", "--ckpt", "r", "--port", "-1"], "argument --port: must be an integer >= 0 and <= 65535, got '-1'"),
-    (["serve", "--ckpt", "r", "--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got '0'"),
-    (["serve", "--ckpt", "r", "--max-waiting", "-1"], "argument --max-waiting: must be an integer >= 0"),
-    (["serve", "--ckpt", "r", "--prefill-chunk", "0"], "argument --prefill-chunk: must be an integer >= 1"),
-    (["serve", "--ckpt", "r", "--default-max-tokens", "0"], "argument --default-max-tokens: must be an integer >= 1"),
-    (["serve", "--ckpt", "r", "--max-context", "-5"], "argument --max-context: must be an integer >= 1"),
-    (["generate", "--ckpt", "r", "--prompt", "x", "--max-context", "0"], "argument --max-context"),
-    (["chat", "--ckpt", "r", "--max-context", "x"], "argument --max-context: must be an integer >= 1, got 'x'"),
-    (["demo", "--steps", "0"], "argument --steps: must be an integer >= 1"),
-    (["demo", "--minutes", "0"], "argument --minutes: must be a number > 0"),
-    (["demo", "--random", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0"),
-    (["demo", "--random", "--temperature", "-0.5"], "argument --temperature: must be a number >= 0"),
-    (["demo", "--random", "--temperature", "nan"], "argument --temperature: must be a number >= 0"),
-    (["train", "--out", "runs/none", "--steps", "-3"], "argument --steps: must be an integer >= 1"),
-    (["train", "--out", "runs/none", "--minutes", "-1"], "argument --minutes: must be a number > 0"),
-    (["eval", "bpb", "--ckpt", "runs/none", "--data", "x", "--batch-size", "0"], "batch_size=0 must be >= 1"),
-    (["info"], "info: one of the arguments --preset --config is required"),
-])
+@pytest.mark.parametrize(
+    "argv, fact",
+    [
+        (["eval", "indexer-recall", "--ckpt", "runs/none", "--seq-len", "0"], "seq_len=0: must be >= 2"),
+        (["eval", "indexer-recall", "--ckpt", "runs/none", "--batches", "0"], "batches=0: must be >= 1"),
+        (["serve", "--ckpt", "r", "--port", "-1"], "argument --port: must be an integer >= 0 and <= 65535, got '-1'"),
+        (["serve", "--ckpt", "r", "--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got '0'"),
+        (["serve", "--ckpt", "r", "--max-waiting", "-1"], "argument --max-waiting: must be an integer >= 0"),
+        (["serve", "--ckpt", "r", "--prefill-chunk", "0"], "argument --prefill-chunk: must be an integer >= 1"),
+        (
+            ["serve", "--ckpt", "r", "--default-max-tokens", "0"],
+            "argument --default-max-tokens: must be an integer >= 1",
+        ),
+        (["serve", "--ckpt", "r", "--max-context", "-5"], "argument --max-context: must be an integer >= 1"),
+        (["generate", "--ckpt", "r", "--prompt", "x", "--max-context", "0"], "argument --max-context"),
+        (["chat", "--ckpt", "r", "--max-context", "x"], "argument --max-context: must be an integer >= 1, got 'x'"),
+        (["demo", "--steps", "0"], "argument --steps: must be an integer >= 1"),
+        (["demo", "--minutes", "0"], "argument --minutes: must be a number > 0"),
+        (["demo", "--random", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 0"),
+        (["demo", "--random", "--temperature", "-0.5"], "argument --temperature: must be a number >= 0"),
+        (["demo", "--random", "--temperature", "nan"], "argument --temperature: must be a number >= 0"),
+        (["train", "--out", "runs/none", "--steps", "-3"], "argument --steps: must be an integer >= 1"),
+        (["train", "--out", "runs/none", "--minutes", "-1"], "argument --minutes: must be a number > 0"),
+        (["eval", "bpb", "--ckpt", "runs/none", "--data", "x", "--batch-size", "0"], "batch_size=0 must be >= 1"),
+        (["info"], "info: one of the arguments --preset --config is required"),
+    ],
+)
 def test_meaningless_numbers_are_one_line_errors(argv, fact, capsys):
     assert _status(argv) == 2
     assert fact in _one_line_error(capsys)
@@ -234,14 +251,36 @@ def saved_run(tmp_path):
 
 def test_resume_rejects_flags_that_disagree_with_the_saved_run(saved_run, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr("dsv4.train.trainer.train", lambda tc, overrides, resume: calls.append((tc, resume)) or
-                        {"val_bpb": 1.0, "xz_bpb": 2.0})
+    monkeypatch.setattr(
+        "dsv4.train.trainer.train",
+        lambda tc, overrides, resume: calls.append((tc, resume)) or {"val_bpb": 1.0, "xz_bpb": 2.0},
+    )
     argv = ["train", "--out", str(saved_run), "--resume", "--no-progress"]
-    assert main([*argv, "--data", "/nonexistent", "--preset", "v4-pro", "--steps", "20", "lr=0.5",
-                 "seq_len=64", "hidden_size=128"]) == 2
+    assert (
+        main(
+            [
+                *argv,
+                "--data",
+                "/nonexistent",
+                "--preset",
+                "v4-pro",
+                "--steps",
+                "20",
+                "lr=0.5",
+                "seq_len=64",
+                "hidden_size=128",
+            ]
+        )
+        == 2
+    )
     err = _one_line_error(capsys)
-    for fact in ("--data /nonexistent (saved: ", "--preset v4-pro (saved: tiny)", "--steps 20 (saved: 8)",
-                 "lr=0.5 (saved: lr=0.002)", "hidden_size=128 (saved: hidden_size=256)"):
+    for fact in (
+        "--data /nonexistent (saved: ",
+        "--preset v4-pro (saved: tiny)",
+        "--steps 20 (saved: 8)",
+        "lr=0.5 (saved: lr=0.002)",
+        "hidden_size=128 (saved: hidden_size=256)",
+    ):
         assert fact in err, (fact, err)
     assert "seq_len" not in err and calls == []
     # flags equal to the saved values (a relative --data included) are fine, and so are --device/--no-progress
@@ -267,8 +306,9 @@ def test_warnings_are_one_line_without_a_source_line(tmp_path, capsys):
     (data / "a.py").write_text("x = 1\n")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2",
-                     "--no-progress"]) == 2
+        assert (
+            main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress"]) == 2
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("dsv4: warning: skipping 1 of 2 files that are not UTF-8 text: ") and "blob.dat" in err[0]
     assert err[1].startswith("dsv4: error: need at least 2 text files in ") and len(err) == 2

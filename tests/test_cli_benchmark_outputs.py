@@ -1,5 +1,6 @@
 """The benchmark scripts write into the current directory (or the --out/--json/--plot paths given), never
 into the tracked docs/ unless a command asks: docs/ names its paths explicitly."""
+
 import ast
 import re
 from pathlib import Path
@@ -11,11 +12,19 @@ SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
 def _code_strings(path: Path) -> list[str]:
     """String constants of a script's code (docstrings left out)."""
     tree = ast.parse(path.read_text())
-    docs = {id(node.body[0].value) for node in ast.walk(tree)
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
-            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    return [n.value for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
 
 
 def test_no_benchmark_writes_into_docs_by_default():

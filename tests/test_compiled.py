@@ -1,4 +1,6 @@
-"""torch.compile'd mHC maps (CPU: with the few-rows rule) equal the eager reference, forward and backward (slow: compiles)."""
+"""torch.compile'd mHC maps (CPU: with the few-rows rule) equal the eager reference, forward and backward
+(slow: compiles)."""
+
 import pytest
 import torch
 

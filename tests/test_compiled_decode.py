@@ -1,5 +1,6 @@
 """The compiled decode step (dsv4.infer.compiled) equals the eager step and the full forward: every layer
 kind, rows at different lengths, across a store growth (a new shape bucket)."""
+
 import unittest.mock
 
 import torch
@@ -22,9 +23,9 @@ def test_compiled_decode_equals_eager_and_full_forward():
         eager, comp = (ModelCache(model, batch=2, capacity=48, page=16) for _ in range(2))
         for cache in (eager, comp):
             for r, n in enumerate(lens):
-                model(ids[r:r + 1, :n], cache=cache, rows=[r])
+                model(ids[r : r + 1, :n], cache=cache, rows=[r])
         dec = CompiledDecoder(model)
-        for s in range(14):   # the DSA raw store grows from 48 to 96 positions on the way: two buckets
+        for s in range(14):  # the DSA raw store grows from 48 to 96 positions on the way: two buckets
             tok = torch.stack([ids[r, n + s] for r, n in enumerate(lens)])[:, None]
             le = model(tok, cache=eager, last_only=True).logits[:, -1]
             lc = dec(tok, comp)
@@ -57,18 +58,22 @@ def test_few_rows_products_equal_matmul():
     from dsv4.kernels import inductor as compiled
 
     g = torch.Generator().manual_seed(0)
-    w_big = torch.randn(2048, 256, generator=g)          # 2 MiB > LARGE_WEIGHT: outputs-first when M > 1
+    w_big = torch.randn(2048, 256, generator=g)  # 2 MiB > LARGE_WEIGHT: outputs-first when M > 1
     w_small = torch.randn(64, 32, generator=g)
     for m in (1, 2, 8):
         for w in (w_big, w_small):
             a = torch.randn(m, w.shape[1], generator=g)
             torch.testing.assert_close(compiled._mm(a, w.t()), a @ w.t(), rtol=1e-5, atol=1e-4)
             c = torch.randn(w.shape[0], generator=g)
-            torch.testing.assert_close(compiled._addmm(c, a, w.t(), beta=0.5, alpha=2.0),
-                                       torch.addmm(c, a, w.t(), beta=0.5, alpha=2.0), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                compiled._addmm(c, a, w.t(), beta=0.5, alpha=2.0),
+                torch.addmm(c, a, w.t(), beta=0.5, alpha=2.0),
+                rtol=1e-5,
+                atol=1e-4,
+            )
         a, b = torch.randn(3, m, 40, generator=g), torch.randn(3, 40, 24, generator=g)
         torch.testing.assert_close(compiled._bmm(a, b), a @ b, rtol=1e-5, atol=1e-4)
-    keys, q = torch.randn(300, 32, generator=g), torch.randn(32, 4, generator=g)     # few columns
+    keys, q = torch.randn(300, 32, generator=g), torch.randn(32, 4, generator=g)  # few columns
     torch.testing.assert_close(compiled._mm(keys, q), keys @ q, rtol=1e-5, atol=1e-4)
     n = compiled.SMALL_ROWS + 1
-    assert compiled._mm(torch.randn(n, 8), torch.randn(8, n)) is NotImplemented   # a real GEMM: BLAS
+    assert compiled._mm(torch.randn(n, 8), torch.randn(8, n)) is NotImplemented  # a real GEMM: BLAS

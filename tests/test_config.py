@@ -1,4 +1,5 @@
 """ModelConfig: presets, json round trip, unknown fields, validation errors that name the field."""
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,21 @@ def official_v4_flash_dict() -> dict:
         "o_lora_rank": 1024,
         "q_lora_rank": 1024,
         "qk_rope_head_dim": 64,
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "scale_fmt": "ue8m0",
+            "weight_block_size": [128, 128],
+        },
         "rms_norm_eps": 1e-6,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 65536,
-                         "type": "yarn"},
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "type": "yarn",
+        },
         "rope_theta": 10000,
         "routed_scaling_factor": 1.5,
         "scoring_func": "sqrtsoftplus",
@@ -76,7 +87,12 @@ def test_presets_load():
         assert isinstance(cfg, ModelConfig)
         assert len(cfg.layer_kinds) == cfg.num_hidden_layers
     flash, pro = ModelConfig.preset("v4-flash"), ModelConfig.preset("v4-pro")
-    assert (flash.hidden_size, flash.num_hidden_layers, flash.n_routed_experts, flash.index_topk) == (4096, 43, 256, 512)
+    assert (flash.hidden_size, flash.num_hidden_layers, flash.n_routed_experts, flash.index_topk) == (
+        4096,
+        43,
+        256,
+        512,
+    )
     assert (pro.hidden_size, pro.num_hidden_layers, pro.n_routed_experts, pro.index_topk) == (7168, 61, 384, 1024)
     assert flash.compress_ratios == [0, 0] + [4, 128] * 20 + [4, 0]
     assert pro.compress_ratios == [128, 128] + [4, 128] * 29 + [4, 0]
@@ -124,19 +140,24 @@ def test_unknown_fields_kept_written_back_and_warned(tmp_path):
     assert cfg.replace(hidden_size=128).extra == cfg.extra
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (dict(num_attention_heads=6, o_groups=4), "o_groups"),
-    (dict(num_hidden_layers=4, num_hash_layers=1, compress_ratios=[0, 4, 16]), "compress_ratios"),
-    (dict(num_hidden_layers=4, num_hash_layers=1, compress_ratios=[0, 4, 16, 4, 0, 0]), "compress_ratios"),
-    (dict(index_topk=0), "index_topk"),
-    (dict(index_topk=-3), "index_topk"),
-    (dict(n_routed_experts=8, num_experts_per_tok=9), "num_experts_per_tok"),
-    (dict(scoring_func="relu"), "scoring_func"),
-    (dict(num_key_value_heads=2), "num_key_value_heads"),
-    (dict(num_hidden_layers=4, num_hash_layers=1, num_nextn_predict_layers=1, compress_ratios=[0, 4, 16, 4, 4]),
-     "compress_ratios"),  # the MTP entry must be 0
-    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(num_attention_heads=6, o_groups=4), "o_groups"),
+        (dict(num_hidden_layers=4, num_hash_layers=1, compress_ratios=[0, 4, 16]), "compress_ratios"),
+        (dict(num_hidden_layers=4, num_hash_layers=1, compress_ratios=[0, 4, 16, 4, 0, 0]), "compress_ratios"),
+        (dict(index_topk=0), "index_topk"),
+        (dict(index_topk=-3), "index_topk"),
+        (dict(n_routed_experts=8, num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (
+            dict(num_hidden_layers=4, num_hash_layers=1, num_nextn_predict_layers=1, compress_ratios=[0, 4, 16, 4, 4]),
+            "compress_ratios",
+        ),  # the MTP entry must be 0
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    ],
+)
 def test_impossible_configs_raise_naming_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         ModelConfig.preset("tiny").replace(**overrides)
@@ -169,13 +190,35 @@ def test_official_v4_flash_config_loads(tmp_path):
     with pytest.warns(UserWarning, match="topk_group"):
         cfg = ModelConfig.from_json(path)
     flash = ModelConfig.preset("v4-flash")
-    for f in ("hidden_size", "num_hidden_layers", "compress_ratios", "index_topk", "o_groups", "num_hash_layers",
-              "rope_scaling", "quantization_config", "topk_method", "first_k_dense_replace", "torch_dtype",
-              "routed_scaling_factor", "scoring_func", "swiglu_limit", "sliding_window"):
+    for f in (
+        "hidden_size",
+        "num_hidden_layers",
+        "compress_ratios",
+        "index_topk",
+        "o_groups",
+        "num_hash_layers",
+        "rope_scaling",
+        "quantization_config",
+        "topk_method",
+        "first_k_dense_replace",
+        "torch_dtype",
+        "routed_scaling_factor",
+        "scoring_func",
+        "swiglu_limit",
+        "sliding_window",
+    ):
         assert getattr(cfg, f) == getattr(flash, f), f
     assert cfg.quantization_config["weight_block_size"] == [128, 128]
-    for k in ("architectures", "model_type", "transformers_version", "use_cache", "n_group", "topk_group",
-              "attention_bias", "attention_dropout"):
+    for k in (
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "use_cache",
+        "n_group",
+        "topk_group",
+        "attention_bias",
+        "attention_dropout",
+    ):
         assert cfg.extra[k] == d[k], k
     # every original key is written back with its value (dsv4 adds its own training constants)
     written = json.loads(cfg.to_json())
@@ -194,15 +237,30 @@ def test_bad_files_raise_config_error(tmp_path):
 
 
 def test_transformers_style_dict_maps_layer_types():
-    d = {"model_type": "deepseek_v4", "hidden_size": 64, "num_hidden_layers": 4,
-         "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                         "compressed_sparse_attention"],
-         "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-         "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
-         "rope_parameters": {"main": {"rope_type": "default", "rope_theta": 10000.0},
-                             "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16,
-                                          "original_max_position_embeddings": 65536, "partial_rotary_factor": 0.125}},
-         "head_dim": 512}
+    d = {
+        "model_type": "deepseek_v4",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "layer_types": [
+            "sliding_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+        ],
+        "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
+        "rope_parameters": {
+            "main": {"rope_type": "default", "rope_theta": 10000.0},
+            "compress": {
+                "rope_type": "yarn",
+                "rope_theta": 160000.0,
+                "factor": 16,
+                "original_max_position_embeddings": 65536,
+                "partial_rotary_factor": 0.125,
+            },
+        },
+        "head_dim": 512,
+    }
     cfg = ModelConfig.from_dict(d)
     assert cfg.compress_ratios == [0, 4, 16, 4]
     assert cfg.layer_kinds == ["swa", "csa", "hca", "csa"]

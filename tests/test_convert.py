@@ -1,15 +1,15 @@
 """Round trips: dsv4 <-> safetensors, dsv4 dir -> transformers dir -> dsv4 dir, and the CLI-facing functions."""
+
 import json
 
 import pytest
 import torch
+from conftest import randomize_, small_config
 
 from dsv4.config import ModelConfig
 from dsv4.convert.transformers import DSV4_CONFIG, convert_from_transformers_dir, convert_to_transformers_dir
 from dsv4.model.transformer import Transformer
 from dsv4.weights import load_model, load_state_dict, save_model, save_state_dict
-
-from conftest import randomize_, small_config
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -57,7 +57,7 @@ def test_dir_round_trip_through_transformers(tmp_path):
         ours, ref = model(ids).logits, hf(ids).logits
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
     back_cfg = convert_from_transformers_dir(tmp_path / "hf", tmp_path / "back")
-    assert back_cfg.to_dict() == cfg.to_dict()       # every field, the MTP entry of compress_ratios included
+    assert back_cfg.to_dict() == cfg.to_dict()  # every field, the MTP entry of compress_ratios included
     assert ModelConfig.from_json(tmp_path / "back").to_dict() == ModelConfig.from_json(tmp_path / "dsv4").to_dict()
     assert cfg.compress_ratios == [0, 4, 16, 4, 0] and cfg.torch_dtype == "float32"
     a, b = load_state_dict(tmp_path / "dsv4"), load_state_dict(tmp_path / "back")

@@ -1,14 +1,30 @@
 """Data pipeline: corpus discovery, warnings and errors, stable split, byte-level BPE, token streams, batches."""
+
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dsv4.data import (Batches, DataError, DataWarning, Document, TokenStream, default_corpus, find_files,
-                       iter_documents, load_tokenizer, split_files, token_byte_lengths, tokenize_corpus,
-                       tokenize_files_cached, train_tokenizer, val_batches)
+from dsv4.data import (
+    Batches,
+    DataError,
+    DataWarning,
+    Document,
+    TokenStream,
+    default_corpus,
+    find_files,
+    iter_documents,
+    load_tokenizer,
+    split_files,
+    token_byte_lengths,
+    tokenize_corpus,
+    tokenize_files_cached,
+    train_tokenizer,
+    val_batches,
+)
 from dsv4.data.packing import segment_ids
 
 SAMPLE = [
@@ -35,14 +51,16 @@ def _write(root, rel, data):
 
 # ---------------------------------------------------------------- corpus
 
+
 def test_default_corpus_is_stdlib_py_files():
     root = default_corpus()
     assert (root / "os.py").is_file()
     files = find_files(None)
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert files == sorted(files)
-    assert not any(part in ("site-packages", "__pycache__", "test") for f in files
-                   for part in f.relative_to(root).parts)
+    assert not any(
+        part in ("site-packages", "__pycache__", "test") for f in files for part in f.relative_to(root).parts
+    )
     assert find_files(root) == files
 
 
@@ -118,7 +136,7 @@ def test_split_deterministic_disjoint_and_prefix_independent(tmp_path):
     assert set(train).isdisjoint(val) and set(train) | set(val) == set(files_a)
     assert 1 <= len(val) < len(files_a)
     assert split_files(files_a, 0.2) == (train, val)
-    rel = lambda fs, r: [f.relative_to(r) for f in fs]  # noqa: E731
+    rel = lambda fs, r: [f.relative_to(r) for f in fs]
     tb, vb = split_files(files_b, 0.2)
     assert rel(tb, tmp_path / "b" / "opt") == rel(train, tmp_path / "machine_a" / "usr" / "lib")
     assert rel(vb, tmp_path / "b" / "opt") == rel(val, tmp_path / "machine_a" / "usr" / "lib")
@@ -136,6 +154,7 @@ def test_split_guarantees_both_sides(tmp_path):
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 def test_tokenizer_special_ids_and_files(tok, tmp_path):
     assert tok.token_to_id("<|bos|>") == 0 and tok.token_to_id("<|eos|>") == 1
@@ -160,8 +179,10 @@ def test_tokenizer_deterministic_and_sampling():
 
 
 @settings(max_examples=200, deadline=None)
-@given(s=st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
-       | st.text(alphabet=" \t\n\r\x00abc\u00e9\u4e2d\U0001f642", max_size=100))
+@given(
+    s=st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+    | st.text(alphabet=" \t\n\r\x00abc\u00e9\u4e2d\U0001f642", max_size=100)
+)
 def test_tokenizer_round_trip(tok, s):
     ids = tok.encode(s, add_special_tokens=False).ids
     assert tok.decode(ids) == s
@@ -169,6 +190,7 @@ def test_tokenizer_round_trip(tok, s):
 
 
 # ---------------------------------------------------------------- packing
+
 
 def test_tokenize_corpus_stream(tok, tmp_path):
     docs = [Document(tmp_path / f"{i}", t) for i, t in enumerate(SAMPLE)]
@@ -231,7 +253,7 @@ def test_batch_fields():
     assert (seg[:, 0] == 0).all() and (seg.diff(dim=1) >= 0).all()
     assert torch.equal(seg.diff(dim=1), (ids[:, :-1] == 1).long())  # +1 exactly after each eos
     for off, row in zip(Batches(s, 6, 64, seed=1).offsets(3), ids):
-        assert np.array_equal(row.numpy(), s.tokens[off:off + 64])
+        assert np.array_equal(row.numpy(), s.tokens[off : off + 64])
 
 
 def test_segment_ids_example():
@@ -251,7 +273,7 @@ def test_val_batches_sequential_and_deterministic():
     again = list(val_batches(s, 4, 64))
     assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(bs, again))
     targets = torch.cat([b.targets.reshape(-1) for b in bs]).numpy()
-    assert np.array_equal(targets, s.tokens[1:1 + 15 * 64])  # each target scored once, in order
+    assert np.array_equal(targets, s.tokens[1 : 1 + 15 * 64])  # each target scored once, in order
     assert len(list(val_batches(s, 4, 64, max_batches=2))) == 2
     short = list(val_batches(s.tokens[:10], 4, 64))
     assert len(short) == 1 and short[0].input_ids.shape == (1, 9)

@@ -4,8 +4,10 @@ The reference below is written from the spec, not from dsv4's code: for each que
 raw token s <= t with the lightning indexer (using the module's own weights), takes the top-k with
 the rule "higher score first, then lower position" among the tokens OUTSIDE the window (s <= t - n_win;
 window tokens are always attended, so selecting them would waste slots), forms the key set
-window (t - n_win, t] UNION selected (disjoint), and runs one softmax with the per-head sink, in float64 with plain loops.
+window (t - n_win, t] UNION selected (disjoint), and runs one softmax with the per-head sink, in float64
+with plain loops.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,11 +22,27 @@ WINDOW, TOPK = 4, 6
 
 
 def dsa_config(**kw) -> ModelConfig:
-    base = dict(hidden_size=48, vocab_size=256, num_hidden_layers=1, num_attention_heads=4, head_dim=32,
-                qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16, moe_intermediate_size=32,
-                n_routed_experts=4, num_experts_per_tok=2, num_hash_layers=0, index_n_heads=4,
-                index_head_dim=16, index_topk=TOPK, sliding_window=WINDOW, compress_ratios=[1],
-                num_nextn_predict_layers=0)
+    base = dict(
+        hidden_size=48,
+        vocab_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=24,
+        o_groups=2,
+        o_lora_rank=16,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_hash_layers=0,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=TOPK,
+        sliding_window=WINDOW,
+        compress_ratios=[1],
+        num_nextn_predict_layers=0,
+    )
     base.update(kw)
     return ModelConfig.preset("tiny").replace(**base)
 
@@ -52,14 +70,13 @@ def _rope(x, cos, sin, inverse=False):
     d = x.shape[-1]
     s = -sin if inverse else sin
     y = x.clone()
-    a, b = x[..., d - r::2], x[..., d - r + 1::2]
-    y[..., d - r::2] = a * cos - b * s
-    y[..., d - r + 1::2] = a * s + b * cos
+    a, b = x[..., d - r :: 2], x[..., d - r + 1 :: 2]
+    y[..., d - r :: 2] = a * cos - b * s
+    y[..., d - r + 1 :: 2] = a * s + b * cos
     return y
 
 
-def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int,
-                  topk: int):
+def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int, topk: int):
     """x [B, T, d] -> (out [B, T, d] float64, key sets [B][T] -> sorted list, scores [B][T] -> [t+1])."""
     W = {k: v.detach().double() for k, v in attn.state_dict().items()}
     cos, sin = cos.double(), sin.double()
@@ -72,14 +89,20 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
     key_sets, all_scores = [], []
     for bi in range(b):
         kv = [_rope(_rms(x[bi, s] @ W["wkv.weight"].T, W["kv_norm.weight"]), cos[s], sin[s]) for s in range(t_len)]
-        k_i = [_rope(_rms(x[bi, s] @ W["indexer.compressor.wkv.weight"].T, W["indexer.compressor.norm.weight"]),
-                     cos[s], sin[s]) for s in range(t_len)]
+        k_i = [
+            _rope(
+                _rms(x[bi, s] @ W["indexer.compressor.wkv.weight"].T, W["indexer.compressor.norm.weight"]),
+                cos[s],
+                sin[s],
+            )
+            for s in range(t_len)
+        ]
         sets_b, scores_b = [], []
         for t in range(t_len):
             cq = _rms(x[bi, t] @ W["wq_a.weight"].T, W["q_norm.weight"])
             q = _rope(_rms((cq @ W["wq_b.weight"].T).view(h, c)), cos[t], sin[t])
             q_i = _rope((cq @ W["indexer.wq_b.weight"].T).view(n_i, c_i), cos[t], sin[t])
-            w_i = (x[bi, t] @ W["indexer.weights_proj.weight"].T) * n_i ** -0.5 * c_i ** -0.5
+            w_i = (x[bi, t] @ W["indexer.weights_proj.weight"].T) * n_i**-0.5 * c_i**-0.5
             scores = []
             for s in range(t + 1):
                 scores.append(sum(w_i[j] * torch.relu(q_i[j] @ k_i[s]) for j in range(n_i)).item())
@@ -89,7 +112,7 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
             scores_b.append(scores)
             heads = []
             for hh in range(h):
-                logits = torch.stack([q[hh] @ kv[s] for s in keys]) * c ** -0.5
+                logits = torch.stack([q[hh] @ kv[s] for s in keys]) * c**-0.5
                 denom = logits.exp().sum() + W["attn_sink"][hh].exp()
                 p = logits.exp() / denom
                 o = sum(p[i] * kv[s] for i, s in enumerate(keys))
@@ -98,8 +121,8 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
             olr = W["wo_a.weight"].shape[0] // g
             z = []
             for gi in range(g):
-                og = torch.cat(heads[gi * per_group:(gi + 1) * per_group])
-                z.append(og @ W["wo_a.weight"][gi * olr:(gi + 1) * olr].T)
+                og = torch.cat(heads[gi * per_group : (gi + 1) * per_group])
+                z.append(og @ W["wo_a.weight"][gi * olr : (gi + 1) * olr].T)
             out[bi, t] = torch.cat(z) @ W["wo_b.weight"].T
         key_sets.append(sets_b)
         all_scores.append(scores_b)
@@ -206,12 +229,10 @@ def test_topk_tie_rule_independent_of_layout():
 
 
 def test_topk_pads_with_minus_one_when_few_visible():
-    scores = torch.tensor([[0.5, 2.0, 1.0, 9.0, 9.0],
-                           [0.0, 0.0, 0.0, 0.0, 0.0],
-                           [3.0, 1.0, 2.0, 5.0, 4.0]])
-    visible = torch.tensor([[True, True, True, False, False],
-                            [True, False, False, False, False],
-                            [True, True, True, True, True]])
+    scores = torch.tensor([[0.5, 2.0, 1.0, 9.0, 9.0], [0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 5.0, 4.0]])
+    visible = torch.tensor(
+        [[True, True, True, False, False], [True, False, False, False, False], [True, True, True, True, True]]
+    )
     idx = topk_indices(scores, 4, visible)
     assert idx.tolist() == [[1, 2, 0, -1], [0, -1, -1, -1], [3, 4, 0, 2]]
     # k larger than N: all entries (min(k, N) columns), invisible ones as -1

@@ -4,6 +4,7 @@ Measured on this config (seed 0, B=2, T=40, init std 0.02): max |logit diff| ~0.
 ~0.68, relative L2 error ~3.6%, max prob diff ~4e-4, argmax agreement ~95%. Tolerances below are
 about 2-3x those numbers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,27 @@ V = 256
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(hidden_size=64, vocab_size=V, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
-                qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=32,
-                n_routed_experts=4, num_experts_per_tok=2, num_hash_layers=1, index_n_heads=4, index_head_dim=16,
-                index_topk=3, sliding_window=8, compress_ratios=[0, 4, 16, 1, 0], num_nextn_predict_layers=1)
+    base = dict(
+        hidden_size=64,
+        vocab_size=V,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_hash_layers=1,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=3,
+        sliding_window=8,
+        compress_ratios=[0, 4, 16, 1, 0],
+        num_nextn_predict_layers=1,
+    )
     base.update(kw)
     return ModelConfig.preset("tiny").replace(**base)
 

@@ -1,9 +1,10 @@
 """The inference engine: cached greedy == uncached greedy, continuous batching, per-request sampling,
 stop rules, MTP speculative decoding (greedy identical; the acceptance rule keeps the distribution)."""
+
 import pytest
 import torch
-
 from conftest import every_kind_model
+
 from dsv4.data.tokenizer import train_tokenizer
 from dsv4.generate import generate
 from dsv4.infer.cache import ModelCache
@@ -32,7 +33,7 @@ def greedy_ref(model, prompts):
 
 
 def test_greedy_batched_equals_uncached(model, prompts, greedy_ref):
-    eng = Engine(model, max_batch=3, prefill_chunk=16)   # 5 requests through 3 rows: join and leave
+    eng = Engine(model, max_batch=3, prefill_chunk=16)  # 5 requests through 3 rows: join and leave
     out = eng.generate(prompts, GREEDY)
     assert [r.output for r in out] == greedy_ref
     assert all(r.finish_reason == "length" for r in out) and not eng.running and len(eng.free_rows) == 3
@@ -61,9 +62,13 @@ def test_sampling_is_per_request(model, prompts):
     """A seeded request samples the same tokens alone or batched with others (its own generator)."""
     sp = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
     alone = Engine(model, max_batch=1).generate([prompts[1]], sp)[0].output
-    mixed = Engine(model, max_batch=4).generate([prompts[0], prompts[1], prompts[2]],
-                                                [SamplingParams(max_tokens=5, temperature=1.0, seed=1), sp,
-                                                 GREEDY])[1].output
+    mixed = (
+        Engine(model, max_batch=4)
+        .generate(
+            [prompts[0], prompts[1], prompts[2]], [SamplingParams(max_tokens=5, temperature=1.0, seed=1), sp, GREEDY]
+        )[1]
+        .output
+    )
     assert alone == mixed and len(alone) == 12
     other = Engine(model, max_batch=1).generate([prompts[1]], SamplingParams(**{**sp.__dict__, "seed": 8}))[0].output
     assert other != alone
@@ -72,11 +77,12 @@ def test_sampling_is_per_request(model, prompts):
 def test_stop_tokens_eos_and_context_limit(model, prompts, greedy_ref):
     eng = Engine(model, max_batch=2)
     stop_tok = greedy_ref[0][5]
-    r = eng.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop_tok],
-                                                  ignore_eos=True))[0]
-    assert r.output == greedy_ref[0][:greedy_ref[0].index(stop_tok)] and r.finish_reason == "stop"
+    r = eng.generate(
+        [prompts[0]], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop_tok], ignore_eos=True)
+    )[0]
+    assert r.output == greedy_ref[0][: greedy_ref[0].index(stop_tok)] and r.finish_reason == "stop"
     r = Engine(model, eos_id=greedy_ref[0][3]).generate([prompts[0]], SamplingParams(max_tokens=16, temperature=0))[0]
-    assert r.finish_reason == "stop" and r.output == greedy_ref[0][:greedy_ref[0].index(greedy_ref[0][3])]
+    assert r.finish_reason == "stop" and r.output == greedy_ref[0][: greedy_ref[0].index(greedy_ref[0][3])]
     small = Engine(model, max_context=len(prompts[0]) + 4)
     r = small.generate([prompts[0]], GREEDY)[0]
     assert r.output == greedy_ref[0][:4] and r.finish_reason == "length"
@@ -134,10 +140,13 @@ def test_stop_strings(model, tok, prompts):
     full = free.text
     assert len(full) > 6
     stop = full[4:6]
-    events = list(Engine(model, tokenizer=tok).stream(prompts[2], SamplingParams(max_tokens=30, temperature=0,
-                                                                                 ignore_eos=True, stop=[stop])))
+    events = list(
+        Engine(model, tokenizer=tok).stream(
+            prompts[2], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+        )
+    )
     streamed = "".join(e.text or "" for e in events)
-    assert streamed == full[:full.index(stop)] and events[-1].finish_reason == "stop"
+    assert streamed == full[: full.index(stop)] and events[-1].finish_reason == "stop"
 
 
 def test_acceptance_rule_preserves_distribution():
@@ -151,7 +160,7 @@ def test_acceptance_rule_preserves_distribution():
         d = int(torch.multinomial(q, 1, generator=g))
         counts[accept_draft(p, q, d, g)[1]] += 1
     chi2 = (((counts - n * p) ** 2) / (n * p)).sum().item()
-    assert chi2 < 18.5   # 4 dof, p = 0.001
+    assert chi2 < 18.5  # 4 dof, p = 0.001
     # against q itself the test does fail (it can)
     assert ((((counts - n * q) ** 2) / (n * q)).sum().item()) > 100
 

@@ -1,14 +1,24 @@
 """Engram (spec section 4): canonical ids, n-gram hashing, the module against its loop oracle, gradients
 to the table rows, the model wiring (off = baseline) and cached decode."""
+
 import pytest
 import torch
-
 from conftest import randomize_, small_config
+
 from dsv4.config import ConfigError
 from dsv4.memory.stores import RamStore
-from dsv4.model.engram import (Engram, canonical_map, canonical_text, compression_ratio,
-                               hash_multipliers, head_primes, load_canonical_map, ngram_rows, save_canonical_map,
-                               _is_prime)
+from dsv4.model.engram import (
+    Engram,
+    _is_prime,
+    canonical_map,
+    canonical_text,
+    compression_ratio,
+    hash_multipliers,
+    head_primes,
+    load_canonical_map,
+    ngram_rows,
+    save_canonical_map,
+)
 
 ENG = dict(engram_layer_ids=[1], engram_orders=[2, 3], engram_heads=2, engram_rows_per_head=31, engram_d_mem=32)
 
@@ -45,14 +55,14 @@ def test_hash_by_hand():
 def test_hash_deterministic_and_multipliers_fixed():
     m = hash_multipliers(0, 1, 3, 512)
     assert m.tolist() == hash_multipliers(0, 1, 3, 512).tolist()
-    assert all(x % 2 == 1 and 0 < x <= (2 ** 63 - 1) // 513 for x in m.tolist())
+    assert all(x % 2 == 1 and 0 < x <= (2**63 - 1) // 513 for x in m.tolist())
     assert m.tolist() != hash_multipliers(0, 2, 3, 512).tolist() != hash_multipliers(1, 1, 3, 512).tolist()
     assert m.tolist() == PINNED_MULTIPLIERS  # same values on every machine / version (pure-Python splitmix64)
     ids = torch.randint(0, 512, (3, 50), generator=torch.Generator().manual_seed(0))
     a = ngram_rows(ids, [2, 3], 4, head_primes(100, 8), m, 512)
     assert torch.equal(a, ngram_rows(ids.clone(), [2, 3], 4, head_primes(100, 8), m, 512))
     # max id times the largest multiplier does not overflow int64
-    assert 512 * max(m.tolist()) < 2 ** 63
+    assert 512 * max(m.tolist()) < 2**63
 
 
 PINNED_MULTIPLIERS = [15162711550296517, 5227182257628411, 9641476889863679]  # seed 0, layer 1, ids <= 512
@@ -61,7 +71,7 @@ PINNED_MULTIPLIERS = [15162711550296517, 5227182257628411, 9641476889863679]  # 
 def test_distinct_primes():
     p = head_primes(100, 16)
     assert len(set(p)) == 16 and p == sorted(p) and p[0] >= 100 and all(_is_prime(x) for x in p)
-    assert head_primes(101, 1) == [101] and head_primes(2 ** 31, 1) == [2147483659]
+    assert head_primes(101, 1) == [101] and head_primes(2**31, 1) == [2147483659]
 
 
 def test_rows_near_uniform_chi_square():
@@ -80,8 +90,10 @@ def test_rows_near_uniform_chi_square():
 def tok():
     from dsv4.data.tokenizer import train_tokenizer
 
-    text = ("Hello hello HELLO café cafe Café naïve naive the cat sat on the mat. Über uber ÜBER\n\n  x\ty " * 40
-            + "The quick brown fox jumps over the lazy dog. 日本語のテキスト. Émile émile résumé resume\n" * 40)
+    text = (
+        "Hello hello HELLO café cafe Café naïve naive the cat sat on the mat. Über uber ÜBER\n\n  x\ty " * 40
+        + "The quick brown fox jumps over the lazy dog. 日本語のテキスト. Émile émile résumé resume\n" * 40
+    )
     return train_tokenizer([text], vocab_size=600, show_progress=False)
 
 
@@ -115,11 +127,17 @@ def test_canonical_map_merges_variants_keeps_fragments(tok, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- module
 def test_config_validation_names_fields():
-    for kw, name in [(dict(engram_layer_ids=[7]), "engram_layer_ids"), (dict(engram_layer_ids=[1, 1]), "engram_layer_ids"),
-                     (dict(engram_orders=[1, 2]), "engram_orders"), (dict(engram_orders=[]), "engram_orders"),
-                     (dict(engram_heads=0), "engram_heads"), (dict(engram_d_mem=30), "engram_d_mem"),
-                     (dict(engram_rows_per_head=1), "engram_rows_per_head"),
-                     (dict(engram_conv_kernel=0), "engram_conv_kernel"), (dict(engram_seed=-1), "engram_seed")]:
+    for kw, name in [
+        (dict(engram_layer_ids=[7]), "engram_layer_ids"),
+        (dict(engram_layer_ids=[1, 1]), "engram_layer_ids"),
+        (dict(engram_orders=[1, 2]), "engram_orders"),
+        (dict(engram_orders=[]), "engram_orders"),
+        (dict(engram_heads=0), "engram_heads"),
+        (dict(engram_d_mem=30), "engram_d_mem"),
+        (dict(engram_rows_per_head=1), "engram_rows_per_head"),
+        (dict(engram_conv_kernel=0), "engram_conv_kernel"),
+        (dict(engram_seed=-1), "engram_seed"),
+    ]:
         with pytest.raises(ConfigError, match=name):
             eng_config(**kw)
     # V4 presets write no Engram fields; an Engram config writes them and round-trips
@@ -172,14 +190,14 @@ def test_table_grads_only_used_rows_and_prefetch():
     assert eng.table_grads()[0].numel() == 0  # cleared
     # accumulation over two backward passes sums; prefetched values give the same output and grads
     y1 = eng(x, ids)
-    (y1 ** 2).sum().backward()
+    (y1**2).sum().backward()
     (eng(x, ids) ** 2).sum().backward()
-    r2, g2 = eng.table_grads()
+    _r2, g2 = eng.table_grads()
     torch.testing.assert_close(g2, 2 * grads)
     extra = torch.cat([used, torch.tensor([eng.n_rows - 1])]).unique()
     y2 = eng(x, ids, prefetched=(extra, eng.table.read(extra)))
     torch.testing.assert_close(y2, y1, rtol=0, atol=0)
-    (y2 ** 2).sum().backward()
+    (y2**2).sum().backward()
     r3, g3 = eng.table_grads()
     assert torch.equal(r3, used) and torch.allclose(g3, grads)
     with pytest.raises(ValueError, match="prefetched rows miss"):
@@ -270,8 +288,9 @@ T = 40
 @pytest.fixture(scope="module")
 def dmodel():
     # swa (Engram), csa, hca, dsa (Engram), csa; window 8; conv dilation 3, kernel 4: 9 positions back
-    cfg = eng_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6,
-                     engram_layer_ids=[0, 3])
+    cfg = eng_config(
+        num_hidden_layers=5, compress_ratios=[0, 4, 8, 1, 4, 0], sliding_window=8, index_topk=6, engram_layer_ids=[0, 3]
+    )
     m = _model(cfg, seed=3)
     m.set_canonical_map(torch.arange(512) // 2)
     return m
@@ -300,7 +319,7 @@ def test_cached_decode_equals_full_forward(dmodel, dids, dfull, chunks):
     outs, p = [], 0
     with torch.no_grad():
         for n in chunks:
-            outs.append(dmodel(dids[:, p:p + n], cache=cache).logits)
+            outs.append(dmodel(dids[:, p : p + n], cache=cache).logits)
             p += n
     assert _rel(torch.cat(outs, 1), dfull) < 1e-5
 

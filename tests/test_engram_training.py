@@ -1,6 +1,7 @@
 """Engram in the trainer: tables train with sparse row-wise Adam, the mmap and RAM backends give
 bitwise-equal runs, prefetching changes nothing, a resumed run equals the uninterrupted one, and a
 trained run loads for cached generation."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_train import SMALL, _copy_corpus, _fast_cpu, _metrics, _tc, _train_losses  # noqa: F401  (_fast_cpu: autouse)
 
-from dsv4.generate import load_run
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
+from dsv4.run import load_run
 from dsv4.train.checkpoint import latest_checkpoint
 from dsv4.train.config import TrainConfig
 from dsv4.train.trainer import Trainer, train
-from test_train import SMALL, _copy_corpus, _fast_cpu, _metrics, _tc, _train_losses  # noqa: F401  (_fast_cpu: autouse)
 
 ENGRAM = ["engram_layer_ids=[1]", "engram_heads=2", "engram_rows_per_head=997", "engram_d_mem=64"]
 STEPS = 6
@@ -45,9 +46,11 @@ def _run(root, name, corpus, tokenizer, extra=(), **kw):
 @pytest.fixture(scope="module")
 def runs(corpus, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("eruns")
-    res = {"ram": _run(root, "ram", corpus, tokenizer),
-           "mmap": _run(root, "mmap", corpus, tokenizer, ["engram_store=mmap", "engram_hot_rows=200"]),
-           "noprefetch": _run(root, "nopf", corpus, tokenizer, ["engram_prefetch=false"])}
+    res = {
+        "ram": _run(root, "ram", corpus, tokenizer),
+        "mmap": _run(root, "mmap", corpus, tokenizer, ["engram_store=mmap", "engram_hot_rows=200"]),
+        "noprefetch": _run(root, "nopf", corpus, tokenizer, ["engram_prefetch=false"]),
+    }
     b = root / "B"
     real = Trainer.train_step
 
@@ -79,14 +82,14 @@ def test_table_trains_and_only_touched_rows_move(runs):
     losses = _train_losses(runs["ram"])
     assert len(losses) == STEPS and all(np.isfinite(list(losses.values())))
     rec = [r for r in _metrics(runs["ram"]) if r["kind"] == "train"]
-    assert rec[0]["engram_rows_updated"] == 0                      # indexer warm-up: table frozen
+    assert rec[0]["engram_rows_updated"] == 0  # indexer warm-up: table frozen
     assert rec[-1]["engram_rows_updated"] > 0
     from dsv4.memory import init_rows
 
     t = _table(runs["ram"])
     init = init_rows(t.shape[0], t.shape[1], 0.02, 0 * 1000 + 1, 0, t.shape[0])
     moved = (t != init).any(-1)
-    assert 0 < int(moved.sum()) < t.shape[0]                        # sparse: most rows untouched
+    assert 0 < int(moved.sum()) < t.shape[0]  # sparse: most rows untouched
 
 
 def test_mmap_and_prefetch_runs_are_bitwise_equal(runs):
@@ -109,6 +112,9 @@ def test_trained_engram_run_generates_with_cache(runs):
     from dsv4.generate import generate
 
     ref = generate(model, ids, max_new_tokens=8, temperature=0, stop_at_eos=False)
-    out = Engine(model, max_batch=1).generate([ids], SamplingParams(max_tokens=8, temperature=0,
-                                                                     ignore_eos=True))[0].output
+    out = (
+        Engine(model, max_batch=1)
+        .generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+        .output
+    )
     assert out == ref

@@ -1,4 +1,6 @@
-"""benchmarks/gpu_smoke.py on a machine without a CUDA device: says so and exits 0 (CUDA hidden here); its\ntraining check runs on the CPU through the same trainer code path (batches and autocast follow the device)."""
+"""benchmarks/gpu_smoke.py on a machine without a CUDA device: says so and exits 0 (CUDA hidden here); its
+training check runs on the CPU through the same trainer code path (batches and autocast follow the device)."""
+
 import os
 import subprocess
 import sys
@@ -8,10 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_smoke_without_cuda_says_so_and_exits_0():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py")], capture_output=True, text=True,
-                       env=env, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "no CUDA device"
 

@@ -3,6 +3,7 @@
 The indexer's top-k is not differentiable, so attn.indexer.* get no gradient from the LM loss by design;
 they are trained by a separate KL loss (spec section 2, "Indexer training").
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,10 +18,26 @@ V = 256
 @pytest.fixture(scope="module")
 def grads():
     cfg = ModelConfig.preset("tiny").replace(
-        hidden_size=64, vocab_size=V, num_hidden_layers=4, num_attention_heads=4, head_dim=32,
-        qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=32, moe_intermediate_size=32,
-        n_routed_experts=4, num_experts_per_tok=2, num_hash_layers=1, index_n_heads=4, index_head_dim=16,
-        index_topk=3, sliding_window=8, compress_ratios=[0, 4, 16, 1, 0], num_nextn_predict_layers=1)
+        hidden_size=64,
+        vocab_size=V,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_hash_layers=1,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=3,
+        sliding_window=8,
+        compress_ratios=[0, 4, 16, 1, 0],
+        num_nextn_predict_layers=1,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     ids = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -39,7 +56,7 @@ def _is_indexer(name: str) -> bool:
 
 
 def test_indexer_params_exist_and_get_no_lm_gradient(grads):
-    model, g = grads
+    _model, g = grads
     names = [n for n in g if _is_indexer(n)]
     # CSA (layer 1) and DSA (layer 3) layers carry an indexer; the CSA one has its own compressor
     assert any(n.startswith("layers.1.attn.indexer.compressor.") for n in names)
@@ -50,7 +67,7 @@ def test_indexer_params_exist_and_get_no_lm_gradient(grads):
 
 
 def test_every_other_param_gets_nonzero_finite_grad(grads):
-    model, g = grads
+    _model, g = grads
     missing = [n for n, v in g.items() if not _is_indexer(n) and v is None]
     zero = [n for n, v in g.items() if not _is_indexer(n) and v is not None and not v.any()]
     nonfinite = [n for n, v in g.items() if v is not None and not torch.isfinite(v).all()]
@@ -61,7 +78,7 @@ def test_every_other_param_gets_nonzero_finite_grad(grads):
 
 def test_every_routed_expert_learns(grads):
     """Per expert slice of the stacked weights (tiny config: every expert is routed some token)."""
-    model, g = grads
+    _model, g = grads
     for name in g:
         if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
             per_expert = g[name].flatten(1).abs().sum(-1)

@@ -1,12 +1,12 @@
 """Indexer KL losses (dense warm-up, sparse stage) and the mass-recall metric."""
+
 import pytest
 import torch
+from conftest import randomize_, small_config
 
 from dsv4.eval.recall import indexer_recall
 from dsv4.model.indexer import indexer_kl
 from dsv4.model.transformer import Transformer
-
-from conftest import randomize_, small_config
 
 
 def test_kl_is_zero_iff_indexer_matches_attention():
@@ -31,7 +31,9 @@ def test_indexer_loss_trains_only_the_indexer(mode):
     out.indexer_loss.backward()
     for n, p in model.named_parameters():
         has = p.grad is not None and p.grad.abs().sum() > 0
-        if ".attn.indexer." in n and not n.endswith(("wgate.weight", "ape")) or n.endswith("indexer.compressor.wkv.weight"):
+        if (".attn.indexer." in n and not n.endswith(("wgate.weight", "ape"))) or n.endswith(
+            "indexer.compressor.wkv.weight"
+        ):
             assert has, n
         elif ".attn.indexer." not in n:
             assert not has, n
@@ -70,16 +72,19 @@ def test_recall_of_random_model_near_random_and_perfect_when_k_covers_all():
 
 def test_warmup_raises_recall_above_random():
     """A short dense warm-up (indexer-only KL, lr 1e-3 as in the DSA paper's scale) lifts mass recall."""
-    cfg = small_config(index_topk=8, compress_ratios=[0, 4, 0], num_hidden_layers=2, num_nextn_predict_layers=1,
-                       index_n_heads=4)
+    cfg = small_config(
+        index_topk=8, compress_ratios=[0, 4, 0], num_hidden_layers=2, num_nextn_predict_layers=1, index_n_heads=4
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     randomize_(model)
     g = torch.Generator().manual_seed(1)
     # structured data so attention has something to find: repeated random motifs
     motifs = torch.randint(0, cfg.vocab_size, (6, 8), generator=g)
+
     def batch():
         return motifs[torch.randint(0, 6, (4, 24), generator=g)].flatten(1)
+
     val = batch()
     before = indexer_recall(model, val)[1]
     params = [p for n, p in model.named_parameters() if ".indexer." in n]
@@ -100,9 +105,10 @@ def test_sparse_stage_on_the_gather_kernels_equals_the_masked_twin(packed, monke
     (no [B,T,N] tensor) under the default impl; the masked chunked kernel is its reference. Output,
     indexer KL and every gradient agree, with and without document masks."""
     from conftest import every_kind_model
+
     from dsv4.model import attention
 
-    monkeypatch.setattr(attention, "SPARSE_STAGE_MIN_ENTRIES", 0)   # the gather path at any length
+    monkeypatch.setattr(attention, "SPARSE_STAGE_MIN_ENTRIES", 0)  # the gather path at any length
     model = every_kind_model().train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3))
     seg = torch.cumsum((torch.arange(90) % 37 == 36).long(), 0).expand(2, -1).contiguous() if packed else None
@@ -113,8 +119,13 @@ def test_sparse_stage_on_the_gather_kernels_equals_the_masked_twin(packed, monke
         out = model(ids, indexer_mode="sparse", segment_ids=seg)
         loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss + out.indexer_loss
         loss.backward()
-        results.append((out.logits.detach(), out.indexer_loss.detach(),
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (
+                out.logits.detach(),
+                out.indexer_loss.detach(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     (lo_s, kl_s, g_s), (lo_c, kl_c, g_c) = results
     torch.testing.assert_close(lo_s, lo_c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl_s, kl_c, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """Parameter and KV-cache accounting (dsv4.info) against the official V4 figures (spec section 9)."""
+
 import os
 import time
 
@@ -52,9 +53,20 @@ def test_components_and_mtp_add_up(name):
     assert c["total_with_mtp"] == c["total"] + c["mtp"]
     assert c["active_incl_embedding"] == c["active"] + c["components"]["embedding"]
     assert c["active_with_mtp"] == c["active"] + c["mtp_active"]
-    assert set(c["components"]) >= {"embedding", "head", "attention.q_proj", "attention.kv_proj",
-                                    "attention.out_proj", "attention.compressor", "attention.indexer",
-                                    "mhc", "router", "routed_experts", "shared_experts", "norms"}
+    assert set(c["components"]) >= {
+        "embedding",
+        "head",
+        "attention.q_proj",
+        "attention.kv_proj",
+        "attention.out_proj",
+        "attention.compressor",
+        "attention.indexer",
+        "mhc",
+        "router",
+        "routed_experts",
+        "shared_experts",
+        "norms",
+    }
     assert c["components"].get("other", 0) == 0 and c["components"].get("attention.other", 0) == 0
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
     routed = c["components"]["routed_experts"]
@@ -128,7 +140,9 @@ def test_kv_cache_dsa_layer_keeps_every_token():
 
 def test_format_info_lines():
     text = format_info(ModelConfig.preset("v4-flash"), "v4-flash")
-    lines = dict(line.split(": ", 1) for line in text.splitlines() if line.startswith(("total_params", "active_params")))
+    lines = dict(
+        line.split(": ", 1) for line in text.splitlines() if line.startswith(("total_params", "active_params"))
+    )
     assert int(lines["total_params"]) == 284_332_230_231
     assert int(lines["active_params"]) == count_params(ModelConfig.preset("v4-flash"))["active"]
     assert "kv_bytes_per_token: 3514.25" in text
@@ -140,10 +154,19 @@ def test_transformers_oracle_agrees_on_total():
     cfg = ModelConfig.preset("v4-flash")
     n = cfg.num_hidden_layers
     hf_cfg = tf.DeepseekV4Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=n, num_attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
-        q_lora_rank=cfg.q_lora_rank, n_routed_experts=cfg.n_routed_experts, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_topk=cfg.index_topk, compress_ratios=cfg.compress_ratios[:n])
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=n,
+        num_attention_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        n_routed_experts=cfg.n_routed_experts,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_topk=cfg.index_topk,
+        compress_ratios=cfg.compress_ratios[:n],
+    )
     with torch.device("meta"):
         hf = tf.DeepseekV4ForCausalLM(hf_cfg)
     assert sum(p.numel() for p in hf.parameters()) == count_params(cfg)["total"]
@@ -152,6 +175,7 @@ def test_transformers_oracle_agrees_on_total():
 def test_engram_tables_match_a_real_model():
     from dsv4.info import engram_tables
     from dsv4.model.transformer import Transformer
+
     cfg = ModelConfig.preset("tiny-engram")
     eg = engram_tables(cfg)
     engs = Transformer(cfg).engrams()
@@ -161,5 +185,5 @@ def test_engram_tables_match_a_real_model():
     ids = torch.randint(0, cfg.vocab_size, (1, 5))
     assert eg["rows_per_token"] * 5 == sum(e.rows_for(ids).numel() for e in engs.values())
     assert engram_tables(ModelConfig.preset("tiny"))["params"] == 0
-    assert "engram_table_params: %d" % eg["params"] in format_info(cfg)
+    assert f"engram_table_params: {eg['params']}" in format_info(cfg)
     assert "engram" not in format_info(ModelConfig.preset("tiny"))

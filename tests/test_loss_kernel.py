@@ -1,4 +1,5 @@
 """The fused head + cross entropy equals F.cross_entropy(h @ W^T, y), forward and backward."""
+
 import torch
 
 from dsv4.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
@@ -17,9 +18,9 @@ def test_fused_linear_ce_matches_reference():
     torch.testing.assert_close(fh, gh, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(fw, gw, rtol=1e-6, atol=1e-9)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk=16).double(), ref.double().detach(),
-                                   rtol=1e-6, atol=1e-7)
-
+        torch.testing.assert_close(
+            linear_cross_entropy(h, w, y, chunk=16).double(), ref.double().detach(), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_fused_linear_ce_under_bf16_autocast():
@@ -37,6 +38,7 @@ def test_fused_linear_ce_under_bf16_autocast():
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(fh.float(), gh.float(), rtol=5e-2, atol=2e-3)
     torch.testing.assert_close(fw, gw.float(), rtol=5e-2, atol=2e-3)
+
 
 def test_ids_to_bytes_is_exact_even_when_cut_mid_character(tmp_path):
     from dsv4.data import ids_to_bytes, token_byte_lengths, train_tokenizer

@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4.memory import (HotRowCache, MmapStore, Prefetcher, RamStore, RowStore, SparseRowAdam,
-                         coalesce_rows, init_rows, load_store, save_store)
+from dsv4.memory import (
+    HotRowCache,
+    MmapStore,
+    Prefetcher,
+    RamStore,
+    RowStore,
+    SparseRowAdam,
+    coalesce_rows,
+    init_rows,
+    load_store,
+    save_store,
+)
 from dsv4.memory.stores import INIT_CHUNK_ROWS
 
 N, D = 3 * INIT_CHUNK_ROWS + 123, 8
@@ -24,7 +34,7 @@ def test_ram_and_mmap_init_bitwise_equal(tmp_path):
     rows = torch.randint(0, N, (2000,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(ram.read(rows), mm.read(rows))
     # any sub-range computes the same values; another seed differs; std 0 is zeros
-    assert torch.equal(init_rows(N, D, 0.02, 7, 100, INIT_CHUNK_ROWS + 50), ram.data[100:INIT_CHUNK_ROWS + 50])
+    assert torch.equal(init_rows(N, D, 0.02, 7, 100, INIT_CHUNK_ROWS + 50), ram.data[100 : INIT_CHUNK_ROWS + 50])
     assert not torch.equal(RamStore(N, D, 0.02, 8).data, ram.data)
     assert float(ram.data.std()) == pytest.approx(0.02, rel=0.05)
     assert RamStore(10, 3).data.abs().sum() == 0
@@ -99,7 +109,7 @@ def test_sparse_adam_lazy_semantics():
     assert opt.state["exp_avg_sq"].read(torch.tensor([20])).abs().sum() == 0
     assert opt.state["step"].read(torch.tensor([5, 9, 20])).reshape(-1).tolist() == [4.0, 2.0, 0.0]
     for r in (5, 9):  # each row = dense Adam fed only the gradients of the steps that touched it
-        p = torch.nn.Parameter(table[r:r + 1].clone())
+        p = torch.nn.Parameter(table[r : r + 1].clone())
         ref = torch.optim.Adam([p], lr=3e-2, foreach=False)
         for gr in grads[r]:
             p.grad = gr[None].clone()
@@ -118,7 +128,7 @@ def test_hot_row_cache(tmp_path):
     z = np.random.default_rng(0).zipf(1.1, 200_000)
     z = (z[z <= 20000] - 1)[:100_000]
     for i in range(0, z.size, 500):
-        rows = torch.from_numpy(z[i:i + 500])
+        rows = torch.from_numpy(z[i : i + 500])
         assert torch.equal(cache.read(rows), ram.read(rows))
     assert cache.hit_rate > 0.5
     assert cache.store_rows_read < z.size / 2
@@ -151,7 +161,7 @@ def test_hot_row_cache_clock_bookkeeping():
         assert torch.equal(torch.from_numpy(cache.slots[slots]), store.read(held))
         assert (cache.slot_row[slots] == held.numpy()).all()
     assert 0.2 < cache.hit_rate < 1
-    hot = torch.arange(20)   # rows hit again and again survive a stream of one-off rows
+    hot = torch.arange(20)  # rows hit again and again survive a stream of one-off rows
     for i in range(30):
         cache.read(hot)
         cache.read(torch.arange(1000 + 50 * i, 1050 + 50 * i))
@@ -270,15 +280,15 @@ def test_checkpoint_errors(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[-5] ^= 0xFF
     f.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="table-00001.safetensors"):
+    with pytest.raises(ValueError, match=r"table-00001\.safetensors"):
         load_store(ck, into=RamStore(2500, D))
     f.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="table-00001.safetensors"):
+    with pytest.raises(ValueError, match=r"table-00001\.safetensors"):
         load_store(ck, into=RamStore(2500, D))
     f.unlink()
-    with pytest.raises(FileNotFoundError, match="table-00001.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"table-00001\.safetensors"):
         load_store(ck, into=RamStore(2500, D))
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(FileNotFoundError, match=r"index\.json"):
         load_store(tmp_path / "nowhere")
 
 

@@ -6,6 +6,7 @@ Measured facts behind the tolerances (fp32, eps 1e-6, the spec's 20 iterations):
   peaks (peak logit >= 16); for generic strongly peaked logits (randn * 3..20) 20 iterations leave
   row sums off by up to ~8e-2 (Sinkhorn converges slowly there; this is the algorithm, not a bug).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,7 @@ batch_shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), batch=batch_shapes, n=st.sampled_from([2, 3, 4, 6]),
-       scale=st.floats(0.0, 0.5))
+@given(seed=st.integers(0, 2**31 - 1), batch=batch_shapes, n=st.sampled_from([2, 3, 4, 6]), scale=st.floats(0.0, 0.5))
 def test_sinkhorn_doubly_stochastic_random(seed, batch, n, scale):
     p = sinkhorn(_logits(seed, batch, n, scale), ITERS, EPS)
     assert p.shape == (*batch, n, n)
@@ -45,8 +45,13 @@ def test_sinkhorn_doubly_stochastic_random(seed, batch, n, scale):
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), batch=batch_shapes, n=st.sampled_from([2, 3, 4, 6]),
-       peak=st.floats(16.0, 60.0), noise=st.floats(0.0, 0.5))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=batch_shapes,
+    n=st.sampled_from([2, 3, 4, 6]),
+    peak=st.floats(16.0, 60.0),
+    noise=st.floats(0.0, 0.5),
+)
 def test_sinkhorn_doubly_stochastic_peaked(seed, batch, n, peak, noise):
     """Peaked logits around a permutation (the regime a trained res map lives in)."""
     g = torch.Generator().manual_seed(seed)
@@ -59,8 +64,7 @@ def test_sinkhorn_doubly_stochastic_peaked(seed, batch, n, peak, noise):
 
 
 @FAST
-@given(seed=st.integers(0, 2**31 - 1), batch=batch_shapes, n=st.sampled_from([2, 4, 6]),
-       scale=st.floats(0.0, 20.0))
+@given(seed=st.integers(0, 2**31 - 1), batch=batch_shapes, n=st.sampled_from([2, 4, 6]), scale=st.floats(0.0, 20.0))
 def test_sinkhorn_any_logits_columns_exact_rows_bounded(seed, batch, n, scale):
     """Any finite logits: columns exact (last pass), rows within the measured 20-iteration bound."""
     p = sinkhorn(_logits(seed, batch, n, scale), ITERS, EPS)
@@ -194,7 +198,7 @@ def test_composite_gain_identity_is_one():
 
 def test_composite_gain_of_sinkhorn_maps_stays_near_one():
     """Doubly stochastic maps compose to a doubly stochastic product: gain ~1 at any depth."""
-    maps = [sinkhorn(4.0 * torch.eye(4) + _logits(10 + l, (16,), 4, 0.3), ITERS, EPS) for l in range(60)]
+    maps = [sinkhorn(4.0 * torch.eye(4) + _logits(10 + i, (16,), 4, 0.3), ITERS, EPS) for i in range(60)]
     fwd, bwd = composite_gain(maps)
     # forward gain = column sums of res (exact); backward = row sums, which carry the 20-iteration
     # Sinkhorn residual (~1e-4 per layer here): measured 1.0066 after 60 layers.
@@ -204,7 +208,7 @@ def test_composite_gain_of_sinkhorn_maps_stays_near_one():
 def test_composite_gain_unconstrained_grows():
     m = torch.full((1, 4, 4), 0.5)  # row and column sums 2
     fwd, bwd = composite_gain([m] * 5)
-    assert math.isclose(fwd, 2.0 ** 5, rel_tol=1e-9) and math.isclose(bwd, 2.0 ** 5, rel_tol=1e-9)
+    assert math.isclose(fwd, 2.0**5, rel_tol=1e-9) and math.isclose(bwd, 2.0**5, rel_tol=1e-9)
     # asymmetric: forward gain is the max row sum of the applied (transposed) product
     a = torch.tensor([[[1.0, 2.0], [0.0, 1.0]]])
     fwd, bwd = composite_gain([a])

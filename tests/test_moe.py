@@ -1,5 +1,6 @@
 """DeepSeekMoE (spec section 3): stacked experts vs the per-token loop, balancing bias, hash routing,
 router weight normalisation and the sequence-wise balance loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,26 @@ from dsv4.model.moe import Experts, Gate, MoE
 
 
 def moe_config(**kw) -> ModelConfig:
-    base = dict(hidden_size=32, vocab_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
-                qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, moe_intermediate_size=24,
-                n_routed_experts=8, num_experts_per_tok=2, num_hash_layers=1, index_n_heads=4,
-                index_head_dim=16, index_topk=4, sliding_window=8, compress_ratios=[0, 0, 0])
+    base = dict(
+        hidden_size=32,
+        vocab_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        num_hash_layers=1,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=4,
+        sliding_window=8,
+        compress_ratios=[0, 0, 0],
+    )
     base.update(kw)
     return ModelConfig.preset("tiny").replace(**base)
 
@@ -170,8 +187,9 @@ def test_router_weights_sum_to_scaling_factor(func):
     assert w.dtype == torch.float32 and w.shape == (40, 3)
     assert torch.allclose(w.sum(-1), torch.full((40,), 2.5), atol=1e-5)
     logits = x @ gate.weight.T
-    want_s = {"sqrtsoftplus": F.softplus(logits).sqrt(), "sigmoid": logits.sigmoid(),
-              "softmax": logits.softmax(-1)}[func]
+    want_s = {"sqrtsoftplus": F.softplus(logits).sqrt(), "sigmoid": logits.sigmoid(), "softmax": logits.softmax(-1)}[
+        func
+    ]
     assert torch.allclose(s, want_s, atol=1e-6)
     # selection uses s + bias, weights use the unbiased s
     want_idx = (s + gate.bias).topk(3, dim=-1).indices
@@ -196,7 +214,7 @@ def test_bias_changes_selection_not_weights():
     with torch.no_grad():
         gate.weight.normal_(0, 1)
     x = torch.randn(30, cfg.hidden_size)
-    _, idx0, s = gate(x)
+    _, _idx0, s = gate(x)
     with torch.no_grad():
         gate.bias[7] = 100.0
     w, idx, _ = gate(x)

@@ -1,26 +1,43 @@
 """MTP (transformers builds none, so it is checked here) and 'a feature switched off equals the baseline'."""
+
 import torch
+from conftest import randomize_, small_config
 
 from dsv4.kernels.attention import attention_reference
 from dsv4.model.indexer import visible_entries
 from dsv4.model.mhc import hc_head
-from dsv4.model.rope import apply_rope
 from dsv4.model.norm import rms_norm
+from dsv4.model.rope import apply_rope
 from dsv4.model.transformer import Transformer
 
-from conftest import randomize_, small_config
-
-MTP_KEYS = {"e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight", "hc_head_fn",
-            "hc_head_base", "hc_head_scale", "attn_norm.weight", "ffn_norm.weight", "hc_attn_fn", "hc_ffn_fn",
-            "attn.wq_a.weight", "attn.wkv.weight", "attn.attn_sink", "ffn.gate.weight", "ffn.gate.bias",
-            "ffn.experts.0.w1.weight", "ffn.shared_experts.w2.weight"}
+MTP_KEYS = {
+    "e_proj.weight",
+    "h_proj.weight",
+    "enorm.weight",
+    "hnorm.weight",
+    "norm.weight",
+    "hc_head_fn",
+    "hc_head_base",
+    "hc_head_scale",
+    "attn_norm.weight",
+    "ffn_norm.weight",
+    "hc_attn_fn",
+    "hc_ffn_fn",
+    "attn.wq_a.weight",
+    "attn.wkv.weight",
+    "attn.attn_sink",
+    "ffn.gate.weight",
+    "ffn.gate.bias",
+    "ffn.experts.0.w1.weight",
+    "ffn.shared_experts.w2.weight",
+}
 
 
 def test_mtp_uses_official_names_and_is_a_learned_router_swa_block():
     cfg = small_config()
     model = Transformer(cfg)
-    keys = {k[len("mtp.0."):] for k in model.state_dict() if k.startswith("mtp.0.")}
-    assert MTP_KEYS <= keys
+    keys = {k[len("mtp.0.") :] for k in model.state_dict() if k.startswith("mtp.0.")}
+    assert keys >= MTP_KEYS
     assert not any("compressor" in k or "indexer" in k or "tid2eid" in k for k in keys)
     assert model.mtp[0].attn.kind == "swa" and not model.mtp[0].ffn.gate.hash
 

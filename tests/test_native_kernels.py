@@ -1,6 +1,7 @@
 """The C++ inference kernels (dsv4.kernels.native) equal their PyTorch twins: the fused indexer top-k
 picks exactly the same ids (ascending order instead of by score), and the fused attention forward gives
 the same output, for every layer kind, cached-chunk positions, padding and ties."""
+
 import pytest
 import torch
 
@@ -14,13 +15,18 @@ def test_extension_builds():
 
 
 def _inputs(b, t, n, nh, c, g, mode):
-    if mode == "ties":   # small integers: exact arithmetic, many exact ReLU-zero and equal-score ties
-        return (torch.randint(-2, 2, (b, t, nh, c), generator=g).float(),
-                torch.randint(-1, 3, (b, t, nh), generator=g).float(),
-                torch.randint(-1, 2, (b, n, c), generator=g).float())
+    if mode == "ties":  # small integers: exact arithmetic, many exact ReLU-zero and equal-score ties
+        return (
+            torch.randint(-2, 2, (b, t, nh, c), generator=g).float(),
+            torch.randint(-1, 3, (b, t, nh), generator=g).float(),
+            torch.randint(-1, 2, (b, n, c), generator=g).float(),
+        )
     if mode == "sparse":  # mostly exact zeros: many rows have fewer than k positive scores
-        return (torch.randn(b, t, nh, c, generator=g) - 1.0, torch.rand(b, t, nh, generator=g),
-                torch.rand(b, n, c, generator=g))
+        return (
+            torch.randn(b, t, nh, c, generator=g) - 1.0,
+            torch.rand(b, t, nh, generator=g),
+            torch.rand(b, n, c, generator=g),
+        )
     return torch.randn(b, t, nh, c, generator=g), torch.randn(b, t, nh, generator=g), torch.randn(b, n, c, generator=g)
 
 
@@ -32,9 +38,16 @@ def _ascending(idx):
 
 
 @pytest.mark.parametrize("mode", ["rand", "ties", "sparse"])
-@pytest.mark.parametrize("t,ratio,k,excl,nh,c,start", [
-    (203, 4, 8, 0, 4, 8, 0), (301, 1, 16, 16, 4, 32, 0), (150, 4, 64, 0, 3, 20, 0),   # k > visible: -1 pads
-    (97, 1, 40, 8, 16, 16, 500), (9, 4, 5, 0, 4, 8, 77)])                               # cached chunks
+@pytest.mark.parametrize(
+    "t,ratio,k,excl,nh,c,start",
+    [
+        (203, 4, 8, 0, 4, 8, 0),
+        (301, 1, 16, 16, 4, 32, 0),
+        (150, 4, 64, 0, 3, 20, 0),  # k > visible: -1 pads
+        (97, 1, 40, 8, 16, 16, 500),
+        (9, 4, 5, 0, 4, 8, 77),
+    ],
+)  # cached chunks
 def test_native_indexer_topk_equals_twin(monkeypatch, mode, t, ratio, k, excl, nh, c, start):
     monkeypatch.setattr(it, "NATIVE_MIN_QUERIES", 1)
     g = torch.Generator().manual_seed(t + k + len(mode))
@@ -88,8 +101,9 @@ def test_native_not_used_with_autograd():
 
 def test_inference_query_chunks_change_nothing(monkeypatch):
     """Attention.sparse_core runs inference in query chunks (indexer + attention per chunk): same output."""
-    import dsv4.model.attention as att
     from conftest import every_kind_model
+
+    import dsv4.model.attention as att
 
     model = every_kind_model()
     ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(5))

@@ -1,12 +1,14 @@
 """V4 optimiser (spec section 8): hybrid Newton-Schulz, Muon step math, AdamW groups, grouping, resume, schedule."""
+
 import io
+import itertools
 import math
 
 import pytest
 import torch
+from conftest import small_config
 from torch import nn
 
-from conftest import small_config
 from dsv4.model.transformer import Transformer
 from dsv4.optim import Muon, assign_param_groups, build_optimizer, clip_grad_norm, hybrid_newton_schulz, lr_at, set_lr
 
@@ -130,8 +132,8 @@ def test_row_blocks_are_independent_matrices():
     p0, g = torch.randn(2 * 8, 24, generator=gen), torch.randn(2 * 8, 24, generator=gen)
     p, _ = muon_step(p0, [g], lr=1.0, blocks=2)
     for b in range(2):
-        pb, _ = muon_step(p0[8 * b:8 * b + 8], [g[8 * b:8 * b + 8]], lr=1.0)
-        torch.testing.assert_close(p[8 * b:8 * b + 8], pb, atol=1e-5, rtol=1e-5)
+        pb, _ = muon_step(p0[8 * b : 8 * b + 8], [g[8 * b : 8 * b + 8]], lr=1.0)
+        torch.testing.assert_close(p[8 * b : 8 * b + 8], pb, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("algorithm", ["muon", "adamw"])
@@ -177,17 +179,42 @@ def test_grouping_on_transformer():
     model = tiny_model()
     plan = assign_param_groups(model)
     algo = {n: a.algorithm for n, a in plan.items()}
-    adamw = ["embed.weight", "head.weight", "norm.weight", "hc_head_base", "hc_head_scale", "layers.0.hc_attn_base",
-             "layers.0.hc_ffn_scale", "layers.0.attn.attn_sink", "layers.0.attn.q_norm.weight",
-             "layers.0.attn_norm.weight", "layers.1.attn.compressor.ape", "layers.1.attn.indexer.compressor.ape",
-             "mtp.0.enorm.weight", "mtp.0.hc_head_base"]
-    muon = ["layers.0.attn.wq_a.weight", "layers.0.attn.wq_b.weight", "layers.0.attn.wkv.weight",
-            "layers.0.attn.wo_a.weight", "layers.0.attn.wo_b.weight", "layers.0.ffn.gate.weight",
-            "layers.0.ffn.experts.w1", "layers.0.ffn.experts.w2", "layers.0.ffn.experts.w3",
-            "layers.0.ffn.shared_experts.w1.weight", "layers.1.attn.compressor.wkv.weight",
-            "layers.1.attn.compressor.wgate.weight", "layers.1.attn.indexer.wq_b.weight",
-            "layers.1.attn.indexer.weights_proj.weight", "mtp.0.e_proj.weight", "mtp.0.h_proj.weight",
-            "layers.0.hc_attn_fn", "hc_head_fn"]
+    adamw = [
+        "embed.weight",
+        "head.weight",
+        "norm.weight",
+        "hc_head_base",
+        "hc_head_scale",
+        "layers.0.hc_attn_base",
+        "layers.0.hc_ffn_scale",
+        "layers.0.attn.attn_sink",
+        "layers.0.attn.q_norm.weight",
+        "layers.0.attn_norm.weight",
+        "layers.1.attn.compressor.ape",
+        "layers.1.attn.indexer.compressor.ape",
+        "mtp.0.enorm.weight",
+        "mtp.0.hc_head_base",
+    ]
+    muon = [
+        "layers.0.attn.wq_a.weight",
+        "layers.0.attn.wq_b.weight",
+        "layers.0.attn.wkv.weight",
+        "layers.0.attn.wo_a.weight",
+        "layers.0.attn.wo_b.weight",
+        "layers.0.ffn.gate.weight",
+        "layers.0.ffn.experts.w1",
+        "layers.0.ffn.experts.w2",
+        "layers.0.ffn.experts.w3",
+        "layers.0.ffn.shared_experts.w1.weight",
+        "layers.1.attn.compressor.wkv.weight",
+        "layers.1.attn.compressor.wgate.weight",
+        "layers.1.attn.indexer.wq_b.weight",
+        "layers.1.attn.indexer.weights_proj.weight",
+        "mtp.0.e_proj.weight",
+        "mtp.0.h_proj.weight",
+        "layers.0.hc_attn_fn",
+        "hc_head_fn",
+    ]
     for n in adamw:
         assert algo[n] == "adamw", n
     for n in muon:
@@ -200,8 +227,11 @@ def test_grouping_on_transformer():
             assert a.weight_decay == 0.0, n
     assert plan["embed.weight"].weight_decay == plan["head.weight"].weight_decay == 0.1
     assert plan["layers.0.attn.wo_a.weight"].blocks == model.cfg.o_groups
-    assert all(a.algorithm == "adamw" for n, a in plan.items() if n.rsplit(".", 1)[-1].startswith("hc_")
-               and not n.endswith("_fn"))
+    assert all(
+        a.algorithm == "adamw"
+        for n, a in plan.items()
+        if n.rsplit(".", 1)[-1].startswith("hc_") and not n.endswith("_fn")
+    )
     fn_adamw = assign_param_groups(model, hc_fn="adamw")
     assert fn_adamw["layers.0.hc_attn_fn"].algorithm == "adamw" and fn_adamw["hc_head_fn"].weight_decay == 0.1
 
@@ -277,7 +307,7 @@ def test_regression_loss_decreases():
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(256, 32, generator=gen)
     xe = torch.randn(3, 64, 16, generator=gen)
-    w_true, b_true = torch.randn(16, 32, generator=gen) / 32 ** 0.5, torch.randn(16, generator=gen) * 0.3
+    w_true, b_true = torch.randn(16, 32, generator=gen) / 32**0.5, torch.randn(16, generator=gen) * 0.3
     v_true = torch.randn(3, 16, 16, generator=gen) / 4
     y, z = x @ w_true.T + b_true, xe @ v_true.mT
 
@@ -333,8 +363,8 @@ def test_schedule_values():
     assert lr_at(10 * total, max_lr, warmup, total) == pytest.approx(0.1 * max_lr)
     assert lr_at(0, max_lr, 0, total) == pytest.approx(max_lr)
     lrs = [lr_at(s, max_lr, warmup, total, min_ratio=0.0) for s in range(total + 1)]
-    assert all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:])) and lrs[-1] == 0.0
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:warmup]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :])) and lrs[-1] == 0.0
     assert clip_grad_norm is torch.nn.utils.clip_grad_norm_
 
 

@@ -1,12 +1,11 @@
 """dsv4 logits equal transformers' DeepseekV4ForCausalLM (the oracle) on shared random weights."""
+
 import pytest
 import torch
-
-from dsv4.convert.transformers import (from_transformers_state_dict, to_transformers_config,
-                                       to_transformers_state_dict)
-from dsv4.model.transformer import Transformer
-
 from conftest import randomize_, small_config
+
+from dsv4.convert.transformers import from_transformers_state_dict, to_transformers_config, to_transformers_state_dict
+from dsv4.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,12 +1,11 @@
 """FP8 block and MXFP4 formats of official checkpoints, and loading a quantised checkpoint."""
+
 import torch
+from conftest import small_config
 
 from dsv4.model.transformer import Transformer
-from dsv4.quant.formats import (dequant_fp8_block, dequant_mxfp4, dequantize_state_dict, quant_fp8_block,
-                                quant_mxfp4)
+from dsv4.quant.formats import dequant_fp8_block, dequant_mxfp4, dequantize_state_dict, quant_fp8_block, quant_mxfp4
 from dsv4.weights import load_model, save_state_dict
-
-from conftest import small_config
 
 
 def test_fp8_block_scales_are_per_128x128_block():

@@ -7,8 +7,15 @@ from argparse import Namespace
 import pytest
 import torch
 
-from dsv4.eval.bpb import (bits_per_byte, flops_breakdown, flops_per_token, mfu, measure_copy_bandwidth,
-                           measure_matmul_peak, xz_bits_per_byte)
+from dsv4.eval.bpb import (
+    bits_per_byte,
+    flops_breakdown,
+    flops_per_token,
+    measure_copy_bandwidth,
+    measure_matmul_peak,
+    mfu,
+    xz_bits_per_byte,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -16,11 +23,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _synthetic_run(run_dir, n_steps=60, n_moe=3, n_idx=2):
     lines = []
     for s in range(1, n_steps + 1):
-        row = {"kind": "train", "step": s, "tokens": s * 4096, "loss": 6.0 * math.exp(-s / 30) + 2.0,
-               "lm_loss": 5.5 * math.exp(-s / 30) + 1.9, "lr": 3e-4 * min(1.0, s / 10),
-               "grad_norm": 1.0 + 5.0 / s, "tok_per_s": 1000.0 + (s % 7), "mfu": 0.31,
-               "maxvio": [0.5 / (1 + 0.1 * s * (j + 1)) for j in range(n_moe)],
-               "mhc_gain_fwd": 1.2, "mhc_gain_bwd": 1.4, "skipped": s == 17, "some_unknown_key": "x"}
+        row = {
+            "kind": "train",
+            "step": s,
+            "tokens": s * 4096,
+            "loss": 6.0 * math.exp(-s / 30) + 2.0,
+            "lm_loss": 5.5 * math.exp(-s / 30) + 1.9,
+            "lr": 3e-4 * min(1.0, s / 10),
+            "grad_norm": 1.0 + 5.0 / s,
+            "tok_per_s": 1000.0 + (s % 7),
+            "mfu": 0.31,
+            "maxvio": [0.5 / (1 + 0.1 * s * (j + 1)) for j in range(n_moe)],
+            "mhc_gain_fwd": 1.2,
+            "mhc_gain_bwd": 1.4,
+            "skipped": s == 17,
+            "some_unknown_key": "x",
+        }
         if s % 3:
             row.pop("lm_loss")  # keys may be missing
         if s == 5:
@@ -31,15 +49,19 @@ def _synthetic_run(run_dir, n_steps=60, n_moe=3, n_idx=2):
             row["aux_loss"] = 1e-3
         lines.append(json.dumps(row))
         if s % 20 == 0:
-            val = {"kind": "val", "step": s, "val_loss": 2.5 + 10 / s, "val_bpb": 1.3 + 5 / s,
-                   "indexer_recall": [0.6 + 0.005 * s, 0.55 + 0.004 * s],
-                   "random_recall": [0.25] * n_idx}
+            val = {
+                "kind": "val",
+                "step": s,
+                "val_loss": 2.5 + 10 / s,
+                "val_bpb": 1.3 + 5 / s,
+                "indexer_recall": [0.6 + 0.005 * s, 0.55 + 0.004 * s],
+                "random_recall": [0.25] * n_idx,
+            }
             if s == 40:
                 val.pop("indexer_recall")
             lines.append(json.dumps(val))
     lines.append("not json {")
-    lines.append(json.dumps({"kind": "final", "step": n_steps, "xz_bpb": 2.1234, "val_bpb": 1.3833,
-                             "wall_s": 3725.0}))
+    lines.append(json.dumps({"kind": "final", "step": n_steps, "xz_bpb": 2.1234, "val_bpb": 1.3833, "wall_s": 3725.0}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -49,20 +71,29 @@ def test_write_report(tmp_path):
     _synthetic_run(tmp_path)
     summary = write_report(tmp_path)
     assert summary == tmp_path / "report" / "summary.md"
-    expected = ["loss.png", "loss_terms.png", "bpb.png", "lr.png", "grad_norm.png", "maxvio.png",
-                "mhc_gain.png", "indexer_recall.png", "throughput.png"]
+    expected = [
+        "loss.png",
+        "loss_terms.png",
+        "bpb.png",
+        "lr.png",
+        "grad_norm.png",
+        "maxvio.png",
+        "mhc_gain.png",
+        "indexer_recall.png",
+        "throughput.png",
+    ]
     text = summary.read_text()
     for name in expected:
         png = tmp_path / "report" / name
         assert png.is_file() and png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == PNG_MAGIC, name
         assert f"]({name})" in text, name  # embedded by relative path
-    assert "2.1234" in text        # xz bpb
-    assert "1.3833" in text        # final val bpb (also the best one)
+    assert "2.1234" in text  # xz bpb
+    assert "1.3833" in text  # final val bpb (also the best one)
     assert "xz" in text and "bpb" in text
     assert "| skipped steps | 1 |" in text
-    assert "1h 02m 05s" in text    # wall time from the final line
-    assert "31.00%" in text        # mean MFU
+    assert "1h 02m 05s" in text  # wall time from the final line
+    assert "31.00%" in text  # mean MFU
     assert "unreadable metrics lines | 1" in text
     # the CLI hook writes the same thing
     assert main_report(Namespace(run_dir=str(tmp_path))) == 0
@@ -72,8 +103,9 @@ def test_report_sparse_metrics(tmp_path):
     """Only a loss column: the loss plot and a summary with n/a for the rest, nothing crashes."""
     from dsv4.eval.report import write_report
 
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n"
-                                                    for s in range(1, 5)))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 5))
+    )
     summary = write_report(tmp_path)
     assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == ["loss.png"]
     assert "| best val bpb | n/a |" in summary.read_text()
@@ -110,7 +142,7 @@ def test_measure_matmul_peak_fast():
 
 
 def test_measure_copy_bandwidth_fast():
-    bw = measure_copy_bandwidth(nbytes=4 * 2 ** 20, seconds=0.1, device="cpu")
+    bw = measure_copy_bandwidth(nbytes=4 * 2**20, seconds=0.1, device="cpu")
     assert math.isfinite(bw) and bw > 0
 
 

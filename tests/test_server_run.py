@@ -1,22 +1,23 @@
 """build() / serve() on a run directory: the serving context defaults to the run's training seq_len (what
 /v1/models advertises and requests are held to), --max-context overrides it, and the API key may come from
 $DSV4_API_KEY."""
+
 import json
 
 import pytest
 import torch
 import uvicorn
-from starlette.testclient import TestClient
-
 from conftest import small_config
+from starlette.testclient import TestClient
+from test_server import tiny_tokenizer
+
 from dsv4.data import train_tokenizer
 from dsv4.infer import server
 from dsv4.model.transformer import Transformer
 from dsv4.train.checkpoint import save_checkpoint
-from test_server import tiny_tokenizer
 
-LIMIT = 256      # the model's max_position_embeddings
-SEQ_LEN = 48     # the run's training seq_len
+LIMIT = 256  # the model's max_position_embeddings
+SEQ_LEN = 48  # the run's training seq_len
 
 
 def make_run(root, seq_len: int | None):
@@ -53,12 +54,12 @@ def _served(path, **kw) -> tuple[int, dict]:
 def test_serving_context_is_the_training_seq_len(runs):
     trained, bare = runs
     ckpt = next(trained.glob("ckpt-*"))
-    for path in (trained, ckpt):                     # a run folder, or a checkpoint inside it
+    for path in (trained, ckpt):  # a run folder, or a checkpoint inside it
         assert server.train_seq_len(path) == SEQ_LEN
         n, err = _served(path)
         assert n == SEQ_LEN and err["code"] == "context_length_exceeded" and f" {SEQ_LEN} tokens" in err["message"]
-    assert _served(trained, max_context=100) == (100, None)      # --max-context overrides it
-    assert _served(trained, max_context=10 ** 6)[0] == LIMIT     # never beyond the model's positions
+    assert _served(trained, max_context=100) == (100, None)  # --max-context overrides it
+    assert _served(trained, max_context=10**6)[0] == LIMIT  # never beyond the model's positions
     assert server.train_seq_len(bare) is None and _served(bare) == (LIMIT, None)
 
 
@@ -81,7 +82,7 @@ def test_serve_takes_the_key_from_the_environment_and_prints_the_context(runs, m
     trained, _ = runs
     seen = {}
 
-    def fake_run(app, host, port, log_level):   # instead of uvicorn's loop: a few requests, then return
+    def fake_run(app, host, port, log_level):  # instead of uvicorn's loop: a few requests, then return
         with TestClient(app) as c:
             seen["no_key"] = c.get("/v1/models").status_code
             seen["env_key"] = c.get("/v1/models", headers={"Authorization": "Bearer sk-from-env"}).json()
@@ -93,7 +94,7 @@ def test_serve_takes_the_key_from_the_environment_and_prints_the_context(runs, m
     assert seen["no_key"] == 401 and seen["env_key"]["data"][0]["max_model_len"] == SEQ_LEN
     banner = capsys.readouterr().out
     assert f"context {SEQ_LEN} tokens" in banner and "API key required" in banner and "sk-from-env" not in banner
-    monkeypatch.setenv("DSV4_API_KEY", "sk-ключ")            # a key is bytes on the wire: UTF-8 keys work too
+    monkeypatch.setenv("DSV4_API_KEY", "sk-ключ")  # a key is bytes on the wire: UTF-8 keys work too
     server.serve(trained, port=1234)
     assert seen["no_key"] == 401 and seen["utf8_key"] == 200
     monkeypatch.delenv("DSV4_API_KEY")

@@ -1,16 +1,23 @@
 """OpenAI's logit_bias, presence_penalty and frequency_penalty (dsv4.infer.sampling.adjust_logits, used by the
 engine): the batched path equals the per-token formula, defaults leave the output bit-identical, each one
 changes what is generated, and the sampler survives a temperature whose logits / T overflow."""
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_server import tiny_model
 
 import dsv4.infer.engine as engine_mod
 from dsv4.infer.engine import Engine
-from dsv4.infer.sampling import (ParamError, SamplingParams, adjust_logits, adjust_logits_reference, probabilities,
-                                 sample)
-from test_server import tiny_model
+from dsv4.infer.sampling import (
+    ParamError,
+    SamplingParams,
+    adjust_logits,
+    adjust_logits_reference,
+    probabilities,
+    sample,
+)
 
 V = 512
 
@@ -32,15 +39,17 @@ row = st.builds(SamplingParams, presence_penalty=penalty, frequency_penalty=pena
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(st.tuples(row, st.lists(st.integers(0, 15), max_size=12)),
-                     min_size=1, max_size=5),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+@given(
+    rows=st.lists(st.tuples(row, st.lists(st.integers(0, 15), max_size=12)), min_size=1, max_size=5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
 def test_batched_adjustment_equals_the_per_token_formula(rows, dtype, seed):
     params, outputs = [p for p, _ in rows], [o for _, o in rows]
     logits = torch.randn(len(rows), 16, generator=torch.Generator().manual_seed(seed)).to(dtype)
     before = logits.clone()
     got = adjust_logits(logits, params, outputs)
-    assert torch.equal(logits, before)                       # the input is never modified
+    assert torch.equal(logits, before)  # the input is never modified
     if not any(p.adjusts_logits for p in params):
         assert got is logits
         return
@@ -49,7 +58,7 @@ def test_batched_adjustment_equals_the_per_token_formula(rows, dtype, seed):
         ref = adjust_logits_reference(logits[b], p, out)
         if p.adjusts_logits:
             torch.testing.assert_close(got[b], ref, rtol=0, atol=1e-4)
-        else:                                                 # untouched rows keep their exact values
+        else:  # untouched rows keep their exact values
             assert torch.equal(got[b], logits[b].float())
 
 
@@ -57,19 +66,24 @@ def test_adjustment_formula_by_hand():
     logits = torch.zeros(1, 6)
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 3.0, 1: -1.0})
     got = adjust_logits(logits, [p], [[1, 2, 2, 2]])[0]
-    assert got.tolist() == [0.0, -1.75, -1.25, 0.0, 3.0, 0.0]   # 1: -(0.5 + 0.25) - 1; 2: -(0.5 + 0.75)
+    assert got.tolist() == [0.0, -1.75, -1.25, 0.0, 3.0, 0.0]  # 1: -(0.5 + 0.25) - 1; 2: -(0.5 + 0.75)
 
 
 def test_validation_names_the_field():
-    for kw, field in [(dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=float("nan")),
-                                                                         "frequency_penalty"),
-                      (dict(logit_bias={V: 1.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
-                      (dict(logit_bias={3: 100.5}), "logit_bias"), (dict(seed=2 ** 64), "seed"),
-                      (dict(seed=-1), "seed"), (dict(top_p=0), "top_p")]:
+    for kw, field in [
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(logit_bias={V: 1.0}), "logit_bias"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(logit_bias={3: 100.5}), "logit_bias"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(top_p=0), "top_p"),
+    ]:
         with pytest.raises(ParamError) as e:
             SamplingParams(**kw).validate(V)
         assert e.value.param == field
-    SamplingParams(seed=2 ** 64 - 1, presence_penalty=-2, frequency_penalty=2, logit_bias={V - 1: -100}).validate(V)
+    SamplingParams(seed=2**64 - 1, presence_penalty=-2, frequency_penalty=2, logit_bias={V - 1: -100}).validate(V)
 
 
 def _outputs(model, prompts, params, **engine_kw):
@@ -78,20 +92,31 @@ def _outputs(model, prompts, params, **engine_kw):
 
 def test_defaults_are_bit_identical_to_unadjusted_sampling(model, prompts, monkeypatch):
     """Default (or explicitly neutral) fields sample exactly as the engine did before adjust_logits existed."""
-    mixed = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
-             SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=3, ignore_eos=True),
-             SamplingParams(max_tokens=10, temperature=1.3, seed=11, ignore_eos=True)]
-    neutral = [SamplingParams(**{**p.__dict__, "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": {}})
-               for p in mixed]
+    mixed = [
+        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=1.3, seed=11, ignore_eos=True),
+    ]
+    neutral = [
+        SamplingParams(**{**p.__dict__, "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": {}})
+        for p in mixed
+    ]
     now = _outputs(model, prompts, mixed)
     assert _outputs(model, prompts, neutral) == now
-    monkeypatch.setattr(engine_mod, "adjust_logits", lambda logits, params, outputs: logits)   # the old path
+    monkeypatch.setattr(engine_mod, "adjust_logits", lambda logits, params, outputs: logits)  # the old path
     assert _outputs(model, prompts, mixed) == now
     # and a penalised request in the same batch leaves the others' draws alone
     monkeypatch.undo()
-    with_penalised = _outputs(model, prompts + [prompts[0]],
-                              mixed + [SamplingParams(max_tokens=10, temperature=0.7, presence_penalty=1.5, seed=2,
-                                                      logit_bias={7: 5.0}, ignore_eos=True)])
+    with_penalised = _outputs(
+        model,
+        prompts + [prompts[0]],
+        mixed
+        + [
+            SamplingParams(
+                max_tokens=10, temperature=0.7, presence_penalty=1.5, seed=2, logit_bias={7: 5.0}, ignore_eos=True
+            )
+        ],
+    )
     assert with_penalised[:3] == now
 
 
@@ -106,11 +131,21 @@ def _reference(model, prompt, p: SamplingParams, n: int) -> list[int]:
 
 
 N = 16
-CASES = {"presence": SamplingParams(max_tokens=N, temperature=0, presence_penalty=2.0, ignore_eos=True),
-         "frequency": SamplingParams(max_tokens=N, temperature=0, frequency_penalty=0.3, ignore_eos=True),
-         "bias": SamplingParams(max_tokens=N, temperature=0, logit_bias={42: 100.0}, ignore_eos=True),
-         "sampled": SamplingParams(max_tokens=N, temperature=0.8, top_p=0.95, seed=4, presence_penalty=1.0,
-                                   frequency_penalty=0.5, logit_bias={9: 2.0}, ignore_eos=True)}
+CASES = {
+    "presence": SamplingParams(max_tokens=N, temperature=0, presence_penalty=2.0, ignore_eos=True),
+    "frequency": SamplingParams(max_tokens=N, temperature=0, frequency_penalty=0.3, ignore_eos=True),
+    "bias": SamplingParams(max_tokens=N, temperature=0, logit_bias={42: 100.0}, ignore_eos=True),
+    "sampled": SamplingParams(
+        max_tokens=N,
+        temperature=0.8,
+        top_p=0.95,
+        seed=4,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        logit_bias={9: 2.0},
+        ignore_eos=True,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -120,24 +155,25 @@ def references(model, prompts):
 
 @pytest.mark.parametrize("speculative", [False, True])
 def test_each_field_changes_the_output_as_specified(model, prompts, references, speculative):
-    plain = _outputs(model, prompts, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True),
-                     speculative=speculative)
-    assert any(len(set(o)) < len(o) for o in plain)           # plain greedy decoding repeats tokens here
+    plain = _outputs(
+        model, prompts, SamplingParams(max_tokens=N, temperature=0, ignore_eos=True), speculative=speculative
+    )
+    assert any(len(set(o)) < len(o) for o in plain)  # plain greedy decoding repeats tokens here
     for name, p in CASES.items():
         got = _outputs(model, prompts, p, speculative=speculative)
         assert got == references[name], name
         if name != "sampled":
             assert got != plain, name
-    assert all(len(set(o)) == len(o) for o in references["presence"])    # no token twice
+    assert all(len(set(o)) == len(o) for o in references["presence"])  # no token twice
     assert references["bias"] == [[42] * N] * len(prompts)
-    ban = SamplingParams(max_tokens=N, temperature=0, logit_bias={t: -100.0 for t in plain[0]}, ignore_eos=True)
+    ban = SamplingParams(max_tokens=N, temperature=0, logit_bias=dict.fromkeys(plain[0], -100.0), ignore_eos=True)
     assert not set(_outputs(model, prompts[:1], ban, speculative=speculative)[0]) & set(plain[0])
 
 
 def test_penalised_requests_skip_the_speculator(model, prompts):
     eng = Engine(model, max_batch=2, speculative=True)
     eng.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0, presence_penalty=1.0, ignore_eos=True))
-    assert eng.stats["drafted"] == 0 and not eng.spec.pending_x     # decoded plainly, MTP state released
+    assert eng.stats["drafted"] == 0 and not eng.spec.pending_x  # decoded plainly, MTP state released
     eng.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert eng.stats["drafted"] > 0 and not eng.spec.pending_x
 

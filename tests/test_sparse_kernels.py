@@ -3,6 +3,7 @@
 sparse_attention (CSA, DSA), dense_entries_attention (HCA), window_attention (SWA) vs
 attention_reference; chunked_indexer_topk vs topk_indices on the full score matrix.
 """
+
 import subprocess
 import sys
 import textwrap
@@ -84,7 +85,7 @@ def _topk_ids(g, b, q_pos, n, k, ratio, exclude_window=0, same_doc=None, holes=0
     if same_doc is not None:
         vis = vis & same_doc
     idx = topk_indices(torch.randn(vis.shape, generator=g), k, vis)
-    if holes:   # -1 slots in the middle of a row, too
+    if holes:  # -1 slots in the middle of a row, too
         idx = torch.where(torch.rand(idx.shape, generator=g) < holes, -1, idx)
     return idx
 
@@ -100,8 +101,9 @@ def test_sparse_attention_csa(dtype, t, k, window, chunk, segs):
     seg = _segments(b, t, g) if segs else None
     same = None if seg is None else seg[:, :, None] == _entry_seg(seg, n, ratio, True)[:, None, :]
     idx = _topk_ids(g, b, pos, n, k, ratio, same_doc=same, holes=0.2)
-    ref = lambda: attention_reference(q, kv, sink, 0.3, window, pos, pos, ent, selection_mask(idx, n),
-                                      q_seg=seg, kv_seg=seg)
+    ref = lambda: attention_reference(
+        q, kv, sink, 0.3, window, pos, pos, ent, selection_mask(idx, n), q_seg=seg, kv_seg=seg
+    )
     fast = lambda: sparse_attention(q, kv, sink, 0.3, window, pos, pos, ent, idx, chunk=chunk, q_seg=seg, kv_seg=seg)
     _check(fast, ref, [q, kv, ent, sink], dtype)
 
@@ -117,8 +119,9 @@ def test_sparse_attention_dsa(dtype, t, k, window, chunk, segs):
     seg = _segments(b, t, g) if segs else None
     same = None if seg is None else seg[:, :, None] == seg[:, None, :]
     idx = _topk_ids(g, b, pos, t, k, 1, exclude_window=window, same_doc=same)
-    ref = lambda: attention_reference(q, kv, sink, 0.25, window, pos, pos, kv, selection_mask(idx, t),
-                                      q_seg=seg, kv_seg=seg)
+    ref = lambda: attention_reference(
+        q, kv, sink, 0.25, window, pos, pos, kv, selection_mask(idx, t), q_seg=seg, kv_seg=seg
+    )
     fast = lambda: sparse_attention(q, kv, sink, 0.25, window, pos, pos, kv, idx, chunk=chunk, q_seg=seg, kv_seg=seg)
     _check(fast, ref, [q, kv, sink], dtype)
 
@@ -138,20 +141,22 @@ def test_dense_entries_attention_hca(dtype, t, ratio, window, chunk, segs):
     if seg is not None:
         mask = mask & (seg[:, :, None] == eseg[:, None, :])
     ref = lambda: attention_reference(q, kv, sink, 0.25, window, pos, pos, ent, mask, q_seg=seg, kv_seg=seg)
-    fast = lambda: dense_entries_attention(q, kv, sink, 0.25, window, pos, pos, ent, ratio=ratio, chunk=chunk,
-                                           q_seg=seg, kv_seg=seg, entry_seg=eseg)
+    fast = lambda: dense_entries_attention(
+        q, kv, sink, 0.25, window, pos, pos, ent, ratio=ratio, chunk=chunk, q_seg=seg, kv_seg=seg, entry_seg=eseg
+    )
     _check(fast, ref, [q, kv, ent, sink], dtype)
 
 
 def test_dense_entries_dsa_warmup_and_probs():
     """exclude_window (DSA dense warm-up set) and the per-entry mass used by the indexer KL."""
     t, window = 60, 8
-    g, q, kv, _, sink = _setup(2, t, t, 0, torch.float64, 5)
+    _g, q, kv, _, sink = _setup(2, t, t, 0, torch.float64, 5)
     pos = torch.arange(t)
     mask = visible_entries(pos, t, 1, window).expand(2, -1, -1)
     o1, p1 = attention_reference(q, kv, sink, 0.25, window, pos, pos, kv, mask, return_entry_probs=True)
-    o2, p2 = dense_entries_attention(q, kv, sink, 0.25, window, pos, pos, kv, ratio=1, exclude_window=window,
-                                     chunk=16, return_entry_probs=True)
+    o2, p2 = dense_entries_attention(
+        q, kv, sink, 0.25, window, pos, pos, kv, ratio=1, exclude_window=window, chunk=16, return_entry_probs=True
+    )
     torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(p2, p1, rtol=1e-10, atol=1e-12)
 
@@ -200,7 +205,7 @@ def test_decode_style_calls(dtype, kind, s, tq):
 def test_all_padding_and_empty_entries():
     """Rows whose ids are all -1 and layers with no entries yet (N = 0) reduce to window attention."""
     t = 9
-    g, q, kv, ent, sink = _setup(1, t, t, 2, torch.float64, 1)
+    _g, q, kv, ent, sink = _setup(1, t, t, 2, torch.float64, 1)
     pos = torch.arange(t)
     ref = attention_reference(q, kv, sink, 0.25, 4, pos, pos)
     none = torch.full((1, t, 3), -1)
@@ -225,12 +230,16 @@ def test_bf16_autocast_close_to_reference():
 
 # ---------------------------------------------------------------------------- indexer top-k
 def _indexer_inputs(b, t, n, nh, c, g, ties=False):
-    if ties:   # small integers: exact arithmetic, many exact ReLU-zero and equal-score ties
+    if ties:  # small integers: exact arithmetic, many exact ReLU-zero and equal-score ties
         q = torch.randint(-2, 2, (b, t, nh, c), generator=g).float()
         keys = torch.randint(-1, 2, (b, n, c), generator=g).float()
         w = torch.randint(-1, 3, (b, t, nh), generator=g).float()
     else:
-        q, keys, w = torch.randn(b, t, nh, c, generator=g), torch.randn(b, n, c, generator=g), torch.randn(b, t, nh, generator=g)
+        q, keys, w = (
+            torch.randn(b, t, nh, c, generator=g),
+            torch.randn(b, n, c, generator=g),
+            torch.randn(b, t, nh, generator=g),
+        )
     return q, w, keys
 
 
@@ -249,8 +258,19 @@ def _check_chunked_topk(fn_topk, q, w, keys, k, ratio, excl, chunk, key_chunk, s
         vis = vis & (seg[:, :, None] == eseg[:, None, :])
         fn = segment_same_doc(seg, eseg)
     want = topk_indices(full, k, vis)
-    got, sc = fn_topk(q, w, keys, k, pos, ratio, exclude_window=excl, chunk=chunk, key_chunk=key_chunk,
-                      same_doc_fn=fn, return_scores=True)
+    got, sc = fn_topk(
+        q,
+        w,
+        keys,
+        k,
+        pos,
+        ratio,
+        exclude_window=excl,
+        chunk=chunk,
+        key_chunk=key_chunk,
+        same_doc_fn=fn,
+        return_scores=True,
+    )
     assert torch.equal(got, want)
     ref_sc = torch.where(want >= 0, full.gather(-1, want.clamp_min(0)), float("-inf"))
     torch.testing.assert_close(sc, ref_sc, rtol=1e-6, atol=1e-6)
@@ -258,18 +278,27 @@ def _check_chunked_topk(fn_topk, q, w, keys, k, ratio, excl, chunk, key_chunk, s
 
 
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("t,ratio,k,excl,chunk,key_chunk", [
-    (37, 4, 4, 0, 8, 3), (101, 4, 8, 0, 16, 5), (64, 4, 64, 0, 64, 4096),   # k > N: all visible, -1 pad
-    (90, 1, 10, 8, 7, 11), (130, 1, 16, 16, 32, 64), (50, 16, 2, 0, 4, 1)])
+@pytest.mark.parametrize(
+    "t,ratio,k,excl,chunk,key_chunk",
+    [
+        (37, 4, 4, 0, 8, 3),
+        (101, 4, 8, 0, 16, 5),
+        (64, 4, 64, 0, 64, 4096),  # k > N: all visible, -1 pad
+        (90, 1, 10, 8, 7, 11),
+        (130, 1, 16, 16, 32, 64),
+        (50, 16, 2, 0, 4, 1),
+    ],
+)
 @pytest.mark.parametrize("segs", [False, True])
 def test_chunked_indexer_topk_exact(ties, t, ratio, k, excl, chunk, key_chunk, segs):
     g = torch.Generator().manual_seed(t * 3 + k + ties)
     b, nh, c = 2, 4, 8
     n = t // ratio
     q, w, keys = _indexer_inputs(b, t, n, nh, c, g, ties)
-    full, vis = _check_chunked_topk(chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk,
-                                    0.08 if segs else None, g)
-    if ties and vis.sum() > 100:   # the tie rule is really exercised
+    full, vis = _check_chunked_topk(
+        chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk, 0.08 if segs else None, g
+    )
+    if ties and vis.sum() > 100:  # the tie rule is really exercised
         assert (full[vis] == 0).float().mean() > 0.1 and full[vis].unique().numel() < vis.sum() / 4
 
 
@@ -281,13 +310,12 @@ def test_chunked_indexer_topk_decode_rows():
     pos = torch.arange(t)
     full = chunked_indexer_topk(q, w, keys, k, pos, ratio, chunk=16, key_chunk=5)
     last = chunked_indexer_topk(q[:, -3:], w[:, -3:], keys, k, pos[-3:], ratio, chunk=2, key_chunk=7)
-    assert torch.equal(last.sort(-1).values, full[:, -3:].sort(-1).values)   # the same sets (orders differ
+    assert torch.equal(last.sort(-1).values, full[:, -3:].sort(-1).values)  # the same sets (orders differ
     # between the C++ path, used for many queries, and the PyTorch one)
 
 
-
 def _indexer_inputs_mode(b, t, n, nh, c, g, mode):
-    """"rand", "ties" (small integers) or "sparse": scores >= 0 (w >= 0) and mostly exact ReLU zeros, so
+    """ "rand", "ties" (small integers) or "sparse": scores >= 0 (w >= 0) and mostly exact ReLU zeros, so
     many rows have fewer than k positive scores (the k-th value is a 0 shared by many entries)."""
     if mode != "sparse":
         return _indexer_inputs(b, t, n, nh, c, g, mode == "ties")
@@ -299,17 +327,23 @@ def _indexer_inputs_mode(b, t, n, nh, c, g, mode):
 
 @pytest.mark.parametrize("use_numpy", [True, False])
 @pytest.mark.parametrize("mode", ["rand", "ties", "sparse"])
-@pytest.mark.parametrize("t,ratio,k,excl,chunk,key_chunk,head", [
-    (700, 1, 16, 0, 64, None, None),       # one block per chunk, groups (L > 4k), boundary ties
-    (700, 1, 16, 5, 100, 150, 64),         # key blocks merged, scores in many small slices
-    (1203, 4, 8, 0, 32, None, 50),         # ratio 4, group selection, sliced scores
-    (300, 1, 40, 3, 300, None, None)])     # one chunk, k not a power of 2
+@pytest.mark.parametrize(
+    "t,ratio,k,excl,chunk,key_chunk,head",
+    [
+        (700, 1, 16, 0, 64, None, None),  # one block per chunk, groups (L > 4k), boundary ties
+        (700, 1, 16, 5, 100, 150, 64),  # key blocks merged, scores in many small slices
+        (1203, 4, 8, 0, 32, None, 50),  # ratio 4, group selection, sliced scores
+        (300, 1, 40, 3, 300, None, None),
+    ],
+)  # one chunk, k not a power of 2
 @pytest.mark.parametrize("segs", [False, True])
-def test_chunked_indexer_topk_selection_paths(monkeypatch, use_numpy, mode, t, ratio, k, excl, chunk, key_chunk,
-                                              head, segs):
+def test_chunked_indexer_topk_selection_paths(
+    monkeypatch, use_numpy, mode, t, ratio, k, excl, chunk, key_chunk, head, segs
+):
     """Two-level (group) selection, boundary-tie fallback, key-block merge and score slicing, on the numpy
     (CPU) and the torch (other devices) selection: ids exactly those of topk_indices on full scores."""
     import dsv4.kernels.indexer_topk as it
+
     monkeypatch.setattr(it, "_USE_NUMPY", use_numpy)
     if head is not None:
         monkeypatch.setattr(it, "_HEAD_FLOATS", head)
@@ -317,9 +351,10 @@ def test_chunked_indexer_topk_selection_paths(monkeypatch, use_numpy, mode, t, r
     b, nh, c = 2, 4, 8
     n = t // ratio
     q, w, keys = _indexer_inputs_mode(b, t, n, nh, c, g, mode)
-    full, vis = _check_chunked_topk(it.chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk,
-                                    0.004 if segs else None, g)
-    if mode == "sparse":   # the k-th score is an exact zero in many rows with k visible entries
+    full, vis = _check_chunked_topk(
+        it.chunked_indexer_topk, q, w, keys, k, ratio, excl, chunk, key_chunk, 0.004 if segs else None, g
+    )
+    if mode == "sparse":  # the k-th score is an exact zero in many rows with k visible entries
         kth = full.masked_fill(~vis, float("-inf")).topk(k, -1).values[..., -1]
         assert (kth == 0).float().mean() > 0.2
 
@@ -331,8 +366,9 @@ def test_chunked_indexer_topk_long_decode_row():
     q, w, keys = _indexer_inputs(1, 1, n, 4, 16, g)
     pos = torch.tensor([4 * n + 2])
     want = topk_indices(Indexer.score(q, w, keys), k)
-    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4), want)   # one query: the PyTorch path
+    assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4), want)  # one query: the PyTorch path
     assert torch.equal(chunked_indexer_topk(q, w, keys, k, pos, 4, key_chunk=3000, return_scores=True)[0], want)
+
 
 # ------------------------------------------------------------------------------- memory check
 _MEM_SCRIPT = textwrap.dedent("""
@@ -351,7 +387,8 @@ _MEM_SCRIPT = textwrap.dedent("""
     kv = torch.randn(1, T, c, generator=g).requires_grad_()
     ent = torch.randn(1, N, c, generator=g).requires_grad_()
     sink = torch.zeros(H).requires_grad_()
-    qi, wi, ki = torch.randn(1, T, 4, 32, generator=g), torch.randn(1, T, 4, generator=g), torch.randn(1, N, 32, generator=g)
+    qi, wi = torch.randn(1, T, 4, 32, generator=g), torch.randn(1, T, 4, generator=g)
+    ki = torch.randn(1, N, 32, generator=g)
     pos = torch.arange(T)
     # warm up the allocator / kernels on a small problem, then measure the big one
     sparse_attention(q[:, :256], kv[:, :256], sink, 0.125, win, pos[:256], pos[:256], ent[:, :64],
@@ -388,7 +425,7 @@ def test_memory_stays_sparse_16k():
 def test_memory_stays_sparse_64k():
     t = 65536
     growth = _peak_growth(t)
-    assert growth < t * (t // 4) * 4 / 8, growth   # [T, N] fp32 = 4 GiB
+    assert growth < t * (t // 4) * 4 / 8, growth  # [T, N] fp32 = 4 GiB
 
 
 def test_indexer_selected_scores_and_kl():
@@ -396,6 +433,7 @@ def test_indexer_selected_scores_and_kl():
     the selected set is the same number as indexer_kl on [B,T,N] with the selection mask."""
     from dsv4.kernels.indexer_topk import indexer_selected_scores
     from dsv4.model.indexer import indexer_kl
+
     g = torch.Generator().manual_seed(11)
     b, t, ratio, k, nh, c = 2, 70, 4, 6, 4, 8
     n = t // ratio

@@ -5,6 +5,7 @@ tokenizer and a model of ~0.6 M parameters, so the whole file takes well under t
 Expensive things (the uninterrupted/interrupted+resumed pair of runs, the CLI subprocesses) are module
 fixtures that several tests read.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,16 @@ from dsv4.train.trainer import Trainer, TrainingError, train
 from dsv4.weights import load_state_dict
 
 # A ~0.6 M parameter V4: SWA, CSA (m=4), HCA (m'=16) main layers + an SWA MTP layer.
-MODEL = ("vocab_size=512 hidden_size=64 num_attention_heads=2 head_dim=32 qk_rope_head_dim=8 q_lora_rank=32 "
-         "o_lora_rank=32 o_groups=2 moe_intermediate_size=64 index_n_heads=4 index_head_dim=16 index_topk=8 "
-         "sliding_window=16 compress_ratios=[0,4,16,0] num_hidden_layers=3").split()
+MODEL = (
+    "vocab_size=512 hidden_size=64 num_attention_heads=2 head_dim=32 qk_rope_head_dim=8 q_lora_rank=32 "
+    "o_lora_rank=32 o_groups=2 moe_intermediate_size=64 index_n_heads=4 index_head_dim=16 index_topk=8 "
+    "sliding_window=16 compress_ratios=[0,4,16,0] num_hidden_layers=3"
+).split()
 # dtype=fp32, ns_dtype=fp32: no bf16-vs-fp32 timing at start-up, and bitwise-reproducible arithmetic.
-RUN = ("seq_len=64 batch_size=2 progress=false dtype=fp32 ns_dtype=fp32 log_every=1 eval_every=2 eval_batches=2 "
-       "ckpt_every=2 keep_last=2 indexer_warmup_steps=2 warmup_steps=2").split()
+RUN = (
+    "seq_len=64 batch_size=2 progress=false dtype=fp32 ns_dtype=fp32 log_every=1 eval_every=2 eval_batches=2 "
+    "ckpt_every=2 keep_last=2 indexer_warmup_steps=2 warmup_steps=2"
+).split()
 SMALL = MODEL + RUN
 
 
@@ -61,8 +66,9 @@ def _copy_corpus(dst: Path, n: int = 30) -> Path:
     """n small (1.5-5 KB) stdlib .py files, flattened into dst; sorted, so the same on every run."""
     std = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    files = sorted(p for p in std.rglob("*.py")
-                   if not skip & set(p.relative_to(std).parts) and 1500 < p.stat().st_size < 5000)
+    files = sorted(
+        p for p in std.rglob("*.py") if not skip & set(p.relative_to(std).parts) and 1500 < p.stat().st_size < 5000
+    )
     assert len(files) >= n, f"only {len(files)} small stdlib files under {std}"
     dst.mkdir(parents=True, exist_ok=True)
     for p in files[:n]:
@@ -85,8 +91,14 @@ def tokenizer(corpus, tmp_path_factory) -> Path:
 
 
 def _tc(out: Path, corpus: Path, tokenizer: Path | None, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(data=str(corpus), out=str(out), tokenizer=None if tokenizer is None else str(tokenizer),
-                       steps=steps, progress=False, **kw)
+    return TrainConfig(
+        data=str(corpus),
+        out=str(out),
+        tokenizer=None if tokenizer is None else str(tokenizer),
+        steps=steps,
+        progress=False,
+        **kw,
+    )
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -220,9 +232,20 @@ def test_keep_last_keeps_only_the_newest_checkpoints(runs):
 def test_indexer_warmup_raises_mass_recall_above_init_and_random(corpus, tokenizer, tmp_path):
     # seq_len 128, CSA m=4: up to 32 entries per query, of which the indexer keeps 4.
     over = [o for o in MODEL if not o.startswith(("index_topk", "compress_ratios"))] + [
-        "index_topk=4", "compress_ratios=[4,4,16,0]", "seq_len=128", "batch_size=2", "progress=false",
-        "dtype=fp32", "indexer_warmup_steps=40", "indexer_lr=3e-2", "log_every=10", "eval_every=1000",
-        "ckpt_every=1000", "eval_batches=1", "seed=0"]
+        "index_topk=4",
+        "compress_ratios=[4,4,16,0]",
+        "seq_len=128",
+        "batch_size=2",
+        "progress=false",
+        "dtype=fp32",
+        "indexer_warmup_steps=40",
+        "indexer_lr=3e-2",
+        "log_every=10",
+        "eval_every=1000",
+        "ckpt_every=1000",
+        "eval_batches=1",
+        "seed=0",
+    ]
     tr = Trainer.create(_tc(tmp_path / "run", corpus, tokenizer, 40), over)
     assert tr.mc.layer_kinds[:2] == ["csa", "csa"]
     vb = next(val_batches(tr.data.val_stream, 2, 128))
@@ -375,8 +398,13 @@ def test_interrupted_checkpoint_write_never_leaves_a_loadable_checkpoint(tmp_pat
 # -------------------------------------------------------------------------------------- CLI
 def _cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(trainer_mod.__file__).parents[2])}
-    return subprocess.Popen([sys.executable, "-m", "dsv4", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsv4", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -395,15 +423,28 @@ def cli(runs, corpus, tmp_path_factory):
     (not_a_run / "notes.txt").write_text("hello")
     model_args = [o for o in SMALL if not o.startswith("progress")]
     procs = {
-        "empty_data": _cli("train", "--data", empty, "--out", root / "o1", "--steps", "2", "--no-progress",
-                           *model_args),
-        "unknown_field": _cli("train", "--data", corpus, "--out", root / "o2", "--steps", "2", "--no-progress",
-                              *model_args, "foo=1"),
+        "empty_data": _cli(
+            "train", "--data", empty, "--out", root / "o1", "--steps", "2", "--no-progress", *model_args
+        ),
+        "unknown_field": _cli(
+            "train", "--data", corpus, "--out", root / "o2", "--steps", "2", "--no-progress", *model_args, "foo=1"
+        ),
         "corrupt_resume": _cli("train", "--out", corrupt, "--resume", "--no-progress"),
         "corrupt_generate": _cli("generate", "--ckpt", corrupt, "--prompt", "def ", "--max-new-tokens", "2"),
         "resume_not_a_run": _cli("train", "--out", not_a_run, "--resume", "--no-progress"),
-        "no_such_device": _cli("train", "--data", corpus, "--out", root / "o3", "--steps", "2", "--no-progress",
-                               "--device", "cuda:99", *model_args),
+        "no_such_device": _cli(
+            "train",
+            "--data",
+            corpus,
+            "--out",
+            root / "o3",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--device",
+            "cuda:99",
+            *model_args,
+        ),
         "generate": _cli("generate", "--ckpt", runs["A"], "--prompt", "def ", "--max-new-tokens", "5"),
         "report": _cli("report", runs["A"]),
     }
@@ -411,20 +452,29 @@ def cli(runs, corpus, tmp_path_factory):
     for name, p in procs.items():
         out, err = p.communicate(timeout=300)
         results[name] = (p.returncode, out, err)
-    return {"results": results, "empty": empty, "corrupt": corrupt, "newest": newest.parent.name,
-            "not_a_run": not_a_run, "root": root}
+    return {
+        "results": results,
+        "empty": empty,
+        "corrupt": corrupt,
+        "newest": newest.parent.name,
+        "not_a_run": not_a_run,
+        "root": root,
+    }
 
 
-@pytest.mark.parametrize("case, facts", [
-    ("empty_data", ["no text documents", "{empty}"]),
-    ("unknown_field", ["unknown config field", "'foo'"]),
-    ("corrupt_resume", ["corrupt", "{newest}"]),
-    ("corrupt_generate", ["corrupt", "{newest}"]),
-    ("resume_not_a_run", ["not a dsv4 run", "{not_a_run}"]),
-    ("no_such_device", ["device=cuda:99"]),
-])
+@pytest.mark.parametrize(
+    "case, facts",
+    [
+        ("empty_data", ["no text documents", "{empty}"]),
+        ("unknown_field", ["unknown config field", "'foo'"]),
+        ("corrupt_resume", ["corrupt", "{newest}"]),
+        ("corrupt_generate", ["corrupt", "{newest}"]),
+        ("resume_not_a_run", ["not a dsv4 run", "{not_a_run}"]),
+        ("no_such_device", ["device=cuda:99"]),
+    ],
+)
 def test_cli_bad_input_is_one_line_error_with_status_2(cli, case, facts):
-    rc, out, err = cli["results"][case]
+    rc, _out, err = cli["results"][case]
     lines = err.strip().splitlines()
     assert rc == 2, (rc, err[-2000:])
     assert len(lines) == 1, err[-2000:]
@@ -446,7 +496,7 @@ def test_cli_generate_continues_the_prompt(cli):
 
 
 def test_cli_report_writes_summary(cli, runs):
-    rc, out, err = cli["results"]["report"]
+    rc, _out, err = cli["results"]["report"]
     assert rc == 0, err[-2000:]
     summary = runs["A"] / "report" / "summary.md"
     assert summary.exists() and summary.stat().st_size > 0
@@ -471,21 +521,57 @@ def test_eval_bpb_on_the_validation_files_equals_the_runs_final_validation(runs,
     assert abs(r["bpb"] - final["val_bpb"]) < 1e-5
     assert abs(r["xz_bpb"] - final["xz_bpb"]) < 1e-9
     capped = bpb_on_text(run, folder, seq_len=16, batch_size=2, max_tokens=40, progress=False)
-    assert capped["tokens"] == 64 and capped["bytes"] < r["bytes"]   # 2 batches of 2 x 16 targets
+    assert capped["tokens"] == 64 and capped["bytes"] < r["bytes"]  # 2 batches of 2 x 16 targets
 
 
 def test_cli_eval_bpb_prints_the_demo_line_and_rejects_bad_input(runs, corpus, tmp_path):
     out_json = tmp_path / "bpb.json"
-    p = subprocess.run([sys.executable, "-m", "dsv4", "eval", "bpb", "--ckpt", str(runs["A"]), "--data",
-                        str(corpus), "--seq-len", "64", "--max-tokens", "256", "--quiet", "--json", str(out_json)],
-                       capture_output=True, text=True, timeout=300, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv4",
+            "eval",
+            "bpb",
+            "--ckpt",
+            str(runs["A"]),
+            "--data",
+            str(corpus),
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "256",
+            "--quiet",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     line = [x for x in p.stdout.splitlines() if x.startswith("bits per byte:")]
     assert len(line) == 1 and "xz -9 on the same" in line[0]
     assert json.loads(out_json.read_text())["tokens"] == 256
-    bad = subprocess.run([sys.executable, "-m", "dsv4", "eval", "bpb", "--ckpt", str(runs["A"]), "--data",
-                          str(tmp_path / "missing"), "--quiet"], capture_output=True, text=True, timeout=300,
-                         check=False)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv4",
+            "eval",
+            "bpb",
+            "--ckpt",
+            str(runs["A"]),
+            "--data",
+            str(tmp_path / "missing"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("dsv4: error:") and "missing" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -500,13 +586,22 @@ def test_train_demo_runs_a_fixed_step_budget_and_prints_the_bpb_line(corpus, tmp
     monkeypatch.setattr(demo, "DEMO_STEPS", 3)
     monkeypatch.setitem(demo.DEMO_CONFIG, "final_eval_tokens", 2048)
     lines = []
-    res = demo.run_train_demo(out=str(tmp_path / "demo"), overrides=[f"data={corpus}", "progress=false", "compile=off",
-                                                                 "seq_len=64", "batch_size=2", *MODEL,
-                                                                 "compress_ratios=[0,4,16]"],
-                              print_fn=lines.append)
+    res = demo.run_train_demo(
+        out=str(tmp_path / "demo"),
+        overrides=[
+            f"data={corpus}",
+            "progress=false",
+            "compile=off",
+            "seq_len=64",
+            "batch_size=2",
+            *MODEL,
+            "compress_ratios=[0,4,16]",
+        ],
+        print_fn=lines.append,
+    )
     assert res["step"] == 3
     rows = _metrics(tmp_path / "demo")
-    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 2     # train records count from 0
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 2  # train records count from 0
     bpb_line = [x for x in lines if x.startswith("validation bits per byte:")]
     assert len(bpb_line) == 1 and "xz -9 on the same" in bpb_line[0]
     assert TrainConfig.from_json(tmp_path / "demo" / "train_config.json").steps == 3
@@ -549,15 +644,18 @@ def test_ns_dtype_sets_muons_newton_schulz_precision_and_resume_keeps_it(corpus,
 
 
 # ------------------------------------------------- short budgets, planning, progress (issue 13, items 1, 9, 11)
-@pytest.mark.parametrize("total, has_indexer, warm, lr_warm", [
-    (17, True, 1, 1), (60, True, 6, 5), (240, True, 24, 20), (1000, True, 30, 20), (17, False, 0, 1),
-    (5, True, 0, 1)])
+@pytest.mark.parametrize(
+    "total, has_indexer, warm, lr_warm",
+    [(17, True, 1, 1), (60, True, 6, 5), (240, True, 24, 20), (1000, True, 30, 20), (17, False, 0, 1), (5, True, 0, 1)],
+)
 def test_warmups_scale_with_the_planned_steps(total, has_indexer, warm, lr_warm):
     """Left at None, the indexer warm-up is min(30, 10% of the run) and the LR warm-up min(20, 10% of the LM
     stage); an explicit length is kept (the indexer's capped at the run)."""
     assert trainer_mod.stage_plan(total, TrainConfig(steps=total), has_indexer) == (warm, lr_warm)
-    assert trainer_mod.stage_plan(total, TrainConfig(steps=total, indexer_warmup_steps=40, warmup_steps=3),
-                                  True) == (min(40, total), 3)
+    assert trainer_mod.stage_plan(total, TrainConfig(steps=total, indexer_warmup_steps=40, warmup_steps=3), True) == (
+        min(40, total),
+        3,
+    )
 
 
 def test_a_short_run_trains_the_language_model_and_says_its_budget_is_small(corpus, tokenizer, tmp_path, capsys):
@@ -581,12 +679,17 @@ def test_progress_bar_shows_the_lm_loss_and_the_indexer_kl_apart():
     warm = {"stage": "indexer_warmup", "loss": 0.19, "indexer_loss": 0.19, "lr": 1e-3}
     sparse = {"stage": "sparse", "loss": 6.9, "lm_loss": 6.5, "indexer_loss": 0.2, "lr": 2e-3, "tok_per_s": 900.0}
     assert trainer_mod.progress_fields(warm) == {"stage": "indexer warm-up", "indexer_kl": "0.190", "lr": "1.0e-03"}
-    assert trainer_mod.progress_fields(sparse) == {"lm_loss": "6.500", "indexer_kl": "0.200", "lr": "2.0e-03",
-                                                   "tok/s": "900"}
+    assert trainer_mod.progress_fields(sparse) == {
+        "lm_loss": "6.500",
+        "indexer_kl": "0.200",
+        "lr": "2.0e-03",
+        "tok/s": "900",
+    }
 
 
-def test_a_minutes_run_is_planned_before_its_first_step_without_changing_the_run(corpus, tokenizer, tmp_path,
-                                                                                   monkeypatch, capsys):
+def test_a_minutes_run_is_planned_before_its_first_step_without_changing_the_run(
+    corpus, tokenizer, tmp_path, monkeypatch, capsys
+):
     """A --minutes run knows its length (so the bar has a total and an ETA) before step 0: probe steps time
     both stages at lr 0 and put every piece of state back, so its steps equal those of a --steps run of the
     planned length, loss for loss. Reaching the budget is no warning."""
@@ -602,8 +705,7 @@ def test_a_minutes_run_is_planned_before_its_first_step_without_changing_the_run
     a = tmp_path / "minutes"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(TrainConfig(data=str(corpus), out=str(a), tokenizer=str(tokenizer), minutes=0.25, progress=False),
-              over)
+        train(TrainConfig(data=str(corpus), out=str(a), tokenizer=str(tokenizer), minutes=0.25, progress=False), over)
     planned = totals[0]
     assert planned is not None and planned >= 2 and all(t <= planned for t in totals)
     assert f"planned {planned} steps for 0.25 minutes" in capsys.readouterr().out
@@ -617,11 +719,15 @@ def test_a_minutes_run_is_planned_before_its_first_step_without_changing_the_run
     assert len(common) >= 2 and all(la[s] == lb[s] for s in common), (la, lb)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lr=abc", "override lr='abc': expected a number"),
-    ("doc_mask=maybe", "override doc_mask='maybe': expected a boolean"),
-    ("steps=ten", "override steps='ten': expected an integer"),
-    ("seed=1.5", "override seed='1.5': expected an integer")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=abc", "override lr='abc': expected a number"),
+        ("doc_mask=maybe", "override doc_mask='maybe': expected a boolean"),
+        ("steps=ten", "override steps='ten': expected an integer"),
+        ("seed=1.5", "override seed='1.5': expected an integer"),
+    ],
+)
 def test_a_bad_training_override_names_its_key(override, message):
     from dsv4.config import ConfigError
 
@@ -629,10 +735,16 @@ def test_a_bad_training_override_names_its_key(override, message):
         apply_overrides(TrainConfig(), ModelConfig.preset("tiny"), [override])
 
 
-@pytest.mark.parametrize("names, message", [
-    (["a.dat"], "no text documents in {data}: none of its 1 files is UTF-8 text"),
-    (["a.dat", "b.dat", "c.py"], "need at least 2 text files in {data} to split into train and validation, found 1"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["a.dat"], "no text documents in {data}: none of its 1 files is UTF-8 text"),
+        (
+            ["a.dat", "b.dat", "c.py"],
+            "need at least 2 text files in {data} to split into train and validation, found 1",
+        ),
+    ],
+)
 def test_a_corpus_without_enough_text_fails_clearly_and_leaves_no_run_folder(tmp_path, names, message):
     """Text is checked before the tokenizer: binary files are counted in one warning, the error says what
     is missing, and the --out folder the failed start created is removed again."""
@@ -643,7 +755,9 @@ def test_a_corpus_without_enough_text_fails_clearly_and_leaves_no_run_folder(tmp
     for n in names:
         (data / n).write_bytes(b"def f():\n    return 1\n" if n.endswith(".py") else bytes(range(256)))
     out = tmp_path / "new" / "run"
-    with pytest.warns(DataWarning, match=r"skipping \d of \d files that are not UTF-8 text: .*a\.dat \(binary\)"):
-        with pytest.raises(DataError, match=re.escape(message.format(data=data))):
-            train(_tc(out, data, None, 2), SMALL)
+    with (
+        pytest.warns(DataWarning, match=r"skipping \d of \d files that are not UTF-8 text: .*a\.dat \(binary\)"),
+        pytest.raises(DataError, match=re.escape(message.format(data=data))),
+    ):
+        train(_tc(out, data, None, 2), SMALL)
     assert not (tmp_path / "new").exists()

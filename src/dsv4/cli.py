@@ -16,6 +16,7 @@ Wherever a checkpoint is taken, a run directory means its newest checkpoint. Bad
 preset, a missing file, an invalid config or flag value) prints one line `dsv4: error: ...` on stderr
 and exits with status 2; a closed stdout (`dsv4 info ... | head`) ends the command quietly (status 141).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 from dsv4.config import ConfigError, available_presets
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError)
-SIGPIPE_STATUS = 141   # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 def package_version() -> str:
@@ -68,7 +69,7 @@ def _number(kind, low, strict: bool = False, high=None):
     return parse
 
 
-COUNT = _number(int, 1)          # steps, tokens per forward, requests, ...
+COUNT = _number(int, 1)  # steps, tokens per forward, requests, ...
 NON_NEGATIVE = _number(int, 0)
 MINUTES = _number(float, 0, strict=True)
 TEMPERATURE = _number(float, 0)
@@ -83,7 +84,7 @@ def _load_config(args):
     if path.is_dir() and not (path / "config.json").exists():
         from dsv4.run import find_checkpoint
 
-        path = find_checkpoint(path)    # a run directory: its newest checkpoint
+        path = find_checkpoint(path)  # a run directory: its newest checkpoint
     return ModelConfig.from_json(path), str(args.config)
 
 
@@ -133,18 +134,25 @@ def _check_resume_flags(args) -> None:
 
     run = Path(args.out)
     if not (run / "train_config.json").exists():
-        return          # the trainer says that this is not a run
+        return  # the trainer says that this is not a run
     saved = TrainConfig.from_json(run / "train_config.json")
     saved_model = ModelConfig.from_json(run / "model_config.json")
 
     def same(given, kept) -> bool:
         return given == kept or (isinstance(kept, str) and Path(given).expanduser().resolve() == Path(kept).resolve())
 
-    flags = {"--preset": (args.preset, saved.preset), "--data": (args.data, saved.data),
-             "--tokenizer": (args.tokenizer, saved.tokenizer), "--steps": (args.steps, saved.steps),
-             "--minutes": (args.minutes, saved.minutes)}
-    bad = [f"{flag} {given} (saved: {kept if kept is not None else 'not set'})"
-           for flag, (given, kept) in flags.items() if given is not None and not same(given, kept)]
+    flags = {
+        "--preset": (args.preset, saved.preset),
+        "--data": (args.data, saved.data),
+        "--tokenizer": (args.tokenizer, saved.tokenizer),
+        "--steps": (args.steps, saved.steps),
+        "--minutes": (args.minutes, saved.minutes),
+    }
+    bad = [
+        f"{flag} {given} (saved: {kept if kept is not None else 'not set'})"
+        for flag, (given, kept) in flags.items()
+        if given is not None and not same(given, kept)
+    ]
     new, new_model = apply_overrides(saved, saved_model, args.overrides)
     for item in args.overrides:
         key = item.split("=", 1)[0]
@@ -152,8 +160,10 @@ def _check_resume_flags(args) -> None:
         if getattr(now, key) != getattr(old, key):
             bad.append(f"{item} (saved: {key}={getattr(old, key)!r})")
     if bad:
-        raise ConfigError(f"--resume continues {run} with its saved settings (a resumed run keeps its length too); "
-                          f"these disagree: {', '.join(bad)}; drop them, or train into a new --out")
+        raise ConfigError(
+            f"--resume continues {run} with its saved settings (a resumed run keeps its length too); "
+            f"these disagree: {', '.join(bad)}; drop them, or train into a new --out"
+        )
 
 
 def cmd_train(args) -> int:
@@ -166,21 +176,34 @@ def cmd_train(args) -> int:
         raise ConfigError("give --steps N or --minutes M")
     # --resume without --device continues on the run's own device ("" = keep it)
     device = args.device or ("" if args.resume else "cpu")
-    tc = TrainConfig(preset=args.preset or "tiny", data=args.data, out=args.out, tokenizer=args.tokenizer,
-                     steps=args.steps, minutes=args.minutes, progress=not args.no_progress, device=device)
+    tc = TrainConfig(
+        preset=args.preset or "tiny",
+        data=args.data,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        steps=args.steps,
+        minutes=args.minutes,
+        progress=not args.no_progress,
+        device=device,
+    )
     if device:
         tc.validate_device()
     final = train(tc, args.overrides, resume=args.resume)
-    print(f"val bits/byte {final['val_bpb']:.3f} (xz -9 on the same bytes: {final['xz_bpb']:.3f}); "
-          f"run in {args.out}")
+    print(f"val bits/byte {final['val_bpb']:.3f} (xz -9 on the same bytes: {final['xz_bpb']:.3f}); run in {args.out}")
     return 0
 
 
 def _sampling(args, stop=()):
     from dsv4.infer.sampling import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=list(stop)).validate()
+    return SamplingParams(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=list(stop),
+    ).validate()
 
 
 def _device(args):
@@ -191,10 +214,10 @@ def _device(args):
 
 
 def _engine(args):
-    from dsv4.generate import load_run
     from dsv4.infer.engine import Engine
+    from dsv4.run import load_run
 
-    model, tok = load_run(args.ckpt, device=_device(args))   # a run directory: its newest checkpoint
+    model, tok = load_run(args.ckpt, device=_device(args))  # a run directory: its newest checkpoint
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
@@ -210,12 +233,12 @@ def _stream_to(out, events) -> str | None:
 
 
 def cmd_generate(args) -> int:
-    params = _sampling(args)       # bad sampling options fail before the model is loaded
+    params = _sampling(args)  # bad sampling options fail before the model is loaded
     engine, tok = _engine(args)
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    req = engine.add(ids, params)   # validates the prompt before anything is printed
+    req = engine.add(ids, params)  # validates the prompt before anything is printed
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     while not req.finished:
@@ -228,12 +251,12 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from dsv4.infer.chat import load_template
 
-    _sampling(args)                # bad sampling options fail before the model is loaded
+    _sampling(args)  # bad sampling options fail before the model is loaded
     engine, tok = _engine(args)
     template = load_template(args.ckpt)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    interactive = sys.stdin.isatty()    # piped input: each exchange is printed as "you: ..." / "assistant: ..."
+    interactive = sys.stdin.isatty()  # piped input: each exchange is printed as "you: ..." / "assistant: ..."
     out = sys.stdout
     if interactive:
         print("dsv4 chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
@@ -264,8 +287,11 @@ def cmd_chat(args) -> int:
             del history[:2]
         if len(ids) >= engine.max_context:
             history.clear()
-            print(f"dsv4: the message is too long ({len(ids)} tokens; the context holds {engine.max_context})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dsv4: the message is too long ({len(ids)} tokens; the context holds {engine.max_context})",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         p = _sampling(args, template.stop)
         if args.seed is not None:
@@ -287,13 +313,24 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    device = _device(args)         # fails before uvicorn is imported
+    device = _device(args)  # fails before uvicorn is imported
     from dsv4.infer.server import serve
 
-    serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-          model_name=args.model_name, default_max_tokens=args.default_max_tokens, log_level=args.log_level,
-          device=device, compile=args.compile)
+    serve(
+        args.ckpt,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        model_name=args.model_name,
+        default_max_tokens=args.default_max_tokens,
+        log_level=args.log_level,
+        device=device,
+        compile=args.compile,
+    )
     return 0
 
 
@@ -334,39 +371,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="parameter counts, layer schedule and KV-cache size of a config",
-                          description="Count parameters (on the meta device: nothing is allocated), print the "
-                                      "layer schedule and the served KV-cache size.")
+    info = sub.add_parser(
+        "info",
+        help="parameter counts, layer schedule and KV-cache size of a config",
+        description="Count parameters (on the meta device: nothing is allocated), print the "
+        "layer schedule and the served KV-cache size.",
+    )
     src = info.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", metavar="NAME", help=f"a built-in preset: {', '.join(available_presets())}")
-    src.add_argument("--config", metavar="FILE", help="a config.json, a directory holding one (ours or transformers'), "
-                                                      "or a run directory (its newest checkpoint)")
+    src.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a config.json, a directory holding one (ours or transformers'), "
+        "or a run directory (its newest checkpoint)",
+    )
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="convert checkpoints to/from the transformers layout")
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-transformers", metavar="DIR", help="a transformers DeepseekV4 checkpoint directory")
-    way.add_argument("--to-transformers", metavar="DIR",
-                     help="a dsv4 run directory (its newest checkpoint), checkpoint or model directory")
+    way.add_argument(
+        "--to-transformers",
+        metavar="DIR",
+        help="a dsv4 run directory (its newest checkpoint), checkpoint or model directory",
+    )
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)
 
-    demo = sub.add_parser("demo", help="the main job: train tiny on the stdlib, report, sample (--random: a "
-                                       "random model's forward pass and generation only)")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: train tiny on the stdlib, report, sample (--random: a "
+        "random model's forward pass and generation only)",
+    )
     demo.add_argument("--random", action="store_true", help="only run a random model (seconds, no training)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     budget = demo.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=COUNT, default=None,
-                        help="training steps (default: the fixed demo budget, dsv4.train_demo.DEMO_STEPS)")
-    budget.add_argument("--minutes", type=MINUTES, default=None,
-                        help="a wall-clock budget instead (the result then depends on the machine's speed)")
+    budget.add_argument(
+        "--steps",
+        type=COUNT,
+        default=None,
+        help="training steps (default: the fixed demo budget, dsv4.train_demo.DEMO_STEPS)",
+    )
+    budget.add_argument(
+        "--minutes",
+        type=MINUTES,
+        default=None,
+        help="a wall-clock budget instead (the result then depends on the machine's speed)",
+    )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="training/model overrides")
     demo.add_argument("--preset", default="tiny", metavar="NAME", help="preset to build (default: tiny)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=16,
-                      help="with --random: tokens to generate (default: 16)")
-    demo.add_argument("--tokens", type=NON_NEGATIVE, dest="max_new_tokens", default=argparse.SUPPRESS,
-                      help=argparse.SUPPRESS)  # old name
+    demo.add_argument(
+        "--max-new-tokens", type=NON_NEGATIVE, default=16, help="with --random: tokens to generate (default: 16)"
+    )
+    demo.add_argument(
+        "--tokens", type=NON_NEGATIVE, dest="max_new_tokens", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # old name
     demo.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default), > 0 = sampling")
     demo.set_defaults(func=cmd_demo)
 
@@ -380,41 +440,60 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--minutes", type=MINUTES, default=None, help="wall-clock budget")
     tr.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.add_argument("--device", default=None, metavar="DEV",
-                    help="cpu (default, fp32), cuda or cuda:N (bf16 autocast where the GPU has it); with --resume: "
-                         "continue there (default: the run's own device)")
-    tr.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="training or model config fields, e.g. lr=1e-3 seq_len=512 hidden_size=128")
+    tr.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="cpu (default, fp32), cuda or cuda:N (bf16 autocast where the GPU has it); with --resume: "
+        "continue there (default: the run's own device)",
+    )
+    tr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="training or model config fields, e.g. lr=1e-3 seq_len=512 hidden_size=128",
+    )
     tr.set_defaults(func=cmd_train)
 
     def device_option(sp):
-        sp.add_argument("--device", default="cpu", metavar="DEV",
-                        help="where the model runs: cpu (default), cuda, cuda:N, ...")
-        sp.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step (pays a compilation per batch size and store size; "
-                             "faster for long generations)")
+        sp.add_argument(
+            "--device", default="cpu", metavar="DEV", help="where the model runs: cpu (default), cuda, cuda:N, ..."
+        )
+        sp.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the decode step (pays a compilation per batch size and store size; "
+            "faster for long generations)",
+        )
 
     def sampling_options(sp, temperature: float, max_new: int):
         sp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
         device_option(sp)
         sp.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default: {max_new}")
-        sp.add_argument("--temperature", type=float, default=temperature,
-                        help=f"0 = greedy (default: {temperature})")
+        sp.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
         sp.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
         sp.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter (default)")
         sp.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-        sp.add_argument("--max-context", type=COUNT, default=None, metavar="N",
-                        help="tokens per request, prompt + output (default: the model's limit)")
+        sp.add_argument(
+            "--max-context",
+            type=COUNT,
+            default=None,
+            metavar="N",
+            help="tokens per request, prompt + output (default: the model's limit)",
+        )
 
     ge = sub.add_parser("generate", help="sample text from a trained run (cached engine, streamed)")
     sampling_options(ge, 0.8, 64)
     ge.add_argument("--prompt", required=True)
     ge.set_defaults(func=cmd_generate)
 
-    ch = sub.add_parser("chat", help="chat with a trained run in the terminal (/reset, /exit)",
-                        description="Reads messages line by line from stdin (a terminal or a pipe), renders the "
-                                    "conversation with the run's chat template and streams each answer. "
-                                    "/reset clears the history, /exit quits.")
+    ch = sub.add_parser(
+        "chat",
+        help="chat with a trained run in the terminal (/reset, /exit)",
+        description="Reads messages line by line from stdin (a terminal or a pipe), renders the "
+        "conversation with the run's chat template and streams each answer. "
+        "/reset clears the history, /exit quits.",
+    )
     sampling_options(ch, 0.8, 256)
     ch.add_argument("--system", default=None, metavar="TEXT", help="a system message")
     ch.set_defaults(func=cmd_chat)
@@ -424,18 +503,35 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(se)
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     se.add_argument("--port", type=_number(int, 0, high=65535), default=8000, help="default: 8000 (0: any free port)")
-    se.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' (default: $DSV4_API_KEY; unset = no key)")
+    se.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $DSV4_API_KEY; unset = no key)",
+    )
     se.add_argument("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
-    se.add_argument("--max-waiting", type=NON_NEGATIVE, default=64,
-                    help="requests that may wait for a row: max-batch + max-waiting are accepted at once, more "
-                         "get HTTP 503 (default: 64)")
-    se.add_argument("--max-context", type=COUNT, default=None, metavar="N",
-                    help="tokens per request, prompt + output (default: the run's training seq_len, else the "
-                         "model's limit)")
+    se.add_argument(
+        "--max-waiting",
+        type=NON_NEGATIVE,
+        default=64,
+        help="requests that may wait for a row: max-batch + max-waiting are accepted at once, more "
+        "get HTTP 503 (default: 64)",
+    )
+    se.add_argument(
+        "--max-context",
+        type=COUNT,
+        default=None,
+        metavar="N",
+        help="tokens per request, prompt + output (default: the run's training seq_len, else the model's limit)",
+    )
     se.add_argument("--prefill-chunk", type=COUNT, default=2048, help="prompt tokens per forward (default: 2048)")
     se.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
-    se.add_argument("--default-max-tokens", type=COUNT, default=256,
-                    help="chat answer limit when a request gives none (default: 256)")
+    se.add_argument(
+        "--default-max-tokens",
+        type=COUNT,
+        default=256,
+        help="chat answer limit when a request gives none (default: 256)",
+    )
     se.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     se.set_defaults(func=cmd_serve)
 
@@ -446,9 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seq-len", type=int, default=1024, help="window length, >= 2 (default: 1024)")
     rec.add_argument("--batches", type=int, default=2, help="validation windows to average over (default: 2)")
     rec.set_defaults(func=cmd_eval)
-    bp = ev_sub.add_parser("bpb", help="bits per byte of a run on any text, with xz -9 on the same bytes",
-                           description="Score a run on the text files at PATH with the training run's byte "
-                                       "accounting (dsv4.eval.text_bpb); xz -9 compresses the same bytes.")
+    bp = ev_sub.add_parser(
+        "bpb",
+        help="bits per byte of a run on any text, with xz -9 on the same bytes",
+        description="Score a run on the text files at PATH with the training run's byte "
+        "accounting (dsv4.eval.text_bpb); xz -9 compresses the same bytes.",
+    )
     bp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
     bp.add_argument("--data", required=True, metavar="PATH", help="a file, folder or glob (as dsv4 train --data)")
     bp.add_argument("--seq-len", type=int, default=1024, help="window length (default: 1024)")
@@ -477,7 +576,7 @@ def _stdout_to_devnull() -> None:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):   # an in-memory stdout has no file descriptor
+    except (OSError, ValueError, AttributeError):  # an in-memory stdout has no file descriptor
         pass
 
 
@@ -493,9 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         status = args.func(args)
-        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
-    except BrokenPipeError:         # the reader went away: `dsv4 info ... | head -3`
+    except BrokenPipeError:  # the reader went away: `dsv4 info ... | head -3`
         _stdout_to_devnull()
         return SIGPIPE_STATUS
     except USER_ERRORS as e:

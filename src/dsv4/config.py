@@ -5,6 +5,7 @@ Layer kinds come from ``compress_ratios`` as in the official inference code (mod
 any other m > 1 = HCA (plain pooling over m tokens), and this project's 1 = DSA (raw-token
 indexer, no compressor). The list may carry one extra entry per MTP layer (official layout).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,13 @@ class ModelConfig:
     compress_rope_theta: float = 160000.0
     rope_theta: float = 10000.0
     rope_scaling: dict | None = field(
-        default_factory=lambda: {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
-                                 "beta_fast": 32, "beta_slow": 1}
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
     )
     max_position_embeddings: int = 1048576
     index_n_heads: int = 64
@@ -132,31 +138,67 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"{name}={getattr(self, name, None)!r}: {rule}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                     "q_lora_rank", "o_groups", "o_lora_rank", "moe_intermediate_size", "n_routed_experts",
-                     "num_experts_per_tok", "sliding_window", "hc_mult", "hc_sinkhorn_iters",
-                     "index_n_heads", "index_head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "head_dim",
+            "q_lora_rank",
+            "o_groups",
+            "o_lora_rank",
+            "moe_intermediate_size",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "sliding_window",
+            "hc_mult",
+            "hc_sinkhorn_iters",
+            "index_n_heads",
+            "index_head_dim",
+            "max_position_embeddings",
+        ):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
         need(self.index_topk > 0, "index_topk", "must be >= 1 (the indexer selects at least one entry)")
         need(self.num_key_value_heads == 1, "num_key_value_heads", "V4 attention is single-KV-head MQA; must be 1")
-        need(self.num_attention_heads % self.o_groups == 0, "o_groups",
-             f"num_attention_heads ({self.num_attention_heads}) must be divisible by o_groups")
-        need(0 < self.qk_rope_head_dim <= self.head_dim and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-             f"must be even and in (0, head_dim={self.head_dim}]")
-        need(self.index_head_dim % 2 == 0 and self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
-             f"must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})")
-        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-             f"cannot exceed n_routed_experts ({self.n_routed_experts})")
+        need(
+            self.num_attention_heads % self.o_groups == 0,
+            "o_groups",
+            f"num_attention_heads ({self.num_attention_heads}) must be divisible by o_groups",
+        )
+        need(
+            0 < self.qk_rope_head_dim <= self.head_dim and self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            f"must be even and in (0, head_dim={self.head_dim}]",
+        )
+        need(
+            self.index_head_dim % 2 == 0 and self.index_head_dim >= self.qk_rope_head_dim,
+            "index_head_dim",
+            f"must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})",
+        )
+        need(
+            self.num_experts_per_tok <= self.n_routed_experts,
+            "num_experts_per_tok",
+            f"cannot exceed n_routed_experts ({self.n_routed_experts})",
+        )
         need(self.n_shared_experts in (0, 1), "n_shared_experts", "must be 0 or 1")
-        need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",
-             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
-        need(self.scoring_func in ("sqrtsoftplus", "sigmoid", "softmax"), "scoring_func",
-             "must be one of sqrtsoftplus, sigmoid, softmax")
+        need(
+            0 <= self.num_hash_layers <= self.num_hidden_layers,
+            "num_hash_layers",
+            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+        need(
+            self.scoring_func in ("sqrtsoftplus", "sigmoid", "softmax"),
+            "scoring_func",
+            "must be one of sqrtsoftplus, sigmoid, softmax",
+        )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         n, n_all = self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers
-        need(len(self.compress_ratios) in (n, n_all), "compress_ratios",
-             f"needs one entry per layer: {n} (num_hidden_layers) or {n_all} (layers + MTP layers), "
-             f"got {len(self.compress_ratios)}")
+        need(
+            len(self.compress_ratios) in (n, n_all),
+            "compress_ratios",
+            f"needs one entry per layer: {n} (num_hidden_layers) or {n_all} (layers + MTP layers), "
+            f"got {len(self.compress_ratios)}",
+        )
         need(all(r >= 0 for r in self.compress_ratios), "compress_ratios", "entries must be >= 0")
         for k in range(n, len(self.compress_ratios)):
             need(self.compress_ratios[k] == 0, "compress_ratios", f"MTP entry {k} must be 0 (MTP blocks are SWA)")
@@ -169,23 +211,39 @@ class ModelConfig:
 
     def _validate_engram(self, need) -> None:
         ids, orders = self.engram_layer_ids, self.engram_orders
-        need(isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in ids)
-             and len(set(ids)) == len(ids), "engram_layer_ids",
-             f"must be distinct main layer ids in [0, num_hidden_layers={self.num_hidden_layers})")
-        need(isinstance(orders, list) and len(orders) > 0 and all(isinstance(n, int) and n >= 2 for n in orders)
-             and len(set(orders)) == len(orders), "engram_orders", "must be a non-empty list of distinct ints >= 2")
+        need(
+            isinstance(ids, list)
+            and all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in ids)
+            and len(set(ids)) == len(ids),
+            "engram_layer_ids",
+            f"must be distinct main layer ids in [0, num_hidden_layers={self.num_hidden_layers})",
+        )
+        need(
+            isinstance(orders, list)
+            and len(orders) > 0
+            and all(isinstance(n, int) and n >= 2 for n in orders)
+            and len(set(orders)) == len(orders),
+            "engram_orders",
+            "must be a non-empty list of distinct ints >= 2",
+        )
         for name in ("engram_heads", "engram_d_mem", "engram_conv_kernel"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
-        need(isinstance(self.engram_rows_per_head, int) and self.engram_rows_per_head >= 2, "engram_rows_per_head",
-             "must be an integer >= 2")
+        need(
+            isinstance(self.engram_rows_per_head, int) and self.engram_rows_per_head >= 2,
+            "engram_rows_per_head",
+            "must be an integer >= 2",
+        )
         need(isinstance(self.engram_seed, int) and self.engram_seed >= 0, "engram_seed", "must be an integer >= 0")
         heads = len(orders) * self.engram_heads
-        need(self.engram_d_mem % heads == 0, "engram_d_mem",
-             f"must be divisible by len(engram_orders) * engram_heads = {heads} (the row width per head)")
+        need(
+            self.engram_d_mem % heads == 0,
+            "engram_d_mem",
+            f"must be divisible by len(engram_orders) * engram_heads = {heads} (the row width per head)",
+        )
 
     # ------------------------------------------------------------------ json io
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         if d.get("model_type") == "deepseek_v4" and "layer_types" in d and "compress_ratios" not in d:
             d = _from_transformers_dict(d)
@@ -201,7 +259,7 @@ class ModelConfig:
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -216,8 +274,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if not self.engram_layer_ids:  # feature off: a V4 config.json stays as it was
-            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                        for f in dataclasses.fields(self) if f.name.startswith("engram_")}
+            defaults = {
+                f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(self)
+                if f.name.startswith("engram_")
+            }
             d = {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
         extra = d.pop("extra")
         d.update(extra)
@@ -229,7 +290,7 @@ class ModelConfig:
             Path(path).write_text(text)
         return text
 
-    def replace(self, **overrides) -> "ModelConfig":
+    def replace(self, **overrides) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(self)}
         bad = sorted(set(overrides) - names)
         if bad:
@@ -237,7 +298,7 @@ class ModelConfig:
         return dataclasses.replace(copy.deepcopy(self), **overrides)
 
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         path = PRESET_DIR / f"{name}.json"
         if not path.exists():
             raise ConfigError(f"unknown preset {name!r}; available: {available_presets()}")
@@ -252,8 +313,11 @@ def _from_transformers_dict(d: dict) -> dict:
     """Map a transformers DeepseekV4Config dict (layer_types, compress_rates, rope_parameters) to ours."""
     d = dict(d)
     rates = d.pop("compress_rates", None) or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-    kind_ratio = {"sliding_attention": 0, "compressed_sparse_attention": rates["compressed_sparse_attention"],
-                  "heavily_compressed_attention": rates["heavily_compressed_attention"]}
+    kind_ratio = {
+        "sliding_attention": 0,
+        "compressed_sparse_attention": rates["compressed_sparse_attention"],
+        "heavily_compressed_attention": rates["heavily_compressed_attention"],
+    }
     if kind_ratio["compressed_sparse_attention"] != CSA_RATIO:
         raise ConfigError("compress_rates: the CSA rate must be 4 (official rule: ratio 4 <=> CSA)")
     d["compress_ratios"] = [kind_ratio[t] for t in d.pop("layer_types")]
@@ -266,16 +330,34 @@ def _from_transformers_dict(d: dict) -> dict:
         comp = rp.get("compress", {})
         d["compress_rope_theta"] = comp.get("rope_theta", d.get("compress_rope_theta", 160000.0))
         if comp.get("rope_type") == "yarn":
-            d["rope_scaling"] = {"type": "yarn", "factor": comp["factor"],
-                                 "original_max_position_embeddings": comp["original_max_position_embeddings"],
-                                 "beta_fast": comp.get("beta_fast", 32), "beta_slow": comp.get("beta_slow", 1)}
+            d["rope_scaling"] = {
+                "type": "yarn",
+                "factor": comp["factor"],
+                "original_max_position_embeddings": comp["original_max_position_embeddings"],
+                "beta_fast": comp.get("beta_fast", 32),
+                "beta_slow": comp.get("beta_slow", 1),
+            }
         else:
             d["rope_scaling"] = None
         prf = comp.get("partial_rotary_factor", d.get("partial_rotary_factor"))
         if prf is not None:
-            d["qk_rope_head_dim"] = int(round(d["head_dim"] * prf))
-    for k in ("partial_rotary_factor", "model_type", "architectures", "transformers_version", "output_router_logits",
-              "router_aux_loss_coef", "router_jitter_noise", "use_cache", "pad_token_id", "attention_bias",
-              "mlp_bias", "attention_dropout", "dtype", "num_local_experts", "intermediate_size"):
+            d["qk_rope_head_dim"] = round(d["head_dim"] * prf)
+    for k in (
+        "partial_rotary_factor",
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "use_cache",
+        "pad_token_id",
+        "attention_bias",
+        "mlp_bias",
+        "attention_dropout",
+        "dtype",
+        "num_local_experts",
+        "intermediate_size",
+    ):
         d.pop(k, None)
     return d

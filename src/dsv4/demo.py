@@ -4,6 +4,7 @@ Nothing here is trained: the loss of a random model is about ln(vocab) and the g
 noise. The point is to show the whole model running end to end on a CPU in a few seconds.
 Generation re-runs the full forward for every new token (no KV cache), so it is slow by design.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from dsv4.info import count_params, human
 
 
 @torch.no_grad()
-def generate_uncached(model, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def generate_uncached(
+    model, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """prompt [B, T] -> [B, T + new_tokens]; greedy when temperature == 0, else sampling."""
     ids = prompt
     for _ in range(new_tokens):
@@ -32,17 +34,29 @@ def generate_uncached(model, prompt: torch.Tensor, new_tokens: int, temperature:
     return ids
 
 
-def run_demo(preset: str = "tiny", seed: int = 0, batch: int = 2, seq_len: int = 64, prompt_len: int = 8,
-             new_tokens: int = 16, temperature: float = 0.0, print_fn=print) -> dict:
+def run_demo(
+    preset: str = "tiny",
+    seed: int = 0,
+    batch: int = 2,
+    seq_len: int = 64,
+    prompt_len: int = 8,
+    new_tokens: int = 16,
+    temperature: float = 0.0,
+    print_fn=print,
+) -> dict:
     from dsv4.model.transformer import Transformer
 
     cfg = ModelConfig.preset(preset)
     torch.manual_seed(seed)
     pc = count_params(cfg)
-    print_fn(f"model: preset {preset!r}, {cfg.num_hidden_layers} layers {cfg.layer_kinds}, "
-             f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
-    print_fn(f"params: {pc['total']:,} ({human(pc['total'])}) total, {pc['active']:,} ({human(pc['active'])}) "
-             f"active per token; MTP block +{pc['mtp']:,}")
+    print_fn(
+        f"model: preset {preset!r}, {cfg.num_hidden_layers} layers {cfg.layer_kinds}, "
+        f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}"
+    )
+    print_fn(
+        f"params: {pc['total']:,} ({human(pc['total'])}) total, {pc['active']:,} ({human(pc['active'])}) "
+        f"active per token; MTP block +{pc['mtp']:,}"
+    )
     t0 = time.perf_counter()
     model = Transformer(cfg).eval()
     print_fn(f"built and randomly initialised in {time.perf_counter() - t0:.2f}s (seed {seed})")
@@ -67,7 +81,13 @@ def run_demo(preset: str = "tiny", seed: int = 0, batch: int = 2, seq_len: int =
     mode = "greedy" if temperature <= 0 else f"sampled at temperature {temperature}"
     print_fn(f"generate ({mode}, no KV cache): prompt {prompt[0].tolist()}")
     print_fn(f"  new ids: {seq[0, prompt_len:].tolist()}")
-    print_fn(f"  {new_tokens} tokens in {dt:.2f}s = {new_tokens / max(dt, 1e-9):.1f} tokens/s "
-             "(random weights: the ids are meaningless)")
-    return {"loss": loss, "logits_shape": tuple(out.logits.shape), "generated": seq[0, prompt_len:].tolist(),
-            "params": pc}
+    print_fn(
+        f"  {new_tokens} tokens in {dt:.2f}s = {new_tokens / max(dt, 1e-9):.1f} tokens/s "
+        "(random weights: the ids are meaningless)"
+    )
+    return {
+        "loss": loss,
+        "logits_shape": tuple(out.logits.shape),
+        "generated": seq[0, prompt_len:].tolist(),
+        "params": pc,
+    }

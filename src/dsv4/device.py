@@ -1,5 +1,6 @@
 """Device names from the command line: `resolve_device("cuda:0")` -> torch.device, or a one-line ValueError
 that says why the device cannot be used here (no CUDA device, an index past the last GPU, a bad name)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ def resolve_device(spec: str | torch.device | None, flag: str = "--device") -> t
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"{flag} {spec}: no MPS device on this machine")
         return dev
-    try:   # other backends (xpu, ...): usable iff a tensor can be made there
+    try:  # other backends (xpu, ...): usable iff a tensor can be made there
         torch.empty(1, device=dev)
     except Exception:
         raise ValueError(f"{flag} {spec}: no {dev.type} device on this machine") from None

@@ -3,48 +3,15 @@
 Temperature scaling, then nucleus (top-p) filtering: keep the smallest set of tokens whose probability
 mass reaches p (Holtzman et al. 2019); temperature 0 is greedy. The cached engine lives in dsv4.infer.
 """
-from __future__ import annotations
 
-from pathlib import Path
+from __future__ import annotations
 
 import torch
 
-from dsv4.data import EOS_ID, load_tokenizer
-from dsv4.run import CheckpointError, find_checkpoint, run_folder
-from dsv4.train.checkpoint import load_checkpoint
+from dsv4.data import EOS_ID
+from dsv4.run import load_run
 
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
-    dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
-    ValueError when this machine has no such device)."""
-    from dsv4.config import ModelConfig
-    from dsv4.device import resolve_device
-    from dsv4.model.transformer import Transformer
-    from dsv4.weights import load_model
-
-    device = resolve_device(device)
-    ckpt = find_checkpoint(run_dir)
-    run = run_folder(ckpt)
-    if not (run / "tokenizer.json").exists():
-        raise CheckpointError(f"no tokenizer.json in {run}")
-    if (ckpt / "state.json").exists():
-        model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
-        load_checkpoint(ckpt, model)
-    else:   # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
-        try:
-            model = load_model(ckpt)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-    if model.engrams():   # Engram tables (chunked safetensors in the checkpoint) and the canonical map
-        from dsv4.memory import load_store
-        from dsv4.model.engram import canonical_map_path, load_canonical_map
-
-        for i, eng in model.engrams().items():
-            eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
-        if canonical_map_path(run / "tokenizer.json").exists():
-            model.set_canonical_map(load_canonical_map(run / "tokenizer.json"))
-    return model.to(device).eval(), load_tokenizer(run / "tokenizer.json")
+__all__ = ["generate", "generate_text", "load_run", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -62,11 +29,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
 
 
 @torch.no_grad()
-def generate(model, ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-             seed: int = 0, stop_at_eos: bool = True) -> list[int]:
+def generate(
+    model,
+    ids: list[int],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[int]:
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    gen = torch.Generator().manual_seed(seed)   # sampling runs on the CPU: same seed, same draw on any device
+    gen = torch.Generator().manual_seed(seed)  # sampling runs on the CPU: same seed, same draw on any device
     x = torch.tensor([ids], device=next(model.parameters()).device)
     new = []
     for _ in range(max_new_tokens):
@@ -78,8 +52,9 @@ def generate(model, ids: list[int], max_new_tokens: int = 64, temperature: float
     return new
 
 
-def generate_text(run_dir, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-                  seed: int = 0) -> str:
+def generate_text(
+    run_dir, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0
+) -> str:
     model, tok = load_run(run_dir)
     ids = tok.encode(prompt).ids
     return prompt + tok.decode(generate(model, ids, max_new_tokens, temperature, top_p, seed))

@@ -26,6 +26,7 @@ sliding window (n_win entries per SWA/CSA/HCA layer) is a fixed cost that does n
 context. DSA layers (m = 1) keep every raw token, so their window is already inside the
 per-token part.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,15 +38,24 @@ from dsv4.config import ModelConfig
 
 # Component keys in display order; the attention ones are grouped under "attention".
 COMPONENTS = (
-    "embedding", "head",
-    "attention.q_proj", "attention.kv_proj", "attention.out_proj", "attention.sinks",
-    "attention.compressor", "attention.indexer",
-    "mhc", "router", "routed_experts", "shared_experts", "norms",
+    "embedding",
+    "head",
+    "attention.q_proj",
+    "attention.kv_proj",
+    "attention.out_proj",
+    "attention.sinks",
+    "attention.compressor",
+    "attention.indexer",
+    "mhc",
+    "router",
+    "routed_experts",
+    "shared_experts",
+    "norms",
 )
 
-FP8_SCALE_BLOCK = 64    # one e8m0 scale byte per 64 FP8 kv values
-FP4_SCALE_BLOCK = 32    # MXFP4: one e8m0 scale byte per 32 values
-ENTRY_ALIGN = 8         # a kv entry is padded to a multiple of 8 bytes (583 -> 584)
+FP8_SCALE_BLOCK = 64  # one e8m0 scale byte per 64 FP8 kv values
+FP4_SCALE_BLOCK = 32  # MXFP4: one e8m0 scale byte per 32 values
+ENTRY_ALIGN = 8  # a kv entry is padded to a multiple of 8 bytes (583 -> 584)
 GQA_BASELINE = dict(kv_heads=8, head_dim=128, bytes_per_value=2)  # BF16 GQA-8, head dim 128
 
 
@@ -73,9 +83,14 @@ def _classify(name: str, norm_params: set[str]) -> str:
         return "attention.compressor"
     if ".attn." in name:
         part = name.split(".attn.", 1)[1].split(".", 1)[0]
-        return {"wq_a": "attention.q_proj", "wq_b": "attention.q_proj", "wkv": "attention.kv_proj",
-                "wo_a": "attention.out_proj", "wo_b": "attention.out_proj",
-                "attn_sink": "attention.sinks"}.get(part, "attention.other")
+        return {
+            "wq_a": "attention.q_proj",
+            "wq_b": "attention.q_proj",
+            "wkv": "attention.kv_proj",
+            "wo_a": "attention.out_proj",
+            "wo_b": "attention.out_proj",
+            "attn_sink": "attention.sinks",
+        }.get(part, "attention.other")
     if leaf.startswith("hc_"):
         return "mhc"
     if ".ffn.gate." in name:
@@ -103,10 +118,15 @@ class ParamCount:
 
     def as_dict(self) -> dict:
         return {
-            "total": self.total, "total_with_mtp": self.total_with_mtp,
-            "active": self.active, "active_incl_embedding": self.active_incl_embedding,
-            "active_with_mtp": self.active_with_mtp, "mtp": self.mtp, "mtp_active": self.mtp_active,
-            "components": dict(self.components), "mtp_components": dict(self.mtp_components),
+            "total": self.total,
+            "total_with_mtp": self.total_with_mtp,
+            "active": self.active,
+            "active_incl_embedding": self.active_incl_embedding,
+            "active_with_mtp": self.active_with_mtp,
+            "mtp": self.mtp,
+            "mtp_active": self.mtp_active,
+            "components": dict(self.components),
+            "mtp_components": dict(self.mtp_components),
         }
 
 
@@ -123,9 +143,13 @@ def _count(cfg: ModelConfig, model=None) -> ParamCount:
     from dsv4.model.norm import RMSNorm
 
     model = build_meta_model(cfg) if model is None else model
-    norm_params = {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
-                   if isinstance(mod, RMSNorm) for pn, _ in mod.named_parameters(recurse=False)}
-    main: dict[str, int] = {k: 0 for k in COMPONENTS}
+    norm_params = {
+        f"{mn}.{pn}" if mn else pn
+        for mn, mod in model.named_modules()
+        if isinstance(mod, RMSNorm)
+        for pn, _ in mod.named_parameters(recurse=False)
+    }
+    main: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     mtp: dict[str, int] = {}
     for name, p in model.named_parameters():
         key = _classify(name, norm_params)
@@ -144,11 +168,17 @@ def _count(cfg: ModelConfig, model=None) -> ParamCount:
     active_incl = active_of(main)
     active = active_incl - main["embedding"]
     mtp_active = active_of(mtp)
-    return ParamCount(total=total, total_with_mtp=total + mtp_total, active=active,
-                      active_incl_embedding=active_incl, active_with_mtp=active + mtp_active,
-                      mtp=mtp_total, mtp_active=mtp_active,
-                      components={k_: v for k_, v in main.items() if v or k_ in COMPONENTS},
-                      mtp_components=mtp)
+    return ParamCount(
+        total=total,
+        total_with_mtp=total + mtp_total,
+        active=active,
+        active_incl_embedding=active_incl,
+        active_with_mtp=active + mtp_active,
+        mtp=mtp_total,
+        mtp_active=mtp_active,
+        components={k_: v for k_, v in main.items() if v or k_ in COMPONENTS},
+        mtp_components=mtp,
+    )
 
 
 # ------------------------------------------------------------------------------ KV cache
@@ -188,8 +218,15 @@ def kv_cache_bytes(cfg: ModelConfig) -> dict:
     g = GQA_BASELINE
     baseline = 2 * g["kv_heads"] * g["head_dim"] * g["bytes_per_value"] * cfg.num_hidden_layers
     per_token = sum(b for _, _, b in per_layer)
-    return {"entry_bytes": entry, "indexer_key_bytes": ikey, "per_token": per_token, "fixed": fixed,
-            "baseline_per_token": baseline, "ratio_to_baseline": per_token / baseline, "per_layer": per_layer}
+    return {
+        "entry_bytes": entry,
+        "indexer_key_bytes": ikey,
+        "per_token": per_token,
+        "fixed": fixed,
+        "baseline_per_token": baseline,
+        "ratio_to_baseline": per_token / baseline,
+        "per_layer": per_layer,
+    }
 
 
 # ------------------------------------------------------------------------------ report
@@ -200,10 +237,17 @@ def engram_tables(cfg: ModelConfig) -> dict:
     if not cfg.engram_layer_ids:
         return dict(layers=[], rows=0, dim=0, params=0, fp32_bytes=0, rows_per_token=0)
     from dsv4.model.engram import table_shape
+
     primes, dim = table_shape(cfg)
     rows, n = sum(primes), len(cfg.engram_layer_ids)
-    return dict(layers=list(cfg.engram_layer_ids), rows=rows, dim=dim, params=n * rows * dim,
-                fp32_bytes=n * rows * dim * 4, rows_per_token=n * len(primes))
+    return dict(
+        layers=list(cfg.engram_layer_ids),
+        rows=rows,
+        dim=dim,
+        params=n * rows * dim,
+        fp32_bytes=n * rows * dim * 4,
+        rows_per_token=n * len(primes),
+    )
 
 
 def human(n: float) -> str:
@@ -217,8 +261,15 @@ def layer_schedule(cfg: ModelConfig) -> list[dict]:
     rows = []
     for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
         mtp = i >= cfg.num_hidden_layers
-        rows.append({"layer": i, "mtp": mtp, "kind": cfg.layer_kind(i), "ratio": cfg.compress_ratio(i),
-                     "routing": "hash" if i < cfg.num_hash_layers else "learned"})
+        rows.append(
+            {
+                "layer": i,
+                "mtp": mtp,
+                "kind": cfg.layer_kind(i),
+                "ratio": cfg.compress_ratio(i),
+                "routing": "hash" if i < cfg.num_hash_layers else "learned",
+            }
+        )
     return rows
 
 
@@ -231,10 +282,12 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
         out.append(f"model: {name}")
     kinds = cfg.layer_kinds
     summary = ", ".join(f"{kinds.count(k)} {k}" for k in ("swa", "csa", "hca", "dsa") if kinds.count(k))
-    out.append(f"layers: {cfg.num_hidden_layers} ({summary}) + {cfg.num_nextn_predict_layers} MTP; "
-               f"hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}x{cfg.head_dim}, "
-               f"experts {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared"
-               f" x {cfg.moe_intermediate_size}, vocab {cfg.vocab_size}")
+    out.append(
+        f"layers: {cfg.num_hidden_layers} ({summary}) + {cfg.num_nextn_predict_layers} MTP; "
+        f"hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}x{cfg.head_dim}, "
+        f"experts {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared"
+        f" x {cfg.moe_intermediate_size}, vocab {cfg.vocab_size}"
+    )
     out.append("")
     out.append("layer schedule:")
     out.append(f"  {'layer':>5}  {'kind':<4}  {'ratio':>5}  routing")
@@ -248,9 +301,11 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
     out.append(f"active_params_with_mtp: {pc.active_with_mtp}")
     out.append(f"active_params_incl_embedding: {pc.active_incl_embedding}")
     out.append(f"mtp_params: {pc.mtp}")
-    out.append(f"summary: {human(pc.total)} total / {human(pc.active)} active per token "
-               f"(with MTP: {human(pc.total_with_mtp)} / {human(pc.active_with_mtp)}); "
-               "totals exclude MTP, active counts exclude the input embedding")
+    out.append(
+        f"summary: {human(pc.total)} total / {human(pc.active)} active per token "
+        f"(with MTP: {human(pc.total_with_mtp)} / {human(pc.active_with_mtp)}); "
+        "totals exclude MTP, active counts exclude the input embedding"
+    )
     out.append("")
     out.append("components (main model; sums to total_params):")
     out.append(f"  {'component':<24} {'params':>16} {'human':>9} {'share':>7}")
@@ -262,21 +317,33 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
     for key, n in sorted(pc.mtp_components.items(), key=lambda kv_: -kv_[1]):
         out.append(f"    {'mtp.' + key:<22} {n:>16} {human(n):>9}")
     out.append("")
-    out.append(f"kv cache (served layout: {kv['entry_bytes']} B per entry, "
-               f"{kv['indexer_key_bytes']} B per FP4 indexer key; main layers, MTP excluded):")
-    out.append(f"  kv_bytes_per_token: {kv['per_token']:.2f}  ({kv['per_token'] / 1000:.2f} KB, "
-               f"{kv['per_token'] / 1024:.2f} KiB per token of context)")
-    out.append(f"  kv_fixed_bytes: {kv['fixed']}  ({human(kv['fixed'])}B: sliding windows, "
-               f"{cfg.sliding_window} x {kv['entry_bytes']} B per non-DSA layer)")
-    out.append(f"  bf16_gqa8_bytes_per_token: {kv['baseline_per_token']}  "
-               f"(2 x 8 x 128 x 2 B x {cfg.num_hidden_layers} layers)")
+    out.append(
+        f"kv cache (served layout: {kv['entry_bytes']} B per entry, "
+        f"{kv['indexer_key_bytes']} B per FP4 indexer key; main layers, MTP excluded):"
+    )
+    out.append(
+        f"  kv_bytes_per_token: {kv['per_token']:.2f}  ({kv['per_token'] / 1000:.2f} KB, "
+        f"{kv['per_token'] / 1024:.2f} KiB per token of context)"
+    )
+    out.append(
+        f"  kv_fixed_bytes: {kv['fixed']}  ({human(kv['fixed'])}B: sliding windows, "
+        f"{cfg.sliding_window} x {kv['entry_bytes']} B per non-DSA layer)"
+    )
+    out.append(
+        f"  bf16_gqa8_bytes_per_token: {kv['baseline_per_token']}  (2 x 8 x 128 x 2 B x {cfg.num_hidden_layers} layers)"
+    )
     out.append(f"  ratio_to_bf16_gqa8: {kv['ratio_to_baseline']:.4f}  ({100 * kv['ratio_to_baseline']:.2f}%)")
     eg = engram_tables(cfg)
     if eg["layers"]:
         out.append("")
         out.append(f"engram tables (row stores, not in total_params; layers {eg['layers']}):")
-        out.append(f"  engram_table_params: {eg['params']}  ({human(eg['params'])}; {eg['rows']:,} rows x {eg['dim']} "
-                   f"per layer)")
-        out.append(f"  engram_table_bytes_fp32: {eg['fp32_bytes']}  ({human(eg['fp32_bytes'])}B; sparse Adam state: 2x more)")
-        out.append(f"  engram_rows_per_token: {eg['rows_per_token']}  ({eg['rows_per_token'] * eg['dim'] * 4} B read per token)")
+        out.append(
+            f"  engram_table_params: {eg['params']}  ({human(eg['params'])}; {eg['rows']:,} rows x {eg['dim']} "
+            f"per layer)"
+        )
+        out.append(
+            f"  engram_table_bytes_fp32: {eg['fp32_bytes']}  ({human(eg['fp32_bytes'])}B; sparse Adam state: 2x more)"
+        )
+        read = eg["rows_per_token"] * eg["dim"] * 4
+        out.append(f"  engram_rows_per_token: {eg['rows_per_token']}  ({read} B read per token)")
     return "\n".join(out)

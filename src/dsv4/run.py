@@ -4,8 +4,9 @@ A run folder RUN holds train_config.json, model_config.json, tokenizer.json (and
 chat_template.json), metrics.jsonl and checkpoints RUN/ckpt-NNNNNNN/ (dsv4.train.checkpoint writes
 them; a complete one holds state.json). Every command that takes a checkpoint also takes the run folder
 (its newest checkpoint) or a model folder (config.json + safetensors, as `dsv4 convert
---from-transformers` writes).
+--from-transformers` writes). `load_run` is the loader all of them use.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,14 +39,19 @@ def find_checkpoint(path: str | Path) -> Path:
 
     path = Path(path)
     if is_transformers_folder(path):
-        raise CheckpointError(f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
-                              f"`dsv4 convert --from-transformers {path} OUT`")
+        raise CheckpointError(
+            f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
+            f"`dsv4 convert --from-transformers {path} OUT`"
+        )
     if (path / "state.json").exists() or (path / "config.json").exists():
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"no checkpoint found in {path} (expected a run folder, a ckpt-* folder or a model "
-                              "folder with config.json)" if path.is_dir() else f"{path} does not exist")
+        raise CheckpointError(
+            f"no checkpoint found in {path} (expected a run folder, a ckpt-* folder or a model folder with config.json)"
+            if path.is_dir()
+            else f"{path} does not exist"
+        )
     return ckpt
 
 
@@ -56,3 +62,38 @@ def run_folder(path: str | Path) -> Path:
     if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
         return path
     return path.parent
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
+    dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
+    ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
+    from dsv4.config import ModelConfig
+    from dsv4.data import load_tokenizer
+    from dsv4.device import resolve_device
+    from dsv4.model.transformer import Transformer
+    from dsv4.train.checkpoint import load_checkpoint
+    from dsv4.weights import load_model
+
+    device = resolve_device(device)
+    ckpt = find_checkpoint(run_dir)
+    run = run_folder(ckpt)
+    if not (run / "tokenizer.json").exists():
+        raise CheckpointError(f"no tokenizer.json in {run}")
+    if (ckpt / "state.json").exists():
+        model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
+        load_checkpoint(ckpt, model)
+    else:  # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
+        try:
+            model = load_model(ckpt)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    if model.engrams():  # Engram tables (chunked safetensors in the checkpoint) and the canonical map
+        from dsv4.memory import load_store
+        from dsv4.model.engram import canonical_map_path, load_canonical_map
+
+        for i, eng in model.engrams().items():
+            eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
+        if canonical_map_path(run / "tokenizer.json").exists():
+            model.set_canonical_map(load_canonical_map(run / "tokenizer.json"))
+    return model.to(device).eval(), load_tokenizer(run / "tokenizer.json")

@@ -1,4 +1,5 @@
 """Safetensors weight IO (never pickle): single files or HF-style shards with an index, atomic writes."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     try:
         # copies on the CPU: views that share storage (stacked experts split per expert) must be separate
         # tensors, and device tensors are written from host memory
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", **(metadata or {})})
+        save_file(
+            {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+            tmp,
+            metadata={"format": "pt", **(metadata or {})},
+        )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +52,7 @@ def save_state_dict(state: dict[str, torch.Tensor], directory: str | Path, max_s
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         _atomic_save(shard, directory / name)
-        weight_map.update({k: name for k in shard})
+        weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
     tmp = directory / (INDEX + ".tmp")
     tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -74,7 +78,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"corrupt or unreadable safetensors file {path}: {e}") from None
 
@@ -101,6 +105,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None):
     state = dequantize_state_dict(load_state_dict(directory))  # official FP8 / MXFP4 checkpoints
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {directory} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.to(dtype) if dtype is not None else model

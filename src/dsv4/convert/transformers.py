@@ -10,6 +10,7 @@ for, such as the MTP entries of compress_ratios), so the round trip dsv4 -> tran
 same config and weights. A dsv4 folder written here (config.json, model.safetensors, tokenizer.json) loads
 with `dsv4 generate / chat / serve / info`.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,42 @@ LAYER = [
     ("ffn.shared_experts.w2", "mlp.shared_experts.down_proj"),
 ]
 # config fields transformers' DeepseekV4Config has under the same name
-FIELDS = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
-          "num_key_value_heads", "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts",
-          "n_shared_experts", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "max_position_embeddings",
-          "rope_theta", "compress_rope_theta", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "swiglu_limit",
-          "sliding_window", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk",
-          "num_nextn_predict_layers", "rms_norm_eps", "tie_word_embeddings", "initializer_range", "bos_token_id",
-          "eos_token_id")
-DSV4_CONFIG = "dsv4_config.json"   # the exact dsv4 config, beside a transformers config.json
+FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "q_lora_rank",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "n_shared_experts",
+    "scoring_func",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "max_position_embeddings",
+    "rope_theta",
+    "compress_rope_theta",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "hc_eps",
+    "swiglu_limit",
+    "sliding_window",
+    "o_groups",
+    "o_lora_rank",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "num_nextn_predict_layers",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+)
+DSV4_CONFIG = "dsv4_config.json"  # the exact dsv4 config, beside a transformers config.json
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
 
@@ -84,7 +113,7 @@ def _rename(suffix: str, table, src: int, dst: int) -> str:
     for pair in table:
         a = pair[src]
         if suffix == a or suffix.startswith(a + "."):
-            return pair[dst] + suffix[len(a):]
+            return pair[dst] + suffix[len(a) :]
     raise ValueError(f"no transformers name known for {suffix!r}")
 
 
@@ -107,7 +136,8 @@ def to_transformers_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) ->
         if (i, 0, "w1") not in experts:
             continue
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[(i, e, "w1")], experts[(i, e, "w3")]], 0) for e in range(n)])
+            [torch.cat([experts[(i, e, "w1")], experts[(i, e, "w3")]], 0) for e in range(n)]
+        )
         out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([experts[(i, e, "w2")] for e in range(n)])
     return out
 
@@ -145,8 +175,9 @@ def to_transformers_config(cfg: ModelConfig, dtype: str | None = None):
     try:
         from transformers import DeepseekV4Config
     except ModuleNotFoundError as e:
-        raise RuntimeError(f"converting to transformers needs the transformers package ({e}); "
-                           "pip install 'transformers==5.24.0'") from None
+        raise RuntimeError(
+            f"converting to transformers needs the transformers package ({e}); pip install 'transformers==5.24.0'"
+        ) from None
 
     kinds = cfg.layer_kinds
     if "dsa" in kinds:
@@ -161,16 +192,26 @@ def to_transformers_config(cfg: ModelConfig, dtype: str | None = None):
     rope = None
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
-        rope = {"rope_type": "yarn", "factor": rs["factor"], "beta_fast": rs.get("beta_fast", 32),
-                "beta_slow": rs.get("beta_slow", 1),
-                "original_max_position_embeddings": rs["original_max_position_embeddings"]}
+        rope = {
+            "rope_type": "yarn",
+            "factor": rs["factor"],
+            "beta_fast": rs.get("beta_fast", 32),
+            "beta_slow": rs.get("beta_slow", 1),
+            "original_max_position_embeddings": rs["original_max_position_embeddings"],
+        }
     kw = {f: getattr(cfg, f) for f in FIELDS}
     kw["mlp_layer_types"] = ["hash_moe" if i < cfg.num_hash_layers else "moe" for i in range(len(kinds))]
     return DeepseekV4Config(
-        **kw, layer_types=layer_types, dtype=dtype or cfg.torch_dtype,
-        compress_rates={"compressed_sparse_attention": CSA_RATIO,
-                        "heavily_compressed_attention": hca.pop() if hca else 128},
-        partial_rotary_factor=cfg.qk_rope_head_dim / cfg.head_dim, rope_parameters=rope)
+        **kw,
+        layer_types=layer_types,
+        dtype=dtype or cfg.torch_dtype,
+        compress_rates={
+            "compressed_sparse_attention": CSA_RATIO,
+            "heavily_compressed_attention": hca.pop() if hca else 128,
+        },
+        partial_rotary_factor=cfg.qk_rope_head_dim / cfg.head_dim,
+        rope_parameters=rope,
+    )
 
 
 def from_transformers_config(hf_config) -> ModelConfig:
@@ -207,8 +248,10 @@ def _saved_dsv4_config(src: Path, mapped: ModelConfig) -> ModelConfig | None:
         return None
     saved = ModelConfig.from_json(path)
     n = mapped.num_hidden_layers
-    same = (all(getattr(saved, f) == getattr(mapped, f) for f in (*FIELDS, "num_hash_layers", "qk_rope_head_dim"))
-            and saved.compress_ratios[:n] == mapped.compress_ratios[:n])
+    same = (
+        all(getattr(saved, f) == getattr(mapped, f) for f in (*FIELDS, "num_hash_layers", "qk_rope_head_dim"))
+        and saved.compress_ratios[:n] == mapped.compress_ratios[:n]
+    )
     if not same:
         warnings.warn(f"{path} does not match {src / 'config.json'}; using config.json", stacklevel=2)
     return saved if same else None
@@ -216,7 +259,7 @@ def _saved_dsv4_config(src: Path, mapped: ModelConfig) -> ModelConfig | None:
 
 def convert_from_transformers_dir(src: str | Path, out: str | Path) -> ModelConfig:
     """transformers checkpoint dir -> dsv4 model dir (config.json, model.safetensors, and tokenizer.json when
-    the source has one), loadable by dsv4.generate.load_run."""
+    the source has one), loadable by dsv4.run.load_run."""
     from dsv4.run import find_checkpoint
 
     src, out = Path(src), Path(out)
@@ -262,9 +305,21 @@ def convert_to_transformers_dir(src: str | Path, out: str | Path) -> Path | None
         return None
     shutil.copyfile(tok, out / "tokenizer.json")
     vocab = load_tokenizer(tok)
-    special = {name: vocab.id_to_token(i) for name, i in (("bos_token", cfg.bos_token_id),
-                                                          ("eos_token", cfg.eos_token_id)) if i is not None}
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": cfg.max_position_embeddings,
-         "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    special = {
+        name: vocab.id_to_token(i)
+        for name, i in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id))
+        if i is not None
+    }
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **special,
+                "model_max_length": cfg.max_position_embeddings,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return tok

@@ -4,6 +4,7 @@ The default corpus is the Python standard library of the running interpreter, so
 offline with no download. Everything here is deterministic (sorted listings, hashlib-based split)
 so two machines, or a resumed run, see the same documents in the same order.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -13,11 +14,21 @@ import json
 import os
 import sysconfig
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
-__all__ = ["DataError", "DataWarning", "Document", "default_corpus", "find_files", "iter_documents", "text_files",
-           "split_files", "BINARY_EXTENSIONS"]
+__all__ = [
+    "BINARY_EXTENSIONS",
+    "DataError",
+    "DataWarning",
+    "Document",
+    "default_corpus",
+    "find_files",
+    "iter_documents",
+    "split_files",
+    "text_files",
+]
 
 # Extensions that are never text; other files are still sniffed for NUL bytes / bad UTF-8 when read.
 BINARY_EXTENSIONS = frozenset(
@@ -25,7 +36,8 @@ BINARY_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .gif .bmp .ico .tif .tiff .webp .svgz .pdf .psd "
     ".gz .tgz .zip .tar .bz2 .xz .zst .lz4 .7z .rar .whl .egg "
     ".npy .npz .pt .pth .ckpt .safetensors .onnx .pkl .pickle .parquet .arrow .feather .h5 .hdf5 "
-    ".db .sqlite .sqlite3 .wav .mp3 .ogg .flac .mp4 .mov .avi .mkv .woff .woff2 .ttf .otf .eot".split())
+    ".db .sqlite .sqlite3 .wav .mp3 .ogg .flac .mp4 .mov .avi .mkv .woff .woff2 .ttf .otf .eot".split()
+)
 
 # The stdlib default: *.py only; site-packages (third-party code, 130 MB on a typical install)
 # and the test suites (Lib/test alone is ~17 MB, more than the rest of the stdlib, and holds files
@@ -45,6 +57,7 @@ class DataWarning(UserWarning):
 
 class Document(NamedTuple):
     """One training document: the file it came from and its text."""
+
     path: Path
     text: str
 
@@ -73,8 +86,11 @@ def _keep_file(path: Path, stdlib: bool) -> bool:
 def _walk(root: Path, stdlib: bool) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")
-                       and not (stdlib and d in STDLIB_SKIP_DIRS)]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d != "__pycache__" and not d.startswith(".") and not (stdlib and d in STDLIB_SKIP_DIRS)
+        ]
         for f in filenames:
             p = Path(dirpath) / f
             if _keep_file(p, stdlib) and p.is_file():
@@ -217,8 +233,10 @@ def iter_documents(files: Iterable[str | Path], text_field: str = "text") -> Ite
             yield Document(path, text)
     if n == 0:
         where = _common_root(files) if files else "(no files given)"
-        raise DataError(f"no text documents found under {where} ({len(files)} files: all empty, binary, "
-                        f"not UTF-8 or without a string {text_field!r} field)")
+        raise DataError(
+            f"no text documents found under {where} ({len(files)} files: all empty, binary, "
+            f"not UTF-8 or without a string {text_field!r} field)"
+        )
 
 
 def _common_root(files: Sequence[Path]) -> Path:
@@ -227,11 +245,12 @@ def _common_root(files: Sequence[Path]) -> Path:
 
 def _score(rel: str) -> float:
     """A stable uniform number in [0, 1) for a relative path (sha256, so identical on every machine)."""
-    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def split_files(files: Sequence[str | Path], val_fraction: float = 0.05,
-                root: str | Path | None = None) -> tuple[list[Path], list[Path]]:
+def split_files(
+    files: Sequence[str | Path], val_fraction: float = 0.05, root: str | Path | None = None
+) -> tuple[list[Path], list[Path]]:
     """Split files into (train, val) by a sha256 of each path relative to `root`.
 
     `root` defaults to the files' common folder, so the split does not depend on where the corpus is

@@ -5,13 +5,14 @@ offsets drawn from np.random.default_rng([seed, step]), so the batch of a step i
 of (seed, step): resuming at step k reproduces exactly the data of an uninterrupted run.
 segment_ids mark document boundaries inside a window for document-masked attention.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +22,7 @@ from tqdm.auto import tqdm
 from .corpus import DataError, Document, iter_documents
 from .tokenizer import EOS_ID
 
-__all__ = ["TokenStream", "Batch", "Batches", "tokenize_corpus", "tokenize_files_cached", "val_batches",
-           "segment_ids"]
+__all__ = ["Batch", "Batches", "TokenStream", "segment_ids", "tokenize_corpus", "tokenize_files_cached", "val_batches"]
 
 ENCODE_CHUNK_CHARS = 2_000_000  # text handed to one encode_batch call (bounds memory, drives the bar)
 
@@ -31,6 +31,7 @@ ENCODE_CHUNK_CHARS = 2_000_000  # text handed to one encode_batch call (bounds m
 class TokenStream:
     """A tokenized corpus: `tokens` (uint16 or int32, eos after each document), `doc_starts`
     (int64 offset of each document's first token) and `n_bytes` (UTF-8 bytes of all the text)."""
+
     tokens: np.ndarray
     doc_starts: np.ndarray
     n_bytes: int
@@ -47,13 +48,12 @@ class TokenStream:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, tokens=self.tokens, doc_starts=self.doc_starts, n_bytes=np.int64(self.n_bytes),
-                 key=np.array(key))
+        np.savez(tmp, tokens=self.tokens, doc_starts=self.doc_starts, n_bytes=np.int64(self.n_bytes), key=np.array(key))
         os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenStream":
+    def load(cls, path: str | Path) -> TokenStream:
         """Read a cache written by save()."""
         with np.load(Path(path)) as z:
             return cls(z["tokens"], z["doc_starts"], int(z["n_bytes"]))
@@ -72,8 +72,7 @@ def _dtype(tok: Tokenizer) -> type:
     return np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
 
 
-def tokenize_corpus(docs: Iterable[Document | str], tokenizer: Tokenizer, *,
-                    show_progress: bool = True) -> TokenStream:
+def tokenize_corpus(docs: Iterable[Document | str], tokenizer: Tokenizer, *, show_progress: bool = True) -> TokenStream:
     """Encode documents (Document or plain str) into one stream with <|eos|> after each.
 
     Documents are encoded in chunks with encode_batch(_fast) (parallel in Rust); the bar counts text bytes.
@@ -131,8 +130,14 @@ def _files_key(files: Sequence[Path], tokenizer: Tokenizer, text_field: str) -> 
     return h.hexdigest()
 
 
-def tokenize_files_cached(files: Sequence[str | Path], tokenizer: Tokenizer, cache: str | Path | None, *,
-                          text_field: str = "text", show_progress: bool = True) -> TokenStream:
+def tokenize_files_cached(
+    files: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    cache: str | Path | None,
+    *,
+    text_field: str = "text",
+    show_progress: bool = True,
+) -> TokenStream:
     """tokenize_corpus(iter_documents(files)) with an .npz cache at `cache`, reused while the tokenizer
     and the files (path, size, mtime) are unchanged. cache=None disables caching."""
     files = [Path(p) for p in files]
@@ -156,24 +161,32 @@ def segment_ids(input_ids: np.ndarray, eos_id: int = EOS_ID) -> np.ndarray:
 class Batch:
     """input_ids, targets (input shifted by one) and segment_ids, all int64 [B, T]; n_bytes = UTF-8
     bytes of the target tokens (None when the loader has no token byte lengths)."""
+
     input_ids: torch.Tensor
     targets: torch.Tensor
     segment_ids: torch.Tensor
     n_bytes: int | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on `device`."""
-        return Batch(self.input_ids.to(device, non_blocking=non_blocking),
-                     self.targets.to(device, non_blocking=non_blocking),
-                     self.segment_ids.to(device, non_blocking=non_blocking), self.n_bytes)
+        return Batch(
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.targets.to(device, non_blocking=non_blocking),
+            self.segment_ids.to(device, non_blocking=non_blocking),
+            self.n_bytes,
+        )
 
 
 def _make_batch(windows: np.ndarray, token_bytes: np.ndarray | None, eos_id: int) -> Batch:
     windows = windows.astype(np.int64)
     inp, tgt = windows[:, :-1], windows[:, 1:]
     n_bytes = int(token_bytes[tgt].sum()) if token_bytes is not None else None
-    return Batch(torch.from_numpy(np.ascontiguousarray(inp)), torch.from_numpy(np.ascontiguousarray(tgt)),
-                 torch.from_numpy(segment_ids(inp, eos_id)), n_bytes)
+    return Batch(
+        torch.from_numpy(np.ascontiguousarray(inp)),
+        torch.from_numpy(np.ascontiguousarray(tgt)),
+        torch.from_numpy(segment_ids(inp, eos_id)),
+        n_bytes,
+    )
 
 
 def _tokens(stream: TokenStream | np.ndarray) -> np.ndarray:
@@ -188,8 +201,15 @@ class Batches:
     token_byte_lengths) enables Batch.n_bytes.
     """
 
-    def __init__(self, stream: TokenStream | np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 token_bytes: np.ndarray | None = None, eos_id: int = EOS_ID):
+    def __init__(
+        self,
+        stream: TokenStream | np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        token_bytes: np.ndarray | None = None,
+        eos_id: int = EOS_ID,
+    ):
         self.tokens = _tokens(stream)
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -215,8 +235,15 @@ class Batches:
     __getitem__ = get
 
 
-def val_batches(stream: TokenStream | np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
-                *, token_bytes: np.ndarray | None = None, eos_id: int = EOS_ID) -> Iterator[Batch]:
+def val_batches(
+    stream: TokenStream | np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    *,
+    token_bytes: np.ndarray | None = None,
+    eos_id: int = EOS_ID,
+) -> Iterator[Batch]:
     """Sequential windows over a validation stream for evaluation, always the same.
 
     Window k covers inputs tokens[k*T : k*T+T] and targets tokens[k*T+1 : k*T+T+1], so every

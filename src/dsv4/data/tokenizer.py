@@ -5,17 +5,26 @@ decode(encode(s)) == s exactly. Ids 0 and 1 are <|bos|> and <|eos|>, matching th
 bos_token_id / eos_token_id. Special-token strings appearing *inside* text are encoded as ordinary
 bytes (encode_special_tokens), so a document cannot inject a fake document boundary.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["BOS", "EOS", "BOS_ID", "EOS_ID", "train_tokenizer", "load_tokenizer", "token_byte_lengths",
-           "tokenizer_path"]
+__all__ = [
+    "BOS",
+    "BOS_ID",
+    "EOS",
+    "EOS_ID",
+    "load_tokenizer",
+    "token_byte_lengths",
+    "tokenizer_path",
+    "train_tokenizer",
+]
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 BOS_ID, EOS_ID = 0, 1
@@ -51,8 +60,14 @@ def _configure(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, path: str | Path | None = None,
-                    *, max_chars: int = DEFAULT_MAX_CHARS, show_progress: bool = True) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    path: str | Path | None = None,
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    show_progress: bool = True,
+) -> Tokenizer:
     """Train a byte-level BPE with <|bos|>=0, <|eos|>=1 and at most `vocab_size` ids; save it to `path`.
 
     If the texts hold more than `max_chars` characters, a deterministic subsample (by content hash)
@@ -65,9 +80,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=show_progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
     tok.train_from_iterator(sample, trainer, length=len(sample))
     assert tok.token_to_id(BOS) == BOS_ID and tok.token_to_id(EOS) == EOS_ID
     _configure(tok)
@@ -102,8 +120,9 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
 def _byte_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's printable remapping): printable bytes stand for themselves,
     the others are shifted to code points 256, 257, ... in byte order. char -> byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -125,7 +144,7 @@ def ids_to_bytes(tok: Tokenizer, ids) -> bytes:
     for i in ids:
         i = int(i)
         if i not in pieces:
-            t = vocab.get(i)   # ids past the tokenizer's vocabulary (a model vocab can be larger): no bytes
+            t = vocab.get(i)  # ids past the tokenizer's vocabulary (a model vocab can be larger): no bytes
             pieces[i] = b"" if t is None or t in special else bytes(table[c] for c in t)
         out += pieces[i]
     return bytes(out)

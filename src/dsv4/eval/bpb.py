@@ -10,6 +10,7 @@ MFU = achieved model FLOP/s / peak FLOP/s, with the achieved FLOP/s = tokens/s *
 and the peak *measured* on the machine (``measure_matmul_peak``), not read from a data sheet.
 MBU = achieved bytes/s / measured copy bandwidth (``measure_copy_bandwidth``).
 """
+
 from __future__ import annotations
 
 import lzma
@@ -48,8 +49,7 @@ def xz_bits_per_byte(data: bytes) -> float:
 
 
 # ------------------------------------------------------------------------------ FLOPs
-def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int, dense: bool = False
-              ) -> tuple[float, float]:
+def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int, dense: bool = False) -> tuple[float, float]:
     """Mean over query positions t in [0, seq_len) of (attended keys, indexer-scored entries).
 
     Counts from dsv4.model.indexer (visible_count, window_count): the raw window holds min(t+1, n_win)
@@ -73,8 +73,9 @@ def _avg_keys(seq_len: int, kind: str, ratio: int, window: int, topk: int, dense
     return float(keys.mean()), float(scored.mean())
 
 
-def flops_breakdown(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True,
-                    stage: str = "sparse") -> dict:
+def flops_breakdown(
+    model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True, stage: str = "sparse"
+) -> dict:
     """FLOPs per token, split into terms (see ``flops_per_token``); values are floats.
 
     stage="warmup": a step of the indexer warm-up as the trainer computes it: the forward of the main
@@ -102,23 +103,32 @@ def flops_breakdown(model_cfg, seq_len: int, training: bool = True, include_mtp:
         if key not in cache:
             cache[key] = _avg_keys(seq_len, key[0], key[1], cfg.sliding_window, cfg.index_topk, dense=warm)
         keys, scored = cache[key]
-        attn += 2 * 2 * h * c * keys                                 # q.k and p.v, 2 FLOPs per MAC
+        attn += 2 * 2 * h * c * keys  # q.k and p.v, 2 FLOPs per MAC
         index += 2 * cfg.index_n_heads * cfg.index_head_dim * scored  # q_I.k_I per indexer head
     if warm:
         n_fwd = n_active - pc["components"].get("head", 0)
         n_ix = pc["components"].get("attention.indexer", 0)
-        out = {"n_active": float(n_fwd), "matmul": 2.0 * n_fwd + 4.0 * n_ix, "attention": float(attn),
-               "indexer": float(3 * index)}
+        out = {
+            "n_active": float(n_fwd),
+            "matmul": 2.0 * n_fwd + 4.0 * n_ix,
+            "attention": float(attn),
+            "indexer": float(3 * index),
+        }
     else:
         mult = 3 if training else 1  # backward = 2 x forward
-        out = {"n_active": float(n_active), "matmul": 2.0 * mult * n_active,
-               "attention": float(mult * attn), "indexer": float(mult * index)}
+        out = {
+            "n_active": float(n_active),
+            "matmul": 2.0 * mult * n_active,
+            "attention": float(mult * attn),
+            "indexer": float(mult * index),
+        }
     out["total"] = out["matmul"] + out["attention"] + out["indexer"]
     return out
 
 
-def flops_per_token(model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True,
-                    stage: str = "sparse") -> float:
+def flops_per_token(
+    model_cfg, seq_len: int, training: bool = True, include_mtp: bool = True, stage: str = "sparse"
+) -> float:
     """Model FLOPs per token for MFU: 6 * N_active + 3 * (attention + indexer scoring) forward FLOPs.
 
     - Matmul term: the standard ``6 N`` (Kaplan et al. 2020; forward 2N, backward 4N) with
@@ -188,8 +198,7 @@ def _time_loop(fn, dev: torch.device, seconds: float, warmup: int) -> tuple[int,
         batch = max(1, min(4096, int(0.5 * (seconds - elapsed) * iters / elapsed)))
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0,
-                        device=None) -> float:
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0, device=None) -> float:
     """Measured FLOP/s of ``torch.matmul`` on two n x n matrices of ``dtype``.
 
     Warms up (3 matmuls), then repeats the matmul for about ``seconds`` (at least once) and returns
@@ -202,10 +211,10 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, secon
     b = torch.randn(n, n, generator=g).to(dev, dtype)
     out = torch.empty(n, n, device=dev, dtype=dtype)
     iters, elapsed = _time_loop(lambda: torch.matmul(a, b, out=out), dev, seconds, warmup=3)
-    return 2.0 * n ** 3 * iters / elapsed
+    return 2.0 * n**3 * iters / elapsed
 
 
-def measure_copy_bandwidth(nbytes: int = 256 * 2 ** 20, seconds: float = 1.0, device=None) -> float:
+def measure_copy_bandwidth(nbytes: int = 256 * 2**20, seconds: float = 1.0, device=None) -> float:
     """Measured memory bandwidth in bytes/s of ``dst.copy_(src)`` on ``nbytes`` byte buffers.
 
     Each copy reads nbytes and writes nbytes, so it counts 2 * nbytes (read + write), the usual

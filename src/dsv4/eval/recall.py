@@ -4,6 +4,7 @@ The model runs in the dense warm-up mode, so every visible entry is attended and
 over heads, L1-normalised over visible entries) is known; R_t = sum_{s in top-k(t)} p_ts. 1 - R bounds
 the output error of sparse attention. The same k picked at random gives the baseline.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ from dsv4.kernels.topk import topk_indices
 
 
 @torch.no_grad()
-def indexer_recall(model, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                   seed: int = 0) -> dict[int, dict[str, float]]:
+def indexer_recall(
+    model, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, seed: int = 0
+) -> dict[int, dict[str, float]]:
     """{layer: {"recall": mean R over queries with more visible entries than k, "random": same for a
     random selection of the same size, "queries": count}}."""
     was_training = model.training
@@ -34,8 +36,11 @@ def indexer_recall(model, input_ids: torch.Tensor, segment_ids: torch.Tensor | N
         r = (p * sel).sum(-1) / total.clamp_min(1e-30)
         rr = (p * rsel).sum(-1) / total.clamp_min(1e-30)
         n = int(crowded.sum())
-        result[rec["layer"]] = {"recall": r[crowded].mean().item() if n else float("nan"),
-                                "random": rr[crowded].mean().item() if n else float("nan"), "queries": n}
+        result[rec["layer"]] = {
+            "recall": r[crowded].mean().item() if n else float("nan"),
+            "random": rr[crowded].mean().item() if n else float("nan"),
+            "queries": n,
+        }
     return result
 
 
@@ -45,8 +50,7 @@ def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
     import json
 
     from dsv4.data import find_files, split_files, tokenize_files_cached, val_batches
-    from dsv4.generate import load_run
-    from dsv4.run import find_checkpoint, run_folder
+    from dsv4.run import find_checkpoint, load_run, run_folder
 
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: must be >= 2 (a window holds inputs and their next tokens)")

@@ -13,6 +13,7 @@ and counted. It writes ``run_dir/report/*.png`` (only the plots it has data for)
 The CLI entry point is ``main_report(args)`` (``args.run_dir``); ``python -m dsv4.eval.report RUN_DIR``
 does the same.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,7 @@ def smooth(ys: list[float], beta: float | None = None) -> list[float]:
     out, m = [], 0.0
     for k, y in enumerate(ys, start=1):
         m = beta * m + (1 - beta) * y
-        out.append(m / (1 - beta ** k) if beta > 0 else y)
+        out.append(m / (1 - beta**k) if beta > 0 else y)
     return out
 
 
@@ -211,11 +212,23 @@ def _plot_bpb(va, final, out, made):
     fig, (ax,) = _figure()
     if periodic:
         n = periodic[-1][2]
-        ax.plot([p[0] for p in periodic], [p[1] for p in periodic], "o-", color="tab:green", ms=4,
-                label="validation bpb" + (f" ({n:,} tokens)" if n else ""))
+        ax.plot(
+            [p[0] for p in periodic],
+            [p[1] for p in periodic],
+            "o-",
+            color="tab:green",
+            ms=4,
+            label="validation bpb" + (f" ({n:,} tokens)" if n else ""),
+        )
     if closing:
-        ax.plot([closing[0]], [closing[1]], "*", color="tab:blue", ms=12,
-                label=f"closing evaluation ({closing[2]:,} tokens): {closing[1]:.3f}")
+        ax.plot(
+            [closing[0]],
+            [closing[1]],
+            "*",
+            color="tab:blue",
+            ms=12,
+            label=f"closing evaluation ({closing[2]:,} tokens): {closing[1]:.3f}",
+        )
     if xz is not None:
         ax.axhline(xz, color="tab:red", ls="--", label=f"xz -9 on the closing bytes ({xz:.3f} bpb)")
     _label(ax, "Validation bits per byte", "bits per byte")
@@ -257,8 +270,9 @@ def _plot_layers(tr, key, name, title, ylabel, caption, out, made):
 
 
 def _plot_mhc(tr, out, made):
-    curves = [(k, lab, series(tr, k, _scalar)) for k, lab in
-              (("mhc_gain_fwd", "forward"), ("mhc_gain_bwd", "backward"))]
+    curves = [
+        (k, lab, series(tr, k, _scalar)) for k, lab in (("mhc_gain_fwd", "forward"), ("mhc_gain_bwd", "backward"))
+    ]
     curves = [c for c in curves if c[2][1]]
     if not curves:
         return
@@ -300,8 +314,14 @@ def _plot_recall(va, out, made):
 def _plot_throughput(tr, out, made):
     tx, ty = series(tr, "tok_per_s")
     mx, my = series(tr, "mfu")
-    panels = [p for p in ((tx, ty, "tokens/s", "Throughput", "tab:purple"),
-                          (mx, [100 * v for v in my], "MFU (%)", "Model FLOPs utilisation", "tab:brown")) if p[1]]
+    panels = [
+        p
+        for p in (
+            (tx, ty, "tokens/s", "Throughput", "tab:purple"),
+            (mx, [100 * v for v in my], "MFU (%)", "Model FLOPs utilisation", "tab:brown"),
+        )
+        if p[1]
+    ]
     if not panels:
         return
     fig, axes = _figure(len(panels), height=3.0)
@@ -336,7 +356,7 @@ def _wall_time(rows: dict[str, list[dict]]) -> float | None:
 def _duration(s: float | None) -> str:
     if s is None:
         return "n/a"
-    h, rem = divmod(int(round(s)), 3600)
+    h, rem = divmod(round(s), 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
 
@@ -359,7 +379,8 @@ def summarise(rows: dict[str, list[dict]]) -> dict:
     final_bpb = _num(final.get("val_bpb"))
     steps = [_step(r, i) for i, r in enumerate(tr)]
     return {
-        "train_lines": len(tr), "val_lines": len(va),
+        "train_lines": len(tr),
+        "val_lines": len(va),
         "last_step": max(steps) if steps else None,
         "tokens": max((v for v in (_num(r.get("tokens")) for r in tr) if v is not None), default=None),
         "final_train_loss": loss[-1] if loss else None,
@@ -384,13 +405,22 @@ def _summary_md(title: str, s: dict, made: list[tuple[str, str]], bad: int) -> s
         return "" if step is None else f" (step {step:g})"
 
     gap = s["gap_to_xz"]
-    gap_txt = "n/a" if gap is None else (
-        f"{gap:+.4f} bpb ({'better' if gap < 0 else 'worse'} than xz; "
-        f"{100 * s['best_val_bpb'] / s['xz_bpb']:.1f}% of xz)" if s["xz_bpb"] else f"{gap:+.4f} bpb")
+    gap_txt = (
+        "n/a"
+        if gap is None
+        else (
+            f"{gap:+.4f} bpb ({'better' if gap < 0 else 'worse'} than xz; "
+            f"{100 * s['best_val_bpb'] / s['xz_bpb']:.1f}% of xz)"
+            if s["xz_bpb"]
+            else f"{gap:+.4f} bpb"
+        )
+    )
     mfu = s["mean_mfu"]
     lines = [
-        f"# Run report: {title}", "",
-        "| metric | value |", "|---|---|",
+        f"# Run report: {title}",
+        "",
+        "| metric | value |",
+        "|---|---|",
         f"| steps | {_fmt(s['last_step'], 'g')} ({s['train_lines']} train lines, {s['val_lines']} evals) |",
         f"| tokens | {_fmt(s['tokens'], ',.0f')} |",
         f"| final train loss | {_fmt(s['final_train_loss'])} (smoothed {_fmt(s['final_train_loss_smoothed'])}) |",
@@ -438,10 +468,28 @@ def write_report(run_dir: str | Path) -> Path:
     _plot_loss_terms(tr, out, made)
     _plot_bpb(va, final, out, made)
     _plot_simple(tr, "lr", "lr.png", "Learning rate", "learning rate", "Learning-rate schedule", out, made)
-    _plot_simple(tr, "grad_norm", "grad_norm.png", "Gradient norm", "global grad norm (before clipping)",
-                 "Gradient norm (skipped steps marked)", out, made, log=True, mark_skipped=True)
-    _plot_layers(tr, "maxvio", "maxvio.png", "MoE load imbalance (MaxVio) per layer", "MaxVio",
-                 "MaxVio per MoE layer (max expert load / mean load - 1)", out, made)
+    _plot_simple(
+        tr,
+        "grad_norm",
+        "grad_norm.png",
+        "Gradient norm",
+        "global grad norm (before clipping)",
+        "Gradient norm (skipped steps marked)",
+        out,
+        made,
+        log=True,
+        mark_skipped=True,
+    )
+    _plot_layers(
+        tr,
+        "maxvio",
+        "maxvio.png",
+        "MoE load imbalance (MaxVio) per layer",
+        "MaxVio",
+        "MaxVio per MoE layer (max expert load / mean load - 1)",
+        out,
+        made,
+    )
     _plot_mhc(tr, out, made)
     _plot_recall(va, out, made)
     _plot_throughput(tr, out, made)

@@ -10,6 +10,7 @@ so a token's bytes count once, where it is predicted. xz -9 compresses exactly t
 (dsv4.eval.bpb.xz_bits_per_byte). Documents are attention-masked from each other when the run trained
 that way (its train_config.json `doc_mask`, default on).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,18 @@ def score_batches(model, batches, doc_mask: bool, dtype: torch.dtype = torch.flo
 
 
 @torch.no_grad()
-def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_size: int = 4,
-                max_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+def bpb_on_text(
+    run: str | Path,
+    data: str | Path,
+    seq_len: int = 1024,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """{"bpb", "xz_bpb", "bytes", "tokens", "loss", "files", "seq_len"} of the run's model on the files
     found at `data` (a file, folder or glob, as `dsv4 train --data`), scoring at most `max_tokens`."""
-    from dsv4.generate import load_run
-    from dsv4.run import find_checkpoint, run_folder
+    from dsv4.run import find_checkpoint, load_run, run_folder
     from dsv4.train.config import TrainConfig
 
     if seq_len < 1 or batch_size < 1:
@@ -57,7 +64,7 @@ def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_si
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     model, tok = load_run(run, device=device)
-    cfg_path = run_folder(find_checkpoint(run)) / "train_config.json"   # a run, or one of its ckpt-* folders
+    cfg_path = run_folder(find_checkpoint(run)) / "train_config.json"  # a run, or one of its ckpt-* folders
     doc_mask = TrainConfig.from_json(cfg_path).doc_mask if cfg_path.exists() else True
     files = find_files(data)
     stream = tokenize_corpus(iter_documents(files), tok, show_progress=progress)
@@ -68,21 +75,45 @@ def bpb_on_text(run: str | Path, data: str | Path, seq_len: int = 1024, batch_si
     n_batches = -(-n_windows // batch_size)
     if max_tokens is not None:
         n_batches = min(n_batches, max(1, -(-max_tokens // (batch_size * seq_len))))
-    batches = tqdm(val_batches(stream, batch_size, seq_len, n_batches, token_bytes=token_byte_lengths(tok)),
-                   total=n_batches, unit="batch", desc="bpb", disable=not progress)
+    batches = tqdm(
+        val_batches(stream, batch_size, seq_len, n_batches, token_bytes=token_byte_lengths(tok)),
+        total=n_batches,
+        unit="batch",
+        desc="bpb",
+        disable=not progress,
+    )
     nats, n_tok, n_bytes, _ = score_batches(model, batches, doc_mask)
-    target_bytes = ids_to_bytes(tok, stream.tokens[1:n_tok + 1])   # the windows' targets, in order
-    return {"bpb": bits_per_byte(nats, n_bytes), "xz_bpb": xz_bits_per_byte(target_bytes), "bytes": n_bytes,
-            "tokens": n_tok, "loss": nats / n_tok, "files": len(files), "seq_len": seq_len, "doc_mask": doc_mask}
+    target_bytes = ids_to_bytes(tok, stream.tokens[1 : n_tok + 1])  # the windows' targets, in order
+    return {
+        "bpb": bits_per_byte(nats, n_bytes),
+        "xz_bpb": xz_bits_per_byte(target_bytes),
+        "bytes": n_bytes,
+        "tokens": n_tok,
+        "loss": nats / n_tok,
+        "files": len(files),
+        "seq_len": seq_len,
+        "doc_mask": doc_mask,
+    }
 
 
 def cmd_eval_bpb(args) -> int:
-    r = bpb_on_text(args.ckpt, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                    max_tokens=args.max_tokens, device=args.device, progress=not args.quiet)
+    r = bpb_on_text(
+        args.ckpt,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        progress=not args.quiet,
+    )
     gap = r["bpb"] - r["xz_bpb"]
-    print(f"{r['files']} file(s), {r['tokens']:,} tokens scored in windows of {r['seq_len']}, loss {r['loss']:.4f} nats")
-    print(f"bits per byte: {r['bpb']:.3f}   xz -9 on the same {r['bytes']:,} bytes: {r['xz_bpb']:.3f}   "
-          f"({'beats xz' if gap < 0 else f'{gap:.3f} bpb above xz'})")
+    print(
+        f"{r['files']} file(s), {r['tokens']:,} tokens scored in windows of {r['seq_len']}, loss {r['loss']:.4f} nats"
+    )
+    print(
+        f"bits per byte: {r['bpb']:.3f}   xz -9 on the same {r['bytes']:,} bytes: {r['xz_bpb']:.3f}   "
+        f"({'beats xz' if gap < 0 else f'{gap:.3f} bpb above xz'})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({**r, "run": str(args.ckpt), "data": str(args.data)}, indent=1) + "\n")
     return 0

@@ -20,6 +20,7 @@ each slot's length. A forward with T > 1 tokens (prefill, a chunk of it, or spec
 needs the rows it touches to share one length; a T = 1 step (decode) may mix lengths.
 This module computes nothing but storage codecs (dsv4.quant.kv) and slot arithmetic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,7 @@ class PagedStore:
 
     def write(self, rows: torch.Tensor, start: int, vals: torch.Tensor) -> None:
         """vals [B, n, w] at positions start .. start + n - 1 of rows [B]."""
-        self.data[rows, start:start + vals.shape[1]] = self.codec.encode(vals)
+        self.data[rows, start : start + vals.shape[1]] = self.codec.encode(vals)
 
     def write_at(self, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> None:
         """vals [B, w] at per-row positions pos [B]."""
@@ -73,8 +74,7 @@ class Ring:
     def __init__(self, batch: int, size: int, width: int, device, codec: KVCodec | None = None):
         self.size, self.codec = size, codec
         dtype = torch.float32 if codec is None else codec.dtype
-        self.data = torch.zeros(batch, size, width if codec is None else codec.stored_width, dtype=dtype,
-                                device=device)
+        self.data = torch.zeros(batch, size, width if codec is None else codec.stored_width, dtype=dtype, device=device)
 
     def _enc(self, v):
         return v if self.codec is None else self.codec.encode(v)
@@ -130,8 +130,9 @@ class EngramState:
         self.r_ids, self.r_conv = self.p_ids + spare + 1, self.p_conv + spare + 1
         self.pad_id = engram.pad_id
         self.ids = torch.full((batch, self.r_ids), self.pad_id, dtype=torch.long, device=device)
-        self.z = torch.zeros(batch, self.r_conv, engram.hc, engram.d, device=device,
-                             dtype=torch.promote_types(dtype, torch.float32))
+        self.z = torch.zeros(
+            batch, self.r_conv, engram.hc, engram.d, device=device, dtype=torch.promote_types(dtype, torch.float32)
+        )
 
     def history(self, rows: torch.Tensor, p0: torch.Tensor):
         """Ids [B, P_ids] and conv inputs [B, P_conv, hc, d] at positions p0 - P .. p0 - 1 of each row
@@ -172,7 +173,7 @@ class LayerCache:
             self.ikeys = PagedStore(batch, icodec, capacity, page, device)
         else:
             self.window = Ring(batch, self.rw, c, device, self.codec)
-        epage = max(16, page // max(self.m, 1))   # entry stores count entries: pages of as many tokens as raw
+        epage = max(16, page // max(self.m, 1))  # entry stores count entries: pages of as many tokens as raw
         if self.kind in ("csa", "hca"):
             self.entries = PagedStore(batch, self.codec, capacity // self.m + 1, epage, device)
             self.comp = CompressorState(attn.compressor, batch, device, spare)
@@ -211,8 +212,15 @@ class ModelCache:
     power-of-two scales + BF16 rope dims, dsv4.quant.kv); compressor states stay fp32.
     """
 
-    def __init__(self, model, batch: int = 1, capacity: int = 4096, dtype: torch.dtype | str | None = None,
-                 page: int = 4096, spare: int = 3):
+    def __init__(
+        self,
+        model,
+        batch: int = 1,
+        capacity: int = 4096,
+        dtype: torch.dtype | str | None = None,
+        page: int = 4096,
+        spare: int = 3,
+    ):
         if batch < 1:
             raise CacheError(f"cache batch must be >= 1, got {batch}")
         p = next(model.parameters())
@@ -224,8 +232,9 @@ class ModelCache:
         self.layers = [LayerCache(b.attn, *args) for b in model.layers]
         for lc, b in zip(self.layers, model.layers):
             if getattr(b, "engram", None) is not None:
-                lc.engram = EngramState(b.engram, batch, p.device, spare, p.dtype if p.is_floating_point()
-                                        else torch.float32)
+                lc.engram = EngramState(
+                    b.engram, batch, p.device, spare, p.dtype if p.is_floating_point() else torch.float32
+                )
         self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
 
     def nbytes(self) -> int:
@@ -241,8 +250,9 @@ class ModelCache:
             for st in lc.stores():
                 rows = n if (st is lc.raw or lc.kind == "dsa") else n // lc.m
                 grow += rows * st.data.shape[2] * st.data.element_size()
-            rings = ([] if lc.window is None else [lc.window.data]) + \
-                [t for s in (lc.comp, lc.icomp) if s is not None for t in s.tensors()]
+            rings = ([] if lc.window is None else [lc.window.data]) + [
+                t for s in (lc.comp, lc.icomp) if s is not None for t in s.tensors()
+            ]
             fixed += sum(t[0].numel() * t.element_size() for t in rings)
             if lc.engram is not None:
                 fixed += sum(t[0].numel() * t.element_size() for t in lc.engram.tensors())
@@ -263,11 +273,12 @@ class ModelCache:
         lens = (self.mtp_lengths if mtp else self.lengths)[rows]
         top = int(lens.max()) + t
         if top > self.max_len:
-            raise CacheError(f"context would reach {top} tokens; the model supports "
-                             f"{self.max_len} (max_position_embeddings)")
+            raise CacheError(
+                f"context would reach {top} tokens; the model supports {self.max_len} (max_position_embeddings)"
+            )
         r0 = int(rows[0])
         view = slice(r0, r0 + rows.numel()) if bool((rows == r0 + torch.arange(rows.numel())).all()) else rows
-        for lc in (self.mtp_layers if mtp else self.layers):
+        for lc in self.mtp_layers if mtp else self.layers:
             lc.rows, lc.view = rows, view
             lc.reserve(top)
         if t == 1:
@@ -293,8 +304,10 @@ class ModelCache:
         rows = self.rows_of(rows)
         n = torch.as_tensor(n, device=self.lengths.device)
         if int(n.max()) > self.max_rollback:
-            raise CacheError(f"can roll back at most {self.max_rollback} tokens (spare={self.max_rollback - 1}), "
-                             f"asked for {int(n.max())}")
+            raise CacheError(
+                f"can roll back at most {self.max_rollback} tokens (spare={self.max_rollback - 1}), "
+                f"asked for {int(n.max())}"
+            )
         self.lengths[rows] = (self.lengths[rows] - n).clamp_min(0)
 
     def reset(self, rows) -> None:

@@ -16,6 +16,7 @@ generated answer ends at eos or when the model starts another turn (the template
 Runs are packed with documents separated by <|eos|> only (no <|bos|>), so by default no bos id is
 put in front; set "bos": true in chat_template.json to prepend the tokenizer's bos id.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"developer": "system"}   # OpenAI's newer name for the system role
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 
 class ChatError(ValueError):
@@ -33,11 +34,19 @@ class ChatError(ValueError):
 
 @dataclass
 class ChatTemplate:
-    message: str = "<|{role}|>\n{content}\n"      # one message; {role} and {content} are substituted
-    generation_prompt: str = "<|assistant|>\n"    # opens the assistant's answer
-    stop: list[str] = field(default_factory=lambda: ["\n<|user|>", "\n<|system|>", "\n<|assistant|>",
-                                                      "<|user|>", "<|system|>", "<|assistant|>"])
-    bos: bool = False                             # prepend the bos id (see the module docstring)
+    message: str = "<|{role}|>\n{content}\n"  # one message; {role} and {content} are substituted
+    generation_prompt: str = "<|assistant|>\n"  # opens the assistant's answer
+    stop: list[str] = field(
+        default_factory=lambda: [
+            "\n<|user|>",
+            "\n<|system|>",
+            "\n<|assistant|>",
+            "<|user|>",
+            "<|system|>",
+            "<|assistant|>",
+        ]
+    )
+    bos: bool = False  # prepend the bos id (see the module docstring)
     bos_id: int = 0
 
     @classmethod
@@ -62,8 +71,10 @@ class ChatTemplate:
     # ------------------------------------------------------------------ rendering
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation (validated), ending with the assistant prefix."""
-        out = [self.message.replace("{role}", m["role"]).replace("{content}", m["content"])
-               for m in validate_messages(messages)]
+        out = [
+            self.message.replace("{role}", m["role"]).replace("{content}", m["content"])
+            for m in validate_messages(messages)
+        ]
         if add_generation_prompt:
             out.append(self.generation_prompt)
         return "".join(out)
@@ -78,12 +89,14 @@ def _content(m: dict, i: int) -> str:
     c = m.get("content")
     if isinstance(c, str):
         return c
-    if isinstance(c, list):   # OpenAI content parts: only text parts are supported
+    if isinstance(c, list):  # OpenAI content parts: only text parts are supported
         parts = []
         for j, p in enumerate(c):
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise ChatError(f"messages[{i}].content[{j}] must be a text part "
-                                f"{{\"type\": \"text\", \"text\": \"...\"}} (only text is supported)")
+                raise ChatError(
+                    f"messages[{i}].content[{j}] must be a text part "
+                    f'{{"type": "text", "text": "..."}} (only text is supported)'
+                )
             parts.append(p["text"])
         return "".join(parts)
     if c is None:
@@ -95,7 +108,7 @@ def validate_messages(messages) -> list[dict]:
     """[{role, content}] with role in system/user/assistant (developer = system, as OpenAI treats it) and
     string content; raise ChatError naming the bad message otherwise."""
     if not isinstance(messages, list) or not messages:
-        raise ChatError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+        raise ChatError('messages must be a non-empty list of {"role", "content"} objects')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -23,6 +23,7 @@ On CPU two more things matter, both measured with benchmarks/decode.py (docs/per
 The eager step (model(ids, cache=...), or Transformer.decode_logits uncompiled) is the reference
 twin; tests compare the two.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -58,8 +59,7 @@ class CompiledDecoder:
         self.model = model.eval()
         # one graph per bucket; the default limit (8) would fall back to eager after a few growths
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 1024)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         # no guards on the model's modules (they halve the per-call guard time): the model's structure,
         # dtypes and parameter shapes must stay as they are; weights may change in place. The cache is
         # guarded (store shapes and the bound rows pick the bucket).
@@ -86,7 +86,7 @@ class CompiledDecoder:
         rows = cache.rows_of(rows)
         if rows.numel() != ids.shape[0]:
             raise ValueError(f"ids has {ids.shape[0]} rows but {rows.numel()} cache rows were given")
-        positions = cache.begin(rows, 1)            # grows the stores (eager), binds the rows
+        positions = cache.begin(rows, 1)  # grows the stores (eager), binds the rows
         key = self.bucket(cache, rows)
         t0 = time.perf_counter() if key not in self.compile_seconds else None
         logits = self.fn(ids, positions, cache)

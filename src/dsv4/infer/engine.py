@@ -11,14 +11,15 @@ for requests at temperature-independent exactness; requests with a logit bias or
 `Engine` is single-threaded; `BackgroundEngine` runs it in a thread for the server and admits at most
 max_batch + max_waiting unfinished requests (one per row plus a bounded waiting queue).
 """
+
 from __future__ import annotations
 
 import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -40,14 +41,14 @@ class Detokenizer:
 
     def push(self, ids: list[int]) -> str:
         self.buf += self.to_bytes(self.tok, ids)
-        for cut in range(len(self.buf), max(len(self.buf) - 4, -1), -1):   # a UTF-8 char is <= 4 bytes
+        for cut in range(len(self.buf), max(len(self.buf) - 4, -1), -1):  # a UTF-8 char is <= 4 bytes
             try:
                 text = self.buf[:cut].decode("utf-8")
             except UnicodeDecodeError:
                 continue
             self.buf = self.buf[cut:]
             return text
-        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""   # not UTF-8 at all
+        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""  # not UTF-8 at all
         return text
 
     def flush(self) -> str:
@@ -59,6 +60,7 @@ class Detokenizer:
 class Event:
     """What a step produced for one request: new token ids, new text (None without a tokenizer),
     and, on the last event, finish_reason ("stop", "length" or "abort")."""
+
     request_id: int
     token_ids: list[int]
     text: str | None
@@ -73,10 +75,10 @@ class Request:
     on_event: Callable[[Event], None] | None = None
     output: list[int] = field(default_factory=list)
     text: str = ""
-    sent: int = 0                 # characters of `text` already emitted
+    sent: int = 0  # characters of `text` already emitted
     row: int | None = None
-    fed: int = 0                  # prompt tokens already in the cache
-    pending: int | None = None    # sampled, not yet fed to the model
+    fed: int = 0  # prompt tokens already in the cache
+    pending: int | None = None  # sampled, not yet fed to the model
     finish_reason: str | None = None
     gen: torch.Generator | None = None
     detok: Detokenizer | None = None
@@ -95,14 +97,23 @@ class Engine:
     speculative: draft with the model's MTP block and verify (needs num_nextn_predict_layers >= 1);
     compile: decode steps through dsv4.infer.compiled.CompiledDecoder (compiles on first use)."""
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 8, max_context: int | None = None,
-                 prefill_chunk: int = 2048, cache_dtype: torch.dtype | None = None, speculative: bool = False,
-                 eos_id: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        prefill_chunk: int = 2048,
+        cache_dtype: torch.dtype | None = None,
+        speculative: bool = False,
+        eos_id: int | None = None,
+        compile: bool = False,
+    ):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tok = model.eval(), tokenizer
         self.cfg, self.max_batch = model.cfg, max_batch
-        self.device = next(model.parameters()).device   # inputs are made here; sampling runs on the CPU
+        self.device = next(model.parameters()).device  # inputs are made here; sampling runs on the CPU
         self.max_context = min(max_context or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
         self.eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
@@ -118,21 +129,23 @@ class Engine:
             self.spec = MTPSpeculator(self)
         self.stats = dict(steps=0, decode_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
         self.decoder = None
-        if compile:   # decode steps through torch.compile (one compilation per batch size and store size)
+        if compile:  # decode steps through torch.compile (one compilation per batch size and store size)
             from dsv4.infer.compiled import CompiledDecoder
 
             self.decoder = CompiledDecoder(model)
 
     # ------------------------------------------------------------------ requests
-    def add(self, prompt: list[int], params: SamplingParams | None = None,
-            on_event: Callable[[Event], None] | None = None) -> Request:
+    def add(
+        self, prompt: list[int], params: SamplingParams | None = None, on_event: Callable[[Event], None] | None = None
+    ) -> Request:
         """Validate and queue a request (ValueError names what is wrong)."""
         req = self.make_request(prompt, params, on_event)
         self.waiting.append(req)
         return req
 
-    def make_request(self, prompt: list[int], params: SamplingParams | None = None,
-                     on_event: Callable[[Event], None] | None = None) -> Request:
+    def make_request(
+        self, prompt: list[int], params: SamplingParams | None = None, on_event: Callable[[Event], None] | None = None
+    ) -> Request:
         """A validated Request, not queued yet."""
         params = (params or SamplingParams()).validate(self.cfg.vocab_size)
         prompt = [int(t) for t in prompt]
@@ -141,12 +154,20 @@ class Engine:
         if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
         if len(prompt) >= self.max_context:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_context} "
-                             f"(prompt + output), so at most {self.max_context - 1} prompt tokens fit")
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.max_context} "
+                f"(prompt + output), so at most {self.max_context - 1} prompt tokens fit"
+            )
         if params.stop and self.tok is None:
             raise ValueError("stop strings need a tokenizer")
-        return Request(next(self._ids), prompt, params, on_event, gen=params.generator(),
-                       detok=Detokenizer(self.tok) if self.tok is not None else None)
+        return Request(
+            next(self._ids),
+            prompt,
+            params,
+            on_event,
+            gen=params.generator(),
+            detok=Detokenizer(self.tok) if self.tok is not None else None,
+        )
 
     def abort(self, request_id: int) -> None:
         for req in list(self.waiting) + self.running:
@@ -172,8 +193,8 @@ class Engine:
         for req in [r for r in self.running if r.fed < len(r.prompt)]:
             self._prefill_chunk(req, events)
         ready = [r for r in self.running if r.fed == len(r.prompt) and r.pending is not None]
-        if ready and self.spec is not None:   # the speculator does not adjust logits (bias, penalties):
-            spec = [r for r in ready if not r.params.adjusts_logits]   # requests that need it decode plainly
+        if ready and self.spec is not None:  # the speculator does not adjust logits (bias, penalties):
+            spec = [r for r in ready if not r.params.adjusts_logits]  # requests that need it decode plainly
             if spec:
                 self.spec.step(spec, events)
             ready = [r for r in ready if r.params.adjusts_logits]
@@ -183,10 +204,15 @@ class Engine:
         return events
 
     def _prefill_chunk(self, req: Request, events: list[Event]) -> None:
-        chunk = req.prompt[req.fed:req.fed + self.prefill_chunk]
+        chunk = req.prompt[req.fed : req.fed + self.prefill_chunk]
         last = req.fed + len(chunk) == len(req.prompt)
-        out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache, rows=[req.row],
-                         last_only=True, compute_logits=last)
+        out = self.model(
+            torch.tensor([chunk], device=self.device),
+            cache=self.cache,
+            rows=[req.row],
+            last_only=True,
+            compute_logits=last,
+        )
         if self.spec is not None:
             self.spec.after_prefill(req, chunk, out)
         req.fed += len(chunk)
@@ -237,15 +263,15 @@ class Engine:
             if p.stop:
                 hit = [i for i in (req.text.find(s, max(0, req.sent - len(s) + 1)) for s in p.stop) if i >= 0]
                 if hit:
-                    req.text, reason = req.text[:min(hit)], "stop"
+                    req.text, reason = req.text[: min(hit)], "stop"
             if reason is None and p.stop:
-                hold = max(len(s) for s in p.stop) - 1     # a stop string may still be completing
+                hold = max(len(s) for s in p.stop) - 1  # a stop string may still be completing
                 upto = max(req.sent, len(req.text) - hold)
             else:
                 if reason is not None:
                     req.text += req.detok.flush()
                 upto = len(req.text)
-            text, req.sent = req.text[req.sent:upto], upto
+            text, req.sent = req.text[req.sent : upto], upto
         if reason is None:
             req.pending = new[-1]
         if new or text or reason:
@@ -258,7 +284,7 @@ class Engine:
         text = None
         if req.detok is not None:
             rest = req.text + req.detok.flush()
-            text, req.text, req.sent = rest[req.sent:], rest, len(rest)
+            text, req.text, req.sent = rest[req.sent :], rest, len(rest)
         self._release(req, reason)
         self._emit(req, Event(req.id, [], text, reason), events)
 
@@ -280,8 +306,9 @@ class Engine:
             req.on_event(ev)
 
     # ------------------------------------------------------------------ convenience
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Request]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Request]:
         """Run the given prompts to completion (batched); returns the finished requests in order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [self.add(p, sp) for p, sp in zip(prompts, plist)]
@@ -306,9 +333,9 @@ class BackgroundEngine:
 
     def __init__(self, engine: Engine, max_waiting: int = 64):
         self.engine, self.max_waiting = engine, max_waiting
-        self._cv = threading.Condition()   # an RLock: an abort under it may finish a request (on_event)
+        self._cv = threading.Condition()  # an RLock: an abort under it may finish a request (on_event)
         self._inbox: list = []
-        self._active = 0                   # submitted and not finished (counted under _cv)
+        self._active = 0  # submitted and not finished (counted under _cv)
         self._stop = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
@@ -320,7 +347,7 @@ class BackgroundEngine:
         return self.engine.max_batch + self.max_waiting
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
-        def tracked(ev: Event) -> None:    # engine thread: the last event frees an admission slot
+        def tracked(ev: Event) -> None:  # engine thread: the last event frees an admission slot
             if ev.finish_reason is not None:
                 with self._cv:
                     self._active -= 1
@@ -329,8 +356,10 @@ class BackgroundEngine:
 
         with self._cv:
             if self._active >= self.capacity:
-                raise QueueFull(f"{self._active} requests are running or waiting (at most "
-                                f"{self.engine.max_batch} running + {self.max_waiting} waiting)")
+                raise QueueFull(
+                    f"{self._active} requests are running or waiting (at most "
+                    f"{self.engine.max_batch} running + {self.max_waiting} waiting)"
+                )
             # validation errors surface here, in the caller's thread; the engine thread owns `waiting`
             req = self.engine.make_request(prompt, params, tracked)
             self._active += 1
@@ -345,8 +374,13 @@ class BackgroundEngine:
 
     def load(self) -> dict:
         e = self.engine
-        return {"running": len(e.running), "waiting": len(e.waiting), "free_rows": len(e.free_rows),
-                "active": self._active, "capacity": self.capacity}
+        return {
+            "running": len(e.running),
+            "waiting": len(e.waiting),
+            "free_rows": len(e.free_rows),
+            "active": self._active,
+            "capacity": self.capacity,
+        }
 
     def close(self) -> None:
         with self._cv:

@@ -12,6 +12,7 @@ Whatever device the model runs on, the distribution is built and drawn from on t
 request's CPU generator (one [V] row per token; greedy only moves the argmax), so a seed gives the
 same draw on every device.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-SEED_LIMIT = 2 ** 64          # torch.Generator.manual_seed takes 0 <= seed < 2**64
-PENALTY_LIMIT = 2.0           # |presence_penalty|, |frequency_penalty| (as OpenAI)
-BIAS_LIMIT = 100.0            # |logit_bias[t]| (as OpenAI)
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+PENALTY_LIMIT = 2.0  # |presence_penalty|, |frequency_penalty| (as OpenAI)
+BIAS_LIMIT = 100.0  # |logit_bias[t]| (as OpenAI)
 
 
 class ParamError(ValueError):
@@ -42,15 +43,15 @@ def _number(v) -> bool:
 class SamplingParams:
     max_tokens: int = 64
     temperature: float = 1.0
-    top_k: int = 0              # 0 = no top-k filter
+    top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0
-    seed: int | None = None     # None = a fresh random seed
-    stop: list[str] = field(default_factory=list)            # stop strings (not included in the output)
+    seed: int | None = None  # None = a fresh random seed
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)  # stop tokens (not included in the output)
     ignore_eos: bool = False
-    frequency_penalty: float = 0.0   # subtracted once per occurrence of a token in the output so far
-    presence_penalty: float = 0.0    # subtracted once from every token already in the output
-    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    frequency_penalty: float = 0.0  # subtracted once per occurrence of a token in the output so far
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -74,14 +75,16 @@ class SamplingParams:
             raise ParamError("top_k", f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (0 < self.top_p <= 1):
             raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < SEED_LIMIT):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
+        ):
             raise ParamError("seed", f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ParamError("stop", f"stop must be non-empty strings, got {self.stop!r}")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            raise ParamError("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), "
-                                               f"got {self.stop_token_ids!r}")
+            raise ParamError(
+                "stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), got {self.stop_token_ids!r}"
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             if not _number(v) or abs(v) > PENALTY_LIMIT:
@@ -149,12 +152,12 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all():   # T so small that logits / T overflow: its T -> 0 limit, greedy
+    if not torch.isfinite(probs).all():  # T so small that logits / T overflow: its T -> 0 limit, greedy
         return _one_hot(raw)
     if p.top_p < 1:
         sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(-1) - sp < p.top_p   # keeps the most likely token ...
-        keep[0] = True                          # ... even when top_p rounds to 0 in fp32
+        keep = sp.cumsum(-1) - sp < p.top_p  # keeps the most likely token ...
+        keep[0] = True  # ... even when top_p rounds to 0 in fp32
         probs = torch.zeros_like(probs).scatter_(-1, si, sp * keep)
         probs = probs / probs.sum()
     return probs

@@ -17,9 +17,11 @@ Threading: the engine runs in its own thread; each request owns an asyncio.Queue
 thread fills through loop.call_soon_threadsafe. A request whose client goes away (a closed stream, or
 a dropped connection while a non-streamed answer is computed) is aborted, so its cache row is freed.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -37,14 +39,21 @@ from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
 from dsv4.infer.sampling import BIAS_LIMIT, PENALTY_LIMIT, ParamError, SamplingParams
 
-DISCONNECT_POLL_S = 0.25   # how often a non-streamed request checks that its client is still there
-MAX_DEPTH = 64             # deeper JSON nesting in a request body is refused (400)
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+MAX_DEPTH = 64  # deeper JSON nesting in a request body is refused (400)
 API_KEY_ENV = "DSV4_API_KEY"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -66,13 +75,13 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 def _show(v, limit: int = 60) -> str:
     """A short one-line repr of client input for an error message."""
     r = repr(v)
-    return r if len(r) <= limit else r[:limit - 3] + "..."
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _utf8(s: str) -> bool:
     try:
         s.encode("utf-8")
-    except UnicodeEncodeError:     # a lone surrogate, e.g. the JSON escape "\ud83d" alone
+    except UnicodeEncodeError:  # a lone surrogate, e.g. the JSON escape "\ud83d" alone
         return False
     return True
 
@@ -92,17 +101,18 @@ def parse_body(raw: bytes) -> dict:
     """A request body -> a JSON object of Unicode strings nested at most MAX_DEPTH deep (else APIError 400)."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, NaN / Infinity, a too long integer
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN / Infinity, a too long integer
         raise _bad(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
     except RecursionError:
-        raise _bad(f"the request body is nested too deeply (at most {MAX_DEPTH} levels)", None,
-                   "invalid_json") from None
+        raise _bad(
+            f"the request body is nested too deeply (at most {MAX_DEPTH} levels)", None, "invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", None, "invalid_json")
     for name, value in body.items():
         param = name if name.isprintable() and len(name) <= 100 else name[:100].encode("unicode_escape").decode()
         stack = [(name, 0), (value, 1)]
-        while stack:      # iterative: a deep body cannot exhaust the stack here
+        while stack:  # iterative: a deep body cannot exhaust the stack here
             v, depth = stack.pop()
             if depth > MAX_DEPTH:
                 raise _bad(f"'{param}' is nested more than {MAX_DEPTH} levels deep", param)
@@ -137,8 +147,9 @@ def _get_int(body: dict, name: str, default, minimum: int | None = None):
     return v
 
 
-def _get_float(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
-               lo_open: bool = False) -> float:
+def _get_float(
+    body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> float:
     v = body.get(name)
     if v is None:
         return default
@@ -146,7 +157,7 @@ def _get_float(body: dict, name: str, default: float, lo: float | None = None, h
         raise _bad(f"'{name}' must be a number, got {_show(v)}", name)
     try:
         f = float(v)
-    except OverflowError:          # an integer beyond any double
+    except OverflowError:  # an integer beyond any double
         f = math.inf if v > 0 else -math.inf
     if (lo is not None and (f < lo or (lo_open and f == lo))) or (hi is not None and f > hi) or math.isinf(f):
         rng = f"{'(' if lo_open else '['}{lo}, " + (f"{hi}]" if hi is not None else "inf)")
@@ -175,8 +186,7 @@ def _get_logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
         if not (k.isascii() and k.isdigit() and len(k) <= 20 and int(k) < vocab_size):
             raise _bad(f"logit_bias keys must be token ids in [0, {vocab_size}), got {_show(k)}", "logit_bias")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not -BIAS_LIMIT <= b <= BIAS_LIMIT:
-            raise _bad(f"logit_bias values must be numbers in [-100, 100], got {_show(b)} for token {k}",
-                       "logit_bias")
+            raise _bad(f"logit_bias values must be numbers in [-100, 100], got {_show(b)} for token {k}", "logit_bias")
         out[int(k)] = float(b)
     return out
 
@@ -195,9 +205,17 @@ def _get_stop(body: dict) -> list[str]:
 class Server:
     """The state behind the FastAPI app (one engine, one tokenizer, one model name)."""
 
-    def __init__(self, engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key: str | None = None,
-                 max_context: int | None = None, chat_template: ChatTemplate | None = None,
-                 default_max_tokens: int = 256, retry_after_s: int = 1):
+    def __init__(
+        self,
+        engine_bg: BackgroundEngine,
+        tokenizer,
+        model_name: str,
+        api_key: str | None = None,
+        max_context: int | None = None,
+        chat_template: ChatTemplate | None = None,
+        default_max_tokens: int = 256,
+        retry_after_s: int = 1,
+    ):
         self.bg, self.tok, self.model_name, self.api_key = engine_bg, tokenizer, model_name, api_key
         eng = engine_bg.engine
         self.max_context = min(max_context or eng.max_context, eng.max_context)
@@ -213,12 +231,19 @@ class Server:
             return
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"),
-                                                                   self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'." if auth else
-                           "You didn't provide an API key. Pass it as 'Authorization: Bearer KEY'.",
-                           "invalid_request_error", None, "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("latin-1"), self.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'."
+                if auth
+                else "You didn't provide an API key. Pass it as 'Authorization: Bearer KEY'.",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -234,7 +259,7 @@ class Server:
         """400 for the OpenAI fields this server does not implement (rather than ignoring them)."""
         rf = body.get("response_format")
         if rf is not None and rf != {"type": "text"}:
-            raise _bad("response_format is not supported (only {\"type\": \"text\"})", "response_format")
+            raise _bad('response_format is not supported (only {"type": "text"})', "response_format")
         for name in ("tools", "functions"):
             if body.get(name):
                 raise _bad(f"{name} are not supported", name)
@@ -244,8 +269,9 @@ class Server:
     async def read_json(self, request: Request) -> dict:
         return parse_body(await request.body())
 
-    def sampling(self, body: dict, prompt_len: int, max_tokens_default: int | None,
-                 max_tokens_names=("max_tokens",)) -> SamplingParams:
+    def sampling(
+        self, body: dict, prompt_len: int, max_tokens_default: int | None, max_tokens_names=("max_tokens",)
+    ) -> SamplingParams:
         n = _get_int(body, "n", 1)
         if n != 1:
             raise _bad(f"only n=1 is supported, got n={n}", "n", "invalid_value")
@@ -265,32 +291,38 @@ class Server:
         if max_tokens is None:
             max_tokens = min(room, max_tokens_default if max_tokens_default is not None else room)
         elif prompt_len + max_tokens > self.max_context:
-            raise _bad(f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt; {max_tokens} for the "
-                       f"completion). Please reduce the prompt or the completion length.", name,
-                       "context_length_exceeded")
+            raise _bad(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt; {max_tokens} for the "
+                f"completion). Please reduce the prompt or the completion length.",
+                name,
+                "context_length_exceeded",
+            )
         top_k = _get_int(body, "top_k", 0)
-        if top_k == -1:          # vLLM's "no top-k"
+        if top_k == -1:  # vLLM's "no top-k"
             top_k = 0
         if top_k < 0:
             raise _bad(f"'top_k' must be >= 0 (or -1), got {top_k}", "top_k", "invalid_value")
         stop_ids = body.get("stop_token_ids")
         stop_ids = [] if stop_ids is None else stop_ids
-        if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or
-                                                 not 0 <= t < self.vocab_size for t in stop_ids):
+        if not isinstance(stop_ids, list) or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in stop_ids
+        ):
             raise _bad(f"'stop_token_ids' must be a list of token ids in [0, {self.vocab_size})", "stop_token_ids")
         penalty = (-PENALTY_LIMIT, PENALTY_LIMIT)
-        p = SamplingParams(max_tokens=max_tokens,
-                           temperature=_get_float(body, "temperature", 1.0, 0.0),
-                           top_k=top_k,
-                           top_p=_get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                           seed=_get_int(body, "seed", None),
-                           stop=_get_stop(body),
-                           stop_token_ids=stop_ids,
-                           ignore_eos=_get_bool(body, "ignore_eos"),
-                           frequency_penalty=_get_float(body, "frequency_penalty", 0.0, *penalty),
-                           presence_penalty=_get_float(body, "presence_penalty", 0.0, *penalty),
-                           logit_bias=_get_logit_bias(body, self.vocab_size))
+        p = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_get_float(body, "temperature", 1.0, 0.0),
+            top_k=top_k,
+            top_p=_get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            seed=_get_int(body, "seed", None),
+            stop=_get_stop(body),
+            stop_token_ids=stop_ids,
+            ignore_eos=_get_bool(body, "ignore_eos"),
+            frequency_penalty=_get_float(body, "frequency_penalty", 0.0, *penalty),
+            presence_penalty=_get_float(body, "presence_penalty", 0.0, *penalty),
+            logit_bias=_get_logit_bias(body, self.vocab_size),
+        )
         try:
             return p.validate(self.vocab_size)
         except ParamError as e:
@@ -300,10 +332,13 @@ class Server:
         if n == 0:
             raise _bad(f"the {param} is empty", param)
         if n >= self.max_context:
-            raise _bad(f"This model's maximum context length is {self.max_context} tokens. However, your "
-                       f"{param} has {'at least ' if at_least else ''}{n} tokens (at most {self.max_context - 1} "
-                       f"fit, leaving room for one generated token). Please reduce the length of the {param}.",
-                       param, "context_length_exceeded")
+            raise _bad(
+                f"This model's maximum context length is {self.max_context} tokens. However, your "
+                f"{param} has {'at least ' if at_least else ''}{n} tokens (at most {self.max_context - 1} "
+                f"fit, leaving room for one generated token). Please reduce the length of the {param}.",
+                param,
+                "context_length_exceeded",
+            )
 
     def check_text_len(self, text: str, param: str) -> None:
         """Refuse, without tokenizing it, a text too long for the context whatever its tokens."""
@@ -315,7 +350,7 @@ class Server:
     def prompt_ids(self, body: dict) -> list[int]:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]             # a batch of one prompt
+            p = p[0]  # a batch of one prompt
         if isinstance(p, str):
             self.check_text_len(p, "prompt")
             return list(self.tok.encode(p).ids)
@@ -335,18 +370,21 @@ class Server:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
 
-        def on_event(ev: Event) -> None:    # engine thread
-            try:
+        def on_event(ev: Event) -> None:  # engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop is closed (server shutting down)
                 loop.call_soon_threadsafe(q.put_nowait, ev)
-            except RuntimeError:            # the event loop is closed (server shutting down)
-                pass
 
         try:
             req = self.bg.submit(prompt, params, on_event)
         except QueueFull as e:
-            raise APIError(503, f"The server is overloaded ({e}); retry after {self.retry_after_s} s.",
-                           "server_error", None, "overloaded",
-                           headers={"Retry-After": str(self.retry_after_s)}) from None
+            raise APIError(
+                503,
+                f"The server is overloaded ({e}); retry after {self.retry_after_s} s.",
+                "server_error",
+                None,
+                "overloaded",
+                headers={"Retry-After": str(self.retry_after_s)},
+            ) from None
         except ParamError as e:
             raise _bad(str(e), e.param) from None
         except ValueError as e:
@@ -375,14 +413,22 @@ class Server:
         if reason is None:
             return "".join(parts), "abort"
         if reason == "abort":
-            raise APIError(500, "the request was aborted by the engine" +
-                           (f" ({self.bg.error})" if self.bg.error else ""), "server_error", None, "engine_error")
+            raise APIError(
+                500,
+                "the request was aborted by the engine" + (f" ({self.bg.error})" if self.bg.error else ""),
+                "server_error",
+                None,
+                "engine_error",
+            )
         return "".join(parts), reason
 
     @staticmethod
     def usage(req) -> dict:
-        return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-                "total_tokens": len(req.prompt) + len(req.output)}
+        return {
+            "prompt_tokens": len(req.prompt),
+            "completion_tokens": len(req.output),
+            "total_tokens": len(req.prompt) + len(req.output),
+        }
 
     def sse(self, req, q: asyncio.Queue, chunk, include_usage: bool, first=None):
         """Server-sent events: chunk(text, finish_reason) -> dict; abort the request if the client leaves."""
@@ -399,8 +445,7 @@ class Server:
                     ev = await q.get()
                     reason = ev.finish_reason
                     if reason == "abort":
-                        msg = "the request was aborted by the engine" + \
-                              (f" ({self.bg.error})" if self.bg.error else "")
+                        msg = "the request was aborted by the engine" + (f" ({self.bg.error})" if self.bg.error else "")
                         yield data(error_body(msg, "server_error", None, "engine_error"))
                         break
                     if ev.text:
@@ -410,12 +455,13 @@ class Server:
                 if include_usage and reason != "abort":
                     yield data(chunk(None, None, usage=self.usage(req)))
                 yield "data: [DONE]\n\n"
-            finally:   # GeneratorExit / CancelledError when the client disconnects
+            finally:  # GeneratorExit / CancelledError when the client disconnects
                 if reason is None:
                     self.bg.abort(req.id)
 
-        return StreamingResponse(gen(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     def stream_options(self, body: dict, stream: bool) -> bool:
         so = body.get("stream_options")
@@ -429,8 +475,13 @@ class Server:
 
     # ------------------------------------------------------------------ endpoints
     def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv4",
-                "max_model_len": self.max_context}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "dsv4",
+            "max_model_len": self.max_context,
+        }
 
     async def completions(self, request: Request):
         body = await self.read_json(request)
@@ -445,9 +496,15 @@ class Server:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text, reason, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": [] if usage else
-                   [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+            out = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": []
+                if usage
+                else [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}],
+            }
             if include_usage:
                 out["usage"] = usage
             return out
@@ -455,10 +512,15 @@ class Server:
         if stream:
             return self.sse(req, q, chunk, include_usage)
         text, reason = await self.collect(request, req, q)
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                "usage": self.usage(req)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            "usage": self.usage(req),
+        }
 
     async def chat_completions(self, request: Request):
         body = await self.read_json(request)
@@ -481,29 +543,50 @@ class Server:
         def chunk(text, reason, usage=None, delta=None):
             if delta is None:
                 delta = {"content": text} if text is not None else {}
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "system_fingerprint": None,
-                   "choices": [] if usage else
-                   [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            out = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "system_fingerprint": None,
+                "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            }
             if include_usage:
                 out["usage"] = usage
             return out
 
         if stream:
-            return self.sse(req, q, chunk, include_usage,
-                            first=chunk(None, None, delta={"role": "assistant", "content": ""}))
+            return self.sse(
+                req, q, chunk, include_usage, first=chunk(None, None, delta={"role": "assistant", "content": ""})
+            )
         text, reason = await self.collect(request, req, q)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": self.usage(req)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            ],
+            "usage": self.usage(req),
+        }
 
 
 def model_not_found(model: str, served: str) -> APIError:
     shown = model if len(model) <= 100 and model.isprintable() else _show(model)
-    return APIError(404, f"The model `{shown}` does not exist; this server serves `{served}`.",
-                    "invalid_request_error", "model", "model_not_found")
+    return APIError(
+        404,
+        f"The model `{shown}` does not exist; this server serves `{served}`.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
 
 
 def max_token_bytes(tokenizer) -> int | None:
@@ -517,13 +600,21 @@ def max_token_bytes(tokenizer) -> int | None:
         return None
 
 
-def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key: str | None = None,
-               max_context: int | None = None, chat_template: ChatTemplate | None = None,
-               default_max_tokens: int = 256, retry_after_s: int = 1) -> FastAPI:
+def create_app(
+    engine_bg: BackgroundEngine,
+    tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    max_context: int | None = None,
+    chat_template: ChatTemplate | None = None,
+    default_max_tokens: int = 256,
+    retry_after_s: int = 1,
+) -> FastAPI:
     """The FastAPI app. max_context: tokens per request (prompt + output; default the engine's);
     default_max_tokens: chat answers' limit when the client gives none (completions: 16, as OpenAI)."""
-    srv = Server(engine_bg, tokenizer, model_name, api_key, max_context, chat_template, default_max_tokens,
-                 retry_after_s)
+    srv = Server(
+        engine_bg, tokenizer, model_name, api_key, max_context, chat_template, default_max_tokens, retry_after_s
+    )
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
 
@@ -538,13 +629,15 @@ def create_app(engine_bg: BackgroundEngine, tokenizer, model_name: str, api_key:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind, None, None), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(str(e.detail), kind, None, None), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"), status_code=500
+        )
 
     @app.get("/health")
     async def health():
@@ -601,40 +694,81 @@ def serving_context(ckpt: str | Path, model_limit: int, max_context: int | None 
     return min(n, model_limit)
 
 
-def build(ckpt: str | Path, api_key: str | None = None, max_batch: int = 8, max_waiting: int = 64,
-          max_context: int | None = None, prefill_chunk: int = 2048, model_name: str | None = None,
-          default_max_tokens: int = 256, device="cpu", compile: bool = False):
+def build(
+    ckpt: str | Path,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_waiting: int = 64,
+    max_context: int | None = None,
+    prefill_chunk: int = 2048,
+    model_name: str | None = None,
+    default_max_tokens: int = 256,
+    device="cpu",
+    compile: bool = False,
+):
     """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`; compile: decode
     steps through torch.compile; max_context: default serving_context (the run's training seq_len)."""
-    from dsv4.generate import load_run
     from dsv4.infer.chat import load_template
     from dsv4.infer.engine import Engine
+    from dsv4.run import load_run
 
     model, tok = load_run(ckpt, device=device)
     max_context = serving_context(ckpt, model.cfg.max_position_embeddings, max_context)
-    engine = Engine(model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk,
-                    compile=compile)
+    engine = Engine(
+        model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk, compile=compile
+    )
     bg = BackgroundEngine(engine, max_waiting=max_waiting)
     name = model_name or Path(ckpt).resolve().name
-    app = create_app(bg, tok, name, api_key=api_key, max_context=max_context, chat_template=load_template(ckpt),
-                     default_max_tokens=default_max_tokens)
+    app = create_app(
+        bg,
+        tok,
+        name,
+        api_key=api_key,
+        max_context=max_context,
+        chat_template=load_template(ckpt),
+        default_max_tokens=default_max_tokens,
+    )
     return app, bg, name
 
 
-def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_waiting: int = 64, max_context: int | None = None, prefill_chunk: int = 2048,
-          model_name: str | None = None, default_max_tokens: int = 256, log_level: str = "info",
-          device="cpu", compile: bool = False) -> None:
+def serve(
+    ckpt: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_waiting: int = 64,
+    max_context: int | None = None,
+    prefill_chunk: int = 2048,
+    model_name: str | None = None,
+    default_max_tokens: int = 256,
+    log_level: str = "info",
+    device="cpu",
+    compile: bool = False,
+) -> None:
     """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise); api_key: default
     $DSV4_API_KEY (none when unset)."""
     import uvicorn
 
-    app, bg, name = build(ckpt, resolve_api_key(api_key), max_batch, max_waiting, max_context, prefill_chunk,
-                          model_name, default_max_tokens, device, compile)
+    app, bg, name = build(
+        ckpt,
+        resolve_api_key(api_key),
+        max_batch,
+        max_waiting,
+        max_context,
+        prefill_chunk,
+        model_name,
+        default_max_tokens,
+        device,
+        compile,
+    )
     srv = app.state.server
-    print(f"dsv4: serving model '{name}' on {bg.engine.device} at http://{host}:{port}/v1 "
-          f"(max_batch {max_batch}, max_waiting {max_waiting}, context {srv.max_context} tokens"
-          f"{', API key required' if srv.api_key else ''})", flush=True)
+    print(
+        f"dsv4: serving model '{name}' on {bg.engine.device} at http://{host}:{port}/v1 "
+        f"(max_batch {max_batch}, max_waiting {max_waiting}, context {srv.max_context} tokens"
+        f"{', API key required' if srv.api_key else ''})",
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

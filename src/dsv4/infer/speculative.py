@@ -11,6 +11,7 @@ The emitted tokens are distributed exactly as plain sampling from the main model
 (one-hot p and q) this reduces to "accept iff argmax p_L == d", so greedy output is token-identical.
 Verification forwards run per request (their positions differ); the gain is largest at batch 1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Genera
     if pd >= qd or float(torch.rand((), generator=gen)) < pd / qd:
         return True, draft
     resid = (p - q).clamp_min(0)
-    if float(resid.sum()) <= 0:   # p == q up to rounding: the draft was rejected by a hair
+    if float(resid.sum()) <= 0:  # p == q up to rounding: the draft was rejected by a hair
         resid = p
     return False, int(torch.multinomial(resid / resid.sum(), 1, generator=gen))
 
@@ -40,7 +41,7 @@ class MTPSpeculator:
             raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
         self.engine = engine
         self.model, self.cache = engine.model, engine.cache
-        self.pending_x: dict[int, torch.Tensor] = {}   # request id -> main streams the MTP has not seen
+        self.pending_x: dict[int, torch.Tensor] = {}  # request id -> main streams the MTP has not seen
 
     def _seq(self, req) -> list[int]:
         return req.prompt + req.output
@@ -53,9 +54,8 @@ class MTPSpeculator:
         if xs is None or n <= 0:
             return None
         seq = self._seq(req)
-        nxt = torch.tensor([seq[start + 1:start + 1 + n]], device=self.engine.device)
-        out = self.model.mtp_forward(xs[:, :n], nxt, self.cache, rows=[req.row], compute_logits=logits,
-                                     last_only=True)
+        nxt = torch.tensor([seq[start + 1 : start + 1 + n]], device=self.engine.device)
+        out = self.model.mtp_forward(xs[:, :n], nxt, self.cache, rows=[req.row], compute_logits=logits, last_only=True)
         self.pending_x[req.id] = xs[:, n:]
         return out
 
@@ -67,20 +67,21 @@ class MTPSpeculator:
         if req.fed == 0:
             self.pending_x.pop(req.id, None)
         self._push_x(req, out.hidden)
-        self._catch_up(req, req.fed + len(chunk) - 1, logits=False)   # the chunk's last next-token is unknown
+        self._catch_up(req, req.fed + len(chunk) - 1, logits=False)  # the chunk's last next-token is unknown
 
     def step(self, reqs, events) -> None:
         e = self.engine
         for req in reqs:
             length = int(self.cache.lengths[req.row])
-            q_logits = self._catch_up(req, length, logits=True)[0, -1].cpu()   # sampled on the CPU
+            q_logits = self._catch_up(req, length, logits=True)[0, -1].cpu()  # sampled on the CPU
             p = req.params
             q = probabilities(q_logits, p)
             draft = sample(q_logits, p, req.gen)
-            if p.temperature > 0 and float(q[draft]) <= 0:   # sampled off the filtered support (cannot happen)
+            if p.temperature > 0 and float(q[draft]) <= 0:  # sampled off the filtered support (cannot happen)
                 draft = int(q.argmax())
-            out = self.model(torch.tensor([[req.pending, draft]], device=self.engine.device), cache=self.cache,
-                             rows=[req.row])
+            out = self.model(
+                torch.tensor([[req.pending, draft]], device=self.engine.device), cache=self.cache, rows=[req.row]
+            )
             logits = out.logits[0].cpu()
             e.stats["decode_tokens"] += 1
             e.stats["drafted"] += 1

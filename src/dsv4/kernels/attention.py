@@ -9,6 +9,7 @@ only its band of window keys (chunk + window - 1 of them) and the entries, so me
 O(T (chunk + window + N)) instead of O(T (T + N)). Both take optional document ids (`q_seg`,
 `kv_seg`) that keep window keys inside the query's document.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def _core(q, kv, sink, scale, wmask, entries, emask, want_probs):
     o = torch.einsum("bhts,bsc->bthc", p[..., :s].to(kv.dtype), kv)
     probs = None
     if entries is not None:
-        pe = p[..., s:s + entries.shape[1]]
+        pe = p[..., s : s + entries.shape[1]]
         o = o + torch.einsum("bhtn,bnc->bthc", pe.to(entries.dtype), entries)
         probs = pe.sum(1) if want_probs else None
     return o, probs
@@ -51,10 +52,20 @@ def _seg_mask(wm: torch.Tensor, q_seg, kv_seg) -> torch.Tensor:
     return wm.unsqueeze(0) & (q_seg[:, :, None] == kv_seg[:, None, :])
 
 
-def attention_reference(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window: int,
-                        q_pos: torch.Tensor, kv_pos: torch.Tensor, entries: torch.Tensor | None = None,
-                        entry_mask: torch.Tensor | None = None, return_entry_probs: bool = False,
-                        q_seg: torch.Tensor | None = None, kv_seg: torch.Tensor | None = None):
+def attention_reference(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    window: int,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    entries: torch.Tensor | None = None,
+    entry_mask: torch.Tensor | None = None,
+    return_entry_probs: bool = False,
+    q_seg: torch.Tensor | None = None,
+    kv_seg: torch.Tensor | None = None,
+):
     """q [B,T,H,c]; kv [B,S,c] raw keys at kv_pos [S]; entries [B,N,c] with entry_mask [B,T,N].
 
     Returns o [B,T,H,c] (and, if asked, the attention mass on each entry summed over heads [B,T,N]).
@@ -64,10 +75,21 @@ def attention_reference(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, s
     return (o, probs) if return_entry_probs else o
 
 
-def attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window: int,
-                      q_pos: torch.Tensor, kv_pos: torch.Tensor, entries: torch.Tensor | None = None,
-                      entry_mask: torch.Tensor | None = None, return_entry_probs: bool = False,
-                      q_seg: torch.Tensor | None = None, kv_seg: torch.Tensor | None = None, chunk: int = 128):
+def attention_chunked(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    window: int,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    entries: torch.Tensor | None = None,
+    entry_mask: torch.Tensor | None = None,
+    return_entry_probs: bool = False,
+    q_seg: torch.Tensor | None = None,
+    kv_seg: torch.Tensor | None = None,
+    chunk: int = 128,
+):
     """Same result as attention_reference; kv_pos must be increasing (it is: cache order)."""
     t = q.shape[1]
     outs, probs = [], []
@@ -76,8 +98,11 @@ def attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, sca
         qp = q_pos[s0:s1]
         lo = int(torch.searchsorted(kv_pos, qp[0] - window + 1))
         hi = int(torch.searchsorted(kv_pos, qp[-1], right=True))
-        wm = _seg_mask(window_mask(qp, kv_pos[lo:hi], window), None if q_seg is None else q_seg[:, s0:s1],
-                       None if kv_seg is None else kv_seg[:, lo:hi])
+        wm = _seg_mask(
+            window_mask(qp, kv_pos[lo:hi], window),
+            None if q_seg is None else q_seg[:, s0:s1],
+            None if kv_seg is None else kv_seg[:, lo:hi],
+        )
         ent = em = None
         if entries is not None:  # entries no query of the chunk can see are skipped
             used = entry_mask[:, s0:s1].any(1).any(0).nonzero()

@@ -7,6 +7,7 @@ compiled with dsv4.kernels.inductor.cpu_backend, whose few-rows rule turns the m
 thousands of tiny BLAS calls. Off by default: compiling costs tens of seconds, which pays off in
 training runs, not in short scripts.
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,13 +6,15 @@ Parts are e.g. the raw window ring and the gathered top-k / visible compressed e
 never concatenated, so a long entry list is read once. The reference twin is
 `dsv4.kernels.sparse_attention` called with one query (tests compare the two).
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def decode_attention(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], sink: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q [B,H,c]; parts: (keys [B,L,c], valid [B,L] bool); sink [H] -> o [B,H,c] in q's dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
     z = sink.to(acc).view(1, -1)

@@ -26,25 +26,26 @@ How (per query chunk of `chunk` rows, B*chunk rows in all):
 Memory: O(B * chunk * key_chunk) for one score block + O(B * chunk * n_heads * sub) for the head
 intermediate + O(T * k) for the result. Scores must be finite (a -inf score reads as not visible).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-_SCORE_FLOATS = 1 << 24   # one score block [B*chunk, key block] (fp32: 64 MiB) when key_chunk is None
-_HEAD_FLOATS = 1 << 19    # the per-head intermediate [B*chunk*n_heads, sub] (2 MiB: stays in cache)
-_USE_NUMPY = True         # CPU: select with numpy (AVX-512 partition/sort; torch.topk is ~5x slower there)
+_SCORE_FLOATS = 1 << 24  # one score block [B*chunk, key block] (fp32: 64 MiB) when key_chunk is None
+_HEAD_FLOATS = 1 << 19  # the per-head intermediate [B*chunk*n_heads, sub] (2 MiB: stays in cache)
+_USE_NUMPY = True  # CPU: select with numpy (AVX-512 partition/sort; torch.topk is ~5x slower there)
 _LOW = (1 << 32) - 1
 
 
 def _np_keys(v: np.ndarray, p: np.ndarray) -> np.ndarray:
     """fp32 scores v, positions p (same shape) -> int64 keys, descending = (score desc, position asc)."""
-    i = (v + np.float32(0.0)).view(np.int32)                   # -0.0 -> +0.0
+    i = (v + np.float32(0.0)).view(np.int32)  # -0.0 -> +0.0
     o = (i >> 31) & 0x7FFFFFFF
-    o ^= i                                                     # negative floats: flip magnitude bits
+    o ^= i  # negative floats: flip magnitude bits
     key = o.astype(np.int64)
     key <<= 32
     key |= _LOW - p
@@ -55,7 +56,7 @@ def _np_top(key: np.ndarray, m: int) -> np.ndarray:
     """The m largest keys of each row, descending."""
     n = key.shape[-1]
     if m < n:
-        key = np.partition(key, n - m, axis=-1)[:, n - m:]
+        key = np.partition(key, n - m, axis=-1)[:, n - m :]
     return np.sort(key, axis=-1)[:, ::-1]
 
 
@@ -71,11 +72,11 @@ def _np_select(a: np.ndarray, p: np.ndarray | int, kk: int) -> np.ndarray:
     np.argpartition takes kk entries per row, ties at the kk-th value broken arbitrarily; a row is exact
     as is unless the kk-th value also occurs outside the taken set (a boundary tie: count(a >= v_k) > kk);
     those rows are redone with keys over the whole row."""
-    r, n = a.shape
-    full = (np.arange(p, p + n, dtype=np.int64)[None, :] if isinstance(p, int) else p)
+    _r, n = a.shape
+    full = np.arange(p, p + n, dtype=np.int64)[None, :] if isinstance(p, int) else p
     if n <= kk:
         return _np_top(_np_keys(a, full), kk)
-    part = np.argpartition(a, n - kk, axis=-1)[:, n - kk:]
+    part = np.argpartition(a, n - kk, axis=-1)[:, n - kk :]
     v = _take(a, part)
     tie = np.count_nonzero(a >= v.min(-1, keepdims=True), axis=-1) > kk
     key = _np_keys(v, part + p if isinstance(p, int) else _take(p, part))
@@ -94,8 +95,8 @@ def _np_block(s: torch.Tensor, k0: int, kk: int, g: int) -> np.ndarray:
     nb = n // g
     if g == 1 or nb <= kk:
         return _np_select(a, k0, kk)
-    gm = torch.nn.functional.max_pool1d(s.view(r, 1, n), g, g).view(r, nb).numpy()   # 2x faster than amax
-    gi = np.argpartition(gm, nb - kk, axis=-1)[:, nb - kk:]                       # [R, kk] groups
+    gm = torch.nn.functional.max_pool1d(s.view(r, 1, n), g, g).view(r, nb).numpy()  # 2x faster than amax
+    gi = np.argpartition(gm, nb - kk, axis=-1)[:, nb - kk :]  # [R, kk] groups
     tie = np.count_nonzero(gm >= _take(gm, gi).min(-1, keepdims=True), axis=-1) > kk
     cand = np.take(a.reshape(r * nb, g), (gi + (np.arange(r) * nb)[:, None]).reshape(-1), axis=0).reshape(r, kk * g)
     key = _np_select(cand, (gi[:, :, None] * g + (np.arange(g) + k0)).reshape(r, kk * g), kk)
@@ -140,15 +141,27 @@ def _group_size(n: int, kk: int) -> int:
 
 def segment_same_doc(q_seg: torch.Tensor, key_seg: torch.Tensor) -> Callable:
     """q_seg [B,T], key_seg [B,N] document ids -> same_doc_fn(s0, s1, k0, k1) -> [B, s1-s0, k1-k0] bool."""
+
     def fn(s0: int, s1: int, k0: int, k1: int) -> torch.Tensor:
         return q_seg[:, s0:s1, None] == key_seg[:, None, k0:k1]
+
     return fn
 
 
 @torch.no_grad()
-def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k: int, q_pos: torch.Tensor,
-                         ratio: int, exclude_window: int = 0, chunk: int = 128, key_chunk: int | None = None,
-                         same_doc_fn: Callable | None = None, return_scores: bool = False):
+def chunked_indexer_topk(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    q_pos: torch.Tensor,
+    ratio: int,
+    exclude_window: int = 0,
+    chunk: int = 128,
+    key_chunk: int | None = None,
+    same_doc_fn: Callable | None = None,
+    return_scores: bool = False,
+):
     """Top-k entry ids of the lightning indexer, computed chunk by chunk.
 
     q [B,T,n,c] (fp32, roped), w [B,T,n] (scaled head weights), keys [B,N,c], q_pos [T] absolute
@@ -162,13 +175,13 @@ def chunked_indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, k
     forces this PyTorch path.
     Score formula and float ops are those of dsv4.model.indexer.Indexer.score, per block.
     """
-    with torch.autocast(q.device.type, enabled=False):   # selection in fp32 also under bf16 autocast
-        return _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn,
-                                     return_scores)
+    with torch.autocast(q.device.type, enabled=False):  # selection in fp32 also under bf16 autocast
+        return _chunked_indexer_topk(
+            q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn, return_scores
+        )
 
 
-def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn,
-                          return_scores):
+def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, key_chunk, same_doc_fn, return_scores):
     b, t, n_h, c = q.shape
     n = keys.shape[1]
     kk = min(k, n)
@@ -177,16 +190,17 @@ def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, ke
     if ext is not None:
         blocks = torch.zeros(b, -(-n // 16) * 16, c, dtype=torch.float32, device=dev)
         blocks[:, :n] = keys
-        blocks = blocks.unflatten(1, (-1, 16)).transpose(2, 3).contiguous()        # [B, N/16, c, 16]
-        return ext.indexer_topk_fwd(q.float().contiguous(), w.float().contiguous(), blocks, n,
-                                    q_pos.contiguous(), k, ratio, exclude_window)
+        blocks = blocks.unflatten(1, (-1, 16)).transpose(2, 3).contiguous()  # [B, N/16, c, 16]
+        return ext.indexer_topk_fwd(
+            q.float().contiguous(), w.float().contiguous(), blocks, n, q_pos.contiguous(), k, ratio, exclude_window
+        )
     idx = torch.full((b, t, kk), -1, dtype=torch.long, device=dev)
     scores = torch.full((b, t, kk), float("-inf"), dtype=torch.float32, device=dev) if return_scores else None
     if t == 0 or kk == 0:
         return (idx, scores) if return_scores else idx
     cpu = _USE_NUMPY and q.device.type == "cpu"
-    keys_t = keys.float().transpose(1, 2)                                         # [B, c, N] (view)
-    limit = (q_pos.to(dev) + 1 - exclude_window).div(ratio, rounding_mode="floor").clamp(0, n)   # [T]
+    keys_t = keys.float().transpose(1, 2)  # [B, c, N] (view)
+    limit = (q_pos.to(dev) + 1 - exclude_window).div(ratio, rounding_mode="floor").clamp(0, n)  # [T]
     n_ch = -(-t // chunk)
     lim_pad = torch.cat([limit, limit[-1:].expand(n_ch * chunk - t)]).view(n_ch, chunk)
     lo_hi = torch.stack([lim_pad.amin(1), lim_pad.amax(1)], 1).tolist()
@@ -197,7 +211,7 @@ def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, ke
         rows = b * (s1 - s0)
         qf = q[:, s0:s1].float().reshape(b, (s1 - s0) * n_h, c)
         wf = w[:, s0:s1].float().reshape(rows, 1, n_h)
-        lim = limit[s0:s1].repeat(b).unsqueeze(1)                                 # [rows, 1]
+        lim = limit[s0:s1].repeat(b).unsqueeze(1)  # [rows, 1]
         kc = key_chunk or max(1, _SCORE_FLOATS // rows)
         best = None
         for k0 in range(0, hi, kc):
@@ -211,26 +225,29 @@ def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, ke
                 # every slice is sub wide (the tail one shifted left): a narrow bmm takes another BLAS
                 # path whose head sum can round differently from Indexer.score's (ties would flip)
                 a0 = max(0, min(j0, n - sub))
-                h = torch.bmm(qf, keys_t[:, :, a0:a0 + sub]).relu_()            # [B, C*n, sub]
-                s = blk[:, j0 - k0:j1 - k0]
+                h = torch.bmm(qf, keys_t[:, :, a0 : a0 + sub]).relu_()  # [B, C*n, sub]
+                s = blk[:, j0 - k0 : j1 - k0]
                 if a0 == j0 and j1 - j0 == h.shape[-1]:
                     torch.bmm(wf, h.view(rows, n_h, -1), out=s.unsqueeze(1))
                 else:
-                    s.copy_(torch.bmm(wf, h.view(rows, n_h, -1))[:, 0, j0 - a0:j1 - a0])
+                    s.copy_(torch.bmm(wf, h.view(rows, n_h, -1))[:, 0, j0 - a0 : j1 - a0])
                 if j1 > lo or same_doc_fn is not None:
                     vis = torch.arange(j0, j1, device=dev) < lim
                     if same_doc_fn is not None:
                         vis = vis & same_doc_fn(s0, s1, j0, j1).reshape(rows, j1 - j0)
                     s.masked_fill_(~vis, float("-inf"))
-            blk[:, k1 - k0:] = float("-inf")
+            blk[:, k1 - k0 :] = float("-inf")
             if cpu:
                 top = torch.from_numpy(_np_block(blk, k0, kk, g).copy())
             else:
                 top = _t_block(blk, k0, kk, g)
             if best is not None:
                 cat = torch.cat([best, top], 1)
-                top = (torch.from_numpy(_np_top(cat.numpy(), kk).copy()) if cpu
-                       else cat.topk(min(kk, cat.shape[1]), dim=-1, sorted=True).values)
+                top = (
+                    torch.from_numpy(_np_top(cat.numpy(), kk).copy())
+                    if cpu
+                    else cat.topk(min(kk, cat.shape[1]), dim=-1, sorted=True).values
+                )
             best = top
         v, p = _decode(best)
         m = p.shape[-1]
@@ -241,7 +258,7 @@ def _chunked_indexer_topk(q, w, keys, k, q_pos, ratio, exclude_window, chunk, ke
     return (idx, scores) if return_scores else idx
 
 
-USE_NATIVE = True   # inference through the fused C++ score + top-k (dsv4.kernels.native) when it is built
+USE_NATIVE = True  # inference through the fused C++ score + top-k (dsv4.kernels.native) when it is built
 NATIVE_MIN_QUERIES = 64
 
 
@@ -249,7 +266,7 @@ def _native(q, w, keys, same_doc_fn, return_scores):
     """The C++ kernel if it applies: CPU, no autograd, no document rule, ids only."""
     if not USE_NATIVE or same_doc_fn is not None or return_scores or q.device.type != "cpu":
         return None
-    if q.shape[1] < NATIVE_MIN_QUERIES:   # it copies the keys into blocks once per call: pays off for many queries
+    if q.shape[1] < NATIVE_MIN_QUERIES:  # it copies the keys into blocks once per call: pays off for many queries
         return None
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, w, keys)):
         return None
@@ -268,8 +285,9 @@ def _selected_chunk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: t
     return torch.where(idx >= 0, s, 0.0)
 
 
-def indexer_selected_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor,
-                            chunk: int = 128) -> torch.Tensor:
+def indexer_selected_scores(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, chunk: int = 128
+) -> torch.Tensor:
     """Differentiable indexer scores of the SELECTED entries only: out[b,t,i] = Score(t, idx[b,t,i])
     = sum_j w_tj ReLU(q_tj . keys[idx]) (0 on -1 slots), [B,T,k].
 
@@ -284,7 +302,7 @@ def indexer_selected_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor
     grad = torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys.requires_grad)
     outs = []
     for s0 in range(0, t, chunk):
-        args = (q[:, s0:s0 + chunk], w[:, s0:s0 + chunk], keys, idx[:, s0:s0 + chunk])
+        args = (q[:, s0 : s0 + chunk], w[:, s0 : s0 + chunk], keys, idx[:, s0 : s0 + chunk])
         outs.append(checkpoint(_selected_chunk, *args, use_reentrant=False) if grad else _selected_chunk(*args))
     if not outs:
         return q.new_zeros(idx.shape, dtype=torch.float32)

@@ -9,14 +9,15 @@ vectorised, splits the outputs over all threads and fuses the neighbouring eleme
 loads. `cpu_backend` is the torch.compile backend with the rule; the plain matmul is its reference
 (tests compare the two).
 """
+
 from __future__ import annotations
 
 import torch
 import torch._inductor.custom_graph_pass
 
 aten = torch.ops.aten
-SMALL_ROWS = 16   # products with at most this many rows become reductions (CPU)
-LARGE_WEIGHT = 1 << 20   # bytes: larger weights are read outputs-first when M > 1
+SMALL_ROWS = 16  # products with at most this many rows become reductions (CPU)
+LARGE_WEIGHT = 1 << 20  # bytes: larger weights are read outputs-first when M > 1
 
 
 def _few_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -65,7 +66,10 @@ def cpu_backend(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
-    table = {**select_decomp_table(), aten.mm.default: _mm, aten.addmm.default: _addmm,
-             aten.bmm.default: _bmm}
-    return compile_fx(gm, example_inputs, decompositions=table,
-                      config_patches={"cpp_wrapper": True, "post_grad_custom_pre_pass": _RuleKey()})
+    table = {**select_decomp_table(), aten.mm.default: _mm, aten.addmm.default: _addmm, aten.bmm.default: _bmm}
+    return compile_fx(
+        gm,
+        example_inputs,
+        decompositions=table,
+        config_patches={"cpp_wrapper": True, "post_grad_custom_pre_pass": _RuleKey()},
+    )

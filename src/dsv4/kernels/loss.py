@@ -10,6 +10,7 @@ are kept to about CHUNK_BYTES so that the passes over them (log-softmax, exp, th
 from the last-level cache; the log-softmax gives both the loss and, exponentiated in place, the
 softmax; the 1/N scale is applied to the small [rows, d] operands, not to the [rows, V] block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,14 +39,14 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(w, dtype=acc) if need_w else None
         w_h = w.to(h.dtype)  # the products below take explicit dtypes (out= and in-place are not autocast)
         for s in range(0, n, chunk):
-            hs, ts = h[s:s + chunk], target[s:s + chunk]
+            hs, ts = h[s : s + chunk], target[s : s + chunk]
             logp = torch.log_softmax(F.linear(hs, w).to(acc), -1)
             total -= logp.gather(1, ts[:, None]).sum()
-            g = logp.exp_()                                   # softmax
-            g[torch.arange(len(ts)), ts] -= 1.0               # d CE / d logits, times n
+            g = logp.exp_()  # softmax
+            g[torch.arange(len(ts)), ts] -= 1.0  # d CE / d logits, times n
             g = g.to(h.dtype)
             if need_h:
-                torch.mm(g, w_h, out=grad_h[s:s + chunk]).mul_(1.0 / n)
+                torch.mm(g, w_h, out=grad_h[s : s + chunk]).mul_(1.0 / n)
             if need_w:
                 if grad_w.dtype == h.dtype:
                     grad_w.addmm_(g.T, hs, alpha=1.0 / n)
@@ -57,17 +58,24 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None)
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """h [N, d], w [V, d], target [N] -> mean CE (fp32). Same value and gradients as the reference.
     chunk: rows per step (default: default_chunk(V))."""
     chunk = chunk or default_chunk(w.shape[0])
     if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
         return _FusedLinearCE.apply(h, w, target, chunk)
-    total = sum(F.cross_entropy(F.linear(h[s:s + chunk], w).float(), target[s:s + chunk], reduction="sum")
-                for s in range(0, h.shape[0], chunk))
+    total = sum(
+        F.cross_entropy(F.linear(h[s : s + chunk], w).float(), target[s : s + chunk], reduction="sum")
+        for s in range(0, h.shape[0], chunk)
+    )
     return total / h.shape[0]

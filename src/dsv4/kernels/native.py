@@ -5,6 +5,7 @@ cached per source and CPU under ~/.cache/torch_extensions).
 set, or on non-x86/ARM oddities, callers fall back to their PyTorch twins, which stay the reference
 (tests compare the two). Kernels: csrc/sparse_attention.cpp (inference forward of the V4 core attention).
 """
+
 from __future__ import annotations
 
 import glob
@@ -46,12 +47,20 @@ def ext():
         from torch.utils.cpp_extension import load
 
         lib = Path(torch.__file__).parent / "lib"
-        gomp = sorted(glob.glob(str(lib / "libgomp*.so*")))   # torch's own OpenMP runtime: one thread pool
+        gomp = sorted(glob.glob(str(lib / "libgomp*.so*")))  # torch's own OpenMP runtime: one thread pool
         ldflags = [f"-L{lib}", f"-l:{Path(gomp[0]).name}", f"-Wl,-rpath,{lib}"] if gomp else ["-fopenmp"]
-        _EXT = load(name=f"dsv4_native_{_cpu_tag()}", sources=[str(_SRC)], verbose=False,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=ldflags)
-    except Exception as e:  # noqa: BLE001 -- any build problem means: use the PyTorch kernels
-        warnings.warn(f"dsv4: C++ kernels unavailable, using the PyTorch ones ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''})", stacklevel=2)
+        _EXT = load(
+            name=f"dsv4_native_{_cpu_tag()}",
+            sources=[str(_SRC)],
+            verbose=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=ldflags,
+        )
+    except Exception as e:
+        warnings.warn(
+            f"dsv4: C++ kernels unavailable, using the PyTorch ones ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})",
+            stacklevel=2,
+        )
         _EXT = None
     return _EXT

@@ -30,6 +30,7 @@ Positions (`q_pos`, `kv_pos`) must be nondecreasing (cache order); queries may c
 positions of kv (cached decode: q_pos = S-t..S-1, kv_pos = 0..S-1). Top-k ids must not repeat within
 a row (-1 = empty slot; selection_mask semantics otherwise).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,20 +42,21 @@ from torch.autograd.function import once_differentiable
 @dataclass
 class _Plan:
     """Everything the per-chunk key builder needs besides the differentiable tensors."""
-    kind: str                     # "none" | "sparse" | "dense"
+
+    kind: str  # "none" | "sparse" | "dense"
     scale: float
     window: int
-    q_pos: torch.Tensor           # [T]
-    kv_pos: torch.Tensor          # [S]
-    chunks: list                  # [(s0, s1, lo, hi, n_hi)]
-    q_seg: torch.Tensor | None    # [B, T]
-    kv_seg: torch.Tensor | None   # [B, S]
-    idx: torch.Tensor | None = None        # sparse: [B, T, k] entry ids, -1 = none
-    ratio: int = 1                          # dense: entry j visible to t iff j < (t + 1 - excl) // ratio
+    q_pos: torch.Tensor  # [T]
+    kv_pos: torch.Tensor  # [S]
+    chunks: list  # [(s0, s1, lo, hi, n_hi)]
+    q_seg: torch.Tensor | None  # [B, T]
+    kv_seg: torch.Tensor | None  # [B, S]
+    idx: torch.Tensor | None = None  # sparse: [B, T, k] entry ids, -1 = none
+    ratio: int = 1  # dense: entry j visible to t iff j < (t + 1 - excl) // ratio
     exclude_window: int = 0
-    entry_seg: torch.Tensor | None = None   # dense: [B, N] document id of each entry
-    cdtype: torch.dtype = torch.float32     # matmul dtype (input dtype, or the autocast dtype)
-    acc: torch.dtype = torch.float32        # softmax / statistics dtype (fp32, fp64 for fp64 inputs)
+    entry_seg: torch.Tensor | None = None  # dense: [B, N] document id of each entry
+    cdtype: torch.dtype = torch.float32  # matmul dtype (input dtype, or the autocast dtype)
+    acc: torch.dtype = torch.float32  # softmax / statistics dtype (fp32, fp64 for fp64 inputs)
     want_probs: bool = False
 
 
@@ -141,7 +143,7 @@ class _V4AttentionFn(torch.autograd.Function):
                 m = torch.maximum(lw.amax(-1), z) if lw.shape[-1] else z.expand(lw.shape[:3])
                 if le is not None:
                     m = torch.maximum(m, le.amax(-1))
-                pw = lw.sub_(m[..., None]).exp_()                  # unnormalised, in place
+                pw = lw.sub_(m[..., None]).exp_()  # unnormalised, in place
                 den = pw.sum(-1) + torch.exp(z - m)
                 o = torch.einsum("bchw,bwd->bchd", pw.to(plan.cdtype), band).to(plan.acc)
                 if le is not None:
@@ -149,7 +151,7 @@ class _V4AttentionFn(torch.autograd.Function):
                     den += pe.sum(-1)
                     o += torch.einsum(_entry_eq(plan, "o"), pe.to(plan.cdtype), ent).to(plan.acc)
                     if probs is not None:
-                        probs[:, s0:s1, :pe.shape[-1]] = (pe / den[..., None]).sum(2)
+                        probs[:, s0:s1, : pe.shape[-1]] = (pe / den[..., None]).sum(2)
                 lse[:, s0:s1] = m + den.log()
                 o /= den[..., None]
                 out[:, s0:s1] = o
@@ -179,10 +181,10 @@ class _V4AttentionFn(torch.autograd.Function):
                 qc = q[:, s0:s1].to(cd)
                 m = lse[:, s0:s1]
                 do = dout[:, s0:s1].to(cd)
-                dd = (do.to(acc) * out[:, s0:s1].to(acc)).sum(-1)            # D = dO . o   [B,C,H]
+                dd = (do.to(acc) * out[:, s0:s1].to(acc)).sum(-1)  # D = dO . o   [B,C,H]
                 dz -= (torch.exp(z - m) * dd).sum((0, 1))
                 lw, le = _logits(plan, qc, band, wm, ent, em)
-                qd = torch.cat([qc, do], 2)                                   # [B,C,2H,c]
+                qd = torch.cat([qc, do], 2)  # [B,C,2H,c]
                 pw = lw.sub_(m[..., None]).exp_()
                 dsw = torch.einsum("bchd,bwd->bchw", do, band).to(acc).sub_(dd[..., None]).mul_(pw)
                 dsw_c = dsw.mul_(scale).to(cd)
@@ -195,7 +197,7 @@ class _V4AttentionFn(torch.autograd.Function):
                     dse_c = dse.mul_(scale).to(cd)
                     dqc += torch.einsum(_entry_eq(plan, "o"), dse_c, ent).to(acc)
                     g = torch.einsum(_entry_eq(plan, "g"), torch.cat([dse_c, pe.to(cd)], 2), qd).to(acc)
-                    if plan.kind == "sparse":   # masked slots carry exact zeros (p = 0)
+                    if plan.kind == "sparse":  # masked slots carry exact zeros (p = 0)
                         dent_flat.index_add_(0, flat, g.reshape(-1, g.shape[-1]))
                     else:
                         dent[:, :n_hi] += g
@@ -210,12 +212,12 @@ def _dtypes(q, kv, entries):
     cd = torch.promote_types(q.dtype, kv.dtype)
     if entries is not None:
         cd = torch.promote_types(cd, entries.dtype)
-    if torch.is_autocast_enabled(q.device.type):   # mirror the reference's autocast einsums
+    if torch.is_autocast_enabled(q.device.type):  # mirror the reference's autocast einsums
         cd = torch.get_autocast_dtype(q.device.type)
     return cd, torch.promote_types(cd, torch.float32)
 
 
-USE_NATIVE = True   # inference forward through the C++ kernel (dsv4.kernels.native) when it is built
+USE_NATIVE = True  # inference forward through the C++ kernel (dsv4.kernels.native) when it is built
 
 
 def _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, want_probs):
@@ -235,9 +237,20 @@ def _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, want_probs):
 def _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, idx, ratio=1, exclude_window=0):
     e = q.new_zeros(q.shape[0], 0, q.shape[-1]) if entries is None else entries.contiguous()
     i = idx.contiguous() if idx is not None else torch.zeros(0, dtype=torch.long)
-    return ext.v4_attention_fwd(q.contiguous(), kv.contiguous(), kv_pos.contiguous(), q_pos.contiguous(), e, i,
-                                sink.contiguous(), float(scale), int(window), int(ratio), int(exclude_window),
-                                idx is not None)
+    return ext.v4_attention_fwd(
+        q.contiguous(),
+        kv.contiguous(),
+        kv_pos.contiguous(),
+        q_pos.contiguous(),
+        e,
+        i,
+        sink.contiguous(),
+        float(scale),
+        int(window),
+        int(ratio),
+        int(exclude_window),
+        idx is not None,
+    )
 
 
 def _run(q, kv, sink, entries, plan, return_entry_probs):
@@ -248,10 +261,21 @@ def _run(q, kv, sink, entries, plan, return_entry_probs):
     return res
 
 
-def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window: int,
-                     q_pos: torch.Tensor, kv_pos: torch.Tensor, entries: torch.Tensor, topk_idx: torch.Tensor,
-                     chunk: int = 256, q_seg: torch.Tensor | None = None, kv_seg: torch.Tensor | None = None,
-                     return_entry_probs: bool = False):
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    window: int,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    entries: torch.Tensor,
+    topk_idx: torch.Tensor,
+    chunk: int = 256,
+    q_seg: torch.Tensor | None = None,
+    kv_seg: torch.Tensor | None = None,
+    return_entry_probs: bool = False,
+):
     """CSA / DSA attention over window keys + top-k selected entries, one softmax with the sink.
 
     o_th = sum_{s in win(t)} p_ts kv_s + sum_{i: idx_ti >= 0} p_ti entries[idx_ti]   (spec section 2;
@@ -268,22 +292,55 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scal
         return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, topk_idx)
     cd, acc = _dtypes(q, kv, entries)
     if entries is None or entries.shape[1] == 0 or topk_idx.shape[-1] == 0:
-        plan = _Plan("none", scale, window, q_pos, kv_pos, _plan_chunks(q_pos, kv_pos, window, chunk),
-                     q_seg, kv_seg, cdtype=cd, acc=acc)
+        plan = _Plan(
+            "none",
+            scale,
+            window,
+            q_pos,
+            kv_pos,
+            _plan_chunks(q_pos, kv_pos, window, chunk),
+            q_seg,
+            kv_seg,
+            cdtype=cd,
+            acc=acc,
+        )
         res = _run(q, kv, sink, None, plan, False)
         if return_entry_probs:
             return res, torch.zeros(*topk_idx.shape, dtype=acc, device=q.device)
         return res
-    plan = _Plan("sparse", scale, window, q_pos, kv_pos, _plan_chunks(q_pos, kv_pos, window, chunk),
-                 q_seg, kv_seg, idx=topk_idx, cdtype=cd, acc=acc)
+    plan = _Plan(
+        "sparse",
+        scale,
+        window,
+        q_pos,
+        kv_pos,
+        _plan_chunks(q_pos, kv_pos, window, chunk),
+        q_seg,
+        kv_seg,
+        idx=topk_idx,
+        cdtype=cd,
+        acc=acc,
+    )
     return _run(q, kv, sink, entries, plan, return_entry_probs)
 
 
-def dense_entries_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window: int,
-                            q_pos: torch.Tensor, kv_pos: torch.Tensor, entries: torch.Tensor | None = None,
-                            ratio: int = 1, exclude_window: int = 0, chunk: int = 256,
-                            q_seg: torch.Tensor | None = None, kv_seg: torch.Tensor | None = None,
-                            entry_seg: torch.Tensor | None = None, return_entry_probs: bool = False):
+def dense_entries_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    window: int,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    entries: torch.Tensor | None = None,
+    ratio: int = 1,
+    exclude_window: int = 0,
+    chunk: int = 256,
+    q_seg: torch.Tensor | None = None,
+    kv_seg: torch.Tensor | None = None,
+    entry_seg: torch.Tensor | None = None,
+    return_entry_probs: bool = False,
+):
     """HCA attention: window keys + every causally complete entry, one softmax with the sink.
 
     Entry j is visible to query t iff j < (t + 1 - exclude_window) // ratio (spec section 2: HCA
@@ -300,10 +357,21 @@ def dense_entries_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     cd, acc = _dtypes(q, kv, entries)
     n = 0 if entries is None else entries.shape[1]
     kind = "dense" if n > 0 else "none"
-    plan = _Plan(kind, scale, window, q_pos, kv_pos,
-                 _plan_chunks(q_pos, kv_pos, window, chunk, n, ratio, exclude_window),
-                 q_seg, kv_seg, ratio=ratio, exclude_window=exclude_window, entry_seg=entry_seg,
-                 cdtype=cd, acc=acc)
+    plan = _Plan(
+        kind,
+        scale,
+        window,
+        q_pos,
+        kv_pos,
+        _plan_chunks(q_pos, kv_pos, window, chunk, n, ratio, exclude_window),
+        q_seg,
+        kv_seg,
+        ratio=ratio,
+        exclude_window=exclude_window,
+        entry_seg=entry_seg,
+        cdtype=cd,
+        acc=acc,
+    )
     if kind == "none":
         res = _run(q, kv, sink, None, plan, False)
         if return_entry_probs:
@@ -313,10 +381,20 @@ def dense_entries_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     return _run(q, kv, sink, entries, plan, return_entry_probs)
 
 
-def window_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, scale: float, window: int,
-                     q_pos: torch.Tensor, kv_pos: torch.Tensor, chunk: int = 256,
-                     q_seg: torch.Tensor | None = None, kv_seg: torch.Tensor | None = None) -> torch.Tensor:
+def window_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    window: int,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    chunk: int = 256,
+    q_seg: torch.Tensor | None = None,
+    kv_seg: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SWA attention: o_th = sum_{t - n_win < s <= t, same doc} p_ts kv_s, softmax with the sink
     (spec section 2, m = 0). Banded chunks (memory O(chunk (chunk + window) H)), recomputing backward."""
-    return dense_entries_attention(q, kv, sink, scale, window, q_pos, kv_pos, None, chunk=chunk,
-                                   q_seg=q_seg, kv_seg=kv_seg)
+    return dense_entries_attention(
+        q, kv, sink, scale, window, q_pos, kv_pos, None, chunk=chunk, q_seg=q_seg, kv_seg=kv_seg
+    )

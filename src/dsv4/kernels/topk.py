@@ -3,6 +3,7 @@
 torch.topk breaks ties by memory layout, so prefill and decode could disagree on exact-zero ReLU
 ties (spec section 2). A stable descending sort gives the one rule everywhere.
 """
+
 import torch
 
 
@@ -31,7 +32,7 @@ def topk_static(scores: torch.Tensor, k: int, visible: torch.Tensor) -> tuple[to
     (score desc, position asc) is descending key order and every key of a row is distinct; invisible
     entries get the smallest key. No data-dependent shapes (torch.compile fuses it)."""
     n = scores.shape[-1]
-    i = (scores.float() + 0.0).view(torch.int32)                     # -0.0 -> +0.0
+    i = (scores.float() + 0.0).view(torch.int32)  # -0.0 -> +0.0
     o = torch.where(i < 0, i ^ 0x7FFFFFFF, i).long()
     pos = torch.arange(n, device=scores.device)
     key = (o << 32) | ((1 << 32) - 1 - pos)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .stores import RamStore, RowStore
 
-__all__ = ["save_store", "load_store", "INDEX_NAME"]
+__all__ = ["INDEX_NAME", "load_store", "save_store"]
 
 INDEX_NAME = "index.json"
 FORMAT = "dsv4-rowstore"
@@ -42,8 +42,7 @@ def _save_one(store: RowStore, name: str, tmp: Path, chunk_rows: int) -> dict:
         fname = f"{name}-{i:05d}.safetensors"
         save_file({"rows": t}, str(tmp / fname), metadata={"start": str(start), "stop": str(stop)})
         files.append({"file": fname, "start": start, "stop": stop, "crc32": _crc(t)})
-    return {"n_rows": store.n_rows, "dim": store.dim, "dtype": "float32", "chunk_rows": chunk_rows,
-            "files": files}
+    return {"n_rows": store.n_rows, "dim": store.dim, "dtype": "float32", "chunk_rows": chunk_rows, "files": files}
 
 
 def save_store(store: RowStore, directory, chunk_rows: int = 1 << 20, states=None) -> Path:
@@ -57,8 +56,11 @@ def save_store(store: RowStore, directory, chunk_rows: int = 1 << 20, states=Non
     tmp.mkdir()
     try:
         stores = {"table": store, **_states_of(states)}
-        index = {"format": FORMAT, "version": 1,
-                 "stores": {n: _save_one(s, n, tmp, chunk_rows) for n, s in stores.items()}}
+        index = {
+            "format": FORMAT,
+            "version": 1,
+            "stores": {n: _save_one(s, n, tmp, chunk_rows) for n, s in stores.items()},
+        }
         with open(tmp / INDEX_NAME, "w") as f:
             json.dump(index, f, indent=1)
             f.flush()
@@ -78,22 +80,25 @@ def save_store(store: RowStore, directory, chunk_rows: int = 1 << 20, states=Non
 
 def _load_one(entry: dict, name: str, into: RowStore, directory: Path) -> None:
     if (entry["n_rows"], entry["dim"]) != (into.n_rows, into.dim):
-        raise ValueError(f"{directory}: store {name!r} has shape ({entry['n_rows']}, {entry['dim']}), "
-                         f"target has ({into.n_rows}, {into.dim})")
+        raise ValueError(
+            f"{directory}: store {name!r} has shape ({entry['n_rows']}, {entry['dim']}), "
+            f"target has ({into.n_rows}, {into.dim})"
+        )
     covered = 0
     for fe in entry["files"]:
         path = directory / fe["file"]
         if not path.exists():
-            raise FileNotFoundError(f"missing checkpoint chunk {path} (rows [{fe['start']}, {fe['stop']}) "
-                                    f"of {name!r})")
+            raise FileNotFoundError(f"missing checkpoint chunk {path} (rows [{fe['start']}, {fe['stop']}) of {name!r})")
         try:
             t = load_file(str(path))["rows"]
         except Exception as e:  # safetensors raises SafetensorError or others on bad bytes
             raise ValueError(f"corrupt checkpoint chunk {path}: {e}") from e
         n = fe["stop"] - fe["start"]
         if fe["start"] != covered or tuple(t.shape) != (n, entry["dim"]) or t.dtype != torch.float32:
-            raise ValueError(f"corrupt checkpoint chunk {path}: got {t.dtype} {tuple(t.shape)}, "
-                             f"expected float32 ({n}, {entry['dim']}) at row {covered}")
+            raise ValueError(
+                f"corrupt checkpoint chunk {path}: got {t.dtype} {tuple(t.shape)}, "
+                f"expected float32 ({n}, {entry['dim']}) at row {covered}"
+            )
         if _crc(t) != fe["crc32"]:
             raise ValueError(f"corrupt checkpoint chunk {path}: crc32 mismatch")
         into.write_range(fe["start"], t)

@@ -12,11 +12,11 @@ import torch
 
 from .stores import RowStore, _as_rows, _check_values
 
-__all__ = ["Prefetcher", "PrefetchHandle"]
+__all__ = ["PrefetchHandle", "Prefetcher"]
 
 
 class PrefetchHandle:
-    __slots__ = ("rows", "futures", "bounds", "overrides", "submitted")
+    __slots__ = ("bounds", "futures", "overrides", "rows", "submitted")
 
     def __init__(self, rows, futures, bounds):
         self.rows, self.futures, self.bounds = rows, futures, bounds
@@ -41,8 +41,7 @@ class Prefetcher(RowStore):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="row-prefetch")
         self._pending: set[PrefetchHandle] = set()
         self._lock = threading.Lock()
-        self._stats = {"prefetches": 0, "gets": 0, "rows": 0, "wait_s": 0.0, "read_s": 0.0,
-                       "ready_at_get": 0}
+        self._stats = {"prefetches": 0, "gets": 0, "rows": 0, "wait_s": 0.0, "read_s": 0.0, "ready_at_get": 0}
 
     @property
     def stats(self) -> dict:
@@ -52,7 +51,7 @@ class Prefetcher(RowStore):
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.store.read_background(rows)   # a disk-backed store issues every read at once, then waits
+        out = self.store.read_background(rows)  # a disk-backed store issues every read at once, then waits
         dt = time.perf_counter() - t0
         with self._lock:
             self._stats["read_s"] += dt
@@ -63,7 +62,7 @@ class Prefetcher(RowStore):
         n = rows.numel()
         parts = self.workers if n >= 4096 * self.workers else 1
         bounds = [n * i // parts for i in range(parts + 1)]
-        futures = [self._pool.submit(self._read, rows[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+        futures = [self._pool.submit(self._read, rows[bounds[i] : bounds[i + 1]]) for i in range(parts)]
         h = PrefetchHandle(rows, futures, bounds)
         with self._lock:
             self._pending.add(h)

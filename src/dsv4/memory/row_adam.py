@@ -39,8 +39,7 @@ class SparseRowAdam:
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "step")
 
-    def __init__(self, store: RowStore, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 state_dir=None):
+    def __init__(self, store: RowStore, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, state_dir=None):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid Adam hyper-parameters lr={lr} betas={betas} eps={eps}")
         self.store, self.lr, self.betas, self.eps = store, lr, tuple(betas), eps
@@ -52,8 +51,7 @@ class SparseRowAdam:
             if path is not None and path.exists():
                 s = MmapStore.open(path, "r+")
                 if (s.n_rows, s.dim) != (store.n_rows, dim):
-                    raise ValueError(f"{path}: state shape {(s.n_rows, s.dim)} does not match "
-                                     f"{(store.n_rows, dim)}")
+                    raise ValueError(f"{path}: state shape {(s.n_rows, s.dim)} does not match {(store.n_rows, dim)}")
             else:
                 s = zeros_like(store, dim=dim, path=path)
             self.state[name] = s
@@ -81,13 +79,16 @@ class SparseRowAdam:
         exp_avg.lerp_(grads, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
         counts = torch.unique(k)
-        groups = [(float(counts[0]), None)] if counts.numel() == 1 else \
-            [(float(c), (k == c).nonzero().reshape(-1)) for c in counts]
+        groups = (
+            [(float(counts[0]), None)]
+            if counts.numel() == 1
+            else [(float(c), (k == c).nonzero().reshape(-1)) for c in counts]
+        )
         for kc, idx in groups:
-            bias_correction1 = 1 - beta1 ** kc
-            bias_correction2 = 1 - beta2 ** kc
+            bias_correction1 = 1 - beta1**kc
+            bias_correction2 = 1 - beta2**kc
             step_size = self.lr / bias_correction1
-            bias_correction2_sqrt = bias_correction2 ** 0.5
+            bias_correction2_sqrt = bias_correction2**0.5
             if idx is None:
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
                 param.addcdiv_(exp_avg, denom, value=-step_size)

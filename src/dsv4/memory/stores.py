@@ -15,10 +15,10 @@ import torch
 
 __all__ = [
     "INIT_CHUNK_ROWS",
-    "RowStore",
-    "RamStore",
-    "MmapStore",
     "HotRowCache",
+    "MmapStore",
+    "RamStore",
+    "RowStore",
     "init_rows",
     "zeros_like",
 ]
@@ -52,7 +52,7 @@ def init_rows(n_rows: int, dim: int, std: float, seed: int, start: int, stop: in
         gen.manual_seed(_chunk_seed(seed, c))
         block = torch.randn(c1 - c0, dim, generator=gen, dtype=torch.float32).mul_(std)
         lo, hi = max(start, c0), min(stop, c1)
-        out[lo - start:hi - start] = block[lo - c0:hi - c0]
+        out[lo - start : hi - start] = block[lo - c0 : hi - c0]
     return out
 
 
@@ -76,8 +76,7 @@ def _check_values(rows: torch.Tensor, values: torch.Tensor, dim: int, unique: bo
     if not isinstance(values, torch.Tensor):
         values = torch.as_tensor(np.asarray(values))
     if values.dim() != 2 or values.shape[1] != dim or values.shape[0] != rows.numel():
-        raise ValueError(
-            f"values must have shape [{rows.numel()}, {dim}] (rows x dim), got {tuple(values.shape)}")
+        raise ValueError(f"values must have shape [{rows.numel()}, {dim}] (rows x dim), got {tuple(values.shape)}")
     if unique and rows.numel() > 1 and torch.unique(rows).numel() != rows.numel():
         raise ValueError("write() needs unique row ids (sum duplicate gradients first)")
     return values.detach().to(device="cpu", dtype=torch.float32)
@@ -138,7 +137,7 @@ class RamStore(RowStore):
         self.n_rows, self.dim = int(_data.shape[0]), int(_data.shape[1])
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "RamStore":
+    def from_tensor(cls, t: torch.Tensor) -> RamStore:
         """Wrap a 2-D tensor; shares its storage when it is already contiguous fp32 on CPU."""
         if t.dim() != 2:
             raise ValueError(f"expected a 2-D [n_rows, dim] tensor, got shape {tuple(t.shape)}")
@@ -148,7 +147,7 @@ class RamStore(RowStore):
         return self.data.index_select(0, _as_rows(rows, self.n_rows))
 
     def read_background(self, rows) -> torch.Tensor:
-        return torch.from_numpy(self.data.numpy()[_as_rows(rows, self.n_rows).numpy()])   # numpy: one thread
+        return torch.from_numpy(self.data.numpy()[_as_rows(rows, self.n_rows).numpy()])  # numpy: one thread
 
     def write(self, rows, values) -> None:
         rows = _as_rows(rows, self.n_rows)
@@ -162,7 +161,7 @@ class RamStore(RowStore):
         if start < 0 or start + n > self.n_rows:
             raise IndexError(f"rows [{start}, {start + n}) outside [0, {self.n_rows})")
         rows = torch.arange(start, start + n, dtype=torch.int64)
-        self.data[start:start + n] = _check_values(rows, values, self.dim, unique=False)
+        self.data[start : start + n] = _check_values(rows, values, self.dim, unique=False)
 
 
 class MmapStore(RowStore):
@@ -190,10 +189,10 @@ class MmapStore(RowStore):
         first = (self.mm.offset + r * row_bytes) // self.PAGE
         last = (self.mm.offset + (r + 1) * row_bytes - 1) // self.PAGE
         pages = np.unique(np.concatenate([first, last]))
-        run_start = np.concatenate([[True], np.diff(pages) != 1])   # coalesce consecutive pages
+        run_start = np.concatenate([[True], np.diff(pages) != 1])  # coalesce consecutive pages
         starts, ends = pages[run_start], np.append(pages[np.nonzero(run_start)[0][1:] - 1], pages[-1])
         fd = self._file()
-        for a, b in zip(starts.tolist(), ends.tolist()):   # each call releases the GIL
+        for a, b in zip(starts.tolist(), ends.tolist()):  # each call releases the GIL
             os.posix_fadvise(fd, a * self.PAGE, (b - a + 1) * self.PAGE, os.POSIX_FADV_WILLNEED)
 
     def _file(self) -> int:
@@ -213,14 +212,15 @@ class MmapStore(RowStore):
         view = memoryview(out).cast("B")
         for i, row in enumerate(uniq.tolist()):
             o = i * row_bytes
-            if os.preadv(fd, [view[o:o + row_bytes]], base + row * row_bytes) != row_bytes:
+            if os.preadv(fd, [view[o : o + row_bytes]], base + row * row_bytes) != row_bytes:
                 raise OSError(f"{self.path}: short read at row {row}")
         res = out if uniq.size == r.size and np.array_equal(uniq, r) else out[inv.reshape(-1)]
         return torch.from_numpy(np.ascontiguousarray(res))
 
     @classmethod
-    def create(cls, path, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0,
-               chunk_rows: int = 1 << 16) -> "MmapStore":
+    def create(
+        cls, path, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0, chunk_rows: int = 1 << 16
+    ) -> MmapStore:
         """New file with init_rows values (bitwise equal to RamStore(n_rows, dim, init_std, seed))."""
         if n_rows <= 0 or dim <= 0:
             raise ValueError(f"n_rows and dim must be positive, got {n_rows}, {dim}")
@@ -235,7 +235,7 @@ class MmapStore(RowStore):
         return cls(path, mm, "r+")
 
     @classmethod
-    def open(cls, path, mode: str = "r+") -> "MmapStore":
+    def open(cls, path, mode: str = "r+") -> MmapStore:
         if mode not in ("r+", "r"):
             raise ValueError(f"mode must be 'r+' or 'r', got {mode!r}")
         if not os.path.exists(path):
@@ -275,7 +275,7 @@ class MmapStore(RowStore):
         if start < 0 or start + n > self.n_rows:
             raise IndexError(f"rows [{start}, {start + n}) outside [0, {self.n_rows})")
         rows = torch.arange(start, start + n, dtype=torch.int64)
-        self.mm[start:start + n] = _check_values(rows, values, self.dim, unique=False).numpy()
+        self.mm[start : start + n] = _check_values(rows, values, self.dim, unique=False).numpy()
 
     def flush(self) -> None:
         if self.mode == "r+":
@@ -309,10 +309,10 @@ class HotRowCache(RowStore):
         self.store = store
         self.n_rows, self.dim = store.n_rows, store.dim
         self.capacity = int(min(capacity_rows, store.n_rows))
-        self.slots = np.zeros((self.capacity, self.dim), dtype=np.float32)   # numpy: no OpenMP team in a worker
+        self.slots = np.zeros((self.capacity, self.dim), dtype=np.float32)  # numpy: no OpenMP team in a worker
         self.slot_row = np.full(self.capacity, -1, dtype=np.int64)  # row id held by each slot
-        self.ref = np.zeros(self.capacity, dtype=bool)                # CLOCK reference bits
-        self.where: dict[int, int] = {}                              # row id -> slot
+        self.ref = np.zeros(self.capacity, dtype=bool)  # CLOCK reference bits
+        self.where: dict[int, int] = {}  # row id -> slot
         self.hand = 0
         self.hits = self.misses = self.store_rows_read = 0
         self._lock = threading.RLock()
@@ -342,7 +342,7 @@ class HotRowCache(RowStore):
         rows = _as_rows(rows, self.n_rows)
         with self._lock:
             found, _ = self._lookup(rows.numpy())
-        if not found.all():   # numpy mask: a torch one would start an OpenMP team in the worker thread
+        if not found.all():  # numpy mask: a torch one would start an OpenMP team in the worker thread
             self.store.will_need(torch.from_numpy(rows.numpy()[~found]))
 
     def read_background(self, rows) -> torch.Tensor:
@@ -377,12 +377,12 @@ class HotRowCache(RowStore):
             w = min(self.capacity, max(2 * need, 4096))
             idx = (self.hand + np.arange(w)) % self.capacity
             cand = idx[~self.ref[idx]][:need]
-            if cand.size == need:   # stop the sweep just after the last victim
-                passed = idx[:int((cand[-1] - self.hand) % self.capacity) + 1]
+            if cand.size == need:  # stop the sweep just after the last victim
+                passed = idx[: int((cand[-1] - self.hand) % self.capacity) + 1]
             else:
                 passed = idx
             self.ref[passed] = False
-            self.ref[cand] = True   # new rows start referenced; not picked twice in this call
+            self.ref[cand] = True  # new rows start referenced; not picked twice in this call
             self.hand = int((passed[-1] + 1) % self.capacity)
             taken.append(cand)
             need -= cand.size

@@ -7,6 +7,7 @@ Keys of query t: the raw window (t - n_win, t] plus, per layer kind,
 Output: de-rotate the rope dims at -t, then grouped projection W_oa (per group) and W_ob.
 The core softmax lives in dsv4.kernels.attention so faster kernels slot in there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,11 +31,12 @@ from dsv4.model.rope import Rotary, apply_rope
 @dataclass
 class IndexerOut:
     """The indexer's training outputs of one CSA/DSA layer (Attention.forward_indexer)."""
+
     loss: torch.Tensor | None = None  # indexer_kl(scores, attention mass, allowed entries): indexer_mode only
     record: dict | None = None  # collect: layer, scores, visible, idx, entry_mask, probs (all [B,T,...])
 
 
-INFER_CHUNK = 4096   # queries per indexer + attention call in inference (memory O(chunk * k), not O(T * k))
+INFER_CHUNK = 4096  # queries per indexer + attention call in inference (memory O(chunk * k), not O(T * k))
 # sparse-stage training takes the gather kernels (sparse_indexer_core) when a layer has more than this many
 # entries per selected slot; below it the masked kernel over all entries is faster (tiny preset, 2-core CPU,
 # CSA fwd + bwd: 256 entries for top-64 masked 305 vs gather 359 ms; 512: 432 vs 345; 1024: 563 vs 279)
@@ -49,7 +51,7 @@ class Attention(KeepFP32):
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
         self.layer_id, self.kind, self.ratio = layer_id, cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
         self.n_heads, self.head_dim, self.window, self.groups = h, c, cfg.sliding_window, cfg.o_groups
-        self.eps, self.scale = cfg.rms_norm_eps, c ** -0.5
+        self.eps, self.scale = cfg.rms_norm_eps, c**-0.5
         self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.wq_b = nn.Linear(cfg.q_lora_rank, h * c, bias=False)
@@ -97,8 +99,15 @@ class Attention(KeepFP32):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         return c_q, q, kv
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                segment_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
         """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
         ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
         (positions [T] for a chunk of rows at one length, [B, 1] for a decode step). The uncached kernel
@@ -121,9 +130,16 @@ class Attention(KeepFP32):
         """The masked dense kernel (a key of IMPLS) of forward_indexer: self.impl, "chunked" for "sparse"."""
         return "chunked" if self.impl == "sparse" else self.impl
 
-    def forward_indexer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                        segment_ids: torch.Tensor | None = None, indexer_mode: str | None = None,
-                        collect: bool = False) -> tuple[torch.Tensor, IndexerOut | None]:
+    def forward_indexer(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        indexer_mode: str | None = None,
+        collect: bool = False,
+    ) -> tuple[torch.Tensor, IndexerOut | None]:
         """Uncached forward that exposes the indexer -> (out [B,T,d], IndexerOut for CSA/DSA, None otherwise).
         The sparse stage (indexer_mode "sparse", impl "sparse", no collect) of a CSA/DSA layer with more than
         SPARSE_STAGE_MIN_ENTRIES x top-k entries runs sparse_indexer_core; everything else needs the
@@ -131,16 +147,34 @@ class Attention(KeepFP32):
         dense attention over every visible entry) or "sparse" (top-k attention) adds the KL loss on a
         detached indexer input; collect keeps the scores, selections and attention mass (IndexerOut.record)."""
         c_q, q, kv = self.project_in(x, cos, sin)
-        if (indexer_mode == "sparse" and not collect and self.impl == "sparse" and self.kind in ("csa", "dsa")
-                and x.shape[1] // self.ratio > SPARSE_STAGE_MIN_ENTRIES * self.indexer.topk):
+        if (
+            indexer_mode == "sparse"
+            and not collect
+            and self.impl == "sparse"
+            and self.kind in ("csa", "dsa")
+            and x.shape[1] // self.ratio > SPARSE_STAGE_MIN_ENTRIES * self.indexer.topk
+        ):
             o, ix = self.sparse_indexer_core(x, c_q, q, kv, cos, sin, positions, segment_ids)
             return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
-        o, ix = self.masked_core(x, c_q, q, kv, cos, sin, positions, segment_ids, self.masked_impl,
-                                 indexer_mode, collect)
+        o, ix = self.masked_core(
+            x, c_q, q, kv, cos, sin, positions, segment_ids, self.masked_impl, indexer_mode, collect
+        )
         return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
 
-    def masked_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids, impl: str,
-                    indexer_mode: str | None = None, collect: bool = False):
+    def masked_core(
+        self,
+        x,
+        c_q,
+        q,
+        kv,
+        cos,
+        sin,
+        positions,
+        segment_ids,
+        impl: str,
+        indexer_mode: str | None = None,
+        collect: bool = False,
+    ):
         """Keys through an explicit [B,T,N] entry mask and IMPLS[impl] -> (o [B,T,h,c], IndexerOut or None).
         The IndexerOut (CSA/DSA, when indexer_mode or collect is given) needs the entry probabilities."""
         b, t, _ = x.shape
@@ -162,8 +196,20 @@ class Attention(KeepFP32):
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
             entry_mask = visible if indexer_mode == "dense" else selection_mask(idx, entries.shape[1])
         want_probs = bool(indexer_mode or collect) and self.kind in ("csa", "dsa")
-        res = IMPLS[impl](q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
-                          entry_mask, return_entry_probs=want_probs, q_seg=segment_ids, kv_seg=segment_ids)
+        res = IMPLS[impl](
+            q,
+            kv,
+            self.attn_sink,
+            self.scale,
+            self.window,
+            positions,
+            positions,
+            entries,
+            entry_mask,
+            return_entry_probs=want_probs,
+            q_seg=segment_ids,
+            kv_seg=segment_ids,
+        )
         if not want_probs:
             return res, None
         o, probs = res
@@ -171,8 +217,14 @@ class Attention(KeepFP32):
         if indexer_mode:
             ix.loss = indexer_kl(scores, probs.detach(), entry_mask)
         if collect:
-            ix.record = dict(layer=self.layer_id, scores=scores.detach(), visible=visible, idx=idx,
-                             entry_mask=entry_mask, probs=probs.detach())
+            ix.record = dict(
+                layer=self.layer_id,
+                scores=scores.detach(),
+                visible=visible,
+                idx=idx,
+                entry_mask=entry_mask,
+                probs=probs.detach(),
+            )
         return o, ix
 
     def sparse_indexer_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids):
@@ -188,10 +240,21 @@ class Attention(KeepFP32):
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
         with torch.no_grad():
-            idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, positions, ix.ratio, ix.exclude_window,
-                                       same_doc_fn=same)
-        o, mass = sparse_attention(q, kv, self.attn_sink, self.scale, self.window, positions, positions, entries,
-                                   idx, q_seg=segment_ids, kv_seg=segment_ids, return_entry_probs=True)
+            idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, positions, ix.ratio, ix.exclude_window, same_doc_fn=same)
+        o, mass = sparse_attention(
+            q,
+            kv,
+            self.attn_sink,
+            self.scale,
+            self.window,
+            positions,
+            positions,
+            entries,
+            idx,
+            q_seg=segment_ids,
+            kv_seg=segment_ids,
+            return_entry_probs=True,
+        )
         selected = indexer_selected_scores(qi, wi, ikeys, idx)
         return o, IndexerOut(loss=indexer_kl(selected, mass.detach(), idx >= 0))
 
@@ -244,8 +307,19 @@ class Attention(KeepFP32):
             return window_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, **common)
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         if self.kind == "hca":
-            return dense_entries_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos,
-                                           entries, ratio=self.ratio, entry_seg=entry_seg, **common)
+            return dense_entries_attention(
+                q,
+                band,
+                self.attn_sink,
+                self.scale,
+                self.window,
+                q_pos,
+                kv_pos,
+                entries,
+                ratio=self.ratio,
+                entry_seg=entry_seg,
+                **common,
+            )
         ix = self.indexer
         qi, wi = ix.queries(x, c_q, cos, sin)
         same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
@@ -255,10 +329,14 @@ class Attention(KeepFP32):
         outs = []
         for s0 in range(0, q.shape[1], max(step, 1)):
             sl = slice(s0, s0 + step)
-            idx = chunked_indexer_topk(qi[:, sl], wi[:, sl], ikeys, ix.topk, q_pos[sl], ix.ratio, ix.exclude_window,
-                                       same_doc_fn=same)
-            outs.append(sparse_attention(q[:, sl], band, self.attn_sink, self.scale, self.window, q_pos[sl], kv_pos,
-                                         entries, idx, **common))
+            idx = chunked_indexer_topk(
+                qi[:, sl], wi[:, sl], ikeys, ix.topk, q_pos[sl], ix.ratio, ix.exclude_window, same_doc_fn=same
+            )
+            outs.append(
+                sparse_attention(
+                    q[:, sl], band, self.attn_sink, self.scale, self.window, q_pos[sl], kv_pos, entries, idx, **common
+                )
+            )
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     @staticmethod
@@ -284,8 +362,9 @@ class Attention(KeepFP32):
             keys, slot_pos = cache.window.read_all(view, pos, q.dtype)
             parts = [(keys, (slot_pos >= 0) & (slot_pos > pos[:, None] - self.window))]
         if self.kind in ("csa", "hca"):
-            cache.entries.write_at(rows, pos // self.ratio,
-                                   self.compressor.step(x, pos, cache.comp, rows, self.entry_rope))
+            cache.entries.write_at(
+                rows, pos // self.ratio, self.compressor.step(x, pos, cache.comp, rows, self.entry_rope)
+            )
         if self.kind == "hca":
             entries = cache.entries.read(view, self._step_span(pos, self.ratio), q.dtype)
             n = torch.arange(entries.shape[1], device=pos.device)
@@ -293,8 +372,9 @@ class Attention(KeepFP32):
         elif self.kind in ("csa", "dsa"):
             ix = self.indexer
             if self.kind == "csa":
-                cache.ikeys.write_at(rows, pos // self.ratio,
-                                     ix.compressor.step(x, pos, cache.icomp, rows, self.entry_rope))
+                cache.ikeys.write_at(
+                    rows, pos // self.ratio, ix.compressor.step(x, pos, cache.icomp, rows, self.entry_rope)
+                )
             else:
                 cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
             qi, wi = ix.queries(x, c_q, cos, sin)

@@ -10,6 +10,7 @@ Incremental use (cached inference): `chunk` and `step` continue the pooling from
 Z + ape of the last positions (dsv4.infer.cache.CompressorState: rings `kv` and `gate` with `read(rows,
 pos)`, `write(rows, start, vals)`, `write_at(rows, pos, vals)`); the caller stores the entries returned.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,18 +35,26 @@ class Compressor(KeepFP32):
             self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
 
-    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev_kv: torch.Tensor | None = None,
-             prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+    def pool(
+        self,
+        kv: torch.Tensor,
+        gate: torch.Tensor,
+        prev_kv: torch.Tensor | None = None,
+        prev_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """kv, gate: [B, n, m, width] whole blocks (gate already + ape) -> pooled [B, n, c] (before norm).
 
         prev_kv/prev_gate: [B, m, c] first-half slots of the block before block 0 (overlap, cached decode).
         """
         c, m = self.head_dim, self.ratio
         if self.overlap:
-            b, n = kv.shape[:2]
+            b, _n = kv.shape[:2]
             prev_k = kv.new_zeros(b, 1, m, c) if prev_kv is None else prev_kv.unsqueeze(1).to(kv.dtype)
-            prev_g = gate.new_full((b, 1, m, c), float("-inf")) if prev_gate is None else \
-                prev_gate.unsqueeze(1).to(gate.dtype)
+            prev_g = (
+                gate.new_full((b, 1, m, c), float("-inf"))
+                if prev_gate is None
+                else prev_gate.unsqueeze(1).to(gate.dtype)
+            )
             kv = torch.cat([torch.cat([prev_k, kv[:, :-1, :, :c]], 1), kv[..., c:]], dim=2)
             gate = torch.cat([torch.cat([prev_g, gate[:, :-1, :, :c]], 1), gate[..., c:]], dim=2)
         return (kv * gate.softmax(dim=2)).sum(dim=2)
@@ -96,8 +105,9 @@ class Compressor(KeepFP32):
             prev_kv = prev_gate = None
             if self.overlap:
                 prev_kv, prev_gate = self._prev_block(state, rows, torch.full_like(rows, first))
-            pooled = self.pool(kv[:, :n * m].unflatten(1, (n, m)), gate[:, :n * m].unflatten(1, (n, m)),
-                               prev_kv, prev_gate)
+            pooled = self.pool(
+                kv[:, : n * m].unflatten(1, (n, m)), gate[:, : n * m].unflatten(1, (n, m)), prev_kv, prev_gate
+            )
             cos, sin = rope.cos_sin((first // m + torch.arange(n, device=h.device)) * m)
             out = self.finish(pooled, cos, sin, torch.float32)
         state.kv.write(rows, start, kv_new)
@@ -117,8 +127,9 @@ class Compressor(KeepFP32):
         prev_kv = prev_gate = None
         if self.overlap:
             prev_kv, prev_gate = self._prev_block(state, rows, first)
-        pooled = self.pool(state.kv.read(rows, blk)[:, None], state.gate.read(rows, blk)[:, None],
-                           prev_kv, prev_gate)[:, 0]
+        pooled = self.pool(state.kv.read(rows, blk)[:, None], state.gate.read(rows, blk)[:, None], prev_kv, prev_gate)[
+            :, 0
+        ]
         cos, sin = rope.cos_sin(first)
         return self.finish(pooled, cos, sin, torch.float32)
 
@@ -131,6 +142,6 @@ class Compressor(KeepFP32):
         n = t // m
         if n == 0:
             return h.new_zeros(b, 0, self.head_dim)
-        kv, gate = self.project(h[:, :n * m])
+        kv, gate = self.project(h[:, : n * m])
         pooled = self.pool(kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m)))
-        return self.finish(pooled, cos[..., :n * m:m, :], sin[..., :n * m:m, :], h.dtype)
+        return self.finish(pooled, cos[..., : n * m : m, :], sin[..., : n * m : m, :], h.dtype)

@@ -23,6 +23,7 @@ The table ([sum_j p_j, dh], all heads' rows) is a row store, not a parameter: `r
 [N, dh]`, `write(rows, values)`, `n_rows`, `dim` (default dsv4.memory.stores.RamStore; set_table for
 an MmapStore / HotRowCache / Prefetcher).
 """
+
 from __future__ import annotations
 
 import json
@@ -175,8 +176,16 @@ def hash_multipliers(seed: int, layer_id: int, max_order: int, max_id: int) -> t
     return torch.tensor(out, dtype=torch.long)
 
 
-def ngram_rows(ids: torch.Tensor, orders, heads: int, primes, multipliers, pad_id: int,
-               segment_ids: torch.Tensor | None = None, history: torch.Tensor | None = None) -> torch.Tensor:
+def ngram_rows(
+    ids: torch.Tensor,
+    orders,
+    heads: int,
+    primes,
+    multipliers,
+    pad_id: int,
+    segment_ids: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Global table rows [B, T, H] of the suffix n-grams of canonical ids [B, T] (spec 4.2-4.3):
     mix(t, n) = XOR_{k<n} x'_{t-k} m_k (int64), head j's row = offset_j + mix mod p_j, heads ordered by
     order then head. Positions before the start (or in an earlier segment) use pad_id. history [B, P]
@@ -189,15 +198,15 @@ def ngram_rows(ids: torch.Tensor, orders, heads: int, primes, multipliers, pad_i
     offsets = torch.cat([primes.new_zeros(1), primes.cumsum(0)[:-1]])
     if history is None:
         history = ids.new_full((b, p), pad_id)
-    ext = torch.cat([history[:, history.shape[1] - p:], ids], 1).long()
+    ext = torch.cat([history[:, history.shape[1] - p :], ids], 1).long()
     seg_ext = None if segment_ids is None else torch.cat([segment_ids.new_full((b, p), -1), segment_ids], 1)
     cols = []
     for oi, n in enumerate(orders):
         mix = None
         for k in range(n):
-            tok = ext[:, p - k:p - k + t]
+            tok = ext[:, p - k : p - k + t]
             if seg_ext is not None and k:
-                tok = torch.where(seg_ext[:, p - k:p - k + t] == segment_ids, tok, pad_id)
+                tok = torch.where(seg_ext[:, p - k : p - k + t] == segment_ids, tok, pad_id)
             term = tok * mult[k]
             mix = term if mix is None else torch.bitwise_xor(mix, term)
         j = slice(oi * heads, (oi + 1) * heads)
@@ -227,8 +236,9 @@ class Engram(KeepFP32):
         self.kernel, self.dilation = cfg.engram_conv_kernel, max(self.orders)
         self.pad_id = cfg.vocab_size  # ids are canonical ids < vocab_size: the pad never collides
         self.n_rows = sum(self.primes)
-        self.register_buffer("multipliers", hash_multipliers(cfg.engram_seed, layer_id, max(self.orders),
-                                                             self.pad_id), persistent=False)
+        self.register_buffer(
+            "multipliers", hash_multipliers(cfg.engram_seed, layer_id, max(self.orders), self.pad_id), persistent=False
+        )
         self.table_seed = _splitmix64(cfg.engram_seed * 1_000_003 + layer_id)[1] & _INT64_MAX
         self.init_std = cfg.initializer_range if init_std is None else init_std
         self.wk = nn.ModuleList(nn.Linear(self.d_mem, d, bias=False) for _ in range(hc))
@@ -252,8 +262,10 @@ class Engram(KeepFP32):
 
     def set_table(self, store) -> None:
         if (store.n_rows, store.dim) != (self.n_rows, self.dim):
-            raise ValueError(f"Engram layer {self.layer_id} needs a table of {self.n_rows} x {self.dim} rows, "
-                             f"got {store.n_rows} x {store.dim}")
+            raise ValueError(
+                f"Engram layer {self.layer_id} needs a table of {self.n_rows} x {self.dim} rows, "
+                f"got {store.n_rows} x {store.dim}"
+            )
         self._table = store
 
     def rows_for(self, ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,8 +276,9 @@ class Engram(KeepFP32):
         """(unique rows [N] (sorted), fp32 grads [N, dim]) summed over the lookups since the last call
         whose backward has run (gradient accumulation adds up); clear=True forgets them."""
         self._coalesce()
-        rows, grads = self._pending[0] if self._pending else \
-            (torch.zeros(0, dtype=torch.long), torch.zeros(0, self.dim))
+        rows, grads = (
+            self._pending[0] if self._pending else (torch.zeros(0, dtype=torch.long), torch.zeros(0, self.dim))
+        )
         if clear:
             self._pending = []
         return rows, grads
@@ -333,14 +346,21 @@ class Engram(KeepFP32):
         y = torch.zeros_like(z)
         for k in range(kk):
             o = (kk - 1 - k) * self.dilation
-            tap = ext[:, p - o:p - o + t]
+            tap = ext[:, p - o : p - o + t]
             if seg_ext is not None and o:
-                tap = tap * (seg_ext[:, p - o:p - o + t] == segment_ids)[..., None, None].to(z.dtype)
+                tap = tap * (seg_ext[:, p - o : p - o + t] == segment_ids)[..., None, None].to(z.dtype)
             y = y + w[k] * tap
         return y
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                segment_ids: torch.Tensor | None = None, prefetched=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        segment_ids: torch.Tensor | None = None,
+        prefetched=None,
+    ) -> torch.Tensor:
         """x [B,T,hc,d] streams, ids [B,T] canonical ids -> Y = SiLU(Conv1D(RMSNorm(U))) + U [B,T,hc,d].
 
         cache: a LayerCache whose `engram` state holds the previous ids and conv inputs (positions [T] for
@@ -348,16 +368,24 @@ class Engram(KeepFP32):
         rows of this batch (default: read from the table)."""
         return self.forward_gated(x, ids, positions, cache, segment_ids, prefetched)[0]
 
-    def forward_gated(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                      segment_ids: torch.Tensor | None = None, prefetched=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_gated(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        segment_ids: torch.Tensor | None = None,
+        prefetched=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward -> (Y, the gate alpha [B, T, hc])."""
         state = None if cache is None else cache.engram
         hist_ids = hist_z = p0 = None
         if state is not None:
             p0 = positions[:, 0] if positions.dim() == 2 else positions[:1].expand(ids.shape[0])
             hist_ids, hist_z = state.history(cache.rows, p0)
-        rows = ngram_rows(ids, self.orders, self.heads, self.primes, self.multipliers, self.pad_id, segment_ids,
-                          hist_ids)
+        rows = ngram_rows(
+            ids, self.orders, self.heads, self.primes, self.multipliers, self.pad_id, segment_ids, hist_ids
+        )
         u, alpha = self._gate(x, self._lookup(rows, prefetched, x.dtype))
         z = self._norm(u, self.conv_norm, self.eps)
         y = F.silu(self._conv(z, hist_z, segment_ids)) + u
@@ -399,7 +427,7 @@ class Engram(KeepFP32):
                 v = wv @ e
                 for m in range(hc):
                     k_m = self.wk[m].weight.to(cdt) @ e
-                    s = norm(x[b, t, m].to(cdt), self.h_norm[m].weight) @ norm(k_m, self.k_norm[m].weight) / d ** 0.5
+                    s = norm(x[b, t, m].to(cdt), self.h_norm[m].weight) @ norm(k_m, self.k_norm[m].weight) / d**0.5
                     u[b, t, m] = torch.sigmoid(signed_sqrt(s)) * v
         z = torch.zeros_like(u)
         for b in range(b_):

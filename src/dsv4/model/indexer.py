@@ -7,6 +7,7 @@ In DSA the raw window is always attended, so the indexer ranks only the tokens o
 (s <= t - n_win) and the key set window + top-k is disjoint.
 visible_count / window_count below are the one statement of these counts (masks, FLOPs, cache sizes).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,17 +46,23 @@ class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig, ratio: int):
         super().__init__()
         self.exclude_window = cfg.sliding_window if ratio == 1 else 0
-        self.ratio, self.n_heads, self.head_dim, self.topk = ratio, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.ratio, self.n_heads, self.head_dim, self.topk = (
+            ratio,
+            cfg.index_n_heads,
+            cfg.index_head_dim,
+            cfg.index_topk,
+        )
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
-        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, overlap=ratio == CSA_RATIO,
-                                     eps=cfg.rms_norm_eps)
+        self.compressor = Compressor(
+            cfg.hidden_size, self.head_dim, ratio, overlap=ratio == CSA_RATIO, eps=cfg.rms_norm_eps
+        )
 
     def queries(self, h: torch.Tensor, c_q: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q [B, T, n_I, c_I] (roped, fp32), head weights [B, T, n_I] (fp32, scaled)."""
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin).float()
-        w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q, w
 
     @staticmethod

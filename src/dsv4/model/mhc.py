@@ -4,6 +4,7 @@ The residual is hc streams X [B, T, hc, d]. Each sublayer unit computes, from x'
 pre = sigmoid(a0 * x'phi_pre + b_pre) + eps, post = 2 sigmoid(a1 * x'phi_post + b_post),
 res = SinkhornKnopp(a2 * x'phi_res + b_res); u = sum_j pre_j X_j; X'_k = post_k F(u) + sum_j res[j,k] X_j.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,16 +28,17 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 @fusable
-def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
-           eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hc_pre(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float, norm_eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (u [B,T,d], post [B,T,hc], res [B,T,hc,hc]) for one mHC unit; maps in fp32."""
     hc = x.shape[-2]
     flat = rms_norm(x.flatten(-2).float(), norm_eps)
     mixes = F.linear(flat, fn.float())
     scale, base = scale.float(), base.float()
     pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    res_logits = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
+    post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    res_logits = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
     res = sinkhorn(res_logits, iters, eps)
     u = (pre.unsqueeze(-1) * x).sum(-2).to(x.dtype)
     return u, post, res
@@ -50,8 +52,9 @@ def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, res: torch.T
 
 
 @fusable
-def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
-            norm_eps: float) -> torch.Tensor:
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float, norm_eps: float
+) -> torch.Tensor:
     """Final collapse: w = sigmoid(a * x'phi + b) + eps; h = sum_j w_j X_j (no Sinkhorn)."""
     flat = rms_norm(x.flatten(-2).float(), norm_eps)
     w = torch.sigmoid(F.linear(flat, fn.float()) * scale.float() + base.float()) + eps
@@ -65,7 +68,7 @@ def init_hc_unit(fn: nn.Parameter, scale: nn.Parameter, base: nn.Parameter, hc: 
         scale.fill_(0.01)
         base.zero_()
         base[:hc] = math.log(1.0 / (hc - 1)) if hc > 1 else 0.0  # sigmoid(b) = 1/hc
-        base[2 * hc:].view(hc, hc).diagonal().fill_(4.0)
+        base[2 * hc :].view(hc, hc).diagonal().fill_(4.0)
 
 
 def init_hc_head(fn: nn.Parameter, scale: nn.Parameter, base: nn.Parameter, hc: int, std: float) -> None:

@@ -7,6 +7,7 @@ Experts: W2(silu(clamp(W1 x, max=L)) * clamp(W3 x, -L, L)); one shared expert is
 Routed experts are stored stacked ([E, ...]) but the state dict uses the official per-expert names
 `experts.{e}.w1.weight`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,7 +85,7 @@ class Experts(nn.Module):
         and the routing weights, zero off the chosen experts, mix them."""
         n_tok, k = idx.shape
         if n_tok * k <= self.n or torch.compiler.is_compiling():
-            w1, w2, w3 = self.w1[idx], self.w2[idx], self.w3[idx]                     # [N, k, ., .]
+            w1, w2, w3 = self.w1[idx], self.w2[idx], self.w3[idx]  # [N, k, ., .]
             gate = torch.einsum("nd,nkid->nki", x, w1)
             up = torch.einsum("nd,nkid->nki", x, w3)
             if self.limit > 0:
@@ -104,7 +105,7 @@ class Experts(nn.Module):
         without gradients and with at most E tokens (decode), forward_static."""
         if x.shape[0] <= self.n and not torch.is_grad_enabled():
             return self.forward_static(x, idx, weights)
-        n_tok, k = idx.shape
+        _n_tok, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n).tolist()
@@ -114,7 +115,7 @@ class Experts(nn.Module):
         outs, start = [], 0
         for e, cnt in enumerate(counts):
             if cnt:
-                outs.append(swiglu(xs[start:start + cnt], self.w1[e], self.w2[e], self.w3[e], self.limit))
+                outs.append(swiglu(xs[start : start + cnt], self.w1[e], self.w2[e], self.w3[e], self.limit))
             start += cnt
         ys = torch.cat(outs) * ws[:, None]
         return torch.zeros_like(x).index_add_(0, tok, ys)
@@ -164,8 +165,11 @@ class MoE(KeepFP32):
         self.n, self.k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Gate(cfg, hash_routed=layer_id < cfg.num_hash_layers)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
-        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                                     cfg.swiglu_limit) if cfg.n_shared_experts else None
+        self.shared_experts = (
+            Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.swiglu_limit)
+            if cfg.n_shared_experts
+            else None
+        )
         self.alpha = cfg.seq_aux_loss_alpha
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
@@ -188,8 +192,9 @@ class MoE(KeepFP32):
     def balance_loss(self, idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """L = alpha sum_i f_i P_i per sequence, f_i = E/(K T) #routed to i, P_i = mean_t s_it / sum_j s_jt."""
         b, t, _ = idx.shape
-        f = torch.zeros(b, self.n, device=idx.device).scatter_add_(1, idx.flatten(1),
-                                                                    torch.ones(b, t * self.k, device=idx.device))
+        f = torch.zeros(b, self.n, device=idx.device).scatter_add_(
+            1, idx.flatten(1), torch.ones(b, t * self.k, device=idx.device)
+        )
         f = f * self.n / (self.k * t)
         p = (s / s.sum(-1, keepdim=True)).mean(1)
         return self.alpha * (f * p).sum(-1).mean()

@@ -1,4 +1,5 @@
 """RMSNorm with an fp32 weight (official model.py keeps norm weights in fp32)."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

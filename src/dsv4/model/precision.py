@@ -2,6 +2,7 @@
 RoPE frequencies, norm weights, mHC maps, attention sinks, compressor position biases, the MoE
 balancing bias and load counters. Device moves are honoured; only the dtype cast is skipped.
 """
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Interleaved-pair RoPE on the last r dims, with YaRN for compressed layers (spec section 6)."""
+
 from __future__ import annotations
 
 import math
@@ -8,13 +9,15 @@ import torch
 from dsv4.model.precision import KeepFP32
 
 
-def yarn_inv_freq(dim: int, base: float, factor: float, original_len: int, beta_fast: float = 32,
-                  beta_slow: float = 1) -> torch.Tensor:
+def yarn_inv_freq(
+    dim: int, base: float, factor: float, original_len: int, beta_fast: float = 32, beta_slow: float = 1
+) -> torch.Tensor:
     """YaRN (arXiv 2309.00071) frequencies: ramp between interpolated (theta/factor) and raw theta.
 
     Correction range as in the official model.py: floor/ceil of the dims whose wavelength spans
     beta_fast / beta_slow rotations over original_len, clamped to [0, dim - 1]. No mscale (V4).
     """
+
     def corr_dim(rot):
         return dim * math.log(original_len / (rot * 2 * math.pi)) / (2 * math.log(base))
 
@@ -35,8 +38,14 @@ class Rotary(KeepFP32):
         super().__init__()
         self.dim = dim
         if scaling is not None and scaling.get("type", scaling.get("rope_type")) == "yarn":
-            inv = yarn_inv_freq(dim, base, scaling["factor"], scaling["original_max_position_embeddings"],
-                                scaling.get("beta_fast", 32), scaling.get("beta_slow", 1))
+            inv = yarn_inv_freq(
+                dim,
+                base,
+                scaling["factor"],
+                scaling["original_max_position_embeddings"],
+                scaling.get("beta_fast", 32),
+                scaling.get("beta_slow", 1),
+            )
         else:
             inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         self.register_buffer("inv_freq", inv, persistent=False)

@@ -3,6 +3,7 @@
 This is the only file that knows the block order (spec sections 1 and 5; official model.py
 `Block`, `MTPBlock`, `Transformer`). Parameter names equal the official checkpoint keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class ModelOutput:
 @dataclass
 class LayerStats:
     """What one block returns besides its streams when asked (indexer_mode or collect)."""
+
     indexer: IndexerOut | None = None  # CSA/DSA layers: the indexer's KL loss and (collect) record
     res_maps: tuple[torch.Tensor, ...] = ()  # collect: the attn and ffn units' mHC residual maps, detached
     engram_gate: torch.Tensor | None = None  # collect, Engram layers: the mean gate alpha, detached
@@ -75,19 +77,44 @@ class Block(KeepFP32):
 
     def _hc(self, unit: str, x: torch.Tensor):
         c = self.cfg
-        return hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_scale"),
-                      getattr(self, f"hc_{unit}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+        return hc_pre(
+            x,
+            getattr(self, f"hc_{unit}_fn"),
+            getattr(self, f"hc_{unit}_scale"),
+            getattr(self, f"hc_{unit}_base"),
+            c.hc_sinkhorn_iters,
+            c.hc_eps,
+            c.rms_norm_eps,
+        )
 
-    def forward(self, x, input_ids, rope, positions, reference=False, segment_ids=None, cache=None,
-                engram_ids=None, engram_prefetched=None, indexer_mode=None, collect=False):
+    def forward(
+        self,
+        x,
+        input_ids,
+        rope,
+        positions,
+        reference=False,
+        segment_ids=None,
+        cache=None,
+        engram_ids=None,
+        engram_prefetched=None,
+        indexer_mode=None,
+        collect=False,
+    ):
         """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None, LayerStats or None).
         engram_ids: canonical ids for the Engram layer (default input_ids). indexer_mode / collect (uncached):
         attention runs Attention.forward_indexer and the block returns its LayerStats; otherwise None."""
         observe = bool(indexer_mode) or collect
         gate = None
         if self.engram is not None:
-            args = (x, input_ids if engram_ids is None else engram_ids, positions, cache, segment_ids,
-                    engram_prefetched)
+            args = (
+                x,
+                input_ids if engram_ids is None else engram_ids,
+                positions,
+                cache,
+                segment_ids,
+                engram_prefetched,
+            )
             if collect:
                 e, alpha = self.engram.forward_gated(*args)
                 gate = alpha.detach().mean()
@@ -178,11 +205,16 @@ class Transformer(KeepFP32):
         owners = [self] + list(self.mtp)
         for blk in list(self.layers) + list(self.mtp):
             for unit in ("attn", "ffn"):
-                init_hc_unit(getattr(blk, f"hc_{unit}_fn"), getattr(blk, f"hc_{unit}_scale"),
-                             getattr(blk, f"hc_{unit}_base"), hc, std)
+                init_hc_unit(
+                    getattr(blk, f"hc_{unit}_fn"),
+                    getattr(blk, f"hc_{unit}_scale"),
+                    getattr(blk, f"hc_{unit}_base"),
+                    hc,
+                    std,
+                )
             gate = blk.ffn.gate
             if gate.hash:
-                gate.tid2eid.copy_(torch.rand(gate.tid2eid.shape[0], gate.n, generator=gen).argsort(-1)[:, :gate.topk])
+                gate.tid2eid.copy_(torch.rand(gate.tid2eid.shape[0], gate.n, generator=gen).argsort(-1)[:, : gate.topk])
             else:
                 gate.bias.zero_()
         for o in owners:
@@ -237,21 +269,39 @@ class Transformer(KeepFP32):
             if isinstance(mod, Attention):
                 mod.impl = name
 
-    def mtp_forward(self, x: torch.Tensor, next_ids: torch.Tensor, cache, rows=None, depth: int = 0,
-                    compute_logits: bool = True, last_only: bool = False) -> torch.Tensor | None:
+    def mtp_forward(
+        self,
+        x: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache,
+        rows=None,
+        depth: int = 0,
+        compute_logits: bool = True,
+        last_only: bool = False,
+    ) -> torch.Tensor | None:
         """Cached MTP block `depth` (spec section 5): x [B,T,hc,d] = main streams at the next positions the
         MTP cache has not seen, next_ids [B,T] = the tokens one ahead -> logits of the token after those."""
         rows = cache.rows_of(rows)
         positions = cache.begin(rows, x.shape[1], mtp=True)
-        h, _, _ = self.mtp[depth](x, self.embed(next_ids), next_ids, self.ropes(positions)["main"], positions,
-                                  cache=cache.mtp_layers[depth])
+        h, _, _ = self.mtp[depth](
+            x, self.embed(next_ids), next_ids, self.ropes(positions)["main"], positions, cache=cache.mtp_layers[depth]
+        )
         cache.advance(rows, x.shape[1], mtp=True)
         if not compute_logits:
             return None
         return self.head(h[:, -1:] if last_only else h)
 
-    def trunk(self, input_ids, positions, reference=False, segment_ids=None, cache=None, engram_prefetched=None,
-              indexer_mode=None, collect=False) -> Trunk:
+    def trunk(
+        self,
+        input_ids,
+        positions,
+        reference=False,
+        segment_ids=None,
+        cache=None,
+        engram_prefetched=None,
+        indexer_mode=None,
+        collect=False,
+    ) -> Trunk:
         """Embedding, the blocks and the hc head -> Trunk(final streams, normed hidden, balance losses, ropes,
         per-block LayerStats: only with indexer_mode or collect). positions [T], or [B, 1] for a cached
         decode step."""
@@ -264,8 +314,19 @@ class Transformer(KeepFP32):
         pre = engram_prefetched or {}
         for i, layer in enumerate(self.layers):
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
-            x, a, st = layer(x, input_ids, rope, positions, reference, segment_ids,
-                             None if cache is None else cache.layers[i], eids, pre.get(i), indexer_mode, collect)
+            x, a, st = layer(
+                x,
+                input_ids,
+                rope,
+                positions,
+                reference,
+                segment_ids,
+                None if cache is None else cache.layers[i],
+                eids,
+                pre.get(i),
+                indexer_mode,
+                collect,
+            )
             if a is not None:
                 aux.append(a)
             if st is not None:
@@ -280,10 +341,20 @@ class Transformer(KeepFP32):
         function dsv4.infer.compiled compiles."""
         return self.head(self.trunk(input_ids, positions, cache=cache)[1][:, -1])
 
-    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, return_stats: bool = False,
-                reference: bool = False, segment_ids: torch.Tensor | None = None,
-                indexer_mode: str | None = None, compute_logits: bool = True, cache=None, rows=None,
-                last_only: bool = False, engram_prefetched: dict | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        return_mtp: bool = False,
+        return_stats: bool = False,
+        reference: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        indexer_mode: str | None = None,
+        compute_logits: bool = True,
+        cache=None,
+        rows=None,
+        last_only: bool = False,
+        engram_prefetched: dict | None = None,
+    ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
@@ -300,7 +371,9 @@ class Transformer(KeepFP32):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
-            raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
         b, t = input_ids.shape
         if cache is not None:
             if segment_ids is not None or indexer_mode or return_stats or return_mtp:
@@ -311,8 +384,9 @@ class Transformer(KeepFP32):
             positions = cache.begin(rows, t)
         else:
             positions = torch.arange(t, device=input_ids.device)
-        x, out, aux, ropes, layers = self.trunk(input_ids, positions, reference, segment_ids, cache,
-                                                engram_prefetched, indexer_mode, return_stats)
+        x, out, aux, ropes, layers = self.trunk(
+            input_ids, positions, reference, segment_ids, cache, engram_prefetched, indexer_mode, return_stats
+        )
         if cache is not None:
             cache.advance(rows, t)
         logits = None if not compute_logits else self.head(out[:, -1:] if last_only else out)
@@ -325,8 +399,15 @@ class Transformer(KeepFP32):
                 emb = self.embed(input_ids[:, k:])
                 cos, sin = ropes["main"]
                 seg = None if segment_ids is None else segment_ids[:, : t - k]
-                hk, xk, a = blk(xk[:, : t - k], emb, input_ids[:, k:], (cos[: t - k], sin[: t - k]),
-                                positions[: t - k], reference, seg)
+                hk, xk, a = blk(
+                    xk[:, : t - k],
+                    emb,
+                    input_ids[:, k:],
+                    (cos[: t - k], sin[: t - k]),
+                    positions[: t - k],
+                    reference,
+                    seg,
+                )
                 if a is not None:
                     aux.append(a)
                 mtp_h.append(hk)
@@ -336,7 +417,18 @@ class Transformer(KeepFP32):
         il = [ix.loss for ix in ixs if ix.loss is not None]
         stats = None
         if return_stats:
-            stats = {"indexer": [ix.record for ix in ixs], "res_maps": [r for s in layers for r in s.res_maps],
-                     "engram_gate": {i: s.engram_gate for i, s in enumerate(layers) if s.engram_gate is not None}}
-        return ModelOutput(logits, mtp_logits, torch.stack(aux).sum() if aux else None,
-                           torch.stack(il).sum() if il else None, stats, x, out, mtp_h)
+            stats = {
+                "indexer": [ix.record for ix in ixs],
+                "res_maps": [r for s in layers for r in s.res_maps],
+                "engram_gate": {i: s.engram_gate for i, s in enumerate(layers) if s.engram_gate is not None},
+            }
+        return ModelOutput(
+            logits,
+            mtp_logits,
+            torch.stack(aux).sum() if aux else None,
+            torch.stack(il).sum() if il else None,
+            stats,
+            x,
+            out,
+            mtp_h,
+        )

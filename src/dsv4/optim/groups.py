@@ -24,6 +24,7 @@ and each block is orthogonalised and scaled on its own, as the experts are.
 `lr_mult` maps name prefixes to lr multipliers (longest prefix wins; e.g. {"engram.": 5.0}); each
 param group stores 'lr_mult' and dsv4.optim.schedule.set_lr sets lr = base lr * lr_mult.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,13 +62,13 @@ def _row_blocks(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def assign_param_groups(model: nn.Module, weight_decay: float = 0.1, lr_mult: dict[str, float] | None = None,
-                        hc_fn: str = "muon") -> dict[str, Assignment]:
+def assign_param_groups(
+    model: nn.Module, weight_decay: float = 0.1, lr_mult: dict[str, float] | None = None, hc_fn: str = "muon"
+) -> dict[str, Assignment]:
     """name -> Assignment for every trainable parameter of `model` (in named_parameters order)."""
     if hc_fn not in ("muon", "adamw"):
         raise ValueError(f"hc_fn must be 'muon' or 'adamw', got {hc_fn!r}")
-    embeddings = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
-                  if isinstance(mod, nn.Embedding)}
+    embeddings = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules() if isinstance(mod, nn.Embedding)}
     blocks = _row_blocks(model)
     out: dict[str, Assignment] = {}
     for name, p in model.named_parameters():
@@ -76,7 +77,7 @@ def assign_param_groups(model: nn.Module, weight_decay: float = 0.1, lr_mult: di
         leaf = name.rsplit(".", 1)[-1]
         mult = _lr_mult(name, lr_mult)
 
-        def adamw(decay: bool, reason: str) -> Assignment:
+        def adamw(decay: bool, reason: str, mult: float = mult) -> Assignment:
             return Assignment("adamw", weight_decay if decay else 0.0, mult, 1, reason)
 
         if name in embeddings or name == "embed.weight":
@@ -84,8 +85,11 @@ def assign_param_groups(model: nn.Module, weight_decay: float = 0.1, lr_mult: di
         elif name == "head.weight":
             a = adamw(True, "LM head")
         elif leaf.startswith("hc_") and leaf.endswith("_fn"):
-            a = (Assignment("muon", weight_decay, mult, 1, "mHC map (hc_fn='muon')") if hc_fn == "muon"
-                 else adamw(True, "mHC map (hc_fn='adamw')"))
+            a = (
+                Assignment("muon", weight_decay, mult, 1, "mHC map (hc_fn='muon')")
+                if hc_fn == "muon"
+                else adamw(True, "mHC map (hc_fn='adamw')")
+            )
         elif leaf.startswith("hc_"):
             a = adamw(False, "mHC static bias / gate")
         elif p.ndim < 2:
@@ -98,10 +102,19 @@ def assign_param_groups(model: nn.Module, weight_decay: float = 0.1, lr_mult: di
     return out
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                    lr_mult: dict[str, float] | None = None, momentum: float = 0.95, nesterov: bool = True,
-                    update_scale: float = 0.18, hc_fn: str = "muon", ns_bf16: bool = False) -> Muon:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    lr_mult: dict[str, float] | None = None,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    update_scale: float = 0.18,
+    hc_fn: str = "muon",
+    ns_bf16: bool = False,
+) -> Muon:
     """One Optimizer for the whole model: Muon groups and AdamW groups (see module docstring).
 
     Groups are keyed by (algorithm, weight_decay, lr_mult, blocks); each has 'name', 'lr_mult' and
@@ -118,11 +131,27 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                 label += f"/blocks={a.blocks}"
             if a.lr_mult != 1.0:
                 label += f"/lr_x{a.lr_mult:g}"
-            groups[key] = dict(params=[], name=label, algorithm=a.algorithm, weight_decay=a.weight_decay,
-                               lr=lr * a.lr_mult, lr_mult=a.lr_mult, blocks=a.blocks)
+            groups[key] = dict(
+                params=[],
+                name=label,
+                algorithm=a.algorithm,
+                weight_decay=a.weight_decay,
+                lr=lr * a.lr_mult,
+                lr_mult=a.lr_mult,
+                blocks=a.blocks,
+            )
         groups[key]["params"].append((name, params[name]))
-    return Muon(list(groups.values()), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                update_scale=update_scale, ns_bf16=ns_bf16, betas=betas, eps=eps)
+    return Muon(
+        list(groups.values()),
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        update_scale=update_scale,
+        ns_bf16=ns_bf16,
+        betas=betas,
+        eps=eps,
+    )
 
 
 def format_assignment(plan: dict[str, Assignment]) -> str:

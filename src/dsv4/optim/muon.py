@@ -26,6 +26,7 @@ no row blocks), runs one coefficient set for ``ns_steps`` steps (no hybrid 8 + 2
 orthogonalises in bf16, takes no AdamW groups, and its lr adjustments are Keller's sqrt(max(1, n/m))
 or Moonlight's 0.2 sqrt(max(n, m)) instead of V4's 0.18 sqrt(max(n, m)).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,12 @@ NS_EPS = 1e-7
 BATCH_NUMEL = 1 << 18  # parameters up to this many elements share a batched Newton-Schulz with their shape
 
 
-def hybrid_newton_schulz(m: torch.Tensor, steps: Sequence[tuple[float, float, float]] = V4_NS_STEPS,
-                         eps: float = NS_EPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def hybrid_newton_schulz(
+    m: torch.Tensor,
+    steps: Sequence[tuple[float, float, float]] = V4_NS_STEPS,
+    eps: float = NS_EPS,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Approximate polar factor U V^T of every matrix in m [..., n, m'] (leading dims are a batch).
 
     Each matrix is divided by its own Frobenius norm, then X <- aX + b(XX^T)X + c(XX^T)^2 X per
@@ -90,14 +95,35 @@ class Muon(Optimizer):
     Any group may carry lr_mult (read by dsv4.optim.schedule.set_lr, not here).
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, update_scale: float = 0.18, blocks: int = 1, ns_bf16: bool = False,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, algorithm: str = "muon"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        update_scale: float = 0.18,
+        blocks: int = 1,
+        ns_bf16: bool = False,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        algorithm: str = "muon",
+    ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid lr={lr}, weight_decay={weight_decay} or momentum={momentum}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        update_scale=update_scale, blocks=blocks, ns_bf16=ns_bf16, betas=tuple(betas), eps=eps,
-                        algorithm=algorithm, lr_mult=1.0)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            update_scale=update_scale,
+            blocks=blocks,
+            ns_bf16=ns_bf16,
+            betas=tuple(betas),
+            eps=eps,
+            algorithm=algorithm,
+            lr_mult=1.0,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -108,8 +134,10 @@ class Muon(Optimizer):
         if group["algorithm"] == "muon":
             for p in group["params"]:
                 if p.ndim < 2:
-                    raise ValueError(f"Muon needs parameters with ndim >= 2, got shape {tuple(p.shape)}; "
-                                     "put it in an algorithm='adamw' group")
+                    raise ValueError(
+                        f"Muon needs parameters with ndim >= 2, got shape {tuple(p.shape)}; "
+                        "put it in an algorithm='adamw' group"
+                    )
                 if p.shape[-2] % group["blocks"]:
                     raise ValueError(f"blocks={group['blocks']} does not divide the rows of shape {tuple(p.shape)}")
 
@@ -174,7 +202,6 @@ class Muon(Optimizer):
             p.mul_(1 - lr * wd)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** t)
-            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+            step_size = lr / (1 - beta1**t)
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
-

@@ -5,6 +5,7 @@ lr(s) = lr_min + (max_lr - lr_min) (1 + cos(pi (s - warmup) / (total - warmup)))
 lr(s) = lr_min = min_ratio max_lr                                 for s >= total
 so lr(0) = max_lr / warmup (the first step already moves), lr(warmup) = max_lr, lr(total) = lr_min.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ FP8:   W = W_q * s[i // 128, j // 128]  with W_q float8_e4m3fn [out, in], s [cei
 MXFP4: W[i, j] = e2m1(nibble(i, j)) * s[i, j // 32], two values per byte, LOW nibble = even j;
        packed [out, in/2] int8/uint8, s [out, in/32].
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ def _scale_to_float(scale: torch.Tensor) -> torch.Tensor:
     return scale.float()  # float8_e8m0fnu, float32 and bf16 scales all convert exactly
 
 
-def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = 128,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequant_fp8_block(
+    w: torch.Tensor, scale: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     out, inp = w.shape
     s = _scale_to_float(scale).repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
     return (w.float() * s).to(dtype)
@@ -48,7 +50,7 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest e2m1 with per-32 power-of-two scales (amax/6 rounded up). Returns (packed, scale)."""
-    out, inp = w.shape
+    _out, inp = w.shape
     if inp % 32:
         raise ValueError(f"MXFP4 needs the input dim to be a multiple of 32, got {inp}")
     blocks = w.float().unflatten(-1, (-1, 32))

@@ -6,6 +6,7 @@ with scale = amax / 448 rounded UP to a power of two per 64-value block (x = q *
 dims stay bf16 because FP8 would wreck their relative-position phase. Plain codecs (fp32 / bf16) just
 cast. A store holds `codec.encode(x)` rows and any gathered rows go through `codec.decode`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,9 +40,9 @@ class KVCodec:
             return x.to(self.dtype)
         nope = self.width - self.rope
         v = x[..., :nope].float().unflatten(-1, (self.n_scales, -1))
-        scale = pow2_ceil(v.abs().amax(-1) / FP8_MAX)                                  # [..., n_scales]
+        scale = pow2_ceil(v.abs().amax(-1) / FP8_MAX)  # [..., n_scales]
         q = (v / scale[..., None]).flatten(-2).to(torch.float8_e4m3fn).view(torch.uint8)
-        exp = (torch.log2(scale).round() + 127).clamp(0, 254).to(torch.uint8)         # e8m0 byte
+        exp = (torch.log2(scale).round() + 127).clamp(0, 254).to(torch.uint8)  # e8m0 byte
         rope = x[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
         pad = q.new_zeros(*q.shape[:-1], self.bytes - q.shape[-1] - exp.shape[-1] - rope.shape[-1])
         return torch.cat([rope, q, exp, pad], -1)
@@ -51,7 +52,7 @@ class KVCodec:
             return b.to(dtype)
         nope = self.width - self.rope
         r2 = 2 * self.rope
-        rope = b[..., :r2].view(torch.bfloat16).float()          # rows are 8-byte multiples: aligned
-        q = b[..., r2:r2 + nope].view(torch.float8_e4m3fn).float().unflatten(-1, (self.n_scales, -1))
-        scale = torch.exp2(b[..., r2 + nope:r2 + nope + self.n_scales].float() - 127)
+        rope = b[..., :r2].view(torch.bfloat16).float()  # rows are 8-byte multiples: aligned
+        q = b[..., r2 : r2 + nope].view(torch.float8_e4m3fn).float().unflatten(-1, (self.n_scales, -1))
+        scale = torch.exp2(b[..., r2 + nope : r2 + nope + self.n_scales].float() - 127)
         return torch.cat([(q * scale[..., None]).flatten(-2), rope], -1).to(dtype)

@@ -5,6 +5,7 @@ optim.safetensors + optim.json (optimiser tensors / everything else), rng.safete
 (step, data position, schedule length, stage, counters) and config.json. It is written to a temporary
 sibling directory and renamed into place, so an interrupted write never leaves a checkpoint that loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv4.weights import load_state_dict, save_state_dict
-
 from dsv4.run import PREFIX, CheckpointError, latest_checkpoint, list_checkpoints
+from dsv4.weights import load_state_dict, save_state_dict
 
 __all__ = ["CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
@@ -41,8 +41,9 @@ def _flatten_optim(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state = {}
     for pid, entry in meta["state"].items():
-        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
-                           for k, v in entry.items()}
+        state[int(pid)] = {
+            k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()
+        }
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -51,9 +52,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return (tensors,
-            {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "python": repr(random.getstate())})
+    return (
+        tensors,
+        {
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": repr(random.getstate()),
+        },
+    )
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -67,8 +72,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate(ast.literal_eval(meta["python"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int = 3,
-                    extra=None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int = 3, extra=None) -> Path:
     """Write run_dir/ckpt-{step} atomically; prune to the newest keep_last checkpoints.
     extra(tmp_dir): writes more files into the checkpoint before it is published (Engram tables)."""
     run_dir = Path(run_dir)
@@ -109,8 +113,9 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
         weights = load_state_dict(path)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         if optimizer is not None:
             meta = json.loads((path / "optim.json").read_text())
             tensors = load_state_dict(path / "optim") if (path / "optim" / "model.safetensors").exists() else {}

@@ -1,4 +1,5 @@
 """One flat training configuration; `key=value` overrides may name it or the model config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,9 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     dtype: str = "auto"  # auto | fp32 | bf16 (bf16 = autocast; auto measures which is faster here)
-    ns_dtype: str = "auto"  # Muon's Newton-Schulz iterations: auto | fp32 | bf16 (auto: bf16 where its matmul is faster)
+    ns_dtype: str = (
+        "auto"  # Muon's Newton-Schulz iterations: auto | fp32 | bf16 (auto: bf16 where its matmul is faster)
+    )
     threads: int = 0  # torch threads; 0 = leave torch's default
     device: str = "cpu"  # cpu | cuda | cuda:N (dtype=auto: fp32 on the CPU, bf16 autocast on a GPU that has it)
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
@@ -98,7 +101,7 @@ class TrainConfig:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
     @classmethod
-    def from_json(cls, path: Path) -> "TrainConfig":
+    def from_json(cls, path: Path) -> TrainConfig:
         return cls(**json.loads(Path(path).read_text()))
 
 

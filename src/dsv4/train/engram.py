@@ -7,18 +7,36 @@ touched rows get SparseRowAdam with lr = engram_lr_mult x the model's current lr
 (Engram paper; lazy per-row Adam, see dsv4.memory.row_adam). Checkpoints hold each table and its
 optimiser state as chunked safetensors (dsv4.memory.checkpoint) inside the checkpoint directory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from dsv4.memory import HotRowCache, MmapStore, Prefetcher, RamStore, SparseRowAdam, coalesce_rows, load_store, save_store
+from dsv4.memory import (
+    HotRowCache,
+    MmapStore,
+    Prefetcher,
+    RamStore,
+    SparseRowAdam,
+    coalesce_rows,
+    load_store,
+    save_store,
+)
 
 
 class EngramTraining:
-    def __init__(self, model, store: str = "ram", table_dir: str | Path | None = None, prefetch: bool = True,
-                 hot_rows: int = 0, lr_mult: float = 5.0, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        store: str = "ram",
+        table_dir: str | Path | None = None,
+        prefetch: bool = True,
+        hot_rows: int = 0,
+        lr_mult: float = 5.0,
+        seed: int = 0,
+    ):
         if store not in ("ram", "mmap"):
             raise ValueError(f"engram_store must be 'ram' or 'mmap', got {store!r}")
         if store == "mmap" and table_dir is None:
@@ -33,8 +51,11 @@ class EngramTraining:
                 d = Path(table_dir) / f"layer{i}"
                 d.mkdir(parents=True, exist_ok=True)
                 path = d / "table.npy"
-                base = MmapStore.open(path) if path.exists() else \
-                    MmapStore.create(path, n, dim, init_std=std, seed=seed * 1000 + i)
+                base = (
+                    MmapStore.open(path)
+                    if path.exists()
+                    else MmapStore.create(path, n, dim, init_std=std, seed=seed * 1000 + i)
+                )
                 state_dir = d / "adam"
             else:
                 base, state_dir = RamStore(n, dim, init_std=std, seed=seed * 1000 + i), None
@@ -52,7 +73,7 @@ class EngramTraining:
         if not self.pre:
             return
         rows = self.model.engram_rows(input_ids, segment_ids)
-        for i in self.pre:   # the same rows get the optimiser step after backward: read their state ahead
+        for i in self.pre:  # the same rows get the optimiser step after backward: read their state ahead
             self.pre[i].run(self.opt[i].will_need, rows[i])
         self._handles = {i: (rows[i], self.pre[i].prefetch(rows[i])) for i in self.pre}
 

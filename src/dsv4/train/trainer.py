@@ -8,6 +8,7 @@ indexer's input detached and its KL restricted to the selected entries. A non-fi
 step; `max_bad_steps` in a row stop the run with an error. Checkpoints are atomic and a resumed run
 continues exactly (the batch of a step is a pure function of the seed and the step).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.data import (Batches, DataError, find_files, ids_to_bytes, iter_documents, load_tokenizer, split_files,
-                       text_files, token_byte_lengths, tokenize_files_cached, train_tokenizer, val_batches)
+from dsv4.data import (
+    Batches,
+    DataError,
+    find_files,
+    ids_to_bytes,
+    iter_documents,
+    load_tokenizer,
+    split_files,
+    text_files,
+    token_byte_lengths,
+    tokenize_files_cached,
+    train_tokenizer,
+    val_batches,
+)
 from dsv4.device import resolve_device
 from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
@@ -68,10 +81,10 @@ def _cpu_bf16_faster() -> bool:
     return b16 > 1.2 * f32
 
 
-INDEXER_WARMUP = 30   # default indexer warm-up steps (the DSA report's stage 1), at most WARMUP_FRACTION of a run
-LR_WARMUP = 20        # default LR warm-up steps of the LM stage, at most WARMUP_FRACTION of that stage
+INDEXER_WARMUP = 30  # default indexer warm-up steps (the DSA report's stage 1), at most WARMUP_FRACTION of a run
+LR_WARMUP = 20  # default LR warm-up steps of the LM stage, at most WARMUP_FRACTION of that stage
 WARMUP_FRACTION = 0.1
-MIN_LM_STEPS = 50     # fewer language-model steps than this barely move the loss off the random model's
+MIN_LM_STEPS = 50  # fewer language-model steps than this barely move the loss off the random model's
 
 
 def stage_plan(total: int, tc: TrainConfig, has_indexer: bool) -> tuple[int, int]:
@@ -85,17 +98,18 @@ def stage_plan(total: int, tc: TrainConfig, has_indexer: bool) -> tuple[int, int
     else:
         warm = min(tc.indexer_warmup_steps, total)
     lm = total - warm
-    lr_warm = (max(1, min(LR_WARMUP, int(lm * WARMUP_FRACTION))) if tc.warmup_steps is None
-               else max(1, tc.warmup_steps))
+    lr_warm = max(1, min(LR_WARMUP, int(lm * WARMUP_FRACTION))) if tc.warmup_steps is None else max(1, tc.warmup_steps)
     return warm, lr_warm
 
 
-def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_losses(
+    out, targets: torch.Tensor, head_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token CE (nats/token) and MTP CE (depth k at position i predicts targets[i + k]).
 
     From out.logits, or (when the model ran with compute_logits=False) from out.h with the fused
     head + CE of dsv4.kernels.loss and the given head weight."""
+
     def ce(logits, h, tgt):
         if logits is not None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
@@ -110,16 +124,29 @@ def lm_losses(out, targets: torch.Tensor, head_weight: torch.Tensor | None = Non
     return lm, mtp
 
 
-def step_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, segment_ids=None,
-              warmup: bool = False, mtp_weight: float = 0.3, engram_prefetched=None) -> tuple[torch.Tensor, dict]:
+def step_loss(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    segment_ids=None,
+    warmup: bool = False,
+    mtp_weight: float = 0.3,
+    engram_prefetched=None,
+) -> tuple[torch.Tensor, dict]:
     """The loss one training step minimises, and its parts (0-dim tensors, for the log).
 
     Indexer warm-up (stage 1): the indexers' KL to dense attention alone. Otherwise (stage 2):
     LM + mtp_weight * MTP + MoE balance loss + the indexers' KL on their selected entries, with the LM
     and MTP heads fused with their cross entropy (out.h / out.mtp_h, dsv4.kernels.loss)."""
     mode = "dense" if warmup else ("sparse" if model.cfg.has_indexer else None)
-    out = model(input_ids, return_mtp=not warmup, segment_ids=segment_ids, indexer_mode=mode,
-                compute_logits=False, engram_prefetched=engram_prefetched)
+    out = model(
+        input_ids,
+        return_mtp=not warmup,
+        segment_ids=segment_ids,
+        indexer_mode=mode,
+        compute_logits=False,
+        engram_prefetched=engram_prefetched,
+    )
     parts = {}
     if warmup:
         loss = out.indexer_loss
@@ -161,7 +188,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def create(cls, tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> "Trainer":
+    def create(cls, tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> Trainer:
         run = Path(tc.out)
         if resume:
             if not (run / "train_config.json").exists():
@@ -178,11 +205,12 @@ class Trainer:
             tc, mc = apply_overrides(tc, mc, list(overrides))
             tc.validate()
             if latest_checkpoint(run) is not None:
-                raise ConfigError(f"{run} already holds checkpoints: pass --resume to continue it, "
-                                  "or choose another --out")
+                raise ConfigError(
+                    f"{run} already holds checkpoints: pass --resume to continue it, or choose another --out"
+                )
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        created = None   # the topmost folder this start creates, removed again if the start fails
+        created = None  # the topmost folder this start creates, removed again if the start fails
         if not run.exists():
             created = run
             while not created.parent.exists():
@@ -206,12 +234,15 @@ class Trainer:
         self.model = Transformer(mc)
         self.model.init_weights(seed=tc.seed)  # on the CPU: the same weights on every device
         self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay,
-                                         ns_bf16=pick_dtype(tc.ns_dtype, self.device) == torch.bfloat16)
+        self.optimizer = build_optimizer(
+            self.model, tc.lr, tc.weight_decay, ns_bf16=pick_dtype(tc.ns_dtype, self.device) == torch.bfloat16
+        )
         self.engram = None
         if mc.engram_layer_ids and self.device.type != "cpu":
-            raise ConfigError(f"device={tc.device}: Engram training keeps its tables and their optimiser in host "
-                              "memory and runs on the CPU only; use device=cpu")
+            raise ConfigError(
+                f"device={tc.device}: Engram training keeps its tables and their optimiser in host "
+                "memory and runs on the CPU only; use device=cpu"
+            )
         if mc.engram_layer_ids:
             from dsv4.model.engram import canonical_map, save_canonical_map
             from dsv4.train.engram import EngramTraining
@@ -219,14 +250,20 @@ class Trainer:
             cmap = canonical_map(self.data.tokenizer, mc.vocab_size)
             save_canonical_map(cmap, self.run / "tokenizer.json")
             self.model.set_canonical_map(cmap)
-            self.engram = EngramTraining(self.model, tc.engram_store, tc.engram_dir or self.run / "engram_tables",
-                                         tc.engram_prefetch, tc.engram_hot_rows, tc.engram_lr_mult, tc.seed)
+            self.engram = EngramTraining(
+                self.model,
+                tc.engram_store,
+                tc.engram_dir or self.run / "engram_tables",
+                tc.engram_prefetch,
+                tc.engram_hot_rows,
+                tc.engram_lr_mult,
+                tc.seed,
+            )
         self.dtype = pick_dtype(tc.dtype, self.device)
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
         self.has_indexer = mc.has_indexer
-        self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0,
-                      "tokens": 0}
+        self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0, "tokens": 0}
         if resume:
             ck = latest_checkpoint(self.run)
             if ck is not None:
@@ -252,9 +289,11 @@ class Trainer:
         self.warm, self.lr_warm = stage_plan(total, self.tc, self.has_indexer)
         if self.state["step"] == 0 and total - self.warm < MIN_LM_STEPS:
             budget = f"{self.tc.minutes:g} minutes" if self.tc.minutes else f"{total} steps"
-            notice(f"a budget of {budget} gives only {total - self.warm} language-model steps "
-                   f"({self.warm} more are indexer warm-up): too few to train; the loss will stay near the "
-                   f"random model's. Give --steps {MIN_LM_STEPS * 4} or more, or a longer --minutes budget.")
+            notice(
+                f"a budget of {budget} gives only {total - self.warm} language-model steps "
+                f"({self.warm} more are indexer warm-up): too few to train; the loss will stay near the "
+                f"random model's. Give --steps {MIN_LM_STEPS * 4} or more, or a longer --minutes budget."
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (those steps run again)."""
@@ -269,7 +308,7 @@ class Trainer:
                 continue
             kind, at = rec.get("kind", "train"), rec.get("step", -1)
             # steps < k ran before checkpoint k; the eval at step k was logged with checkpoint k's weights
-            if kind == "train" and at < step or kind == "val" and at <= step:
+            if (kind == "train" and at < step) or (kind == "val" and at <= step):
                 keep.append(line)
         path.write_text("".join(x + "\n" for x in keep))
 
@@ -288,8 +327,11 @@ class Trainer:
         warmup = step < self.warm
         self.set_stage(warmup)
         total = self.state["total_steps"]
-        lr = tc.indexer_lr if warmup else lr_at(step - self.warm, tc.lr, self.lr_warm, total - self.warm,
-                                                 tc.min_lr_ratio)
+        lr = (
+            tc.indexer_lr
+            if warmup
+            else lr_at(step - self.warm, tc.lr, self.lr_warm, total - self.warm, tc.min_lr_ratio)
+        )
         set_lr(self.optimizer, lr)
         batch = self.data.batches.get(step).to(self.device, non_blocking=True)
         seg = batch.segment_ids if tc.doc_mask else None
@@ -297,7 +339,7 @@ class Trainer:
         pre = None
         if self.engram is not None:
             pre = self.engram.take_prefetched()
-            nxt = self.data.batches.get(step + 1)     # its rows are read while this step computes
+            nxt = self.data.batches.get(step + 1)  # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight, pre)
@@ -321,13 +363,15 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             if self.engram is not None:
-                self.engram.step(lr, apply=False)   # drop this step's row grads
+                self.engram.step(lr, apply=False)  # drop this step's row grads
             self.state["bad_steps"] += 1
             self.state["skipped"] += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({rec['loss']}); step skipped", stacklevel=2)
             if self.state["bad_steps"] >= tc.max_bad_steps:
-                raise TrainingError(f"{self.state['bad_steps']} consecutive steps with a non-finite loss or gradient "
-                                    f"(last at step {step}); stopping. Lower lr or check the data.")
+                raise TrainingError(
+                    f"{self.state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                    f"(last at step {step}); stopping. Lower lr or check the data."
+                )
         rec["skipped"] = not ok
         rec["maxvio"] = [m.max_violation() if m.load.sum() > 0 else 0.0 for m in self.moes]
         gamma = self.mc.bias_update_speed if tc.bias_update_speed is None else tc.bias_update_speed
@@ -395,11 +439,17 @@ class Trainer:
     def _evaluate(self, step: int, max_batches: int | None) -> dict:
         tc, model = self.tc, self.model
         model.eval()
-        batches = val_batches(self.data.val_stream, tc.batch_size, tc.seq_len, max_batches,
-                              token_bytes=self.data.token_bytes)
+        batches = val_batches(
+            self.data.val_stream, tc.batch_size, tc.seq_len, max_batches, token_bytes=self.data.token_bytes
+        )
         nats, n_tok, n_bytes, first = score_batches(model, batches, tc.doc_mask, self.dtype)
-        rec = {"kind": "val", "step": step, "val_loss": nats / n_tok, "val_bpb": bits_per_byte(nats, n_bytes),
-               "val_tokens": n_tok}
+        rec = {
+            "kind": "val",
+            "step": step,
+            "val_loss": nats / n_tok,
+            "val_bpb": bits_per_byte(nats, n_bytes),
+            "val_tokens": n_tok,
+        }
         ids = first.input_ids[:1].to(self.device)
         seg = first.segment_ids[:1].to(self.device) if tc.doc_mask else None
         if self.has_indexer:
@@ -425,8 +475,10 @@ class Trainer:
             t_sparse = self.probe_seconds(warmup=False)
             t_warm = self.probe_seconds(warmup=True) if self.has_indexer else t_sparse
             self.set_plan(self._plan_steps(budget, time.perf_counter() - t0, t_warm, t_sparse))
-            print(f"planned {st['total_steps']} steps for {tc.minutes:g} minutes "
-                  f"({t_sparse:.2f} s per step; {self.warm} of them indexer warm-up)")
+            print(
+                f"planned {st['total_steps']} steps for {tc.minutes:g} minutes "
+                f"({t_sparse:.2f} s per step; {self.warm} of them indexer warm-up)"
+            )
         bar = None
         if tc.progress:
             from tqdm import tqdm
@@ -444,8 +496,9 @@ class Trainer:
                 self._in_update = False
                 st["tokens"] += tokens_per_step
                 window_tok += tokens_per_step
-                window_flops += tokens_per_step * (self.flops_warm if rec["stage"] == "indexer_warmup"
-                                                   else self.flops_tok)
+                window_flops += tokens_per_step * (
+                    self.flops_warm if rec["stage"] == "indexer_warmup" else self.flops_tok
+                )
                 step += 1
                 st["step"] = step
                 st["elapsed"] = time.perf_counter() - t0
@@ -463,10 +516,17 @@ class Trainer:
                 if step % tc.eval_every == 0 and step != st["total_steps"]:
                     self.write(self.evaluate(step, tc.eval_batches))
                 if step % tc.ckpt_every == 0 and step != st["total_steps"]:
-                    save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
-                                    extra=self.engram.save if self.engram else None)
+                    save_checkpoint(
+                        self.run,
+                        step,
+                        self.model,
+                        self.optimizer,
+                        st,
+                        tc.keep_last,
+                        extra=self.engram.save if self.engram else None,
+                    )
                 if budget is not None and st["elapsed"] > budget * 1.05 and step < st["total_steps"]:
-                    st["total_steps"] = step   # the plan overran the budget: stop here (the schedule is kept)
+                    st["total_steps"] = step  # the plan overran the budget: stop here (the schedule is kept)
                 if self._pending_interrupt:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -475,8 +535,15 @@ class Trainer:
             if self._in_update:  # raised inside the update itself: this state must not be saved
                 print(f"\ninterrupted during the update of step {step}; --resume continues from the last checkpoint")
                 raise
-            path = save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
-                                   extra=self.engram.save if self.engram else None)
+            path = save_checkpoint(
+                self.run,
+                step,
+                self.model,
+                self.optimizer,
+                st,
+                tc.keep_last,
+                extra=self.engram.save if self.engram else None,
+            )
             print(f"\ninterrupted: saved {path}; continue with --resume")
             raise
         finally:
@@ -484,8 +551,15 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
-        save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last,
-                        extra=self.engram.save if self.engram else None)
+        save_checkpoint(
+            self.run,
+            step,
+            self.model,
+            self.optimizer,
+            st,
+            tc.keep_last,
+            extra=self.engram.save if self.engram else None,
+        )
         return self.finish(step)
 
     def _plan_steps(self, budget: float, elapsed: float, t_warm: float, t_sparse: float) -> int:
@@ -494,7 +568,7 @@ class Trainer:
         closing evaluation. Kept in the state, so a resumed run uses the same schedule."""
         tc = self.tc
         n_val = len(self.data.val_stream.tokens) if hasattr(self.data.val_stream, "tokens") else 0
-        n_val = min(n_val, tc.final_eval_tokens)   # the closing evaluation scores at most this many
+        n_val = min(n_val, tc.final_eval_tokens)  # the closing evaluation scores at most this many
         tokens_per_step = tc.batch_size * tc.seq_len
         fwd_time = t_sparse / 3 / tokens_per_step  # a forward pass is about a third of a step
         final_eval = n_val * fwd_time * 1.3
@@ -506,10 +580,10 @@ class Trainer:
             return warm * t_warm + (n - warm) * t_sparse * 1.03 + n * periodic
 
         lo, hi = 1, 1
-        while cost(hi * 2) <= left and hi < 10 ** 8:
+        while cost(hi * 2) <= left and hi < 10**8:
             hi *= 2
         hi *= 2
-        while hi - lo > 1:   # the largest n with cost(n) <= left (cost grows with n)
+        while hi - lo > 1:  # the largest n with cost(n) <= left (cost grows with n)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
         return lo
@@ -520,19 +594,31 @@ class Trainer:
         rec = self.evaluate(step, n_batches)
         self.write(rec)
         # xz on exactly the bytes the model was scored on: the targets of the evaluated windows
-        toks = self.data.val_stream.tokens[1: rec["val_tokens"] + 1]
+        toks = self.data.val_stream.tokens[1 : rec["val_tokens"] + 1]
         val_bytes = ids_to_bytes(self.data.tokenizer, toks)
         xz = xz_bits_per_byte(val_bytes)
         train = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines()]
-        tps = [r["tok_per_s"] for r in train if r.get("kind") == "train" and r.get("stage") == "sparse"
-               and "tok_per_s" in r]
-        final = {"kind": "final", "step": step, "val_bpb": rec["val_bpb"], "val_loss": rec["val_loss"],
-                 "xz_bpb": xz, "val_bytes": len(val_bytes),
-                 "tok_per_s": sum(tps) / len(tps) if tps else None,
-                 "mfu": (sum(tps) / len(tps)) * self.flops_tok / self.peak if tps else None,
-                 "peak_flops": self.peak, "flops_per_token": self.flops_tok, "dtype": str(self.dtype),
-                 "wall_s": self.state["elapsed"], "skipped": self.state["skipped"],
-                 "params": sum(p.numel() for p in self.model.parameters())}
+        tps = [
+            r["tok_per_s"]
+            for r in train
+            if r.get("kind") == "train" and r.get("stage") == "sparse" and "tok_per_s" in r
+        ]
+        final = {
+            "kind": "final",
+            "step": step,
+            "val_bpb": rec["val_bpb"],
+            "val_loss": rec["val_loss"],
+            "xz_bpb": xz,
+            "val_bytes": len(val_bytes),
+            "tok_per_s": sum(tps) / len(tps) if tps else None,
+            "mfu": (sum(tps) / len(tps)) * self.flops_tok / self.peak if tps else None,
+            "peak_flops": self.peak,
+            "flops_per_token": self.flops_tok,
+            "dtype": str(self.dtype),
+            "wall_s": self.state["elapsed"],
+            "skipped": self.state["skipped"],
+            "params": sum(p.numel() for p in self.model.parameters()),
+        }
         self.write(final)
         return final
 
@@ -560,14 +646,15 @@ def progress_fields(rec: dict) -> dict:
 def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
     """Find files, split by path hash, train (or load) the tokenizer, tokenize both splits (cached)."""
     found = find_files(tc.data)
-    files = text_files(found)   # binary / non-UTF-8 files go first, in one warning
+    files = text_files(found)  # binary / non-UTF-8 files go first, in one warning
     where = tc.data or "the standard library"
     if not files:
         raise DataError(f"no text documents in {where}: none of its {len(found)} files is UTF-8 text")
     train_files, val_files = split_files(files, tc.val_fraction)
     if not train_files or not val_files:
-        raise DataError(f"need at least 2 text files in {where} to split into train and validation, found "
-                        f"{len(files)} ({files[0]})")
+        raise DataError(
+            f"need at least 2 text files in {where} to split into train and validation, found {len(files)} ({files[0]})"
+        )
     tok_path = run / "tokenizer.json"
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
@@ -576,8 +663,9 @@ def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
         shutil.copy(tc.tokenizer, tok_path)
     else:
         print(f"training a {mc.vocab_size}-token byte-level BPE on {len(train_files)} files")
-        tok = train_tokenizer((d.text for d in iter_documents(train_files)), mc.vocab_size, tok_path,
-                              show_progress=tc.progress)
+        tok = train_tokenizer(
+            (d.text for d in iter_documents(train_files)), mc.vocab_size, tok_path, show_progress=tc.progress
+        )
     if tok.get_vocab_size() > mc.vocab_size:
         raise ConfigError(f"vocab_size={mc.vocab_size}: the tokenizer has {tok.get_vocab_size()} tokens")
     (run / "cache").mkdir(exist_ok=True)

@@ -1,0 +1,76 @@
+"""The house rules of the package layout, checked by parsing the source (no imports run).
+
+- Data flows one way: model/ imports nothing from the layers built on it (infer/, train/, eval/, the
+  application modules), and infer/ nothing from train/, eval/ or the application modules.
+- docs/architecture.md names every source file under src/dsv4, so a reader can find each room.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dsv4"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+APP = {"cli", "demo", "train_demo", "generate", "info"}  # the application layer at the package root
+BANNED = {
+    "model": {"infer", "train", "eval", *APP},
+    "infer": {"train", "eval", *APP},
+}
+
+
+def dsv4_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, second component) of every `dsv4.X...` import in a file, relative imports resolved."""
+    out = []
+    pkg = path.relative_to(SRC).parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from .x import y / from ..x import y
+                base = list(pkg[: len(pkg) - node.level + 1])
+                names = [".".join(["dsv4", *base, *([node.module] if node.module else [])])]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "dsv4" and len(parts) > 1:
+                out.append((node.lineno, parts[1]))
+    return out
+
+
+@pytest.mark.parametrize("layer", sorted(BANNED))
+def test_no_upward_import(layer):
+    bad = [
+        f"{f.relative_to(SRC)}:{line} imports dsv4.{mod}"
+        for f in sorted((SRC / layer).rglob("*.py"))
+        for line, mod in dsv4_imports(f)
+        if mod in BANNED[layer]
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_import_check_sees_an_upward_import(tmp_path):
+    """The checker itself: a relative and an absolute upward import are both found."""
+    f = SRC / "model" / "_probe_for_the_layout_test.py"
+    try:
+        f.write_text("from ..infer import cache\nimport dsv4.train.trainer\nfrom dsv4.model import mhc\n")
+        assert [m for _, m in dsv4_imports(f)] == ["infer", "train", "model"]
+    finally:
+        f.unlink()
+
+
+def test_architecture_doc_names_every_source_file():
+    text = DOCS.read_text()
+    missing = []
+    for f in sorted(SRC.rglob("*")):
+        if f.suffix not in (".py", ".cpp", ".json") or "__pycache__" in f.parts or f.name == "__init__.py":
+            continue
+        rel = f.relative_to(SRC).as_posix()
+        if rel not in text and f"`{f.name}`" not in text:
+            missing.append(rel)
+    assert not missing, f"docs/architecture.md does not name: {', '.join(missing)}"
