@@ -32,6 +32,7 @@ from _common import hardware_info
 
 from dsv4.config import ModelConfig
 from dsv4.info import count_params
+from dsv4.run import RunDir
 from dsv4.train.config import TrainConfig
 from dsv4.train.trainer import train
 
@@ -78,8 +79,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(run)
             run.mkdir(parents=True)
             if shared is not None:  # same tokenizer and token caches for every run
-                shutil.copy(shared / "tokenizer.json", run / "tokenizer.json")
-                shutil.copytree(shared / "cache", run / "cache")
+                shutil.copy(RunDir(shared).tokenizer, RunDir(run).tokenizer)
+                shutil.copytree(RunDir(shared).cache, RunDir(run).cache)
             tc = TrainConfig(
                 preset=preset,
                 data=args.data,

@@ -48,10 +48,10 @@ from _common import hardware_info
 
 from dsv4.config import ModelConfig
 from dsv4.data import Batches, train_tokenizer
+from dsv4.data.canonical import canonical_map
 from dsv4.data.corpus import default_corpus, find_files, iter_documents
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
-from dsv4.model.engram import canonical_map
 from dsv4.model.transformer import Transformer
 from dsv4.optim.groups import build_optimizer
 from dsv4.train.engram import EngramTraining

@@ -147,6 +147,7 @@ def check_training(dev: torch.device, steps: int, check) -> float | None:
     import tempfile
     from pathlib import Path
 
+    from dsv4.run import RunDir
     from dsv4.train.checkpoint import latest_checkpoint
     from dsv4.train.config import TrainConfig
     from dsv4.train.trainer import train
@@ -170,7 +171,7 @@ def check_training(dev: torch.device, steps: int, check) -> float | None:
             device=str(dev),
         )
         final = train(TrainConfig(steps=steps, **common), ["hidden_size=128", "vocab_size=2048"])
-        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(x) for x in RunDir(run).metrics.read_text().splitlines()]
         losses = [r["loss"] for r in recs if r.get("kind") == "train"]
         ok = len(losses) == steps and all(map(math.isfinite, losses))
         check(

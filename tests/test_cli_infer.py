@@ -16,9 +16,9 @@ from conftest import small_config
 
 from dsv4.cli import build_parser, main
 from dsv4.data import ids_to_bytes, load_tokenizer, train_tokenizer
-from dsv4.generate import generate
 from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import Detokenizer, Engine
+from dsv4.infer.reference import generate
 from dsv4.model.transformer import Transformer
 from dsv4.run import load_run
 from dsv4.train.checkpoint import save_checkpoint

@@ -6,9 +6,9 @@ import torch
 from conftest import every_kind_model
 
 from dsv4.data.tokenizer import train_tokenizer
-from dsv4.generate import generate
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.engine import Detokenizer, Engine
+from dsv4.infer.reference import generate
 from dsv4.infer.sampling import SamplingParams, probabilities
 from dsv4.infer.speculative import accept_draft
 

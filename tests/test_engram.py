@@ -6,19 +6,9 @@ import torch
 from conftest import randomize_, small_config
 
 from dsv4.config import ConfigError
+from dsv4.data.canonical import canonical_map, canonical_text, compression_ratio, load_canonical_map, save_canonical_map
 from dsv4.memory.stores import RamStore
-from dsv4.model.engram import (
-    Engram,
-    _is_prime,
-    canonical_map,
-    canonical_text,
-    compression_ratio,
-    hash_multipliers,
-    head_primes,
-    load_canonical_map,
-    ngram_rows,
-    save_canonical_map,
-)
+from dsv4.model.engram import Engram, _is_prime, hash_multipliers, head_primes, ngram_rows
 
 ENG = dict(engram_layer_ids=[1], engram_orders=[2, 3], engram_heads=2, engram_rows_per_head=31, engram_d_mem=32)
 

@@ -109,7 +109,7 @@ def test_trained_engram_run_generates_with_cache(runs):
     model, tok = load_run(runs["ram"])
     assert model.engrams() and "canonical_ids" in model._buffers
     ids = tok.encode("def f(x):\n    return").ids
-    from dsv4.generate import generate
+    from dsv4.infer.reference import generate
 
     ref = generate(model, ids, max_new_tokens=8, temperature=0, stop_at_eos=False)
     out = (

@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dsv4"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
-APP = {"cli", "demo", "train_demo", "generate", "info"}  # the application layer at the package root
+APP = {"cli", "demo", "train_demo", "info"}  # the application layer at the package root
 BANNED = {
     "model": {"infer", "train", "eval", *APP},
     "infer": {"train", "eval", *APP},

@@ -130,13 +130,14 @@ def _check_resume_flags(args) -> None:
     train_config.json / model_config.json (the trainer continues with the saved settings; only --device and
     --no-progress change on resume). Flags equal to the saved values are fine."""
     from dsv4.config import ModelConfig
+    from dsv4.run import RunDir
     from dsv4.train.config import TrainConfig, apply_overrides
 
     run = Path(args.out)
-    if not (run / "train_config.json").exists():
+    if not RunDir(run).is_run():
         return  # the trainer says that this is not a run
-    saved = TrainConfig.from_json(run / "train_config.json")
-    saved_model = ModelConfig.from_json(run / "model_config.json")
+    saved = TrainConfig.from_json(RunDir(run).train_config)
+    saved_model = ModelConfig.from_json(RunDir(run).model_config)
 
     def same(given, kept) -> bool:
         return given == kept or (isinstance(kept, str) and Path(given).expanduser().resolve() == Path(kept).resolve())

@@ -2,7 +2,8 @@
 
 Nothing here is trained: the loss of a random model is about ln(vocab) and the generated ids are
 noise. The point is to show the whole model running end to end on a CPU in a few seconds.
-Generation re-runs the full forward for every new token (no KV cache), so it is slow by design.
+Generation is the reference generator (dsv4.infer.reference): it re-runs the full forward for every new
+token (no KV cache), so it is slow by design.
 """
 
 from __future__ import annotations
@@ -14,24 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.config import ModelConfig
+from dsv4.infer.reference import generate
 from dsv4.info import count_params, human
-
-
-@torch.no_grad()
-def generate_uncached(
-    model, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """prompt [B, T] -> [B, T + new_tokens]; greedy when temperature == 0, else sampling."""
-    ids = prompt
-    for _ in range(new_tokens):
-        logits = model(ids).logits[:, -1].float()
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
-        else:
-            nxt = logits.argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
 
 
 def run_demo(
@@ -76,11 +61,11 @@ def run_demo(
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, v, (1, prompt_len), generator=gen)
     t0 = time.perf_counter()
-    seq = generate_uncached(model, prompt, new_tokens, temperature, gen)
+    new = generate(model, prompt[0].tolist(), new_tokens, temperature, 1.0, stop_at_eos=False, generator=gen)
     dt = time.perf_counter() - t0
     mode = "greedy" if temperature <= 0 else f"sampled at temperature {temperature}"
     print_fn(f"generate ({mode}, no KV cache): prompt {prompt[0].tolist()}")
-    print_fn(f"  new ids: {seq[0, prompt_len:].tolist()}")
+    print_fn(f"  new ids: {new}")
     print_fn(
         f"  {new_tokens} tokens in {dt:.2f}s = {new_tokens / max(dt, 1e-9):.1f} tokens/s "
         "(random weights: the ids are meaningless)"
@@ -88,6 +73,6 @@ def run_demo(
     return {
         "loss": loss,
         "logits_shape": tuple(out.logits.shape),
-        "generated": seq[0, prompt_len:].tolist(),
+        "generated": new,
         "params": pc,
     }

@@ -9,9 +9,47 @@ them; a complete one holds state.json). Every command that takes a checkpoint al
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "ckpt-"
+STATE_FILE = "state.json"  # inside a checkpoint folder: step, schedule, RNG metadata (dsv4.train.checkpoint)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of a training run folder: the one place that spells their names."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    train_config = property(lambda self: self.path / "train_config.json")  # dsv4.train.config.TrainConfig
+    model_config = property(lambda self: self.path / "model_config.json")  # dsv4.config.ModelConfig
+    tokenizer = property(lambda self: self.path / "tokenizer.json")
+    chat_template = property(lambda self: self.path / "chat_template.json")  # optional (dsv4.infer.chat)
+    metrics = property(lambda self: self.path / "metrics.jsonl")  # one JSON record per line
+    report = property(lambda self: self.path / "report")  # dsv4 report's plots and summary.md
+    cache = property(lambda self: self.path / "cache")  # tokenized splits
+    engram_tables = property(lambda self: self.path / "engram_tables")  # default mmap Engram tables
+
+    def is_run(self) -> bool:
+        return self.train_config.is_file()
+
+    def train_settings(self) -> dict:
+        """train_config.json as a plain dict ({} when the folder has none or it is unreadable)."""
+        try:
+            d = json.loads(self.train_config.read_text())
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    @classmethod
+    def of(cls, path: str | Path) -> RunDir:
+        """The run folder of a run, checkpoint or model path (see run_folder)."""
+        return cls(run_folder(find_checkpoint(path)))
 
 
 class CheckpointError(ValueError):
@@ -23,7 +61,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / "state.json").exists())
+    return sorted(p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -43,7 +81,7 @@ def find_checkpoint(path: str | Path) -> Path:
             f"{path} is a transformers model folder, not a dsv4 checkpoint; convert it with "
             f"`dsv4 convert --from-transformers {path} OUT`"
         )
-    if (path / "state.json").exists() or (path / "config.json").exists():
+    if (path / STATE_FILE).exists() or (path / "config.json").exists():
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
@@ -59,7 +97,7 @@ def run_folder(path: str | Path) -> Path:
     """The folder holding a checkpoint's tokenizer.json (and chat_template.json): `path` itself when it has
     one or its parent has none (a run folder, a converted model), else its parent (a ckpt-* folder)."""
     path = Path(path)
-    if (path / "tokenizer.json").exists() or not (path.parent / "tokenizer.json").exists():
+    if RunDir(path).tokenizer.exists() or not RunDir(path.parent).tokenizer.exists():
         return path
     return path.parent
 
@@ -77,10 +115,10 @@ def load_run(run_dir: str | Path, device="cpu"):
 
     device = resolve_device(device)
     ckpt = find_checkpoint(run_dir)
-    run = run_folder(ckpt)
-    if not (run / "tokenizer.json").exists():
-        raise CheckpointError(f"no tokenizer.json in {run}")
-    if (ckpt / "state.json").exists():
+    run = RunDir(run_folder(ckpt))
+    if not run.tokenizer.exists():
+        raise CheckpointError(f"no tokenizer.json in {run.path}")
+    if (ckpt / STATE_FILE).exists():
         model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
         load_checkpoint(ckpt, model)
     else:  # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
@@ -89,11 +127,11 @@ def load_run(run_dir: str | Path, device="cpu"):
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if model.engrams():  # Engram tables (chunked safetensors in the checkpoint) and the canonical map
+        from dsv4.data.canonical import canonical_map_path, load_canonical_map
         from dsv4.memory import load_store
-        from dsv4.model.engram import canonical_map_path, load_canonical_map
 
         for i, eng in model.engrams().items():
             eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
-        if canonical_map_path(run / "tokenizer.json").exists():
-            model.set_canonical_map(load_canonical_map(run / "tokenizer.json"))
-    return model.to(device).eval(), load_tokenizer(run / "tokenizer.json")
+        if canonical_map_path(run.tokenizer).exists():
+            model.set_canonical_map(load_canonical_map(run.tokenizer))
+    return model.to(device).eval(), load_tokenizer(run.tokenizer)

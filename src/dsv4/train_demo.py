@@ -47,7 +47,7 @@ def run_train_demo(
     """Train the demo (DEMO_STEPS steps unless `steps` or a wall-clock `minutes` budget is given), report,
     sample, and print the bpb line."""
     from dsv4.eval.report import write_report
-    from dsv4.generate import generate_text
+    from dsv4.infer.reference import generate_text
     from dsv4.train.trainer import train
 
     run = Path(out)

@@ -1,5 +1,7 @@
-"""Training data: corpus discovery (corpus), byte-level BPE (tokenizer), token streams and batches (packing)."""
+"""Training data: corpus discovery (corpus), byte-level BPE (tokenizer), token streams and batches (packing),
+the Engram canonical token map (canonical)."""
 
+from .canonical import canonical_map, canonical_map_path, load_canonical_map, save_canonical_map
 from .corpus import (
     DataError,
     DataWarning,
@@ -22,11 +24,15 @@ __all__ = [
     "DataWarning",
     "Document",
     "TokenStream",
+    "canonical_map",
+    "canonical_map_path",
     "default_corpus",
     "find_files",
     "ids_to_bytes",
     "iter_documents",
+    "load_canonical_map",
     "load_tokenizer",
+    "save_canonical_map",
     "split_files",
     "text_files",
     "token_byte_lengths",

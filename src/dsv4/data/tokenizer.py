@@ -20,6 +20,7 @@ __all__ = [
     "BOS_ID",
     "EOS",
     "EOS_ID",
+    "byte_alphabet",
     "load_tokenizer",
     "token_byte_lengths",
     "tokenizer_path",
@@ -117,7 +118,7 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     return out
 
 
-def _byte_alphabet() -> dict[str, int]:
+def byte_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's printable remapping): printable bytes stand for themselves,
     the others are shifted to code points 256, 257, ... in byte order. char -> byte."""
     keep = (
@@ -136,7 +137,7 @@ def _byte_alphabet() -> dict[str, int]:
 def ids_to_bytes(tok: Tokenizer, ids) -> bytes:
     """The exact bytes a run of ids stands for (special tokens contribute nothing). Unlike decode(),
     this never replaces a UTF-8 sequence cut at a window edge, so byte counts match token_byte_lengths."""
-    table = _byte_alphabet()
+    table = byte_alphabet()
     special = {t.content for t in tok.get_added_tokens_decoder().values()}
     vocab = {i: t for t, i in tok.get_vocab().items()}
     pieces = {}

@@ -47,18 +47,16 @@ def indexer_recall(
 def recall_on_run(run_dir, seq_len: int = 1024, batches: int = 2) -> list[dict]:
     """Per indexer layer: mean mass recall on validation windows of a training run (its own val split); a
     checkpoint directory names its run. ValueError for seq_len < 2 or batches < 1, before anything is loaded."""
-    import json
 
     from dsv4.data import find_files, split_files, tokenize_files_cached, val_batches
-    from dsv4.run import find_checkpoint, load_run, run_folder
+    from dsv4.run import RunDir, load_run
 
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: must be >= 2 (a window holds inputs and their next tokens)")
     if batches < 1:
         raise ValueError(f"batches={batches}: must be >= 1")
     model, tok = load_run(run_dir)
-    run = run_folder(find_checkpoint(run_dir))
-    tc = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
+    tc = RunDir.of(run_dir).train_settings()
     _, val_files = split_files(find_files(tc.get("data")), tc.get("val_fraction", 0.05))
     stream = tokenize_files_cached(val_files, tok, None, show_progress=False)
     acc: dict[int, list] = {}

@@ -28,8 +28,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-METRICS_FILE = "metrics.jsonl"
-REPORT_DIR = "report"
+from dsv4.run import RunDir
+
 MAX_LEGEND_LAYERS = 10  # more layers than this get a colour bar instead of a legend
 WALL_KEYS = ("wall_s", "wall_time_s", "wall_time", "elapsed_s", "elapsed", "time_s")
 
@@ -451,13 +451,13 @@ def _summary_md(title: str, s: dict, made: list[tuple[str, str]], bad: int) -> s
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report/*.png and run_dir/report/summary.md from run_dir/metrics.jsonl; return summary.md."""
     run_dir = Path(run_dir)
-    path = run_dir / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(2, "no metrics file", str(path))
     rows, bad = read_metrics(path)
     if not rows:
         raise ValueError(f"{path}: no metrics lines to report")
-    out = run_dir / REPORT_DIR
+    out = RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     tr, va = rows.get("train", []), rows.get("val", [])
     final: dict = {}

@@ -56,7 +56,7 @@ def bpb_on_text(
 ) -> dict:
     """{"bpb", "xz_bpb", "bytes", "tokens", "loss", "files", "seq_len"} of the run's model on the files
     found at `data` (a file, folder or glob, as `dsv4 train --data`), scoring at most `max_tokens`."""
-    from dsv4.run import find_checkpoint, load_run, run_folder
+    from dsv4.run import RunDir, load_run
     from dsv4.train.config import TrainConfig
 
     if seq_len < 1 or batch_size < 1:
@@ -64,7 +64,7 @@ def bpb_on_text(
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     model, tok = load_run(run, device=device)
-    cfg_path = run_folder(find_checkpoint(run)) / "train_config.json"  # a run, or one of its ckpt-* folders
+    cfg_path = RunDir.of(run).train_config  # a run, or one of its ckpt-* folders
     doc_mask = TrainConfig.from_json(cfg_path).doc_mask if cfg_path.exists() else True
     files = find_files(data)
     stream = tokenize_corpus(iter_documents(files), tok, show_progress=progress)

@@ -23,7 +23,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
@@ -126,9 +125,9 @@ def load_template(run_dir: str | Path | None = None) -> ChatTemplate:
     there to change the format), else the default. Nothing is written into the run. None -> the default."""
     if run_dir is None:
         return ChatTemplate()
-    from dsv4.run import run_folder
+    from dsv4.run import RunDir, run_folder
 
-    path = run_folder(run_dir) / TEMPLATE_FILE
+    path = RunDir(run_folder(run_dir)).chat_template
     if path.exists():
         try:
             return ChatTemplate.from_dict(json.loads(path.read_text()))

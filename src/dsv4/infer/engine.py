@@ -174,6 +174,11 @@ class Engine:
             if req.id == request_id and not req.finished:
                 self._finish(req, "abort", [])
 
+    def abort_all(self) -> None:
+        """Finish every waiting and running request with reason "abort" (after an engine failure)."""
+        for req in list(self.waiting) + list(self.running):
+            self._finish(req, "abort", [])
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -219,7 +224,7 @@ class Engine:
         self.stats["prefill_tokens"] += len(chunk)
         if last:
             logits = adjust_logits(out.logits[0, -1:].cpu(), [req.params], [req.output])
-            self._accept(req, [sample(logits[0], req.params, req.gen)], events)
+            self.accept(req, [sample(logits[0], req.params, req.gen)], events)
 
     def _decode(self, reqs: list[Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.pending] for r in reqs], device=self.device)
@@ -233,14 +238,15 @@ class Engine:
         self.stats["decode_tokens"] += len(reqs)
         for i, r in enumerate(reqs):
             r.pending = None
-            self._accept(r, [sample(logits[i], r.params, r.gen)], events)
+            self.accept(r, [sample(logits[i], r.params, r.gen)], events)
 
     # ------------------------------------------------------------------ outputs
     def context_len(self, req: Request) -> int:
         return int(self.cache.lengths[req.row]) if req.row is not None else 0
 
-    def _accept(self, req: Request, tokens: list[int], events: list[Event]) -> None:
-        """Append sampled tokens (in order) and stop at eos / stop token / stop string / limits."""
+    def accept(self, req: Request, tokens: list[int], events: list[Event]) -> None:
+        """Append sampled tokens (in order) and stop at eos / stop token / stop string / limits. Public for the
+        decoders that produce tokens outside Engine.step's plain path (dsv4.infer.speculative)."""
         if req.t_first is None:
             req.t_first = time.perf_counter()
         new, reason = [], None
@@ -405,5 +411,4 @@ class BackgroundEngine:
                 self.engine.step()
             except Exception as exc:  # fail every request rather than hang their clients
                 self.error = exc
-                for req in list(self.engine.waiting) + list(self.engine.running):
-                    self.engine._finish(req, "abort", [])
+                self.engine.abort_all()

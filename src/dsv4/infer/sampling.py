@@ -10,7 +10,8 @@ A request that leaves all three at their defaults is sampled from its logits unt
 
 Whatever device the model runs on, the distribution is built and drawn from on the CPU with the
 request's CPU generator (one [V] row per token; greedy only moves the argmax), so a seed gives the
-same draw on every device.
+same draw on every device. `sample` is the one token choice of the engine, the speculative decoder and
+the reference generator (dsv4.infer.reference).
 """
 
 from __future__ import annotations

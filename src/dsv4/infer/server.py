@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
 from dsv4.infer.sampling import BIAS_LIMIT, PENALTY_LIMIT, ParamError, SamplingParams
+from dsv4.run import STATE_FILE, RunDir
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 MAX_DEPTH = 64  # deeper JSON nesting in a request body is refused (400)
@@ -675,14 +676,11 @@ def train_seq_len(ckpt: str | Path) -> int | None:
     """The training sequence length of a run (RUN/train_config.json "seq_len"; for a checkpoint folder
     RUN/ckpt-N, its parent's), or None when there is none."""
     path = Path(ckpt)
-    folders = [path, path.parent] if (path / "state.json").exists() else [path]
+    folders = [path, path.parent] if (path / STATE_FILE).exists() else [path]
     for folder in folders:
-        f = folder / "train_config.json"
-        if f.is_file():
-            try:
-                n = json.loads(f.read_text()).get("seq_len")
-            except (OSError, ValueError, AttributeError):
-                return None
+        run = RunDir(folder)
+        if run.is_run():
+            n = run.train_settings().get("seq_len")
             return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
     return None
 

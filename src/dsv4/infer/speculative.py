@@ -95,6 +95,6 @@ class MTPSpeculator:
                 self._push_x(req, out.hidden[:, :1])
                 new = [tok]
             req.pending = None
-            e._accept(req, new, events)
+            e.accept(req, new, events)
             if req.finished:
                 self.pending_x.pop(req.id, None)

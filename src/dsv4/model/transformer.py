@@ -228,7 +228,7 @@ class Transformer(KeepFP32):
         return {b.layer_id: b.engram for b in self.layers if b.engram is not None}
 
     def set_canonical_map(self, cmap: torch.Tensor) -> None:
-        """Canonical ids [vocab_size] for the Engram hash (dsv4.model.engram.canonical_map(tokenizer))."""
+        """Canonical ids [vocab_size] for the Engram hash (dsv4.data.canonical.canonical_map(tokenizer))."""
         cmap = torch.as_tensor(cmap, dtype=torch.long).reshape(-1)
         v = self.cfg.vocab_size
         if cmap.numel() != v or int(cmap.min()) < 0 or int(cmap.max()) >= v:

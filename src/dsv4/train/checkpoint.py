@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv4.run import PREFIX, CheckpointError, latest_checkpoint, list_checkpoints
+from dsv4.run import PREFIX, STATE_FILE, CheckpointError, latest_checkpoint, list_checkpoints
 from dsv4.weights import load_state_dict, save_state_dict
 
 __all__ = ["CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
@@ -89,7 +89,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         save_state_dict(rt, tmp / "rng")
         if extra is not None:
             extra(tmp)
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rm}, indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "rng": rm}, indent=1))
         for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -109,7 +109,7 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load weights (+ optimiser and RNG state) into model/optimizer; returns the saved state dict."""
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / STATE_FILE).read_text())
         weights = load_state_dict(path)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:

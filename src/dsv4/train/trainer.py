@@ -52,6 +52,7 @@ from dsv4.model.moe import MoE
 from dsv4.model.transformer import Transformer
 from dsv4.optim.groups import build_optimizer
 from dsv4.optim.schedule import clip_grad_norm, lr_at, set_lr
+from dsv4.run import RunDir
 from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv4.train.config import TrainConfig, apply_overrides
 
@@ -176,30 +177,43 @@ class RunData:
 
 @dataclass
 class Trainer:
+    """One training run: built by create() (fresh or resumed), run by fit(). Every attribute is declared
+    here; build() fills the ones after `data`."""
+
     tc: TrainConfig
     mc: ModelConfig
     run: Path
     data: RunData
     model: Transformer = None
     optimizer: object = None
-    dtype: torch.dtype = torch.float32
-    state: dict = field(default_factory=dict)
-    log: object = None
+    device: torch.device = None  # resolved from tc.device by build()
+    dtype: torch.dtype = torch.float32  # autocast dtype (fp32 = none)
+    engram: object = None  # dsv4.train.engram.EngramTraining of an Engram model
+    has_indexer: bool = False
+    state: dict = field(default_factory=dict)  # step, total_steps, counters: saved in every checkpoint
+    warm: int = 0  # indexer warm-up steps (stage_plan)
+    lr_warm: int = 1  # LR warm-up steps of the LM stage (stage_plan)
+    peak: float = 1.0  # measured matmul peak, FLOP/s (MFU's denominator)
+    flops_tok: float = 0.0  # FLOPs per token of an LM-stage step
+    flops_warm: float = 0.0  # FLOPs per token of an indexer warm-up step
+    moes: list = field(default_factory=list)  # the MoE layers (balancing-bias updates, load stats)
+    _in_update: bool = False  # inside optimizer.step: Ctrl-C is held until the step ends
+    _pending_interrupt: bool = False
 
     # ------------------------------------------------------------------ set-up
     @classmethod
     def create(cls, tc: TrainConfig, overrides: list[str] = (), resume: bool = False) -> Trainer:
         run = Path(tc.out)
         if resume:
-            if not (run / "train_config.json").exists():
+            if not RunDir(run).is_run():
                 raise ConfigError(f"--resume: {run} has no train_config.json (not a dsv4 run directory)")
-            saved = TrainConfig.from_json(run / "train_config.json")
+            saved = TrainConfig.from_json(RunDir(run).train_config)
             saved.progress = tc.progress
             if tc.device:  # a run may continue on another device; "" keeps its own
                 saved.device = tc.device
             saved.validate_device()
             tc = saved
-            mc = ModelConfig.from_json(run / "model_config.json")
+            mc = ModelConfig.from_json(RunDir(run).model_config)
         else:
             mc = ModelConfig.preset(tc.preset)
             tc, mc = apply_overrides(tc, mc, list(overrides))
@@ -227,8 +241,8 @@ class Trainer:
 
     def build(self, resume: bool) -> None:
         tc, mc = self.tc, self.mc
-        tc.to_json(self.run / "train_config.json")
-        mc.to_json(self.run / "model_config.json")
+        tc.to_json(RunDir(self.run).train_config)
+        mc.to_json(RunDir(self.run).model_config)
         torch.manual_seed(tc.seed)
         self.device = resolve_device(tc.device, "device=")
         self.model = Transformer(mc)
@@ -244,16 +258,16 @@ class Trainer:
                 "memory and runs on the CPU only; use device=cpu"
             )
         if mc.engram_layer_ids:
-            from dsv4.model.engram import canonical_map, save_canonical_map
+            from dsv4.data.canonical import canonical_map, save_canonical_map
             from dsv4.train.engram import EngramTraining
 
             cmap = canonical_map(self.data.tokenizer, mc.vocab_size)
-            save_canonical_map(cmap, self.run / "tokenizer.json")
+            save_canonical_map(cmap, RunDir(self.run).tokenizer)
             self.model.set_canonical_map(cmap)
             self.engram = EngramTraining(
                 self.model,
                 tc.engram_store,
-                tc.engram_dir or self.run / "engram_tables",
+                tc.engram_dir or RunDir(self.run).engram_tables,
                 tc.engram_prefetch,
                 tc.engram_hot_rows,
                 tc.engram_lr_mult,
@@ -297,7 +311,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (those steps run again)."""
-        path = self.run / "metrics.jsonl"
+        path = RunDir(self.run).metrics
         if not path.exists():
             return
         keep = []
@@ -313,7 +327,7 @@ class Trainer:
         path.write_text("".join(x + "\n" for x in keep))
 
     def write(self, rec: dict) -> None:
-        with open(self.run / "metrics.jsonl", "a") as f:
+        with open(RunDir(self.run).metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     # ------------------------------------------------------------------- steps
@@ -597,7 +611,7 @@ class Trainer:
         toks = self.data.val_stream.tokens[1 : rec["val_tokens"] + 1]
         val_bytes = ids_to_bytes(self.data.tokenizer, toks)
         xz = xz_bits_per_byte(val_bytes)
-        train = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines()]
+        train = [json.loads(x) for x in RunDir(self.run).metrics.read_text().splitlines()]
         tps = [
             r["tok_per_s"]
             for r in train
@@ -655,7 +669,7 @@ def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
         raise DataError(
             f"need at least 2 text files in {where} to split into train and validation, found {len(files)} ({files[0]})"
         )
-    tok_path = run / "tokenizer.json"
+    tok_path = RunDir(run).tokenizer
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
     elif tc.tokenizer:
@@ -668,9 +682,10 @@ def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
         )
     if tok.get_vocab_size() > mc.vocab_size:
         raise ConfigError(f"vocab_size={mc.vocab_size}: the tokenizer has {tok.get_vocab_size()} tokens")
-    (run / "cache").mkdir(exist_ok=True)
-    train_stream = tokenize_files_cached(train_files, tok, run / "cache" / "train.npz", show_progress=tc.progress)
-    val_stream = tokenize_files_cached(val_files, tok, run / "cache" / "val.npz", show_progress=tc.progress)
+    cache = RunDir(run).cache
+    cache.mkdir(exist_ok=True)
+    train_stream = tokenize_files_cached(train_files, tok, cache / "train.npz", show_progress=tc.progress)
+    val_stream = tokenize_files_cached(val_files, tok, cache / "val.npz", show_progress=tc.progress)
     tb = token_byte_lengths(tok)
     batches = Batches(train_stream, tc.batch_size, tc.seq_len, tc.seed, token_bytes=tb)
     return RunData(batches, val_stream, tb, tok)
