@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 from _common import hardware_info
 
 from dsv4.config import ModelConfig
-from dsv4.info import count_params
+from dsv4.flops import count_params
 from dsv4.run import RunDir
 from dsv4.train.config import TrainConfig
 from dsv4.train.trainer import train

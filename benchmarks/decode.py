@@ -60,10 +60,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 from _common import LoadMeter, fmt_tokens, hardware_info
 
 from dsv4.config import ModelConfig
+from dsv4.flops import count_params
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
-from dsv4.info import count_params
 from dsv4.model.transformer import Transformer
 from dsv4.quant.kv import KVCodec
 

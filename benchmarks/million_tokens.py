@@ -9,7 +9,7 @@ What it reports:
   unchanged): the "decode per token at 1M within 2x of 4K" check for the whole CSA/HCA stack;
 - peak RSS of the process (VmHWM) and the RSS of the model alone;
 - cache bytes per token of context as held here (fp32 / bf16 storage, tiny shape) and the spec's
-  served-layout formula (FP8 non-rope + BF16 rope entries, FP4 indexer keys: dsv4.info.kv_cache_bytes)
+  served-layout formula (FP8 non-rope + BF16 rope entries, FP4 indexer keys: dsv4.flops.kv_cache_bytes)
   for the same config and for V4-Flash (the numbers `dsv4 info --preset v4-flash` prints).
 
 Model: the tiny preset with random weights (seed 0); tokens: uniform random ids (the cost of every
@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 from _common import LoadMeter, fmt_tokens, hardware_info, status_kb
 
 from dsv4.config import ModelConfig
+from dsv4.flops import kv_cache_bytes
 from dsv4.infer.cache import ModelCache
-from dsv4.info import kv_cache_bytes
 from dsv4.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

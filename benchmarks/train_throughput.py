@@ -29,7 +29,7 @@ all five first and interleaves their steps instead, which on these machines slow
 by up to 1.6x (its big logits buffers then come from a crowded heap) and so flattered the ratios. The
 min step time is shown too.
 
-Also reported: MFU of each dsv4 variant (model FLOPs of dsv4.eval.bpb.flops_per_token over the fp32
+Also reported: MFU of each dsv4 variant (model FLOPs of dsv4.flops.flops_per_token over the fp32
 matmul peak measured in the same run), the time split of the dsv4 steps (mHC, attention, MoE, heads,
 each alone on the step's shapes; the optimiser in the steps) and the RESULT lines of the issue.
 
@@ -465,7 +465,7 @@ def run(args=None) -> dict:
     from dsv4.kernels import compiled
 
     compiled.enable(bool(getattr(args, "compile", False)))
-    from dsv4.eval.bpb import flops_per_token, measure_matmul_peak, mfu
+    from dsv4.flops import flops_per_token, measure_matmul_peak, mfu
     from dsv4.train.trainer import pick_dtype
 
     args.ns_bf16 = pick_dtype(getattr(args, "ns_dtype", "fp32")) == torch.bfloat16
@@ -577,7 +577,7 @@ def run(args=None) -> dict:
         say(format_table(res))
         say(
             "tokens/s = batch * seq / median step time; vs dense = tokens/s relative to the dense baseline "
-            f"measured in this run; MFU = tokens/s * model FLOPs per token (dsv4.eval.bpb.flops_per_token: "
+            f"measured in this run; MFU = tokens/s * model FLOPs per token (dsv4.flops.flops_per_token: "
             f"6 N_active + attention and indexer as computed) / the fp32 matmul peak measured in this run "
             f"({peak / 1e9:.0f} GFLOP/s)."
         )

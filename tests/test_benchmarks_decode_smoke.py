@@ -10,7 +10,7 @@ import torch
 from conftest import load_benchmark
 
 from dsv4.config import ModelConfig
-from dsv4.info import build_meta_model, count_params
+from dsv4.flops import build_meta_model, count_params
 
 RESULT_NAMES = ["decode_vs_transformers_b1", "decode_flatness_1k_128k", "decode_b8_over_b1", "decode_mbu"]
 

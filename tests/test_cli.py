@@ -11,7 +11,7 @@ import pytest
 
 from dsv4.cli import build_parser, main
 from dsv4.config import ModelConfig
-from dsv4.info import count_params
+from dsv4.flops import count_params
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

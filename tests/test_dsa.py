@@ -1,4 +1,4 @@
-"""DSA mode (compress ratio 1, spec section 2) against a brute-force per-query reference.
+"""DSA mode (compress ratio 1, docs/spec.md section 2) against a brute-force per-query reference.
 
 The reference below is written from the spec, not from dsv4's code: for each query t it scores every
 raw token s <= t with the lightning indexer (using the module's own weights), takes the top-k with

@@ -1,4 +1,4 @@
-"""Engram (spec section 4): canonical ids, n-gram hashing, the module against its loop oracle, gradients
+"""Engram (docs/spec.md section 4): canonical ids, n-gram hashing, the module against its loop oracle, gradients
 to the table rows, the model wiring (off = baseline) and cached decode."""
 
 import pytest
@@ -379,4 +379,4 @@ def test_tiny_engram_preset():
     heads = len(cfg.engram_orders) * cfg.engram_heads
     table = sum(head_primes(cfg.engram_rows_per_head, heads)) * cfg.engram_d_mem // heads
     routed = cfg.num_hidden_layers * cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    assert 0.2 <= table / (table + routed) <= 0.25  # the paper's allocation law (spec section 4)
+    assert 0.2 <= table / (table + routed) <= 0.25  # the paper's allocation law (docs/spec.md section 4)

@@ -1,7 +1,7 @@
 """Every trainable parameter learns from the LM loss (+ MTP + balance loss), except the lightning indexer.
 
 The indexer's top-k is not differentiable, so attn.indexer.* get no gradient from the LM loss by design;
-they are trained by a separate KL loss (spec section 2, "Indexer training").
+they are trained by a separate KL loss (docs/spec.md section 2, "Indexer training").
 """
 
 from __future__ import annotations

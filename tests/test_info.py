@@ -1,4 +1,5 @@
-"""Parameter and KV-cache accounting (dsv4.info) against the official V4 figures (spec section 9)."""
+"""Parameter and KV-cache accounting (dsv4.flops, printed by dsv4.info) against the official V4 figures
+(docs/spec.md section 9)."""
 
 import os
 import time
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from dsv4.config import ModelConfig
-from dsv4.info import build_meta_model, count_params, format_info, kv_cache_bytes, layer_schedule
+from dsv4.flops import build_meta_model, count_params, kv_cache_bytes
+from dsv4.info import format_info, layer_schedule
 
 # (total, active) as published: V4-Flash 284B / 13B, V4-Pro 1.6T / 49B.
 REPORTED = {"v4-flash": (284e9, 13e9), "v4-pro": (1.6e12, 49e9)}
@@ -173,7 +175,7 @@ def test_transformers_oracle_agrees_on_total():
 
 
 def test_engram_tables_match_a_real_model():
-    from dsv4.info import engram_tables
+    from dsv4.flops import engram_tables
     from dsv4.model.transformer import Transformer
 
     cfg = ModelConfig.preset("tiny-engram")

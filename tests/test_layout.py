@@ -1,7 +1,8 @@
 """The house rules of the package layout, checked by parsing the source (no imports run).
 
-- Data flows one way: model/ imports nothing from the layers built on it (infer/, train/, eval/, the
-  application modules), and infer/ nothing from train/, eval/ or the application modules.
+- Data flows one way: model/ (and kernels/, memory/) import nothing from the layers built on them
+  (infer/, train/, eval/, the application modules), infer/ nothing from train/, eval/ or the application
+  modules, and train/ and eval/ nothing from the application modules.
 - docs/architecture.md names every source file under src/dsv4, so a reader can find each room.
 """
 
@@ -18,6 +19,10 @@ APP = {"cli", "demo", "train_demo", "info"}  # the application layer at the pack
 BANNED = {
     "model": {"infer", "train", "eval", *APP},
     "infer": {"train", "eval", *APP},
+    "train": {*APP},
+    "eval": {*APP},
+    "memory": {"infer", "train", "eval", *APP},
+    "kernels": {"infer", "train", "eval", *APP},
 }
 
 

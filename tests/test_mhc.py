@@ -1,4 +1,4 @@
-"""mHC (spec section 1): Sinkhorn projection, its gradients, the transposed residual map, composite gain.
+"""mHC (docs/spec.md section 1): Sinkhorn projection, its gradients, the transposed residual map, composite gain.
 
 Measured facts behind the tolerances (fp32, eps 1e-6, the spec's 20 iterations):
 - the last Sinkhorn pass normalises columns, so column sums are 1 to ~1e-6 for ANY input;

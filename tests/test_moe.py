@@ -1,4 +1,4 @@
-"""DeepSeekMoE (spec section 3): stacked experts vs the per-token loop, balancing bias, hash routing,
+"""DeepSeekMoE (docs/spec.md section 3): stacked experts vs the per-token loop, balancing bias, hash routing,
 router weight normalisation and the sequence-wise balance loss."""
 
 from __future__ import annotations

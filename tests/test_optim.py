@@ -1,4 +1,5 @@
-"""V4 optimiser (spec section 8): hybrid Newton-Schulz, Muon step math, AdamW groups, grouping, resume, schedule."""
+"""V4 optimiser (docs/spec.md section 8): hybrid Newton-Schulz, Muon step math, AdamW groups, grouping, resume,
+schedule."""
 
 import io
 import itertools

@@ -7,15 +7,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-from dsv4.eval.bpb import (
-    bits_per_byte,
-    flops_breakdown,
-    flops_per_token,
-    measure_copy_bandwidth,
-    measure_matmul_peak,
-    mfu,
-    xz_bits_per_byte,
-)
+from dsv4.eval.bpb import bits_per_byte, xz_bits_per_byte
+from dsv4.flops import flops_breakdown, flops_per_token, measure_copy_bandwidth, measure_matmul_peak, mfu
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -171,7 +164,7 @@ def test_warmup_flops_count_what_an_indexer_warmup_step_computes():
     (warm-up MFU was reported at 150-210% when counted as one)."""
     from conftest import small_config
 
-    from dsv4.info import count_params
+    from dsv4.flops import count_params
 
     cfg = small_config()
     comp = count_params(cfg)["components"]

@@ -83,11 +83,11 @@ class ModelConfig:
     eos_token_id: int | None = 1
     torch_dtype: str = "bfloat16"
     quantization_config: dict | None = None
-    # training-time constants (dsv4 names; spec sections 3 and 5)
+    # training-time constants (dsv4 names; docs/spec.md sections 3 and 5)
     seq_aux_loss_alpha: float = 1e-4
     bias_update_speed: float = 1e-3
     mtp_loss_weight: float = 0.3
-    # Engram conditional memory (spec section 4; off when engram_layer_ids is empty)
+    # Engram conditional memory (docs/spec.md section 4; off when engram_layer_ids is empty)
     engram_layer_ids: list[int] = field(default_factory=list)  # main layers with an Engram module
     engram_orders: list[int] = field(default_factory=lambda: [2, 3])  # n-gram orders
     engram_heads: int = 8  # hash heads per order
@@ -245,8 +245,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
-        if d.get("model_type") == "deepseek_v4" and "layer_types" in d and "compress_ratios" not in d:
-            d = _from_transformers_dict(d)
+        from dsv4.convert.transformers import is_transformers_config, transformers_config_dict_to_ours
+
+        if d.get("model_type") == "deepseek_v4" and is_transformers_config(d):  # the one mapping: convert/
+            d = transformers_config_dict_to_ours(d)
         if "text_config" in d and isinstance(d["text_config"], dict):
             d = {**d["text_config"], **{k: v for k, v in d.items() if k == "quantization_config"}}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -307,57 +309,3 @@ class ModelConfig:
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def _from_transformers_dict(d: dict) -> dict:
-    """Map a transformers DeepseekV4Config dict (layer_types, compress_rates, rope_parameters) to ours."""
-    d = dict(d)
-    rates = d.pop("compress_rates", None) or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-    kind_ratio = {
-        "sliding_attention": 0,
-        "compressed_sparse_attention": rates["compressed_sparse_attention"],
-        "heavily_compressed_attention": rates["heavily_compressed_attention"],
-    }
-    if kind_ratio["compressed_sparse_attention"] != CSA_RATIO:
-        raise ConfigError("compress_rates: the CSA rate must be 4 (official rule: ratio 4 <=> CSA)")
-    d["compress_ratios"] = [kind_ratio[t] for t in d.pop("layer_types")]
-    mlp = d.pop("mlp_layer_types", None)
-    if mlp is not None:
-        d["num_hash_layers"] = sum(1 for t in mlp if t == "hash_moe")
-    rp = d.pop("rope_parameters", None) or {}
-    if isinstance(rp.get("main"), dict):
-        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
-        comp = rp.get("compress", {})
-        d["compress_rope_theta"] = comp.get("rope_theta", d.get("compress_rope_theta", 160000.0))
-        if comp.get("rope_type") == "yarn":
-            d["rope_scaling"] = {
-                "type": "yarn",
-                "factor": comp["factor"],
-                "original_max_position_embeddings": comp["original_max_position_embeddings"],
-                "beta_fast": comp.get("beta_fast", 32),
-                "beta_slow": comp.get("beta_slow", 1),
-            }
-        else:
-            d["rope_scaling"] = None
-        prf = comp.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-        if prf is not None:
-            d["qk_rope_head_dim"] = round(d["head_dim"] * prf)
-    for k in (
-        "partial_rotary_factor",
-        "model_type",
-        "architectures",
-        "transformers_version",
-        "output_router_logits",
-        "router_aux_loss_coef",
-        "router_jitter_noise",
-        "use_cache",
-        "pad_token_id",
-        "attention_bias",
-        "mlp_bias",
-        "attention_dropout",
-        "dtype",
-        "num_local_experts",
-        "intermediate_size",
-    ):
-        d.pop(k, None)
-    return d

@@ -214,6 +214,66 @@ def to_transformers_config(cfg: ModelConfig, dtype: str | None = None):
     )
 
 
+def transformers_config_dict_to_ours(d: dict) -> dict:
+    """Map a transformers DeepseekV4Config dict (layer_types, compress_rates, rope_parameters) to our field
+    names; ModelConfig.from_dict calls it for a transformers config (see is_transformers_config)."""
+    d = dict(d)
+    rates = d.pop("compress_rates", None) or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    kind_ratio = {
+        "sliding_attention": 0,
+        "compressed_sparse_attention": rates["compressed_sparse_attention"],
+        "heavily_compressed_attention": rates["heavily_compressed_attention"],
+    }
+    if kind_ratio["compressed_sparse_attention"] != CSA_RATIO:
+        raise ConfigError("compress_rates: the CSA rate must be 4 (official rule: ratio 4 <=> CSA)")
+    d["compress_ratios"] = [kind_ratio[t] for t in d.pop("layer_types")]
+    mlp = d.pop("mlp_layer_types", None)
+    if mlp is not None:
+        d["num_hash_layers"] = sum(1 for t in mlp if t == "hash_moe")
+    rp = d.pop("rope_parameters", None) or {}
+    if isinstance(rp.get("main"), dict):
+        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
+        comp = rp.get("compress", {})
+        d["compress_rope_theta"] = comp.get("rope_theta", d.get("compress_rope_theta", 160000.0))
+        if comp.get("rope_type") == "yarn":
+            d["rope_scaling"] = {
+                "type": "yarn",
+                "factor": comp["factor"],
+                "original_max_position_embeddings": comp["original_max_position_embeddings"],
+                "beta_fast": comp.get("beta_fast", 32),
+                "beta_slow": comp.get("beta_slow", 1),
+            }
+        else:
+            d["rope_scaling"] = None
+        prf = comp.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if prf is not None:
+            d["qk_rope_head_dim"] = round(d["head_dim"] * prf)
+    for k in (
+        "partial_rotary_factor",
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "use_cache",
+        "pad_token_id",
+        "attention_bias",
+        "mlp_bias",
+        "attention_dropout",
+        "dtype",
+        "num_local_experts",
+        "intermediate_size",
+    ):
+        d.pop(k, None)
+    return d
+
+
+def is_transformers_config(d) -> bool:
+    """Whether a config dict is transformers' DeepseekV4Config (layer_types, no compress_ratios)."""
+    return isinstance(d, dict) and "layer_types" in d and "compress_ratios" not in d
+
+
 def from_transformers_config(hf_config) -> ModelConfig:
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     dtype = d.get("dtype") or d.get("torch_dtype")
@@ -229,7 +289,7 @@ def is_transformers_folder(path: str | Path) -> bool:
         d = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(d, dict) and "layer_types" in d and "compress_ratios" not in d
+    return is_transformers_config(d)
 
 
 def weights_dtype(sd: dict[str, torch.Tensor]) -> str | None:

@@ -1,24 +1,10 @@
-"""Evaluation: bits per byte, FLOPs/MFU and measured machine peaks (bpb.py); run reports and plots (report.py)."""
+"""Evaluation: bits per byte and the xz baseline (bpb.py); run reports and plots (report.py). FLOPs, MFU/MBU
+and measured machine peaks are in dsv4.flops."""
 
-from dsv4.eval.bpb import (
-    bits_per_byte,
-    flops_breakdown,
-    flops_per_token,
-    mbu,
-    measure_copy_bandwidth,
-    measure_matmul_peak,
-    mfu,
-    xz_bits_per_byte,
-)
+from dsv4.eval.bpb import bits_per_byte, xz_bits_per_byte
 
 __all__ = [
     "bits_per_byte",
-    "flops_breakdown",
-    "flops_per_token",
-    "mbu",
-    "measure_copy_bandwidth",
-    "measure_matmul_peak",
-    "mfu",
     "write_report",
     "xz_bits_per_byte",
 ]

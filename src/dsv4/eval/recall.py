@@ -1,4 +1,4 @@
-"""Indexer mass recall (spec section 10): R = sum over the selected entries of the dense attention mass.
+"""Indexer mass recall (docs/spec.md section 10): R = sum over the selected entries of the dense attention mass.
 
 The model runs in the dense warm-up mode, so every visible entry is attended and its mass p (summed
 over heads, L1-normalised over visible entries) is known; R_t = sum_{s in top-k(t)} p_ts. 1 - R bounds

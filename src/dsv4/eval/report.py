@@ -1,4 +1,4 @@
-"""Plots and a markdown summary of a training run from its ``metrics.jsonl`` (spec section 10).
+"""Plots and a markdown summary of a training run from its ``metrics.jsonl`` (docs/spec.md section 10).
 
 ``write_report(run_dir)`` reads ``run_dir/metrics.jsonl``, one JSON object per line:
   - ``"kind": "train"`` (also assumed when ``kind`` is absent): step, tokens, loss, lm_loss, mtp_loss,

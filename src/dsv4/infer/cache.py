@@ -1,4 +1,4 @@
-"""Per-layer inference caches for V4 attention: position-addressed storage only (spec section 2;
+"""Per-layer inference caches for V4 attention: position-addressed storage only (docs/spec.md section 2;
 official model.py keeps the same state). The model attends; the cache stores.
 
 Every piece of state is addressed by absolute position, so a cache can be rolled back (speculative
@@ -8,7 +8,7 @@ decoding) by lowering its length, and continued by a chunk of any size:
   m (HCA) positions + spare (slot = position mod that) -- the partial block and the block before it --,
   the compressed entries, and (CSA) the indexer's compressed keys with their own compressor state;
 - DSA (ratio 1): the raw kv of every position and the indexer keys;
-- Engram layers (spec section 4): the last max_order - 1 canonical ids and the last (K - 1) * dilation
+- Engram layers (docs/spec.md section 4): the last max_order - 1 canonical ids and the last (K - 1) * dilation
   conv inputs RMSNorm(U) + spare (EngramState, slot = position mod size).
 The `spare` slots let the last spare + 1 tokens be rolled back (their writes only overwrote
 positions nobody needs any more). Long stores grow in pages (`page` positions at a time, amortised

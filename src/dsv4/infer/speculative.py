@@ -1,4 +1,4 @@
-"""MTP speculative decoding (spec section 5; Leviathan et al. 2023 / Chen et al. 2023 acceptance rule).
+"""MTP speculative decoding (docs/spec.md section 5; Leviathan et al. 2023 / Chen et al. 2023 acceptance rule).
 
 State of a request: the main cache holds positions 0..L-1, token t_L is sampled but not fed; the MTP
 cache holds the positions whose next token is known. One step:

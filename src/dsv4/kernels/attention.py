@@ -1,7 +1,7 @@
 """The V4 core attention op: one softmax (plus a per-head sink) over window keys and entries.
 
 o_th = sum_s p_ths v_s,  p = softmax over {window keys of t} U {entries allowed for t} U {sink_h},
-where the sink contributes exp(z_h) to the denominator only (spec section 2). K = V (MQA, one head).
+where the sink contributes exp(z_h) to the denominator only (docs/spec.md section 2). K = V (MQA, one head).
 
 `attention_reference` is the masked dense oracle: O(T^2) memory, kept for tests and selectable by a
 flag. `attention_chunked` is the fast path for training lengths: queries in chunks, each chunk sees

@@ -1,7 +1,7 @@
 """One decode step of the V4 core attention: each row has its own query position and key sets.
 
 o_bh = sum_parts sum_l p_bhl k_bl,  p = softmax over {valid keys of every part} U {sink z_h}
-(spec section 2; the sink adds exp(z_h) to the denominator only). K = V (MQA).
+(docs/spec.md section 2; the sink adds exp(z_h) to the denominator only). K = V (MQA).
 Parts are e.g. the raw window ring and the gathered top-k / visible compressed entries; they are
 never concatenated, so a long entry list is read once. The reference twin is
 `dsv4.kernels.sparse_attention` called with one query (tests compare the two).

@@ -1,7 +1,7 @@
 """Chunked lightning-indexer top-k: no [T, N] score matrix is ever stored.
 
 Score(t, s) = sum_j w_tj ReLU(q_tj . k_s)   (DeepSeek-V3.2 DSA lightning indexer; V4 report 2.3.1;
-spec section 2), entry s visible to query t iff s < (q_pos[t] + 1 - exclude_window) // ratio (and the
+docs/spec.md section 2), entry s visible to query t iff s < (q_pos[t] + 1 - exclude_window) // ratio (and the
 optional same-document rule). The result is exactly `dsv4.kernels.topk.topk_indices(full_scores, k,
 visible)`: score descending, then position ascending, -1 padding.
 
@@ -291,7 +291,7 @@ def indexer_selected_scores(
     """Differentiable indexer scores of the SELECTED entries only: out[b,t,i] = Score(t, idx[b,t,i])
     = sum_j w_tj ReLU(q_tj . keys[idx]) (0 on -1 slots), [B,T,k].
 
-    For the sparse-stage indexer KL restricted to the selected set (DSA paper; spec section 2):
+    For the sparse-stage indexer KL restricted to the selected set (DSA paper; docs/spec.md section 2):
     indexer_kl(out, probs_selected, idx >= 0) equals indexer_kl(full_scores, mass, selection_mask).
     Query chunks under activation checkpointing: memory O(chunk * k * (c_I + n_I)) instead of the
     O(T * k * (c_I + n_I)) a plain gather would keep for backward.

@@ -1,6 +1,6 @@
 """Long-context V4 attention kernels: truly sparse (CSA / DSA), dense-over-entries (HCA), window (SWA).
 
-Every kernel computes the V4 core op (spec section 2; DeepSeek-V4 report section 2.3; official
+Every kernel computes the V4 core op (docs/spec.md section 2; DeepSeek-V4 report section 2.3; official
 model.py `Attention`), for query t and head h:
 
     l_ts = scale * q_th . kv_s      for window keys s in (t - n_win, t] (same document as t),
@@ -278,7 +278,7 @@ def sparse_attention(
 ):
     """CSA / DSA attention over window keys + top-k selected entries, one softmax with the sink.
 
-    o_th = sum_{s in win(t)} p_ts kv_s + sum_{i: idx_ti >= 0} p_ti entries[idx_ti]   (spec section 2;
+    o_th = sum_{s in win(t)} p_ts kv_s + sum_{i: idx_ti >= 0} p_ti entries[idx_ti]   (docs/spec.md section 2;
     V4 report 2.3.1, V3.2 DSA). q [B,T,H,c]; kv [B,S,c] at kv_pos [S]; entries [B,N,c] (DSA: entries
     = kv); topk_idx [B,T,k] (-1 = none, no repeats; already causal / same-document filtered).
     Window keys are kept inside the query's document via q_seg [B,T] / kv_seg [B,S].
@@ -343,7 +343,7 @@ def dense_entries_attention(
 ):
     """HCA attention: window keys + every causally complete entry, one softmax with the sink.
 
-    Entry j is visible to query t iff j < (t + 1 - exclude_window) // ratio (spec section 2: HCA
+    Entry j is visible to query t iff j < (t + 1 - exclude_window) // ratio (docs/spec.md section 2: HCA
     "query t sees entries j < (t+1)//m'"; exclude_window = n_win with ratio 1 gives DSA's dense
     warm-up set) and, if entry_seg [B,N] is given, entry_seg[j] == q_seg[t] (document masking).
     Equals attention_reference(..., entries, visible_entries(...) [& same_doc]). Memory per chunk:
@@ -394,7 +394,7 @@ def window_attention(
     kv_seg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SWA attention: o_th = sum_{t - n_win < s <= t, same doc} p_ts kv_s, softmax with the sink
-    (spec section 2, m = 0). Banded chunks (memory O(chunk (chunk + window) H)), recomputing backward."""
+    (docs/spec.md section 2, m = 0). Banded chunks (memory O(chunk (chunk + window) H)), recomputing backward."""
     return dense_entries_attention(
         q, kv, sink, scale, window, q_pos, kv_pos, None, chunk=chunk, q_seg=q_seg, kv_seg=kv_seg
     )

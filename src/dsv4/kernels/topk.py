@@ -1,7 +1,7 @@
 """Deterministic top-k for the lightning indexer: higher score first, then lower position.
 
 torch.topk breaks ties by memory layout, so prefill and decode could disagree on exact-zero ReLU
-ties (spec section 2). A stable descending sort gives the one rule everywhere.
+ties (docs/spec.md section 2). A stable descending sort gives the one rule everywhere.
 """
 
 import torch

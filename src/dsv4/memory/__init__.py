@@ -1,4 +1,4 @@
-"""Engram row memory (spec section 4, mapped in docs/architecture.md): row stores (RAM / mmap / hot-row cache),
+"""Engram row memory (docs/spec.md section 4): row stores (RAM / mmap / hot-row cache),
 background prefetch, sparse row-wise Adam and chunked safetensors checkpoints."""
 
 from .checkpoint import load_store, save_store

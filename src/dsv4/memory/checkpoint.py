@@ -1,4 +1,4 @@
-"""Chunked safetensors checkpoints of row stores (Engram tables, spec section 4, mapped in docs/architecture.md):
+"""Chunked safetensors checkpoints of row stores (Engram tables, docs/spec.md section 4):
 each store is written as files of at most chunk_rows rows ("rows" tensor, crc32 recorded) plus
 index.json; the directory appears atomically (written to a temp dir, then renamed)."""
 

@@ -1,4 +1,4 @@
-"""Background row prefetch (spec section 4, mapped in docs/architecture.md: Engram row ids depend only on the
+"""Background row prefetch (docs/spec.md section 4: Engram row ids depend only on the
 input ids, so the rows of the next batch / decode step are read while the current one computes)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse row-wise Adam for Engram tables (spec section 4, mapped in docs/architecture.md: table rows use sparse
+"""Sparse row-wise Adam for Engram tables (docs/spec.md section 4: table rows use sparse
 Adam, lr x5 of the base lr, no weight decay). Update of Kingma & Ba 2015 (Algorithm 1), written
 with the same tensor ops as torch.optim.Adam's single-tensor path:
     k_r += 1;  m = lerp(m, g, 1 - b1);  v = b2 v + (1 - b2) g^2

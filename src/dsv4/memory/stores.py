@@ -1,4 +1,4 @@
-"""Row stores for Engram tables (spec section 4, mapped in docs/architecture.md): fp32 rows addressed by
+"""Row stores for Engram tables (docs/spec.md section 4): fp32 rows addressed by
 global row id, held in RAM (RamStore), in a memory-mapped .npy file (MmapStore), or behind
 a cache of hot rows (HotRowCache)."""
 

@@ -1,4 +1,4 @@
-"""V4 attention, one module for every layer type (spec section 2; official model.py `Attention`).
+"""V4 attention, one module for every layer type (docs/spec.md section 2; official model.py `Attention`).
 
 q = RoPE(rms(RMSNorm(h W_qa) W_qb)) per head; kv = RoPE(RMSNorm(h W_kv)) is key AND value (MQA).
 Keys of query t: the raw window (t - n_win, t] plus, per layer kind,
@@ -190,7 +190,7 @@ class Attention(KeepFP32):
             if same_doc is not None:
                 entry_mask = entry_mask & same_doc
         elif self.kind in ("csa", "dsa"):
-            # indexer training (spec section 2): its input is detached, so only the indexer learns from
+            # indexer training (docs/spec.md section 2): its input is detached, so only the indexer learns from
             # its KL loss; "dense" = warm-up with dense attention over every visible entry
             xi, cqi = (x.detach(), c_q.detach()) if indexer_mode else (x, c_q)
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)

@@ -1,4 +1,4 @@
-"""Token-level KV compressor (spec section 2; official model.py `Compressor`).
+"""Token-level KV compressor (docs/spec.md section 2; official model.py `Compressor`).
 
 C = H W_kv, Z = H W_gate + ape. Every block of m tokens gives one entry: a per-channel softmax over
 the block's slots of Z weights the rows of C; then RMSNorm and RoPE at the block's FIRST position.

@@ -1,4 +1,4 @@
-"""Engram conditional memory (spec section 4; Engram paper): hashed n-gram rows of canonical ids,
+"""Engram conditional memory (docs/spec.md section 4; Engram paper): hashed n-gram rows of canonical ids,
 a context-aware gate per mHC stream and a short depthwise causal conv. The canonical map P itself
 (tokenizer side, spec 4.1) is dsv4.data.canonical; the model only sees the ids (set_canonical_map).
 

@@ -1,4 +1,4 @@
-"""Lightning indexer (DeepSeek-V3.2 DSA; V4 report section 2.3.1; spec section 2).
+"""Lightning indexer (DeepSeek-V3.2 DSA; V4 report section 2.3.1; docs/spec.md section 2).
 
 Score(t, s) = sum_j w_tj * ReLU(q_tj . k_s) with q = c_q W_q (n_I heads of c_I, RoPE), w = h W_w
 scaled by c_I^-1/2 n_I^-1/2, and keys k_s from the indexer's own compressor (CSA) or, for DSA

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC, arXiv 2512.24880; spec section 1).
+"""Manifold-constrained hyper-connections (mHC, arXiv 2512.24880; docs/spec.md section 1).
 
 The residual is hc streams X [B, T, hc, d]. Each sublayer unit computes, from x' = rms(flatten(X)):
 pre = sigmoid(a0 * x'phi_pre + b_pre) + eps, post = 2 sigmoid(a1 * x'phi_post + b_post),

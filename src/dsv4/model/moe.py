@@ -1,4 +1,4 @@
-"""DeepSeekMoE as in V4 (spec section 3; official model.py `Gate`, `Expert`, `MoE`).
+"""DeepSeekMoE as in V4 (docs/spec.md section 3; official model.py `Gate`, `Expert`, `MoE`).
 
 Router scores s = f(x W_g^T) in fp32 with f in {sqrtsoftplus, sigmoid, softmax}. Learned layers select
 top-k of s + b (b = `gate.bias`, a non-gradient balancing bias); hash layers take tid2eid[token].

@@ -1,4 +1,4 @@
-"""Interleaved-pair RoPE on the last r dims, with YaRN for compressed layers (spec section 6)."""
+"""Interleaved-pair RoPE on the last r dims, with YaRN for compressed layers (docs/spec.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The V4 transformer: embedding, blocks with two mHC units each, hc head, LM head and MTP.
 
-This is the only file that knows the block order (spec sections 1 and 5; official model.py
+This is the only file that knows the block order (docs/spec.md sections 1 and 5; official model.py
 `Block`, `MTPBlock`, `Transformer`). Parameter names equal the official checkpoint keys.
 """
 
@@ -72,7 +72,7 @@ class Block(KeepFP32):
             setattr(self, f"hc_{unit}_fn", nn.Parameter(torch.empty(mix, hcd, dtype=torch.float32)))
             setattr(self, f"hc_{unit}_base", nn.Parameter(torch.empty(mix, dtype=torch.float32)))
             setattr(self, f"hc_{unit}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
-        # Engram memory (spec section 4): added to the streams before the attention unit
+        # Engram memory (docs/spec.md section 4): added to the streams before the attention unit
         self.engram = Engram(cfg, layer_id) if layer_id in cfg.engram_layer_ids else None
 
     def _hc(self, unit: str, x: torch.Tensor):
@@ -279,7 +279,7 @@ class Transformer(KeepFP32):
         compute_logits: bool = True,
         last_only: bool = False,
     ) -> torch.Tensor | None:
-        """Cached MTP block `depth` (spec section 5): x [B,T,hc,d] = main streams at the next positions the
+        """Cached MTP block `depth` (docs/spec.md section 5): x [B,T,hc,d] = main streams at the next positions the
         MTP cache has not seen, next_ids [B,T] = the tokens one ahead -> logits of the token after those."""
         rows = cache.rows_of(rows)
         positions = cache.begin(rows, x.shape[1], mtp=True)
@@ -360,7 +360,7 @@ class Transformer(KeepFP32):
         segment_ids [B, T]: nondecreasing document ids for sample-level attention masks (packed rows).
         reference=True uses the plain MoE expert loop (the attention oracle is set_attention_impl).
         indexer_mode: None (normal), "dense" (warm-up: dense attention over all visible entries + indexer
-        KL) or "sparse" (top-k attention + indexer KL on the selected entries); see spec section 2.
+        KL) or "sparse" (top-k attention + indexer KL on the selected entries); see docs/spec.md section 2.
         compute_logits=False skips the LM head (out.logits is None; the trainer applies a fused head + CE
         to out.h / out.mtp_h).
         cache: a dsv4.infer.cache.ModelCache; input_ids continue the cached rows `rows` (default all), which

@@ -1,4 +1,4 @@
-"""V4 optimiser: Muon (hybrid Newton-Schulz) + AdamW in one Optimizer, grouping, LR schedule (spec section 8)."""
+"""V4 optimiser: Muon (hybrid Newton-Schulz) + AdamW in one Optimizer, grouping, LR schedule (docs/spec.md §8)."""
 
 from dsv4.optim.groups import Assignment, assign_param_groups, build_optimizer, format_assignment
 from dsv4.optim.muon import V4_NS_STEPS, Muon, hybrid_newton_schulz

@@ -1,4 +1,4 @@
-"""Which optimiser updates which V4 parameter (spec section 8; V4 report, optimiser paragraph).
+"""Which optimiser updates which V4 parameter (docs/spec.md section 8; V4 report, optimiser paragraph).
 
 Rules, first match wins (`assign_param_groups` returns name -> Assignment for tests and docs):
   embedding tables (`embed.weight`, any nn.Embedding)  AdamW, wd       (sparse rows; spec: AdamW)

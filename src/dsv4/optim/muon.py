@@ -1,4 +1,4 @@
-"""Muon with V4's hybrid Newton-Schulz, plus AdamW groups, as one torch Optimizer (spec section 8).
+"""Muon with V4's hybrid Newton-Schulz, plus AdamW groups, as one torch Optimizer (docs/spec.md section 8).
 
 Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/), in the form of the V4 report's
 Algorithm (and Moonlight, Liu et al. 2025, arXiv 2502.16982, for the RMS matching), for every logically

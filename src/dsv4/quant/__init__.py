@@ -1,1 +1,1 @@
-"""Number formats of the official checkpoints (spec section 7): FP8 block weights and MXFP4 experts."""
+"""Number formats of the official checkpoints (docs/spec.md section 7): FP8 block weights and MXFP4 experts."""

@@ -1,4 +1,4 @@
-"""FP8 (e4m3, 128x128 blocks, e8m0 scales) and MXFP4 (e2m1, blocks of 32, e8m0 scales) (spec section 7).
+"""FP8 (e4m3, 128x128 blocks, e8m0 scales) and MXFP4 (e2m1, blocks of 32, e8m0 scales) (docs/spec.md section 7).
 
 FP8:   W = W_q * s[i // 128, j // 128]  with W_q float8_e4m3fn [out, in], s [ceil(out/128), ceil(in/128)].
 MXFP4: W[i, j] = e2m1(nibble(i, j)) * s[i, j // 32], two values per byte, LOW nibble = even j;

@@ -1,4 +1,4 @@
-"""Storage codecs for cached kv vectors (spec section 7, "KV cache as served").
+"""Storage codecs for cached kv vectors (docs/spec.md section 7, "KV cache as served").
 
 `KVCodec(width, rope_dim, "fp8")` packs each vector into bytes like the served layout:
   [ r bf16 rope values | (width - r) float8_e4m3fn | one e8m0 scale byte per 64 of them | pad to 8 ]

@@ -1,4 +1,4 @@
-"""Engram tables in training (spec section 4): storage, prefetch, sparse row-wise Adam, checkpoints.
+"""Engram tables in training (docs/spec.md section 4): storage, prefetch, sparse row-wise Adam, checkpoints.
 
 Per Engram layer: the table lives in a row store (RAM, or a memory-mapped file under
 `engram_dir`), optionally behind a hot-row cache (CLOCK); a background prefetcher reads the rows of the

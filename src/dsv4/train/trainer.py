@@ -1,6 +1,6 @@
 """The training loop: raw text -> tokenizer -> packed batches -> a trained V4-style model.
 
-Per step (spec sections 2, 3, 5, 8): loss = LM + mtp_loss_weight * MTP + MoE balance loss + indexer KL;
+Per step (docs/spec.md sections 2, 3, 5, 8): loss = LM + mtp_loss_weight * MTP + MoE balance loss + indexer KL;
 Muon + AdamW with warmup/cosine and gradient clipping; after each optimiser step the MoE balancing
 biases move toward uniform load. The lightning indexers train in two stages: a dense warm-up in which
 only the indexers learn (KL to the dense attention), then sparse training with top-k attention, the
@@ -42,9 +42,10 @@ from dsv4.data import (
     val_batches,
 )
 from dsv4.device import resolve_device
-from dsv4.eval.bpb import bits_per_byte, flops_per_token, measure_matmul_peak, xz_bits_per_byte
+from dsv4.eval.bpb import bits_per_byte, xz_bits_per_byte
 from dsv4.eval.recall import indexer_recall
 from dsv4.eval.text_bpb import score_batches
+from dsv4.flops import flops_per_token, measure_matmul_peak
 from dsv4.kernels import compiled
 from dsv4.kernels.loss import linear_cross_entropy
 from dsv4.model.mhc import composite_gain
