@@ -13,7 +13,7 @@ help:
 	@echo "make setup      create $(VENV) and install dsv4 with its test extras (done on demand)"
 	@echo "make test       fast test suite (pytest -m 'not slow')"
 	@echo "make test-slow  slow tests only (pytest -m slow)"
-	@echo "make lint       ruff check + ruff format --check (settings in pyproject.toml)"
+	@echo "make lint       ruff check + ruff format --check + mypy on model/ and infer/ (settings in pyproject.toml)"
 	@echo "make format     ruff format + the safe ruff fixes"
 	@echo "make demo       train tiny on the Python stdlib (240 steps, ~10 min), report, samples, bpb vs xz"
 	@echo "make clean      remove caches and build output (keeps $(VENV))"
@@ -38,6 +38,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

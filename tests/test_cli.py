@@ -105,7 +105,7 @@ def test_convert_calls_the_library(monkeypatch, tmp_path, capsys):
 
 
 def test_demo_runs(capsys):
-    from dsv4.demo import run_demo
+    from dsv4.app.demo import run_demo
 
     lines = []
     res = run_demo(seq_len=16, new_tokens=2, batch=1, print_fn=lines.append)

@@ -1,4 +1,4 @@
-"""Parameter and KV-cache accounting (dsv4.flops, printed by dsv4.info) against the official V4 figures
+"""Parameter and KV-cache accounting (dsv4.flops, printed by dsv4.app.info) against the official V4 figures
 (docs/spec.md section 9)."""
 
 import os
@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
+from dsv4.app.info import format_info, layer_schedule
 from dsv4.config import ModelConfig
 from dsv4.flops import build_meta_model, count_params, kv_cache_bytes
-from dsv4.info import format_info, layer_schedule
 
 # (total, active) as published: V4-Flash 284B / 13B, V4-Pro 1.6T / 49B.
 REPORTED = {"v4-flash": (284e9, 13e9), "v4-pro": (1.6e12, 49e9)}

@@ -580,7 +580,7 @@ def test_cli_eval_bpb_prints_the_demo_line_and_rejects_bad_input(runs, corpus, t
 def test_train_demo_runs_a_fixed_step_budget_and_prints_the_bpb_line(corpus, tmp_path, monkeypatch):
     """`dsv4 demo` trains a fixed number of steps (not a wall-clock budget) with pinned settings, then
     reports, samples and prints the bpb line in its documented form. Small model and corpus here."""
-    import dsv4.train_demo as demo
+    import dsv4.app.train_demo as demo
 
     assert demo.DEMO_STEPS > 0 and demo.DEMO_CONFIG["dtype"] in ("fp32", "bf16")
     monkeypatch.setattr(demo, "DEMO_STEPS", 3)

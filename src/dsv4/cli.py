@@ -89,7 +89,7 @@ def _load_config(args):
 
 
 def cmd_info(args) -> int:
-    from dsv4.info import format_info
+    from dsv4.app.info import format_info
 
     cfg, name = _load_config(args)
     print(format_info(cfg, name))
@@ -115,11 +115,11 @@ def cmd_convert(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.random:
-        from dsv4.demo import run_demo
+        from dsv4.app.demo import run_demo
 
         run_demo(preset=args.preset, seed=args.seed, new_tokens=args.max_new_tokens, temperature=args.temperature)
         return 0
-    from dsv4.train_demo import run_train_demo
+    from dsv4.app.train_demo import run_train_demo
 
     run_train_demo(out=args.out, steps=args.steps, minutes=args.minutes, overrides=args.overrides)
     return 0
@@ -222,95 +222,30 @@ def _engine(args):
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
-def _stream_to(out, events) -> str | None:
-    """Print text deltas as they come; the finish reason."""
-    reason = None
-    for ev in events:
-        if ev.text:
-            out.write(ev.text)
-            out.flush()
-        reason = ev.finish_reason or reason
-    return reason
-
-
 def cmd_generate(args) -> int:
+    from dsv4.app.terminal import generate_to
+
     params = _sampling(args)  # bad sampling options fail before the model is loaded
     engine, tok = _engine(args)
-    ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise ValueError("the prompt is empty after tokenization")
-    req = engine.add(ids, params)  # validates the prompt before anything is printed
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    while not req.finished:
-        _stream_to(sys.stdout, engine.step())
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    return 0
+    return generate_to(sys.stdout, engine, tok, args.prompt, params)
 
 
 def cmd_chat(args) -> int:
+    from dsv4.app.terminal import chat_repl
     from dsv4.infer.chat import load_template
 
     _sampling(args)  # bad sampling options fail before the model is loaded
     engine, tok = _engine(args)
-    template = load_template(args.ckpt)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    interactive = sys.stdin.isatty()  # piped input: each exchange is printed as "you: ..." / "assistant: ..."
-    out = sys.stdout
-    if interactive:
-        print("dsv4 chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
-    turn = 0
-    while True:
-        if interactive:
-            out.write("> ")
-            out.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        cmd = line.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit"):
-            break
-        if cmd == "/reset":
-            history.clear()
-            print("(history cleared)", flush=True)
-            continue
-        history.append({"role": "user", "content": line})
-        # drop the oldest turns until the conversation (plus one answer token) fits the context
-        while True:
-            ids = template.encode(tok, system + history)
-            if len(ids) < engine.max_context or len(history) <= 1:
-                break
-            del history[:2]
-        if len(ids) >= engine.max_context:
-            history.clear()
-            print(
-                f"dsv4: the message is too long ({len(ids)} tokens; the context holds {engine.max_context})",
-                file=sys.stderr,
-                flush=True,
-            )
-            continue
-        p = _sampling(args, template.stop)
-        if args.seed is not None:
-            p.seed = args.seed + turn
-        p.max_tokens = min(p.max_tokens, engine.max_context - len(ids))
-        turn += 1
-        answer = []
-        if not interactive:
-            out.write(f"you: {line}\nassistant: ")
-        for ev in engine.stream(ids, p):
-            if ev.text:
-                answer.append(ev.text)
-                out.write(ev.text)
-                out.flush()
-        out.write("\n" if interactive else "\n\n")
-        out.flush()
-        history.append({"role": "assistant", "content": "".join(answer).strip()})
-    return 0
+    return chat_repl(
+        engine,
+        tok,
+        load_template(args.ckpt),
+        lambda stop: _sampling(args, stop),
+        args.system,
+        args.seed,
+        sys.stdin,
+        sys.stdout,
+    )
 
 
 def cmd_serve(args) -> int:
@@ -411,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=COUNT,
         default=None,
-        help="training steps (default: the fixed demo budget, dsv4.train_demo.DEMO_STEPS)",
+        help="training steps (default: the fixed demo budget, dsv4.app.train_demo.DEMO_STEPS)",
     )
     budget.add_argument(
         "--minutes",

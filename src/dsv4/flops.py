@@ -1,7 +1,7 @@
 """FLOPs, bytes and parameters of a model: the one accounting module (docs/spec.md section 10).
 
 Used by training MFU (dsv4.train.trainer, benchmarks/train_throughput.py), decode MBU
-(benchmarks/decode.py), `dsv4 info` (dsv4.info formats it) and the demos.
+(benchmarks/decode.py), `dsv4 info` (dsv4.app.info formats it) and the demos.
 
 Parameter and KV-cache accounting for a ModelConfig, without allocating any weights.
 

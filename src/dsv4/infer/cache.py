@@ -23,9 +23,21 @@ This module computes nothing but storage codecs (dsv4.quant.kv) and slot arithme
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TypeAlias, cast
+
 import torch
 
 from dsv4.quant.kv import KVCodec
+
+if TYPE_CHECKING:
+    from dsv4.model.attention import Attention
+    from dsv4.model.compressor import Compressor
+    from dsv4.model.engram import Engram
+    from dsv4.model.transformer import Block, Transformer
+
+# row ids of a ModelCache as callers give them (ModelCache.rows_of): a tensor, ids, one id, or None = all
+Rows: TypeAlias = torch.Tensor | Sequence[int] | int | None
 
 
 class CacheError(ValueError):
@@ -36,7 +48,7 @@ class PagedStore:
     """[batch, capacity, stored width] rows by position (codec-encoded), grown `page` positions at a time
     (doubling). Reads decode to the asked dtype."""
 
-    def __init__(self, batch: int, codec: KVCodec, capacity: int, page: int, device):
+    def __init__(self, batch: int, codec: KVCodec, capacity: int, page: int, device: torch.device | str) -> None:
         self.page, self.codec = page, codec
         self.data = torch.zeros(batch, self._round(capacity), codec.stored_width, dtype=codec.dtype, device=device)
 
@@ -58,7 +70,9 @@ class PagedStore:
         """vals [B, w] at per-row positions pos [B]."""
         self.data[rows, pos] = self.codec.encode(vals)
 
-    def read(self, rows, n: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def read(
+        self, rows: torch.Tensor | slice, n: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Positions 0 .. n - 1 (default: the whole capacity) of rows (a tensor or a slice) -> [B, n, w]."""
         data = self.data[rows]
         return self.codec.decode(data if n is None else data[:, :n], dtype)
@@ -71,15 +85,17 @@ class PagedStore:
 class Ring:
     """The last `size` positions of [batch, size, width] rows, slot = position mod size; optional codec."""
 
-    def __init__(self, batch: int, size: int, width: int, device, codec: KVCodec | None = None):
+    def __init__(
+        self, batch: int, size: int, width: int, device: torch.device | str, codec: KVCodec | None = None
+    ) -> None:
         self.size, self.codec = size, codec
         dtype = torch.float32 if codec is None else codec.dtype
         self.data = torch.zeros(batch, size, width if codec is None else codec.stored_width, dtype=dtype, device=device)
 
-    def _enc(self, v):
+    def _enc(self, v: torch.Tensor) -> torch.Tensor:
         return v if self.codec is None else self.codec.encode(v)
 
-    def _dec(self, v, dtype):
+    def _dec(self, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return v.to(dtype) if self.codec is None else self.codec.decode(v, dtype)
 
     def write(self, rows: torch.Tensor, start: int, vals: torch.Tensor) -> None:
@@ -97,7 +113,9 @@ class Ring:
         pos = pos[None] if pos.dim() == 1 else pos
         return self._dec(self.data[rows[:, None], pos % self.size], dtype)
 
-    def read_all(self, rows, pos: torch.Tensor, dtype: torch.dtype = torch.float32):
+    def read_all(
+        self, rows: torch.Tensor | slice, pos: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot of rows (tensor or slice) as seen from per-row positions pos [B] -> (values [B, size, w],
         slot positions [B, size]: the newest position <= pos held by each slot)."""
         slot = torch.arange(self.size, device=pos.device)
@@ -110,7 +128,7 @@ class Ring:
 class CompressorState:
     """fp32 C and Z + ape of the last R positions (R = 2m overlapped, m plain, + spare): two rings."""
 
-    def __init__(self, comp, batch: int, device, spare: int):
+    def __init__(self, comp: Compressor, batch: int, device: torch.device | str, spare: int) -> None:
         r = (2 * comp.ratio if comp.overlap else comp.ratio) + spare
         width = comp.wkv.weight.shape[0]
         self.kv = Ring(batch, r, width, device)
@@ -125,7 +143,7 @@ class EngramState:
     and the last P_conv = (K - 1) * dilation conv inputs [hc, d] (fp32 or wider), + spare + 1 slots
     (slot = position mod size) so the last spare + 1 tokens can be rolled back."""
 
-    def __init__(self, engram, batch: int, device, spare: int, dtype: torch.dtype):
+    def __init__(self, engram: Engram, batch: int, device: torch.device | str, spare: int, dtype: torch.dtype) -> None:
         self.p_ids, self.p_conv = max(engram.orders) - 1, (engram.kernel - 1) * engram.dilation
         self.r_ids, self.r_conv = self.p_ids + spare + 1, self.p_conv + spare + 1
         self.pad_id = engram.pad_id
@@ -134,7 +152,7 @@ class EngramState:
             batch, self.r_conv, engram.hc, engram.d, device=device, dtype=torch.promote_types(dtype, torch.float32)
         )
 
-    def history(self, rows: torch.Tensor, p0: torch.Tensor):
+    def history(self, rows: torch.Tensor, p0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids [B, P_ids] and conv inputs [B, P_conv, hc, d] at positions p0 - P .. p0 - 1 of each row
         (pad id / zeros before position 0)."""
         pi = p0[:, None] - torch.arange(self.p_ids, 0, -1, device=p0.device)
@@ -161,7 +179,27 @@ class LayerCache:
     compressed entries (CSA, HCA); ikeys: PagedStore of indexer keys (CSA: compressed, DSA: per token);
     comp / icomp: CompressorState of the attention's / the indexer's compressor; engram: EngramState."""
 
-    def __init__(self, attn, batch: int, capacity: int, fmt, device, page: int, spare: int, rope_dim: int):
+    window: Ring | None
+    raw: PagedStore | None
+    entries: PagedStore | None
+    ikeys: PagedStore | None
+    comp: CompressorState | None
+    icomp: CompressorState | None
+    rows: torch.Tensor | None
+    view: torch.Tensor | slice | None
+    engram: EngramState | None
+
+    def __init__(
+        self,
+        attn: Attention,
+        batch: int,
+        capacity: int,
+        fmt: torch.dtype | str,
+        device: torch.device | str,
+        page: int,
+        spare: int,
+        rope_dim: int,
+    ) -> None:
         self.kind, self.m, self.win = attn.kind, attn.ratio, attn.window
         self.rw = self.win + spare
         c = attn.head_dim
@@ -169,6 +207,7 @@ class LayerCache:
         icodec = KVCodec(attn.indexer.head_dim, rope_dim, fmt) if self.kind in ("csa", "dsa") else None
         self.window = self.raw = self.entries = self.ikeys = self.comp = self.icomp = None
         if self.kind == "dsa":
+            assert icodec is not None
             self.raw = PagedStore(batch, self.codec, capacity, page, device)
             self.ikeys = PagedStore(batch, icodec, capacity, page, device)
         else:
@@ -178,6 +217,7 @@ class LayerCache:
             self.entries = PagedStore(batch, self.codec, capacity // self.m + 1, epage, device)
             self.comp = CompressorState(attn.compressor, batch, device, spare)
         if self.kind == "csa":
+            assert icodec is not None
             self.ikeys = PagedStore(batch, icodec, capacity // self.m + 1, epage, device)
             self.icomp = CompressorState(attn.indexer.compressor, batch, device, spare)
         self.rows = self.view = None  # set by ModelCache.begin: row ids [B], and a slice when contiguous
@@ -193,7 +233,7 @@ class LayerCache:
             s.ensure(n if (s is self.raw or self.kind == "dsa") else n // self.m + 1)
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [] if self.window is None else self.window.tensors()
+        out: list[torch.Tensor] = [] if self.window is None else self.window.tensors()
         out += [s.data for s in self.stores()]
         out += [t for st in (self.comp, self.icomp) if st is not None for t in st.tensors()]
         if self.engram is not None:
@@ -214,13 +254,13 @@ class ModelCache:
 
     def __init__(
         self,
-        model,
+        model: Transformer,
         batch: int = 1,
         capacity: int = 4096,
         dtype: torch.dtype | str | None = None,
         page: int = 4096,
         spare: int = 3,
-    ):
+    ) -> None:
         if batch < 1:
             raise CacheError(f"cache batch must be >= 1, got {batch}")
         p = next(model.parameters())
@@ -229,13 +269,17 @@ class ModelCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
         self.mtp_lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # positions the MTP block saw
         args = (batch, capacity, dtype, p.device, page, spare, model.cfg.qk_rope_head_dim)
-        self.layers = [LayerCache(b.attn, *args) for b in model.layers]
-        for lc, b in zip(self.layers, model.layers):
+        self.layers = [LayerCache(b.attn, *args) for b in cast("Iterable[Block]", model.layers)]
+        for lc, b in zip(self.layers, cast("Iterable[Block]", model.layers)):
             if getattr(b, "engram", None) is not None:
                 lc.engram = EngramState(
-                    b.engram, batch, p.device, spare, p.dtype if p.is_floating_point() else torch.float32
+                    cast("Engram", b.engram),
+                    batch,
+                    p.device,
+                    spare,
+                    p.dtype if p.is_floating_point() else torch.float32,
                 )
-        self.mtp_layers = [LayerCache(b.attn, *args) for b in model.mtp]
+        self.mtp_layers = [LayerCache(b.attn, *args) for b in cast("Iterable[Block]", model.mtp)]
 
     def nbytes(self) -> int:
         """Bytes allocated (including page headroom)."""
@@ -258,7 +302,7 @@ class ModelCache:
                 fixed += sum(t[0].numel() * t.element_size() for t in lc.engram.tensors())
         return {"per_position": grow, "fixed": fixed, "per_token": grow / max(n, 1), "length": n}
 
-    def rows_of(self, rows) -> torch.Tensor:
+    def rows_of(self, rows: Rows) -> torch.Tensor:
         if rows is None:
             return torch.arange(self.batch, device=self.lengths.device)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device).reshape(-1)
@@ -290,7 +334,7 @@ class ModelCache:
     def advance(self, rows: torch.Tensor, t: int, mtp: bool = False) -> None:
         (self.mtp_lengths if mtp else self.lengths)[rows] += t
 
-    def copy_row(self, src: int, dst) -> None:
+    def copy_row(self, src: int, dst: Rows) -> None:
         """Make rows `dst` hold the same context as row `src` (e.g. a shared prompt)."""
         dst = self.rows_of(dst)
         for lc in self.layers + self.mtp_layers:
@@ -299,7 +343,7 @@ class ModelCache:
         self.lengths[dst] = int(self.lengths[src])
         self.mtp_lengths[dst] = int(self.mtp_lengths[src])
 
-    def rollback(self, rows, n) -> None:
+    def rollback(self, rows: Rows, n: int | Sequence[int] | torch.Tensor) -> None:
         """Forget the last n tokens of rows (state is position-addressed: the next tokens overwrite it)."""
         rows = self.rows_of(rows)
         n = torch.as_tensor(n, device=self.lengths.device)
@@ -310,7 +354,7 @@ class ModelCache:
             )
         self.lengths[rows] = (self.lengths[rows] - n).clamp_min(0)
 
-    def reset(self, rows) -> None:
+    def reset(self, rows: Rows) -> None:
         rows = self.rows_of(rows)
         self.lengths[rows] = 0
         self.mtp_lengths[rows] = 0

@@ -22,6 +22,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -68,7 +72,7 @@ class ChatTemplate:
         return asdict(self)
 
     # ------------------------------------------------------------------ rendering
-    def render(self, messages, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: object, add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation (validated), ending with the assistant prefix."""
         out = [
             self.message.replace("{role}", m["role"]).replace("{content}", m["content"])
@@ -78,7 +82,7 @@ class ChatTemplate:
             out.append(self.generation_prompt)
         return "".join(out)
 
-    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, tokenizer: Tokenizer, messages: object, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation (the bos id first if the template asks for it)."""
         ids = tokenizer.encode(self.render(messages, add_generation_prompt)).ids
         return ([self.bos_id] if self.bos else []) + list(ids)
@@ -103,7 +107,7 @@ def _content(m: dict, i: int) -> str:
     raise ChatError(f"messages[{i}].content must be a string, got {type(c).__name__}")
 
 
-def validate_messages(messages) -> list[dict]:
+def validate_messages(messages: object) -> list[dict]:
     """[{role, content}] with role in system/user/assistant (developer = system, as OpenAI treats it) and
     string content; raise ChatError naming the bad message otherwise."""
     if not isinstance(messages, list) or not messages:
@@ -138,6 +142,6 @@ def load_template(run_dir: str | Path | None = None) -> ChatTemplate:
     return ChatTemplate()
 
 
-def render(messages, template: ChatTemplate | None = None, add_generation_prompt: bool = True) -> str:
+def render(messages: object, template: ChatTemplate | None = None, add_generation_prompt: bool = True) -> str:
     """Render with the given (default) template."""
     return (template or ChatTemplate()).render(messages, add_generation_prompt)

@@ -30,11 +30,17 @@ import ctypes
 import ctypes.util
 import os
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch._dynamo
 
 from dsv4.kernels.inductor import cpu_backend
+
+if TYPE_CHECKING:
+    from dsv4.infer.cache import ModelCache, Rows
+    from dsv4.model.transformer import Transformer
 
 
 def tune_malloc() -> bool:
@@ -55,7 +61,7 @@ class CompiledDecoder:
     """dec = CompiledDecoder(model); logits = dec(ids [B, 1], cache, rows=None) -> [B, V] next-token
     logits, advancing the cache rows by one. compile_seconds: {bucket: seconds of its first call}."""
 
-    def __init__(self, model, mode: str | None = None):
+    def __init__(self, model: Transformer, mode: str | None = None) -> None:
         self.model = model.eval()
         # one graph per bucket; the default limit (8) would fall back to eager after a few growths
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -63,7 +69,9 @@ class CompiledDecoder:
         # no guards on the model's modules (they halve the per-call guard time): the model's structure,
         # dtypes and parameter shapes must stay as they are; weights may change in place. The cache is
         # guarded (store shapes and the bound rows pick the bucket).
-        opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        opts: dict[str, str | int | bool | Callable[..., Any]] = {
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        }
         if next(model.parameters()).device.type == "cpu" and mode is None:
             tune_malloc()
             self.fn = torch.compile(model.decode_logits, dynamic=False, backend=cpu_backend, options=opts)
@@ -72,7 +80,7 @@ class CompiledDecoder:
         self.compile_seconds: dict[tuple, float] = {}
 
     @staticmethod
-    def bucket(cache, rows: torch.Tensor) -> tuple:
+    def bucket(cache: ModelCache, rows: torch.Tensor) -> tuple:
         """(batch, first row when the rows are contiguous -- whole-store reads are then slices, not
         gathers -- else None, every store's capacity)."""
         caps = tuple(s.data.shape[1] for lc in cache.layers for s in lc.stores())
@@ -80,7 +88,7 @@ class CompiledDecoder:
         return (rows.numel(), view.start if isinstance(view, slice) else None, caps)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, cache, rows=None) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, cache: ModelCache, rows: Rows = None) -> torch.Tensor:
         if ids.dim() != 2 or ids.shape[1] != 1:
             raise ValueError(f"a decode step takes ids of shape [batch, 1], got {tuple(ids.shape)}")
         rows = cache.rows_of(rows)

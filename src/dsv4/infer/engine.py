@@ -18,13 +18,21 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.sampling import SamplingParams, adjust_logits, sample
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from dsv4.infer.compiled import CompiledDecoder
+    from dsv4.infer.speculative import MTPSpeculator
+    from dsv4.model.transformer import Transformer
 
 
 class QueueFull(RuntimeError):
@@ -34,7 +42,7 @@ class QueueFull(RuntimeError):
 class Detokenizer:
     """Incremental UTF-8 text of a growing id list: only complete characters are released."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer) -> None:
         from dsv4.data.tokenizer import ids_to_bytes
 
         self.tok, self.to_bytes, self.buf = tokenizer, ids_to_bytes, b""
@@ -99,8 +107,8 @@ class Engine:
 
     def __init__(
         self,
-        model,
-        tokenizer=None,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
         max_batch: int = 8,
         max_context: int | None = None,
         prefill_chunk: int = 2048,
@@ -108,7 +116,7 @@ class Engine:
         speculative: bool = False,
         eos_id: int | None = None,
         compile: bool = False,
-    ):
+    ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tok = model.eval(), tokenizer
@@ -122,13 +130,13 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.spec = None
+        self.spec: MTPSpeculator | None = None
         if speculative:
             from dsv4.infer.speculative import MTPSpeculator
 
             self.spec = MTPSpeculator(self)
         self.stats = dict(steps=0, decode_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
-        self.decoder = None
+        self.decoder: CompiledDecoder | None = None
         if compile:  # decode steps through torch.compile (one compilation per batch size and store size)
             from dsv4.infer.compiled import CompiledDecoder
 
@@ -223,12 +231,13 @@ class Engine:
         req.fed += len(chunk)
         self.stats["prefill_tokens"] += len(chunk)
         if last:
+            assert req.gen is not None  # set by make_request
             logits = adjust_logits(out.logits[0, -1:].cpu(), [req.params], [req.output])
             self.accept(req, [sample(logits[0], req.params, req.gen)], events)
 
     def _decode(self, reqs: list[Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.pending] for r in reqs], device=self.device)
-        rows = [r.row for r in reqs]
+        rows = cast("list[int]", [r.row for r in reqs])  # running requests own a row
         if self.decoder is not None:
             logits = self.decoder(ids, self.cache, rows).cpu()
         else:
@@ -237,6 +246,7 @@ class Engine:
         logits = adjust_logits(logits, [r.params for r in reqs], [r.output for r in reqs])
         self.stats["decode_tokens"] += len(reqs)
         for i, r in enumerate(reqs):
+            assert r.gen is not None  # set by make_request
             r.pending = None
             self.accept(r, [sample(logits[i], r.params, r.gen)], events)
 
@@ -249,6 +259,8 @@ class Engine:
         decoders that produce tokens outside Engine.step's plain path (dsv4.infer.speculative)."""
         if req.t_first is None:
             req.t_first = time.perf_counter()
+        new: list[int]
+        reason: str | None
         new, reason = [], None
         p = req.params
         for t in tokens:
@@ -299,6 +311,7 @@ class Engine:
         if self.spec is not None:
             self.spec.pending_x.pop(req.id, None)
         if req in self.running:
+            assert req.row is not None  # a running request owns a row
             self.running.remove(req)
             self.free_rows.append(req.row)
             self.free_rows.sort()
@@ -322,7 +335,7 @@ class Engine:
             self.step()
         return reqs
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None):
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[Event]:
         """Yield the Events of one request as they are produced (other requests keep running)."""
         req = self.add(prompt, params)
         while not req.finished:
@@ -337,10 +350,10 @@ class BackgroundEngine:
     others waiting for a row, wherever they are: inbox, waiting queue or row); beyond that submit()
     raises QueueFull."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 64):
+    def __init__(self, engine: Engine, max_waiting: int = 64) -> None:
         self.engine, self.max_waiting = engine, max_waiting
         self._cv = threading.Condition()  # an RLock: an abort under it may finish a request (on_event)
-        self._inbox: list = []
+        self._inbox: list[tuple[str, Any]] = []
         self._active = 0  # submitted and not finished (counted under _cv)
         self._stop = False
         self.error: BaseException | None = None

@@ -8,18 +8,24 @@ the two can differ only where their logits do. Slow by design: O(T^2) work for T
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
 from dsv4.data.tokenizer import EOS_ID
 from dsv4.infer.sampling import SamplingParams, sample
 from dsv4.run import load_run
 
+if TYPE_CHECKING:
+    from dsv4.model.transformer import Transformer
+
 __all__ = ["generate", "generate_text"]
 
 
 @torch.no_grad()
 def generate(
-    model,
+    model: Transformer,
     ids: list[int],
     max_new_tokens: int = 64,
     temperature: float = 0.8,
@@ -48,7 +54,12 @@ def generate(
 
 
 def generate_text(
-    run_dir, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0
+    run_dir: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
 ) -> str:
     """The prompt and its continuation from the run (or checkpoint) at run_dir."""
     model, tok = load_run(run_dir)

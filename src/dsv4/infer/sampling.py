@@ -31,12 +31,12 @@ BIAS_LIMIT = 100.0  # |logit_bias[t]| (as OpenAI)
 class ParamError(ValueError):
     """A bad sampling parameter; `param` names it."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
 
 
-def _number(v) -> bool:
+def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -54,7 +54,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already in the output
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -97,7 +97,7 @@ class SamplingParams:
                 raise ParamError("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {b!r}")
         return self
 
-    def generator(self, device="cpu") -> torch.Generator:
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         return torch.Generator(device=device).manual_seed(seed)
 

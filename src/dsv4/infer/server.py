@@ -28,7 +28,9 @@ import math
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +41,13 @@ from dsv4.infer.chat import ChatError, ChatTemplate
 from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
 from dsv4.infer.sampling import BIAS_LIMIT, PENALTY_LIMIT, ParamError, SamplingParams
 from dsv4.run import STATE_FILE, RunDir
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from dsv4.infer.engine import Request as EngineRequest
+
+_T = TypeVar("_T")
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 MAX_DEPTH = 64  # deeper JSON nesting in a request body is refused (400)
@@ -54,13 +63,15 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict | None = None,
-    ):
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
 
-def error_body(message: str, type: str = "invalid_request_error", param=None, code=None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -73,7 +84,7 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
-def _show(v, limit: int = 60) -> str:
+def _show(v: object, limit: int = 60) -> str:
     """A short one-line repr of client input for an error message."""
     r = repr(v)
     return r if len(r) <= limit else r[: limit - 3] + "..."
@@ -87,7 +98,7 @@ def _utf8(s: str) -> bool:
     return True
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -127,14 +138,14 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def resolve_api_key(api_key: str | None, environ=None) -> str | None:
+def resolve_api_key(api_key: str | None, environ: Mapping[str, str] | None = None) -> str | None:
     """The key the server requires: api_key, else $DSV4_API_KEY (so it stays out of `ps`); None (or "") = none."""
     if api_key is None:
         api_key = (os.environ if environ is None else environ).get(API_KEY_ENV)
     return api_key or None
 
 
-def _get_int(body: dict, name: str, default, minimum: int | None = None):
+def _get_int(body: dict, name: str, default: _T, minimum: int | None = None) -> int | _T:
     v = body.get(name)
     if v is None:
         return default
@@ -209,14 +220,14 @@ class Server:
     def __init__(
         self,
         engine_bg: BackgroundEngine,
-        tokenizer,
+        tokenizer: Tokenizer,
         model_name: str,
         api_key: str | None = None,
         max_context: int | None = None,
         chat_template: ChatTemplate | None = None,
         default_max_tokens: int = 256,
         retry_after_s: int = 1,
-    ):
+    ) -> None:
         self.bg, self.tok, self.model_name, self.api_key = engine_bg, tokenizer, model_name, api_key
         eng = engine_bg.engine
         self.max_context = min(max_context or eng.max_context, eng.max_context)
@@ -271,7 +282,11 @@ class Server:
         return parse_body(await request.body())
 
     def sampling(
-        self, body: dict, prompt_len: int, max_tokens_default: int | None, max_tokens_names=("max_tokens",)
+        self,
+        body: dict,
+        prompt_len: int,
+        max_tokens_default: int | None,
+        max_tokens_names: Sequence[str] = ("max_tokens",),
     ) -> SamplingParams:
         n = _get_int(body, "n", 1)
         if n != 1:
@@ -366,7 +381,7 @@ class Server:
         raise _bad("'prompt' must be a string or a list of token ids", "prompt")
 
     # ------------------------------------------------------------------ running a request
-    def submit(self, prompt: list[int], params: SamplingParams):
+    def submit(self, prompt: list[int], params: SamplingParams) -> tuple[EngineRequest, asyncio.Queue[Event]]:
         """(request, asyncio.Queue of Events). Raises APIError 503 when the queue is full."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
@@ -392,7 +407,7 @@ class Server:
             raise _bad(str(e), "prompt") from None
         return req, q
 
-    async def collect(self, request: Request, req, q: asyncio.Queue) -> tuple[str, str]:
+    async def collect(self, request: Request, req: EngineRequest, q: asyncio.Queue[Event]) -> tuple[str, str]:
         """Wait for the whole answer (text, finish_reason); abort if the client goes away."""
         parts, reason = [], None
         next_check = time.monotonic() + DISCONNECT_POLL_S
@@ -424,20 +439,27 @@ class Server:
         return "".join(parts), reason
 
     @staticmethod
-    def usage(req) -> dict:
+    def usage(req: EngineRequest) -> dict:
         return {
             "prompt_tokens": len(req.prompt),
             "completion_tokens": len(req.output),
             "total_tokens": len(req.prompt) + len(req.output),
         }
 
-    def sse(self, req, q: asyncio.Queue, chunk, include_usage: bool, first=None):
+    def sse(
+        self,
+        req: EngineRequest,
+        q: asyncio.Queue[Event],
+        chunk: Callable[..., dict],
+        include_usage: bool,
+        first: dict | None = None,
+    ) -> StreamingResponse:
         """Server-sent events: chunk(text, finish_reason) -> dict; abort the request if the client leaves."""
 
-        def data(obj) -> str:
+        def data(obj: object) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        async def gen():
+        async def gen() -> AsyncIterator[str]:
             reason = None
             try:
                 if first is not None:
@@ -484,7 +506,7 @@ class Server:
             "max_model_len": self.max_context,
         }
 
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> dict | StreamingResponse:
         body = await self.read_json(request)
         self.check_model(body)
         self.check_unsupported(body)
@@ -496,7 +518,7 @@ class Server:
         req, q = self.submit(prompt, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text, reason, usage=None):
+        def chunk(text: str | None, reason: str | None, usage: dict | None = None) -> dict:
             out = {
                 "id": rid,
                 "object": "text_completion",
@@ -523,7 +545,7 @@ class Server:
             "usage": self.usage(req),
         }
 
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request) -> dict | StreamingResponse:
         body = await self.read_json(request)
         self.check_model(body)
         self.check_unsupported(body)
@@ -541,7 +563,7 @@ class Server:
         req, q = self.submit(prompt, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text, reason, usage=None, delta=None):
+        def chunk(text: str | None, reason: str | None, usage: dict | None = None, delta: dict | None = None) -> dict:
             if delta is None:
                 delta = {"content": text} if text is not None else {}
             out = {
@@ -590,7 +612,7 @@ def model_not_found(model: str, served: str) -> APIError:
     )
 
 
-def max_token_bytes(tokenizer) -> int | None:
+def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     """An upper bound on the UTF-8 bytes one token of a byte-level BPE stands for (so a text of n bytes has at
     least n / bound tokens); None for other tokenizers."""
     try:
@@ -603,7 +625,7 @@ def max_token_bytes(tokenizer) -> int | None:
 
 def create_app(
     engine_bg: BackgroundEngine,
-    tokenizer,
+    tokenizer: Tokenizer,
     model_name: str,
     api_key: str | None = None,
     max_context: int | None = None,
@@ -620,22 +642,22 @@ def create_app(
     app.state.server = srv
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return _error_response(_bad(f"invalid request: {e.errors()}"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(
             error_body(str(e.detail), kind, None, None), status_code=e.status_code, headers=getattr(e, "headers", None)
         )
 
     @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception):
+    async def _internal_error(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(
             error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"), status_code=500
         )
@@ -701,9 +723,9 @@ def build(
     prefill_chunk: int = 2048,
     model_name: str | None = None,
     default_max_tokens: int = 256,
-    device="cpu",
+    device: str = "cpu",
     compile: bool = False,
-):
+) -> tuple[FastAPI, BackgroundEngine, str]:
     """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`; compile: decode
     steps through torch.compile; max_context: default serving_context (the run's training seq_len)."""
     from dsv4.infer.chat import load_template
@@ -741,7 +763,7 @@ def serve(
     model_name: str | None = None,
     default_max_tokens: int = 256,
     log_level: str = "info",
-    device="cpu",
+    device: str = "cpu",
     compile: bool = False,
 ) -> None:
     """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise); api_key: default

@@ -14,9 +14,15 @@ Verification forwards run per request (their positions differ); the gain is larg
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dsv4.infer.sampling import probabilities, sample
+
+if TYPE_CHECKING:
+    from dsv4.infer.engine import Engine, Event, Request
+    from dsv4.model.transformer import ModelOutput
 
 
 def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Generator) -> tuple[bool, int]:
@@ -36,19 +42,20 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, draft: int, gen: torch.Genera
 class MTPSpeculator:
     """Attached to an Engine (Engine(speculative=True)); uses the model's first MTP block."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: Engine) -> None:
         if not engine.model.mtp:
             raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
         self.engine = engine
         self.model, self.cache = engine.model, engine.cache
         self.pending_x: dict[int, torch.Tensor] = {}  # request id -> main streams the MTP has not seen
 
-    def _seq(self, req) -> list[int]:
+    def _seq(self, req: Request) -> list[int]:
         return req.prompt + req.output
 
-    def _catch_up(self, req, upto: int, logits: bool):
+    def _catch_up(self, req: Request, upto: int, logits: bool) -> torch.Tensor | None:
         """Feed the MTP block the positions it has not seen, below `upto` (their next token is known)."""
         xs = self.pending_x.get(req.id)
+        assert req.row is not None  # a running request owns a row
         start = int(self.cache.mtp_lengths[req.row])
         n = upto - start
         if xs is None or n <= 0:
@@ -59,21 +66,25 @@ class MTPSpeculator:
         self.pending_x[req.id] = xs[:, n:]
         return out
 
-    def _push_x(self, req, x: torch.Tensor) -> None:
+    def _push_x(self, req: Request, x: torch.Tensor) -> None:
         old = self.pending_x.get(req.id)
         self.pending_x[req.id] = x if old is None or old.shape[1] == 0 else torch.cat([old, x], 1)
 
-    def after_prefill(self, req, chunk: list[int], out) -> None:
+    def after_prefill(self, req: Request, chunk: list[int], out: ModelOutput) -> None:
         if req.fed == 0:
             self.pending_x.pop(req.id, None)
+        assert out.hidden is not None  # a forward always returns its final streams
         self._push_x(req, out.hidden)
         self._catch_up(req, req.fed + len(chunk) - 1, logits=False)  # the chunk's last next-token is unknown
 
-    def step(self, reqs, events) -> None:
+    def step(self, reqs: list[Request], events: list[Event]) -> None:
         e = self.engine
         for req in reqs:
+            assert req.row is not None and req.gen is not None  # a running request; make_request set gen
             length = int(self.cache.lengths[req.row])
-            q_logits = self._catch_up(req, length, logits=True)[0, -1].cpu()  # sampled on the CPU
+            q_out = self._catch_up(req, length, logits=True)
+            assert q_out is not None  # the MTP cache is behind the main one (after_prefill leaves it 1 back)
+            q_logits = q_out[0, -1].cpu()  # sampled on the CPU
             p = req.params
             q = probabilities(q_logits, p)
             draft = sample(q_logits, p, req.gen)

@@ -45,7 +45,7 @@ def _save_one(store: RowStore, name: str, tmp: Path, chunk_rows: int) -> dict:
     return {"n_rows": store.n_rows, "dim": store.dim, "dtype": "float32", "chunk_rows": chunk_rows, "files": files}
 
 
-def save_store(store: RowStore, directory, chunk_rows: int = 1 << 20, states=None) -> Path:
+def save_store(store: RowStore, directory: str | Path, chunk_rows: int = 1 << 20, states: object = None) -> Path:
     """Write `store` as "table" and each optimizer state (a dict name -> RowStore, or an object
     with state_stores(), e.g. SparseRowAdam) under its name; replaces an existing directory."""
     if chunk_rows <= 0:
@@ -108,7 +108,7 @@ def _load_one(entry: dict, name: str, into: RowStore, directory: Path) -> None:
     into.flush()
 
 
-def load_store(directory, into: RowStore | None = None, states=None) -> RowStore:
+def load_store(directory: str | Path, into: RowStore | None = None, states: object = None) -> RowStore:
     """Restore the table into `into` (RAM or mmap; a new RamStore when None) and the named
     optimizer states into `states` (dict or object with state_stores()); returns the table store."""
     directory = Path(directory)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .stores import RowStore, _as_rows, _check_values
+from .stores import Rows, RowStore, _as_rows, _check_values
 
 __all__ = ["PrefetchHandle", "Prefetcher"]
 
@@ -18,7 +19,7 @@ __all__ = ["PrefetchHandle", "Prefetcher"]
 class PrefetchHandle:
     __slots__ = ("bounds", "futures", "overrides", "rows", "submitted")
 
-    def __init__(self, rows, futures, bounds):
+    def __init__(self, rows: torch.Tensor, futures: list, bounds: list):
         self.rows, self.futures, self.bounds = rows, futures, bounds
         self.overrides = []  # (rows, values) written after submission, in order
         self.submitted = time.perf_counter()
@@ -57,7 +58,7 @@ class Prefetcher(RowStore):
             self._stats["read_s"] += dt
         return out
 
-    def prefetch(self, rows) -> PrefetchHandle:
+    def prefetch(self, rows: Rows) -> PrefetchHandle:
         rows = _as_rows(rows, self.n_rows)
         n = rows.numel()
         parts = self.workers if n >= 4096 * self.workers else 1
@@ -95,17 +96,17 @@ class Prefetcher(RowStore):
                     out.index_copy_(0, torch.from_numpy(np.nonzero(hit)[0]), w_vals.index_select(0, src))
         return out
 
-    def read(self, rows) -> torch.Tensor:
+    def read(self, rows: Rows) -> torch.Tensor:
         return self.store.read(rows)
 
-    def will_need(self, rows) -> None:
+    def will_need(self, rows: Rows) -> None:
         self.store.will_need(rows)
 
-    def run(self, fn, *args):
+    def run(self, fn: Callable, *args: object) -> Future:
         """Run fn(*args) on the prefetch worker (e.g. read-ahead hints for optimiser state); a Future."""
         return self._pool.submit(fn, *args)
 
-    def write(self, rows, values) -> None:
+    def write(self, rows: Rows, values: torch.Tensor) -> None:
         rows = _as_rows(rows, self.n_rows)
         vals = _check_values(rows, values, self.dim).clone()
         with self._lock:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .stores import MmapStore, RowStore, _as_rows, _check_values, zeros_like
+from .stores import MmapStore, Rows, RowStore, _as_rows, _check_values, zeros_like
 
 __all__ = ["SparseRowAdam", "coalesce_rows"]
 
 
-def coalesce_rows(rows, grads: torch.Tensor):
+def coalesce_rows(rows: Rows, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(unique sorted rows, summed grads): the gradient of a row read several times is the sum."""
     rows = torch.as_tensor(rows).to(device="cpu", dtype=torch.int64).reshape(-1)
     grads = grads.reshape(rows.numel(), -1)
@@ -39,7 +39,14 @@ class SparseRowAdam:
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "step")
 
-    def __init__(self, store: RowStore, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, state_dir=None):
+    def __init__(
+        self,
+        store: RowStore,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        state_dir: str | Path | None = None,
+    ):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid Adam hyper-parameters lr={lr} betas={betas} eps={eps}")
         self.store, self.lr, self.betas, self.eps = store, lr, tuple(betas), eps
@@ -59,13 +66,13 @@ class SparseRowAdam:
     def state_stores(self) -> dict[str, RowStore]:
         return dict(self.state)
 
-    def will_need(self, rows) -> None:
+    def will_need(self, rows: Rows) -> None:
         """Read-ahead hint for the state rows a coming step will update (disk-backed state only)."""
         for s in self.state.values():
             s.will_need(rows)
 
     @torch.no_grad()
-    def step(self, rows, grads: torch.Tensor) -> None:
+    def step(self, rows: Rows, grads: torch.Tensor) -> None:
         """One Adam step on the unique `rows` with gradients grads [N, dim]."""
         rows = _as_rows(rows, self.store.n_rows)
         grads = _check_values(rows, grads, self.store.dim)  # also rejects repeated rows

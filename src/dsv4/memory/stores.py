@@ -8,10 +8,14 @@ import itertools
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# row ids: a 1-D integer tensor, array or sequence (_as_rows makes an int64 CPU tensor of it)
+Rows = torch.Tensor | np.ndarray | Sequence[int]
 
 __all__ = [
     "INIT_CHUNK_ROWS",
@@ -88,19 +92,19 @@ class RowStore:
     n_rows: int
     dim: int
 
-    def read(self, rows) -> torch.Tensor:
+    def read(self, rows: Rows) -> torch.Tensor:
         raise NotImplementedError
 
-    def write(self, rows, values) -> None:
+    def write(self, rows: Rows, values: torch.Tensor) -> None:
         raise NotImplementedError
 
     def flush(self) -> None:
         pass
 
-    def will_need(self, rows) -> None:
+    def will_need(self, rows: Rows) -> None:
         """Hint that `rows` will be read soon (a disk-backed store starts reading them); no-op here."""
 
-    def read_background(self, rows) -> torch.Tensor:
+    def read_background(self, rows: Rows) -> torch.Tensor:
         """read() for a background thread: no intra-op-parallel torch op (from a second thread it would
         start a second OpenMP team next to the model's), and a disk-backed store waits for its I/O
         without holding the GIL. Same values as read()."""
@@ -124,7 +128,15 @@ class RowStore:
 class RamStore(RowStore):
     """Rows in a host fp32 tensor [n_rows, dim]."""
 
-    def __init__(self, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0, *, _data=None):
+    def __init__(
+        self,
+        n_rows: int,
+        dim: int,
+        init_std: float = 0.0,
+        seed: int = 0,
+        *,
+        _data: torch.Tensor | None = None,
+    ):
         if _data is None:
             if n_rows <= 0 or dim <= 0:
                 raise ValueError(f"n_rows and dim must be positive, got {n_rows}, {dim}")
@@ -143,13 +155,13 @@ class RamStore(RowStore):
             raise ValueError(f"expected a 2-D [n_rows, dim] tensor, got shape {tuple(t.shape)}")
         return cls(0, 0, _data=t.detach().to(device="cpu", dtype=torch.float32).contiguous())
 
-    def read(self, rows) -> torch.Tensor:
+    def read(self, rows: Rows) -> torch.Tensor:
         return self.data.index_select(0, _as_rows(rows, self.n_rows))
 
-    def read_background(self, rows) -> torch.Tensor:
+    def read_background(self, rows: Rows) -> torch.Tensor:
         return torch.from_numpy(self.data.numpy()[_as_rows(rows, self.n_rows).numpy()])  # numpy: one thread
 
-    def write(self, rows, values) -> None:
+    def write(self, rows: Rows, values: torch.Tensor) -> None:
         rows = _as_rows(rows, self.n_rows)
         self.data.index_copy_(0, rows, _check_values(rows, values, self.dim))
 
@@ -173,7 +185,7 @@ class MmapStore(RowStore):
 
     PAGE = mmap.PAGESIZE
 
-    def __init__(self, path, mm: np.memmap, mode: str):
+    def __init__(self, path: str | Path, mm: np.memmap, mode: str):
         self.path, self.mm, self.mode = Path(path), mm, mode
         self.n_rows, self.dim = int(mm.shape[0]), int(mm.shape[1])
         self._fd = None
@@ -181,7 +193,7 @@ class MmapStore(RowStore):
         if raw is not None and hasattr(mmap, "MADV_RANDOM"):
             raw.madvise(mmap.MADV_RANDOM)
 
-    def will_need(self, rows) -> None:
+    def will_need(self, rows: Rows) -> None:
         r = np.unique(_as_rows(rows, self.n_rows).numpy())
         if r.size == 0 or not hasattr(os, "posix_fadvise"):
             return
@@ -200,7 +212,7 @@ class MmapStore(RowStore):
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def read_background(self, rows) -> torch.Tensor:
+    def read_background(self, rows: Rows) -> torch.Tensor:
         """will_need for every row first (the disk works on all of them at once), then one pread per
         unique row (each releases the GIL while it waits; the page cache is shared with the mapping, so
         the values are those of read())."""
@@ -219,7 +231,7 @@ class MmapStore(RowStore):
 
     @classmethod
     def create(
-        cls, path, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0, chunk_rows: int = 1 << 16
+        cls, path: str | Path, n_rows: int, dim: int, init_std: float = 0.0, seed: int = 0, chunk_rows: int = 1 << 16
     ) -> MmapStore:
         """New file with init_rows values (bitwise equal to RamStore(n_rows, dim, init_std, seed))."""
         if n_rows <= 0 or dim <= 0:
@@ -235,7 +247,7 @@ class MmapStore(RowStore):
         return cls(path, mm, "r+")
 
     @classmethod
-    def open(cls, path, mode: str = "r+") -> MmapStore:
+    def open(cls, path: str | Path, mode: str = "r+") -> MmapStore:
         if mode not in ("r+", "r"):
             raise ValueError(f"mode must be 'r+' or 'r', got {mode!r}")
         if not os.path.exists(path):
@@ -245,7 +257,7 @@ class MmapStore(RowStore):
             raise ValueError(f"{path}: expected a float32 2-D array, got {mm.dtype} {mm.shape}")
         return cls(path, mm, mode)
 
-    def read(self, rows) -> torch.Tensor:
+    def read(self, rows: Rows) -> torch.Tensor:
         r = _as_rows(rows, self.n_rows).numpy()
         if r.size == 0:
             return torch.empty(0, self.dim, dtype=torch.float32)
@@ -258,7 +270,7 @@ class MmapStore(RowStore):
         if self.mode != "r+":
             raise PermissionError(f"{self.path} is opened read-only (mode {self.mode!r})")
 
-    def write(self, rows, values) -> None:
+    def write(self, rows: Rows, values: torch.Tensor) -> None:
         self._check_writable()
         rows = _as_rows(rows, self.n_rows)
         vals = _check_values(rows, values, self.dim)
@@ -338,14 +350,14 @@ class HotRowCache(RowStore):
         slot = np.fromiter(map(self.where.get, r.tolist(), itertools.repeat(-1)), dtype=np.int64, count=r.size)
         return slot >= 0, slot
 
-    def will_need(self, rows) -> None:
+    def will_need(self, rows: Rows) -> None:
         rows = _as_rows(rows, self.n_rows)
         with self._lock:
             found, _ = self._lookup(rows.numpy())
         if not found.all():  # numpy mask: a torch one would start an OpenMP team in the worker thread
             self.store.will_need(torch.from_numpy(rows.numpy()[~found]))
 
-    def read_background(self, rows) -> torch.Tensor:
+    def read_background(self, rows: Rows) -> torch.Tensor:
         return self.read(rows, background=True)
 
     def read(self, rows, background: bool = False) -> torch.Tensor:
@@ -400,7 +412,7 @@ class HotRowCache(RowStore):
         self.slots[victims] = vals
         self.where.update(zip(new_rows.tolist(), victims.tolist()))
 
-    def write(self, rows, values) -> None:
+    def write(self, rows: Rows, values: torch.Tensor) -> None:
         rows = _as_rows(rows, self.n_rows)
         vals = _check_values(rows, values, self.dim)
         with self._lock:
@@ -413,7 +425,7 @@ class HotRowCache(RowStore):
         self.store.flush()
 
 
-def zeros_like(store: RowStore, dim: int | None = None, path=None) -> RowStore:
+def zeros_like(store: RowStore, dim: int | None = None, path: str | Path | None = None) -> RowStore:
     """A zero store with the backend of `store` (through wrappers) and n_rows rows of width dim."""
     inner = store
     while not isinstance(inner, (RamStore, MmapStore)) and hasattr(inner, "store"):

@@ -11,6 +11,7 @@ The core softmax lives in dsv4.kernels.attention so faster kernels slot in there
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from dsv4.model.indexer import Indexer, indexer_kl, visible_count, visible_entri
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import Rotary, apply_rope
+
+if TYPE_CHECKING:
+    from dsv4.infer.cache import LayerCache
 
 
 @dataclass
@@ -46,7 +50,7 @@ SPARSE_STAGE_MIN_ENTRIES = 6
 class Attention(KeepFP32):
     fp32_names = ("attn_sink",)
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
         self.layer_id, self.kind, self.ratio = layer_id, cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
@@ -91,7 +95,9 @@ class Attention(KeepFP32):
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
         return self.wo_b(o)
 
-    def project_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project_in(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> c_q = RMSNorm(x W_qa) [B,T,q_lora], q [B,T,h,c] and kv [B,T,c], both roped at cos/sin."""
         c_q = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
@@ -106,7 +112,7 @@ class Attention(KeepFP32):
         sin: torch.Tensor,
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
-        cache=None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """x [B,T,d]; cos/sin [T, r/2] for this layer's rope; positions [T]; segment_ids [B,T] document
         ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
@@ -147,6 +153,7 @@ class Attention(KeepFP32):
         dense attention over every visible entry) or "sparse" (top-k attention) adds the KL loss on a
         detached indexer input; collect keeps the scores, selections and attention mass (IndexerOut.record)."""
         c_q, q, kv = self.project_in(x, cos, sin)
+        ix: IndexerOut | None
         if (
             indexer_mode == "sparse"
             and not collect
@@ -163,22 +170,24 @@ class Attention(KeepFP32):
 
     def masked_core(
         self,
-        x,
-        c_q,
-        q,
-        kv,
-        cos,
-        sin,
-        positions,
-        segment_ids,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None,
         impl: str,
         indexer_mode: str | None = None,
         collect: bool = False,
-    ):
+    ) -> tuple[torch.Tensor, IndexerOut | None]:
         """Keys through an explicit [B,T,N] entry mask and IMPLS[impl] -> (o [B,T,h,c], IndexerOut or None).
         The IndexerOut (CSA/DSA, when indexer_mode or collect is given) needs the entry probabilities."""
         b, t, _ = x.shape
-        entries = entry_mask = same_doc = None
+        entries: torch.Tensor | None = None
+        entry_mask: torch.Tensor | None = None
+        same_doc: torch.Tensor | None = None
         if self.kind in ("csa", "hca"):
             entries = self.compressor(x, cos, sin)
         elif self.kind == "dsa":
@@ -186,12 +195,14 @@ class Attention(KeepFP32):
         if entries is not None and segment_ids is not None:
             same_doc = segment_ids[:, :, None] == self.entry_segments(segment_ids, entries.shape[1])[:, None, :]
         if self.kind == "hca":
+            assert entries is not None  # compressed entries
             entry_mask = visible_entries(positions, entries.shape[1], self.ratio).expand(b, t, -1)
             if same_doc is not None:
                 entry_mask = entry_mask & same_doc
         elif self.kind in ("csa", "dsa"):
             # indexer training (docs/spec.md section 2): its input is detached, so only the indexer learns from
             # its KL loss; "dense" = warm-up with dense attention over every visible entry
+            assert entries is not None  # compressed entries (CSA) or the raw kv (DSA)
             xi, cqi = (x.detach(), c_q.detach()) if indexer_mode else (x, c_q)
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
             entry_mask = visible if indexer_mode == "dense" else selection_mask(idx, entries.shape[1])
@@ -215,6 +226,7 @@ class Attention(KeepFP32):
         o, probs = res
         ix = IndexerOut()
         if indexer_mode:
+            assert entry_mask is not None  # want_probs: a CSA/DSA layer, whose branch above set it
             ix.loss = indexer_kl(scores, probs.detach(), entry_mask)
         if collect:
             ix.record = dict(
@@ -227,7 +239,17 @@ class Attention(KeepFP32):
             )
         return o, ix
 
-    def sparse_indexer_core(self, x, c_q, q, kv, cos, sin, positions, segment_ids):
+    def sparse_indexer_core(
+        self,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, IndexerOut]:
         """Sparse-stage training of a CSA/DSA layer without any [B,T,N] tensor -> (o, IndexerOut with the KL).
         The indexer (on its detached input) picks the top-k; the gather kernel attends window + selection
         and returns its mass on each selected entry; the indexer's scores of the selected entries alone
@@ -238,7 +260,7 @@ class Attention(KeepFP32):
         ikeys = ix.compressor(xi, cos, sin)
         qi, wi = ix.queries(xi, cqi, cos, sin)
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
-        same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
+        same = None if segment_ids is None else segment_same_doc(segment_ids, cast(torch.Tensor, entry_seg))
         with torch.no_grad():
             idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, positions, ix.ratio, ix.exclude_window, same_doc_fn=same)
         o, mass = sparse_attention(
@@ -259,7 +281,9 @@ class Attention(KeepFP32):
         return o, IndexerOut(loss=indexer_kl(selected, mass.detach(), idx >= 0))
 
     # ------------------------------------------------------------------ key plans
-    def keys(self, x, kv, cos, sin, positions):
+    def keys(
+        self, x: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Keys from the current tokens (uncached): (raw band [B,T,c], its positions [T], entries [B,N,c]
         or None, indexer keys [B,N_I,c_I] or None)."""
         if self.kind == "swa":
@@ -268,15 +292,26 @@ class Attention(KeepFP32):
         ikeys = self.indexer.compressor(x, cos, sin) if self.kind in ("csa", "dsa") else None
         return kv, positions, entries, ikeys
 
-    def cached_keys(self, x, kv, cos, sin, q_pos, cache):
+    def cached_keys(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_pos: torch.Tensor,
+        cache: LayerCache,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The same key plan for a chunk continuing cached rows (all at position start = q_pos[0]): the new
         kv, entries and indexer keys are stored first, then the keys are read back (window band: the ring's
         last n_win - 1 positions + the chunk; DSA: every raw position)."""
         rows, start, t = cache.rows, int(q_pos[0]), x.shape[1]
+        assert rows is not None  # bound by ModelCache.begin
         if self.kind == "dsa":
+            assert cache.raw is not None
             cache.raw.write(rows, start, kv)
             band, kv_pos = cache.raw.read(rows, start + t, kv.dtype), torch.arange(start + t, device=x.device)
         else:
+            assert cache.window is not None
             w = min(start, self.window - 1)
             kv_pos = torch.arange(start - w, start + t, device=x.device)
             band = torch.cat([cache.window.read(rows, kv_pos[:w], kv.dtype), kv], 1)
@@ -285,26 +320,43 @@ class Attention(KeepFP32):
             return band, kv_pos, None, None
         n = (start + t) // self.ratio
         if self.kind == "dsa":
+            assert cache.ikeys is not None
             cache.ikeys.write(rows, start, self.indexer.compressor(x, cos, sin))
             return band, kv_pos, band, cache.ikeys.read(rows, n)
+        assert cache.comp is not None and cache.entries is not None  # CSA / HCA stores
         j0, new = self.compressor.chunk(x, start, cache.comp, rows, self.entry_rope)
         if new is not None:
             cache.entries.write(rows, j0, new)
         entries = cache.entries.read(rows, n, x.dtype)
         if self.kind == "hca":
             return band, kv_pos, entries, None
+        assert cache.icomp is not None and cache.ikeys is not None  # CSA indexer stores
         j0, new = self.indexer.compressor.chunk(x, start, cache.icomp, rows, self.entry_rope)
         if new is not None:
             cache.ikeys.write(rows, j0, new)
         return band, kv_pos, entries, cache.ikeys.read(rows, n)
 
     # ------------------------------------------------------------------ cores
-    def sparse_core(self, x, c_q, q, cos, sin, band, kv_pos, entries, ikeys, q_pos, segment_ids=None):
+    def sparse_core(
+        self,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        band: torch.Tensor,
+        kv_pos: torch.Tensor,
+        entries: torch.Tensor | None,
+        ikeys: torch.Tensor | None,
+        q_pos: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The long-context path for one key plan: banded window (SWA), dense entries (HCA), chunked
         indexer top-k + gather attention (CSA/DSA). No tensor is O(T^2) or O(T N)."""
-        common = dict(q_seg=segment_ids, kv_seg=segment_ids)
+        common: dict[str, Any] = dict(q_seg=segment_ids, kv_seg=segment_ids)
         if self.kind == "swa":
             return window_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, **common)
+        assert entries is not None  # HCA / CSA / DSA key plans have entries
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         if self.kind == "hca":
             return dense_entries_attention(
@@ -320,9 +372,10 @@ class Attention(KeepFP32):
                 entry_seg=entry_seg,
                 **common,
             )
+        assert ikeys is not None  # CSA / DSA key plans have indexer keys
         ix = self.indexer
         qi, wi = ix.queries(x, c_q, cos, sin)
-        same = None if segment_ids is None else segment_same_doc(segment_ids, entry_seg)
+        same = None if segment_ids is None else segment_same_doc(segment_ids, cast(torch.Tensor, entry_seg))
         # queries in chunks when nothing needs the whole selection (inference): the top-k ids [T, k] then
         # never exist at once (DSA at 64K: 1 GB of int64 ids), and each chunk's keys stay in cache
         step = q.shape[1] if (same is not None or torch.is_grad_enabled()) else INFER_CHUNK
@@ -340,38 +393,55 @@ class Attention(KeepFP32):
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     @staticmethod
-    def _step_span(pos, ratio: int, exclude_window: int = 0):
+    def _step_span(pos: torch.Tensor, ratio: int, exclude_window: int = 0) -> int | None:
         """Store positions a decode step reads: the whole store (None) when compiled, so that its shapes
         are static; eagerly, only the prefix some row can see (a store may be twice the context)."""
         if torch.compiler.is_compiling():
             return None
         return max(1, int(visible_count(pos.max() + 1, ratio, exclude_window)))
 
-    def step_core(self, x, c_q, q, kv, cos, sin, pos, cache):
+    def step_core(
+        self,
+        x: torch.Tensor,
+        c_q: torch.Tensor,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
         """One decode token per row at per-row positions pos [B]; one kernel call attends the parts (window,
         entries). Under torch.compile the shapes are static: every store is read whole (its capacity, fixed
         between ModelCache.begin calls) under validity masks and the indexer's top-k is topk_static.
         Eagerly, only the prefix some row can see is read and topk_eager selects (the same set)."""
         rows, view = cache.rows, cache.view
+        assert rows is not None and view is not None  # bound by ModelCache.begin
         if self.kind == "dsa":
+            assert cache.raw is not None
             cache.raw.write_at(rows, pos, kv[:, 0])
             wpos = pos[:, None] - torch.arange(self.window, device=pos.device)
             parts = [(cache.raw.gather(rows, wpos, q.dtype), wpos >= 0)]
         else:
+            assert cache.window is not None
             cache.window.write_at(rows, pos, kv[:, 0])
             keys, slot_pos = cache.window.read_all(view, pos, q.dtype)
             parts = [(keys, (slot_pos >= 0) & (slot_pos > pos[:, None] - self.window))]
         if self.kind in ("csa", "hca"):
+            assert cache.entries is not None and cache.comp is not None
             cache.entries.write_at(
                 rows, pos // self.ratio, self.compressor.step(x, pos, cache.comp, rows, self.entry_rope)
             )
         if self.kind == "hca":
+            assert cache.entries is not None
             entries = cache.entries.read(view, self._step_span(pos, self.ratio), q.dtype)
             n = torch.arange(entries.shape[1], device=pos.device)
             parts.append((entries, n[None] < ((pos + 1) // self.ratio)[:, None]))
         elif self.kind in ("csa", "dsa"):
             ix = self.indexer
+            assert cache.ikeys is not None
             if self.kind == "csa":
+                assert cache.icomp is not None
                 cache.ikeys.write_at(
                     rows, pos // self.ratio, ix.compressor.step(x, pos, cache.icomp, rows, self.entry_rope)
                 )
@@ -384,5 +454,7 @@ class Attention(KeepFP32):
             visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
             select = topk_static if torch.compiler.is_compiling() else topk_eager
             idx, valid = select(scores, ix.topk, visible)
-            parts.append(((cache.raw if self.kind == "dsa" else cache.entries).gather(rows, idx, q.dtype), valid))
+            store = cache.raw if self.kind == "dsa" else cache.entries
+            assert store is not None
+            parts.append((store.gather(rows, idx, q.dtype), valid))
         return decode_attention(q[:, 0], parts, self.attn_sink, self.scale).unsqueeze(1)

@@ -13,19 +13,24 @@ pos)`, `write(rows, start, vals)`, `write_at(rows, pos, vals)`); the caller stor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.norm import RMSNorm
 from dsv4.model.precision import KeepFP32
-from dsv4.model.rope import apply_rope
+from dsv4.model.rope import Rotary, apply_rope
+
+if TYPE_CHECKING:
+    from dsv4.infer.cache import CompressorState
 
 
 class Compressor(KeepFP32):
     fp32_names = ("ape",)
 
-    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float) -> None:
         super().__init__()
         self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
         width = head_dim * (2 if overlap else 1)
@@ -59,7 +64,7 @@ class Compressor(KeepFP32):
             gate = torch.cat([torch.cat([prev_g, gate[:, :-1, :, :c]], 1), gate[..., c:]], dim=2)
         return (kv * gate.softmax(dim=2)).sum(dim=2)
 
-    def project(self, h: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, h: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 C = h W_kv and Z = h W_gate + ape[slot] ([B, T, width]); slots [T] = position mod m
         (default 0..T-1 mod m, i.e. h starts a block). ratio 1: (C, None)."""
         kv = F.linear(h.float(), self.wkv.weight.float())  # compressor projections run in fp32
@@ -75,7 +80,9 @@ class Compressor(KeepFP32):
         """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions)."""
         return apply_rope(self.norm(pooled), cos, sin).to(dtype)
 
-    def _prev_block(self, state, rows: torch.Tensor, first: torch.Tensor):
+    def _prev_block(
+        self, state: CompressorState, rows: torch.Tensor, first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Path-b (first c channels) slots of the block before the block starting at `first` [B], from the
         state; -inf / 0 for block 0 (block 0 pads with -inf logits and zero values)."""
         c, m = self.head_dim, self.ratio
@@ -85,13 +92,16 @@ class Compressor(KeepFP32):
         pg = state.gate.read(rows, pp)[..., :c].masked_fill(none, float("-inf"))
         return pk, pg
 
-    def chunk(self, h: torch.Tensor, start: int, state, rows: torch.Tensor, rope):
+    def chunk(
+        self, h: torch.Tensor, start: int, state: CompressorState, rows: torch.Tensor, rope: Rotary
+    ) -> tuple[int, torch.Tensor | None]:
         """Positions start .. start+T-1 of rows (h [B,T,d], all rows at `start`) -> (j0, entries [B, n, c]
         fp32 of the n >= 0 blocks they complete, the first being block j0); the state keeps the projections.
         rope: the compressed-branch Rotary (entries are rotated at their block's first position)."""
         m, t = self.ratio, h.shape[1]
         pos = start + torch.arange(t, device=h.device)
         kv_new, gate_new = self.project(h, pos % m)
+        assert gate_new is not None  # ratio > 1: the gate exists
         r0 = start % m
         first = start - r0
         kv, gate = kv_new, gate_new
@@ -100,9 +110,10 @@ class Compressor(KeepFP32):
             kv = torch.cat([state.kv.read(rows, old), kv], 1)
             gate = torch.cat([state.gate.read(rows, old), gate], 1)
         n = (r0 + t) // m
-        out = None
+        out: torch.Tensor | None = None
         if n:
-            prev_kv = prev_gate = None
+            prev_kv: torch.Tensor | None = None
+            prev_gate: torch.Tensor | None = None
             if self.overlap:
                 prev_kv, prev_gate = self._prev_block(state, rows, torch.full_like(rows, first))
             pooled = self.pool(
@@ -114,17 +125,21 @@ class Compressor(KeepFP32):
         state.gate.write(rows, start, gate_new)
         return first // m, out
 
-    def step(self, h: torch.Tensor, pos: torch.Tensor, state, rows: torch.Tensor, rope) -> torch.Tensor:
+    def step(
+        self, h: torch.Tensor, pos: torch.Tensor, state: CompressorState, rows: torch.Tensor, rope: Rotary
+    ) -> torch.Tensor:
         """One token per row (h [B,1,d]) at per-row positions pos [B] -> the entry of each row's current
         block [B, c] (fp32), pooled over the slots written so far: it is the final entry iff
         (pos + 1) % m == 0, and invisible to every query before that (static shapes: no branching on pos)."""
         m = self.ratio
         kv, gate = self.project(h, (pos % m)[:, None])
+        assert gate is not None  # ratio > 1: the gate exists
         state.kv.write_at(rows, pos, kv[:, 0])
         state.gate.write_at(rows, pos, gate[:, 0])
         first = pos - pos % m
         blk = first[:, None] + torch.arange(m, device=pos.device)
-        prev_kv = prev_gate = None
+        prev_kv: torch.Tensor | None = None
+        prev_gate: torch.Tensor | None = None
         if self.overlap:
             prev_kv, prev_gate = self._prev_block(state, rows, first)
         pooled = self.pool(state.kv.read(rows, blk)[:, None], state.gate.read(rows, blk)[:, None], prev_kv, prev_gate)[
@@ -143,5 +158,6 @@ class Compressor(KeepFP32):
         if n == 0:
             return h.new_zeros(b, 0, self.head_dim)
         kv, gate = self.project(h[:, : n * m])
+        assert gate is not None  # m > 1: the gate exists
         pooled = self.pool(kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m)))
         return self.finish(pooled, cos[..., : n * m : m, :], sin[..., : n * m : m, :], h.dtype)

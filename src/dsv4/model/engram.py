@@ -28,6 +28,8 @@ an MmapStore / HotRowCache / Prefetcher).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,11 @@ from torch import nn
 
 from dsv4.model.norm import RMSNorm
 from dsv4.model.precision import KeepFP32
+
+if TYPE_CHECKING:
+    from dsv4.config import ModelConfig
+    from dsv4.infer.cache import LayerCache
+    from dsv4.memory.stores import RowStore
 
 _MASK64 = (1 << 64) - 1
 _INT64_MAX = (1 << 63) - 1
@@ -67,6 +74,7 @@ def _is_prime(n: int) -> bool:
 
 def head_primes(rows_per_head: int, n: int) -> list[int]:
     """n distinct primes p_0 < p_1 < ... with p_0 >= rows_per_head (the per-head table sizes, spec 4.3)."""
+    out: list[int]
     out, c = [], rows_per_head
     while len(out) < n:
         if _is_prime(c):
@@ -75,7 +83,7 @@ def head_primes(rows_per_head: int, n: int) -> list[int]:
     return out
 
 
-def table_shape(cfg) -> tuple[list[int], int]:
+def table_shape(cfg: ModelConfig) -> tuple[list[int], int]:
     """(per-head primes p_j, row width d_mem / (len(orders) x heads)) of one Engram layer's table (spec 4.3)."""
     n_heads = len(cfg.engram_orders) * cfg.engram_heads
     return head_primes(cfg.engram_rows_per_head, n_heads), cfg.engram_d_mem // n_heads
@@ -106,10 +114,10 @@ def hash_multipliers(seed: int, layer_id: int, max_order: int, max_id: int) -> t
 
 def ngram_rows(
     ids: torch.Tensor,
-    orders,
+    orders: Sequence[int],
     heads: int,
-    primes,
-    multipliers,
+    primes: Sequence[int] | torch.Tensor,
+    multipliers: Sequence[int] | torch.Tensor,
     pad_id: int,
     segment_ids: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
@@ -130,13 +138,15 @@ def ngram_rows(
     seg_ext = None if segment_ids is None else torch.cat([segment_ids.new_full((b, p), -1), segment_ids], 1)
     cols = []
     for oi, n in enumerate(orders):
-        mix = None
+        mix: torch.Tensor | None = None
         for k in range(n):
             tok = ext[:, p - k : p - k + t]
             if seg_ext is not None and k:
+                assert segment_ids is not None  # seg_ext exists only with segment_ids
                 tok = torch.where(seg_ext[:, p - k : p - k + t] == segment_ids, tok, pad_id)
             term = tok * mult[k]
             mix = term if mix is None else torch.bitwise_xor(mix, term)
+        assert mix is not None  # every order n >= 1
         j = slice(oi * heads, (oi + 1) * heads)
         cols.append(torch.remainder(mix[..., None], primes[j]) + offsets[j])
     return torch.cat(cols, -1)
@@ -152,8 +162,9 @@ class Engram(KeepFP32):
     """One Engram layer: forward(x [B,T,hc,d], canonical ids [B,T]) -> Y [B,T,hc,d] to add to x."""
 
     fp32_names = ("conv_weight",)
+    multipliers: torch.Tensor  # buffer [max order]: the hash multipliers m_k
 
-    def __init__(self, cfg, layer_id: int, init_std: float | None = None):
+    def __init__(self, cfg: ModelConfig, layer_id: int, init_std: float | None = None) -> None:
         super().__init__()
         d, hc = cfg.hidden_size, cfg.hc_mult
         self.layer_id, self.d, self.hc, self.eps = layer_id, d, hc, cfg.rms_norm_eps
@@ -175,12 +186,12 @@ class Engram(KeepFP32):
         self.k_norm = nn.ModuleList(RMSNorm(d, self.eps) for _ in range(hc))
         self.conv_norm = nn.ModuleList(RMSNorm(d, self.eps) for _ in range(hc))
         self.conv_weight = nn.Parameter(torch.zeros(self.kernel * hc * d, dtype=torch.float32))
-        self._table = None
+        self._table: RowStore | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ table
     @property
-    def table(self):
+    def table(self) -> RowStore:
         """The row store; RamStore(n_rows, dim, init_std, table_seed) unless set_table was called."""
         if self._table is None:
             from dsv4.memory.stores import RamStore
@@ -188,7 +199,7 @@ class Engram(KeepFP32):
             self._table = RamStore(self.n_rows, self.dim, self.init_std, self.table_seed)
         return self._table
 
-    def set_table(self, store) -> None:
+    def set_table(self, store: RowStore) -> None:
         if (store.n_rows, store.dim) != (self.n_rows, self.dim):
             raise ValueError(
                 f"Engram layer {self.layer_id} needs a table of {self.n_rows} x {self.dim} rows, "
@@ -224,7 +235,9 @@ class Engram(KeepFP32):
         if len(self._pending) > 16:
             self._coalesce()
 
-    def _lookup(self, rows: torch.Tensor, prefetched, dtype) -> torch.Tensor:
+    def _lookup(
+        self, rows: torch.Tensor, prefetched: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         """e [B, T, d_mem]: gather from a leaf holding the unique rows (its grad goes to table_grads)."""
         b, t, _ = rows.shape
         uniq, inv = torch.unique(rows, return_inverse=True)
@@ -245,9 +258,9 @@ class Engram(KeepFP32):
 
     # ------------------------------------------------------------------ math
     @staticmethod
-    def _norm(x: torch.Tensor, mods, eps: float) -> torch.Tensor:
+    def _norm(x: torch.Tensor, mods: Iterable[nn.Module], eps: float) -> torch.Tensor:
         """Per-stream RMSNorm of x [..., hc, d] in fp32 or wider."""
-        w = torch.stack([m.weight for m in mods]).to(x.dtype)
+        w = torch.stack([cast(RMSNorm, m).weight for m in mods]).to(x.dtype)
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
     def _gate(self, x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,13 +268,15 @@ class Engram(KeepFP32):
         u_m = alpha_m e W_V [B, T, hc, d]  ->  (u, alpha)."""
         cdt = torch.promote_types(x.dtype, torch.float32)
         b, t = e.shape[:2]
-        k = F.linear(e, torch.cat([w.weight for w in self.wk])).view(b, t, self.hc, self.d)
+        k = F.linear(e, torch.cat([cast(nn.Linear, w).weight for w in self.wk])).view(b, t, self.hc, self.d)
         v = self.wv(e).to(cdt)
         s = (self._norm(x.to(cdt), self.h_norm, self.eps) * self._norm(k.to(cdt), self.k_norm, self.eps)).sum(-1)
         alpha = torch.sigmoid(signed_sqrt(s / math.sqrt(self.d)))
         return alpha[..., None] * v[:, :, None], alpha
 
-    def _conv(self, z: torch.Tensor, hist: torch.Tensor | None, segment_ids=None) -> torch.Tensor:
+    def _conv(
+        self, z: torch.Tensor, hist: torch.Tensor | None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Causal depthwise conv of z [B, T, hc, d]: sum_k w_k * z_{t - (K-1-k) dil}; hist [B, P, hc, d]
         (P = (K-1) dil) holds the inputs before z (zeros before position 0)."""
         b, t = z.shape[:2]
@@ -276,6 +291,7 @@ class Engram(KeepFP32):
             o = (kk - 1 - k) * self.dilation
             tap = ext[:, p - o : p - o + t]
             if seg_ext is not None and o:
+                assert segment_ids is not None  # seg_ext exists only with segment_ids
                 tap = tap * (seg_ext[:, p - o : p - o + t] == segment_ids)[..., None, None].to(z.dtype)
             y = y + w[k] * tap
         return y
@@ -285,9 +301,9 @@ class Engram(KeepFP32):
         x: torch.Tensor,
         ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache=None,
+        cache: LayerCache | None = None,
         segment_ids: torch.Tensor | None = None,
-        prefetched=None,
+        prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B,T,hc,d] streams, ids [B,T] canonical ids -> Y = SiLU(Conv1D(RMSNorm(U))) + U [B,T,hc,d].
 
@@ -301,14 +317,17 @@ class Engram(KeepFP32):
         x: torch.Tensor,
         ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache=None,
+        cache: LayerCache | None = None,
         segment_ids: torch.Tensor | None = None,
-        prefetched=None,
+        prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward -> (Y, the gate alpha [B, T, hc])."""
         state = None if cache is None else cache.engram
-        hist_ids = hist_z = p0 = None
+        hist_ids: torch.Tensor | None = None
+        hist_z: torch.Tensor | None = None
+        p0: torch.Tensor | None = None
         if state is not None:
+            assert cache is not None and cache.rows is not None and positions is not None  # a cached forward
             p0 = positions[:, 0] if positions.dim() == 2 else positions[:1].expand(ids.shape[0])
             hist_ids, hist_z = state.history(cache.rows, p0)
         rows = ngram_rows(
@@ -318,12 +337,15 @@ class Engram(KeepFP32):
         z = self._norm(u, self.conv_norm, self.eps)
         y = F.silu(self._conv(z, hist_z, segment_ids)) + u
         if state is not None:
+            assert cache is not None and cache.rows is not None and p0 is not None
             state.write(cache.rows, p0, ids, z)
         return y.to(x.dtype), alpha
 
     # ------------------------------------------------------------------ oracle
     @torch.no_grad()
-    def forward_reference(self, x: torch.Tensor, ids: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    def forward_reference(
+        self, x: torch.Tensor, ids: torch.Tensor, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Loop oracle of forward (per token, per head, per stream; Python-int hashing)."""
         b_, t_, hc, d = x.shape
         cdt = torch.promote_types(x.dtype, torch.float32)
@@ -332,10 +354,10 @@ class Engram(KeepFP32):
         wv = self.wv.weight.to(cdt)
         cw = self.conv_weight.view(self.kernel, hc, d).to(cdt)
 
-        def norm(v, w):
+        def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return v / torch.sqrt(v.square().mean() + self.eps) * w.to(cdt)
 
-        def same(b, t, s):
+        def same(b: int, t: int, s: int) -> bool:
             return s >= 0 and (segment_ids is None or int(segment_ids[b, s]) == int(segment_ids[b, t]))
 
         u = torch.zeros(b_, t_, hc, d, dtype=cdt)
@@ -354,14 +376,18 @@ class Engram(KeepFP32):
                 e = torch.cat(parts).to(x.dtype).to(cdt)
                 v = wv @ e
                 for m in range(hc):
-                    k_m = self.wk[m].weight.to(cdt) @ e
-                    s = norm(x[b, t, m].to(cdt), self.h_norm[m].weight) @ norm(k_m, self.k_norm[m].weight) / d**0.5
+                    k_m = cast(nn.Linear, self.wk[m]).weight.to(cdt) @ e
+                    s = (
+                        norm(x[b, t, m].to(cdt), cast(RMSNorm, self.h_norm[m]).weight)
+                        @ norm(k_m, cast(RMSNorm, self.k_norm[m]).weight)
+                        / d**0.5
+                    )
                     u[b, t, m] = torch.sigmoid(signed_sqrt(s)) * v
         z = torch.zeros_like(u)
         for b in range(b_):
             for t in range(t_):
                 for m in range(hc):
-                    z[b, t, m] = norm(u[b, t, m], self.conv_norm[m].weight)
+                    z[b, t, m] = norm(u[b, t, m], cast(RMSNorm, self.conv_norm[m]).weight)
         y = torch.zeros_like(u)
         for b in range(b_):
             for t in range(t_):

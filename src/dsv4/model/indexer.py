@@ -10,6 +10,8 @@ visible_count / window_count below are the one statement of these counts (masks,
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,15 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.rope import apply_rope
 
 
-def visible_count(t_plus_1, ratio: int, exclude_window: int = 0):
+@overload
+def visible_count(t_plus_1: torch.Tensor, ratio: int, exclude_window: int = 0) -> torch.Tensor: ...
+@overload
+def visible_count(
+    t_plus_1: int | np.integer | np.ndarray, ratio: int, exclude_window: int = 0
+) -> int | np.integer | np.ndarray: ...
+def visible_count(
+    t_plus_1: int | np.integer | np.ndarray | torch.Tensor, ratio: int, exclude_window: int = 0
+) -> int | np.integer | np.ndarray | torch.Tensor:
     """Entries of a ratio-m layer visible to query t, given t + 1 (int, numpy array or tensor):
     entry s is visible iff s < (t + 1 - exclude_window) // m, so the count is max(0, that)."""
     if not exclude_window:
@@ -30,7 +40,7 @@ def visible_count(t_plus_1, ratio: int, exclude_window: int = 0):
     return n.clamp_min(0) if isinstance(n, torch.Tensor) else np.maximum(n, 0)
 
 
-def window_count(t_plus_1, window: int):
+def window_count(t_plus_1: int | np.integer | np.ndarray, window: int) -> np.integer | np.ndarray:
     """Raw keys of query t in the sliding window (t - n_win, t]: min(t + 1, n_win) (int or numpy array)."""
     return np.minimum(t_plus_1, window)
 
@@ -43,7 +53,7 @@ def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int, exclude
 
 
 class Indexer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int):
+    def __init__(self, cfg: ModelConfig, ratio: int) -> None:
         super().__init__()
         self.exclude_window = cfg.sliding_window if ratio == 1 else 0
         self.ratio, self.n_heads, self.head_dim, self.topk = (
@@ -58,7 +68,9 @@ class Indexer(nn.Module):
             cfg.hidden_size, self.head_dim, ratio, overlap=ratio == CSA_RATIO, eps=cfg.rms_norm_eps
         )
 
-    def queries(self, h: torch.Tensor, c_q: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(
+        self, h: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q [B, T, n_I, c_I] (roped, fp32), head weights [B, T, n_I] (fp32, scaled)."""
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin).float()
@@ -71,7 +83,15 @@ class Indexer(nn.Module):
         s = torch.einsum("btnc,bsc->btns", q, keys.float()).relu_()
         return torch.einsum("btns,btn->bts", s, w) + 0.0  # -0.0 -> +0.0: one zero for every sort (CUDA)
 
-    def forward(self, h, c_q, cos, sin, positions, same_doc=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        h: torch.Tensor,
+        c_q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        same_doc: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N]).
         same_doc [B,T,N] (optional) restricts visibility to entries of the query's document."""
         keys = self.compressor(h, cos, sin)

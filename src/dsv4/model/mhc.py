@@ -81,10 +81,11 @@ def init_hc_head(fn: nn.Parameter, scale: nn.Parameter, base: nn.Parameter, hc: 
 @torch.no_grad()
 def composite_gain(res_maps: list[torch.Tensor]) -> tuple[float, float]:
     """Forward/backward gain of prod_l res_l (max abs row sum / max abs column sum), worst token."""
-    prod = None
+    prod: torch.Tensor | None = None
     for r in res_maps:  # each [N, hc, hc], applied as X' = r^T X
         m = r.transpose(-1, -2).double()
         prod = m if prod is None else m @ prod
+    assert prod is not None, "composite_gain needs at least one map"
     fwd = prod.abs().sum(-1).amax().item()
     bwd = prod.abs().sum(-2).amax().item()
     return fwd, bwd

@@ -10,6 +10,8 @@ Routed experts are stored stacked ([E, ...]) but the state dict uses the officia
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,21 +31,21 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 class Expert(nn.Module):
     """A single SwiGLU expert (used as the shared expert)."""
 
-    def __init__(self, dim: int, inter: int, limit: float):
+    def __init__(self, dim: int, inter: int, limit: float) -> None:
         super().__init__()
         self.limit = limit
         self.w1 = nn.Linear(dim, inter, bias=False)
         self.w2 = nn.Linear(inter, dim, bias=False)
         self.w3 = nn.Linear(dim, inter, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)
 
 
 class Experts(nn.Module):
     """E routed experts, stacked: w1, w3 [E, I, d], w2 [E, d, I]."""
 
-    def __init__(self, n: int, dim: int, inter: int, limit: float):
+    def __init__(self, n: int, dim: int, inter: int, limit: float) -> None:
         super().__init__()
         self.n, self.limit = n, limit
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))
@@ -53,14 +55,23 @@ class Experts(nn.Module):
         self.register_load_state_dict_pre_hook(Experts._stack_state)
 
     @staticmethod
-    def _split_state(module, state_dict, prefix, local_metadata):
+    def _split_state(module: Experts, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
         for name in ("w1", "w2", "w3"):
             stacked = state_dict.pop(prefix + name)
             for e in range(module.n):
                 state_dict[f"{prefix}{e}.{name}.weight"] = stacked[e]
 
     @staticmethod
-    def _stack_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _stack_state(
+        module: Experts,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         for name in ("w1", "w2", "w3"):
             keys = [f"{prefix}{e}.{name}.weight" for e in range(module.n)]
             if all(k in state_dict for k in keys):
@@ -123,8 +134,10 @@ class Experts(nn.Module):
 
 class Gate(KeepFP32):
     fp32_names = ("bias",)
+    tid2eid: torch.Tensor  # buffer [vocab, k] (hash-routed layers)
+    bias: torch.Tensor  # buffer [E] (learned-routing layers)
 
-    def __init__(self, cfg: ModelConfig, hash_routed: bool):
+    def __init__(self, cfg: ModelConfig, hash_routed: bool) -> None:
         super().__init__()
         self.topk, self.n, self.func = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.scoring_func
         self.scale, self.norm, self.hash = cfg.routed_scaling_factor, cfg.norm_topk_prob, hash_routed
@@ -142,7 +155,9 @@ class Gate(KeepFP32):
             return logits.sigmoid()
         return logits.softmax(-1)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E])."""
         s = self.scores(x)
         if self.hash:
@@ -159,8 +174,9 @@ class Gate(KeepFP32):
 
 class MoE(KeepFP32):
     fp32_names = ("load",)
+    load: torch.Tensor  # buffer [E]: tokens routed to each expert since the last update_bias
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.n, self.k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Gate(cfg, hash_routed=layer_id < cfg.num_hash_layers)
@@ -173,7 +189,9 @@ class MoE(KeepFP32):
         self.alpha = cfg.seq_aux_loss_alpha
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None, reference: bool = False):
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None, reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B,T,d] -> (y [B,T,d], sequence-wise balance loss (0-dim) or None)."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)

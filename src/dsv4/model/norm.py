@@ -12,7 +12,7 @@ class RMSNorm(KeepFP32):
 
     fp32_names = ("weight",)
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))

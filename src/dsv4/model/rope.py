@@ -18,10 +18,11 @@ def yarn_inv_freq(
     beta_fast / beta_slow rotations over original_len, clamped to [0, dim - 1]. No mscale (V4).
     """
 
-    def corr_dim(rot):
+    def corr_dim(rot: float) -> float:
         return dim * math.log(original_len / (rot * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high: float = min(math.ceil(corr_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -33,8 +34,9 @@ class Rotary(KeepFP32):
     """Holds inv_freq [r/2]; cos_sin(pos) gives fp32 cos, sin of shape [*pos, r/2]."""
 
     fp32_names = ("inv_freq",)
+    inv_freq: torch.Tensor  # buffer [r/2]
 
-    def __init__(self, dim: int, base: float, scaling: dict | None = None):
+    def __init__(self, dim: int, base: float, scaling: dict | None = None) -> None:
         super().__init__()
         self.dim = dim
         if scaling is not None and scaling.get("type", scaling.get("rope_type")) == "yarn":

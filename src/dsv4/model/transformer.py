@@ -6,8 +6,9 @@ This is the only file that knows the block order (docs/spec.md sections 1 and 5;
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -21,10 +22,13 @@ from dsv4.model.norm import RMSNorm
 from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import Rotary
 
+if TYPE_CHECKING:
+    from dsv4.infer.cache import LayerCache, ModelCache, Rows
+
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward(compute_logits=False)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: position i predicts token i+1+k
     aux_loss: torch.Tensor | None = None  # sum of MoE sequence-wise balance losses (training only)
     indexer_loss: torch.Tensor | None = None  # sum over indexer layers of the KL loss (indexer_mode only)
@@ -60,7 +64,7 @@ HC_HEAD = ("hc_head_fn", "hc_head_base", "hc_head_scale")
 class Block(KeepFP32):
     fp32_names = HC_UNIT
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id, self.cfg = layer_id, cfg
         self.attn = Attention(cfg, layer_id)
@@ -75,7 +79,7 @@ class Block(KeepFP32):
         # Engram memory (docs/spec.md section 4): added to the streams before the attention unit
         self.engram = Engram(cfg, layer_id) if layer_id in cfg.engram_layer_ids else None
 
-    def _hc(self, unit: str, x: torch.Tensor):
+    def _hc(self, unit: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
         return hc_pre(
             x,
@@ -89,18 +93,18 @@ class Block(KeepFP32):
 
     def forward(
         self,
-        x,
-        input_ids,
-        rope,
-        positions,
-        reference=False,
-        segment_ids=None,
-        cache=None,
-        engram_ids=None,
-        engram_prefetched=None,
-        indexer_mode=None,
-        collect=False,
-    ):
+        x: torch.Tensor,
+        input_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        reference: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        engram_ids: torch.Tensor | None = None,
+        engram_prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
+        indexer_mode: str | None = None,
+        collect: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerStats | None]:
         """x: [B, T, hc, d] residual streams -> (new streams, balance loss or None, LayerStats or None).
         engram_ids: canonical ids for the Engram layer (default input_ids). indexer_mode / collect (uncached):
         attention runs Attention.forward_indexer and the block returns its LayerStats; otherwise None."""
@@ -140,7 +144,7 @@ class MTPBlock(Block):
 
     fp32_names = HC_UNIT + HC_HEAD
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__(cfg, layer_id)
         d, hc = cfg.hidden_size, cfg.hc_mult
         self.e_proj = nn.Linear(d, d, bias=False)
@@ -152,7 +156,17 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
-    def forward(self, x, emb, input_ids, rope, positions, reference=False, segment_ids=None, cache=None):
+    def forward(  # type: ignore[override]  # an MTP block also takes the next tokens' embeddings
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        input_ids: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        reference: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
         x, aux, _ = super().forward(x, input_ids, rope, positions, reference, segment_ids, cache)
@@ -163,8 +177,9 @@ class MTPBlock(Block):
 
 class Transformer(KeepFP32):
     fp32_names = HC_HEAD
+    canonical_ids: torch.Tensor  # buffer [vocab_size] (Engram models): canonical id of each token id
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d, hc = cfg.hidden_size, cfg.hc_mult
@@ -202,8 +217,9 @@ class Transformer(KeepFP32):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             elif leaf in ("attn_sink", "ape"):
                 p.zero_()
-        owners = [self] + list(self.mtp)
-        for blk in list(self.layers) + list(self.mtp):
+        mtp = list(cast("Iterable[MTPBlock]", self.mtp))
+        owners = [self] + mtp
+        for blk in list(cast("Iterable[Block]", self.layers)) + mtp:
             for unit in ("attn", "ffn"):
                 init_hc_unit(
                     getattr(blk, f"hc_{unit}_fn"),
@@ -225,7 +241,7 @@ class Transformer(KeepFP32):
     # ---------------------------------------------------------------- engram
     def engrams(self) -> dict[int, Engram]:
         """layer id -> Engram module (empty when engram_layer_ids is empty)."""
-        return {b.layer_id: b.engram for b in self.layers if b.engram is not None}
+        return {b.layer_id: b.engram for b in cast("Iterable[Block]", self.layers) if b.engram is not None}
 
     def set_canonical_map(self, cmap: torch.Tensor) -> None:
         """Canonical ids [vocab_size] for the Engram hash (dsv4.data.canonical.canonical_map(tokenizer))."""
@@ -242,18 +258,18 @@ class Transformer(KeepFP32):
     def canonical(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.canonical_ids[input_ids] if "canonical_ids" in self._buffers else input_ids
 
-    def engram_rows(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict:
+    def engram_rows(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """layer id -> sorted unique table rows the batch reads (for a prefetcher: they depend on ids only);
         pass {layer: (rows, table.read(rows))} as forward(engram_prefetched=...)."""
         ids = self.canonical(input_ids)
         return {i: e.rows_for(ids, segment_ids).unique() for i, e in self.engrams().items()}
 
-    def engram_table_grads(self) -> dict:
+    def engram_table_grads(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """layer id -> (unique rows, fp32 grads [N, dim]) accumulated since the last call (after backward)."""
         return {i: e.table_grads() for i, e in self.engrams().items()}
 
     # --------------------------------------------------------------- forward
-    def ropes(self, positions: torch.Tensor):
+    def ropes(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {"main": self.rope_main.cos_sin(positions), "compress": self.rope_compress.cos_sin(positions)}
 
     def set_attention_impl(self, name: str) -> None:
@@ -273,8 +289,8 @@ class Transformer(KeepFP32):
         self,
         x: torch.Tensor,
         next_ids: torch.Tensor,
-        cache,
-        rows=None,
+        cache: ModelCache,
+        rows: Rows = None,
         depth: int = 0,
         compute_logits: bool = True,
         last_only: bool = False,
@@ -293,14 +309,14 @@ class Transformer(KeepFP32):
 
     def trunk(
         self,
-        input_ids,
-        positions,
-        reference=False,
-        segment_ids=None,
-        cache=None,
-        engram_prefetched=None,
-        indexer_mode=None,
-        collect=False,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        reference: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+        engram_prefetched: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        indexer_mode: str | None = None,
+        collect: bool = False,
     ) -> Trunk:
         """Embedding, the blocks and the hc head -> Trunk(final streams, normed hidden, balance losses, ropes,
         per-block LayerStats: only with indexer_mode or collect). positions [T], or [B, 1] for a cached
@@ -312,7 +328,7 @@ class Transformer(KeepFP32):
         aux, layers = [], []
         eids = self.canonical(input_ids) if self.cfg.engram_layer_ids else None
         pre = engram_prefetched or {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
             rope = ropes["compress"] if layer.attn.uses_compress_rope else ropes["main"]
             x, a, st = layer(
                 x,
@@ -335,7 +351,7 @@ class Transformer(KeepFP32):
         out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
         return Trunk(x, out, aux, ropes, layers)
 
-    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """One cached decode step with static shapes: input_ids [B, 1] at positions [B, 1] of rows already
         bound by cache.begin -> next-token logits [B, V]. The caller advances the cache. This is the
         function dsv4.infer.compiled compiles."""
@@ -350,10 +366,10 @@ class Transformer(KeepFP32):
         segment_ids: torch.Tensor | None = None,
         indexer_mode: str | None = None,
         compute_logits: bool = True,
-        cache=None,
-        rows=None,
+        cache: ModelCache | None = None,
+        rows: Rows = None,
         last_only: bool = False,
-        engram_prefetched: dict | None = None,
+        engram_prefetched: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (+ MTP logits [B, T-k, V] per depth, balance loss, stats).
 
@@ -388,6 +404,7 @@ class Transformer(KeepFP32):
             input_ids, positions, reference, segment_ids, cache, engram_prefetched, indexer_mode, return_stats
         )
         if cache is not None:
+            assert isinstance(rows, torch.Tensor)  # cache.rows_of(rows) above
             cache.advance(rows, t)
         logits = None if not compute_logits else self.head(out[:, -1:] if last_only else out)
         mtp_logits, mtp_h = [], []

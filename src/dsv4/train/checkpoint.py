@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,15 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate(ast.literal_eval(meta["python"]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int = 3, extra=None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep_last: int = 3,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write run_dir/ckpt-{step} atomically; prune to the newest keep_last checkpoints.
     extra(tmp_dir): writes more files into the checkpoint before it is published (Engram tables)."""
     run_dir = Path(run_dir)
@@ -105,7 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights (+ optimiser and RNG state) into model/optimizer; returns the saved state dict."""
     path = Path(path)
     try:

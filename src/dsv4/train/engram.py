@@ -24,12 +24,15 @@ from dsv4.memory import (
     load_store,
     save_store,
 )
+from dsv4.model.transformer import Transformer
 
 
 class EngramTraining:
+    """The Engram tables of a model in training: their stores, prefetchers and sparse row Adam."""
+
     def __init__(
         self,
-        model,
+        model: Transformer,
         store: str = "ram",
         table_dir: str | Path | None = None,
         prefetch: bool = True,
@@ -68,7 +71,7 @@ class EngramTraining:
             self.opt[i] = SparseRowAdam(front, lr=lr_mult, state_dir=state_dir)
         self._handles = None
 
-    def prefetch(self, input_ids: torch.Tensor, segment_ids=None) -> None:
+    def prefetch(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> None:
         """Start reading the rows a batch will need (call with the NEXT batch before the current step)."""
         if not self.pre:
             return

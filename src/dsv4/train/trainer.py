@@ -50,7 +50,7 @@ from dsv4.kernels import compiled
 from dsv4.kernels.loss import linear_cross_entropy
 from dsv4.model.mhc import composite_gain
 from dsv4.model.moe import MoE
-from dsv4.model.transformer import Transformer
+from dsv4.model.transformer import ModelOutput, Transformer
 from dsv4.optim.groups import build_optimizer
 from dsv4.optim.schedule import clip_grad_norm, lr_at, set_lr
 from dsv4.run import RunDir
@@ -105,14 +105,14 @@ def stage_plan(total: int, tc: TrainConfig, has_indexer: bool) -> tuple[int, int
 
 
 def lm_losses(
-    out, targets: torch.Tensor, head_weight: torch.Tensor | None = None
+    out: ModelOutput, targets: torch.Tensor, head_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token CE (nats/token) and MTP CE (depth k at position i predicts targets[i + k]).
 
     From out.logits, or (when the model ran with compute_logits=False) from out.h with the fused
     head + CE of dsv4.kernels.loss and the given head weight."""
 
-    def ce(logits, h, tgt):
+    def ce(logits: torch.Tensor | None, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         if logits is not None:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head_weight, tgt.reshape(-1))
@@ -130,10 +130,10 @@ def step_loss(
     model: Transformer,
     input_ids: torch.Tensor,
     targets: torch.Tensor,
-    segment_ids=None,
+    segment_ids: torch.Tensor | None = None,
     warmup: bool = False,
     mtp_weight: float = 0.3,
-    engram_prefetched=None,
+    engram_prefetched: dict | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The loss one training step minimises, and its parts (0-dim tensors, for the log).
 

@@ -14,10 +14,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dsv4.app.info import human
 from dsv4.config import ModelConfig
 from dsv4.flops import count_params
 from dsv4.infer.reference import generate
-from dsv4.info import human
 
 
 def run_demo(
