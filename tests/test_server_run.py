@@ -1,4 +1,4 @@
-"""build() / serve() on a run directory: the serving context defaults to the run's training seq_len (what
+"""dsv4.app.serve build() / serve() on a run directory: the serving context defaults to the run's training seq_len (what
 /v1/models advertises and requests are held to), --max-context overrides it, and the API key may come from
 $DSV4_API_KEY."""
 
@@ -11,8 +11,9 @@ from conftest import small_config
 from starlette.testclient import TestClient
 from test_server import tiny_tokenizer
 
+from dsv4.app import serve as server
 from dsv4.data import train_tokenizer
-from dsv4.infer import server
+from dsv4.infer.server import max_token_bytes
 from dsv4.model.transformer import Transformer
 from dsv4.train.checkpoint import save_checkpoint
 
@@ -104,7 +105,7 @@ def test_serve_takes_the_key_from_the_environment_and_prints_the_context(runs, m
 
 def test_a_tokenizer_trained_here_bounds_token_bytes():
     tok = train_tokenizer(["hello world " * 50], 300, show_progress=False)
-    bound = server.max_token_bytes(tok)
+    bound = max_token_bytes(tok)
     text = "hello world, héllo wörld ✓ " * 20
     assert bound and len(tok.encode(text).ids) >= len(text.encode()) // bound
-    assert server.max_token_bytes(object()) is None
+    assert max_token_bytes(object()) is None

@@ -250,7 +250,7 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     device = _device(args)  # fails before uvicorn is imported
-    from dsv4.infer.server import serve
+    from dsv4.app.serve import serve
 
     serve(
         args.ckpt,
