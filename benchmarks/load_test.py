@@ -67,23 +67,7 @@ def make_tiny_run(path: Path) -> Path:
     texts = [Path(m.__file__).read_text() for m in (json, json.decoder, json.encoder, json.scanner)]
     tok = train_tokenizer(texts, 512, path / "tokenizer.json", show_progress=False)
     assert tok.get_vocab_size() == 512
-    cfg = ModelConfig.preset("tiny").replace(
-        vocab_size=512,
-        hidden_size=64,
-        num_attention_heads=4,
-        head_dim=32,
-        qk_rope_head_dim=8,
-        q_lora_rank=32,
-        o_lora_rank=32,
-        moe_intermediate_size=64,
-        index_n_heads=16,
-        index_head_dim=16,
-        index_topk=16,
-        sliding_window=16,
-        compress_ratios=[0, 4, 16, 4, 0],
-        num_hash_layers=1,
-        max_position_embeddings=1024,
-    )
+    cfg = ModelConfig.preset("micro").replace(max_position_embeddings=1024)
     torch.manual_seed(0)
     model = Transformer(cfg)
     save_checkpoint(path, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})

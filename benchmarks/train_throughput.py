@@ -275,7 +275,7 @@ def time_split(model, ids: torch.Tensor, targets: torch.Tensor) -> dict:
         rope = ropes["compress"] if blk.attn.uses_compress_rope else ropes["main"]
         if i < len(model.layers):  # the step's blocks run the indexer's sparse-stage forward (MTP: plain)
             out["attention"] += _fwd_bwd_seconds(
-                lambda u, a=blk.attn, r=rope: a.forward_indexer(u, *r, pos, None, "sparse", False)[0], [u]
+                lambda u, a=blk.attn, r=rope: a.forward_indexer(u, r, pos, None, "sparse", False)[0], [u]
             )
         else:
             out["attention"] += _fwd_bwd_seconds(lambda u, a=blk.attn, r=rope: a(u, *r, pos, None, None), [u])
@@ -441,13 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="interleave the variants step by step (default: all steps of one variant, then the next)",
     )
-    p.add_argument(
-        "--ns-dtype",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="Muon's Newton-Schulz precision (default: auto, the trainer's default: bf16 where its "
-        "matmul is faster on this machine)",
-    )
+    ns_help = "Muon's Newton-Schulz precision (default: auto, as the trainer: bf16 where faster here)"
+    p.add_argument("--ns-dtype", choices=("auto", "fp32", "bf16"), default="auto", help=ns_help)
     p.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no printing (for tests)")
     return p.parse_args(argv)

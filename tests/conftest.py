@@ -12,25 +12,8 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def small_config(**overrides) -> ModelConfig:
-    """A tiny V4 config with every main layer kind (swa, csa, hca m'=16, csa) and both router kinds."""
-    base = dict(
-        vocab_size=512,
-        hidden_size=64,
-        num_attention_heads=4,
-        head_dim=32,
-        qk_rope_head_dim=8,
-        q_lora_rank=32,
-        o_lora_rank=32,
-        moe_intermediate_size=64,
-        index_n_heads=16,
-        index_head_dim=16,
-        index_topk=16,
-        sliding_window=16,
-        compress_ratios=[0, 4, 16, 4, 0],
-        num_hash_layers=1,
-    )
-    base.update(overrides)
-    return ModelConfig.preset("tiny").replace(**base)
+    """The micro preset (every main layer kind: swa, csa, hca m'=16, csa; both router kinds), overridden."""
+    return ModelConfig.preset("micro").replace(**overrides)
 
 
 @pytest.fixture

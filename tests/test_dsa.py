@@ -132,7 +132,7 @@ def reference_dsa(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torc
 def run_module(attn: Attention, x: torch.Tensor, cos, sin):
     positions = torch.arange(x.shape[1])
     with torch.no_grad():
-        y, ix = attn.forward_indexer(x, cos, sin, positions, collect=True)
+        y, ix = attn.forward_indexer(x, (cos, sin), positions, collect=True)
         y_plain = attn(x, cos, sin, positions)
     d = ix.record
     scores, visible, entry_mask = d["scores"], d["visible"], d["entry_mask"]

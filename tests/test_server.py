@@ -19,7 +19,7 @@ from dsv4.data import train_tokenizer
 from dsv4.infer.chat import ChatError, ChatTemplate, load_template, render, validate_messages
 from dsv4.infer.engine import BackgroundEngine, Engine, QueueFull
 from dsv4.infer.sampling import SamplingParams
-from dsv4.infer.server import create_app
+from dsv4.infer.server import Server, create_app
 from dsv4.model.transformer import Transformer
 
 MODEL = "tiny-test"
@@ -80,7 +80,7 @@ def bg(tok):
 
 @pytest.fixture(scope="module")
 def live(bg, tok):
-    s = LiveServer(create_app(bg, tok, MODEL, max_context=CONTEXT, default_max_tokens=8))
+    s = LiveServer(create_app(Server(bg, tok, MODEL, max_context=CONTEXT, default_max_tokens=8)))
     yield s
     s.stop()
 
@@ -270,7 +270,7 @@ def test_prompt_longer_than_the_context_is_400(live, tok):
 
 
 def test_api_key(bg, tok):
-    s = LiveServer(create_app(bg, tok, MODEL, api_key=KEY, max_context=CONTEXT))
+    s = LiveServer(create_app(Server(bg, tok, MODEL, api_key=KEY, max_context=CONTEXT)))
     try:
         assert _error(httpx.get(f"{s.url}/v1/models"), 401)["code"] == "invalid_api_key"
         assert _error(httpx.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer nope"}), 401)
@@ -334,7 +334,7 @@ def test_aborted_requests_free_their_admission_slots(tok):
 def test_full_queue_is_503_with_retry_after(tok):
     """--max-batch 2 --max-waiting 1: three simultaneous requests are all served, the fourth gets a 503."""
     full, gate = paused_engine(tok, 2, 1)
-    s = LiveServer(create_app(full, tok, MODEL, max_context=CONTEXT))
+    s = LiveServer(create_app(Server(full, tok, MODEL, max_context=CONTEXT)))
     try:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "ignore_eos": True, "stream": True}
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
@@ -415,7 +415,7 @@ def test_a_tokenizer_smaller_than_the_model_vocab_does_not_fail_the_engine():
     small = train_tokenizer(["hello world, hello json"], 512, show_progress=False)
     assert small.get_vocab_size() < 512
     eng = BackgroundEngine(Engine(tiny_model(), small, max_batch=2), max_waiting=4)
-    s = LiveServer(create_app(eng, small, MODEL, max_context=CONTEXT))
+    s = LiveServer(create_app(Server(eng, small, MODEL, max_context=CONTEXT)))
     try:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=60)
         for seed in range(3):  # a random model samples ids the tokenizer lacks about every other token

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from test_server import MODEL, tiny_model, tiny_tokenizer
 
 from dsv4.infer.engine import BackgroundEngine, Engine
-from dsv4.infer.server import create_app
+from dsv4.infer.server import Server, create_app
 
 KEY = "sk-adversarial"
 CONTEXT = 24  # every request is short, so the valid ones among the odd cost little
@@ -87,8 +87,8 @@ def clients():
     tok = tiny_tokenizer()
     bg = BackgroundEngine(Engine(tiny_model(), tok, max_batch=2), max_waiting=64)
     apps = [
-        create_app(bg, tok, MODEL, max_context=CONTEXT, default_max_tokens=2),
-        create_app(bg, tok, MODEL, api_key=KEY, max_context=CONTEXT, default_max_tokens=2),
+        create_app(Server(bg, tok, MODEL, max_context=CONTEXT, default_max_tokens=2)),
+        create_app(Server(bg, tok, MODEL, api_key=KEY, max_context=CONTEXT, default_max_tokens=2)),
     ]
     cs = [TestClient(a, raise_server_exceptions=False) for a in apps]
     yield cs

@@ -252,21 +252,9 @@ def cmd_serve(args) -> int:
     device = _device(args)  # fails before uvicorn is imported
     from dsv4.app.serve import serve
 
-    serve(
-        args.ckpt,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
-        max_context=args.max_context,
-        prefill_chunk=args.prefill_chunk,
-        model_name=args.model_name,
-        default_max_tokens=args.default_max_tokens,
-        log_level=args.log_level,
-        device=device,
-        compile=args.compile,
-    )
+    options = ("api_key", "max_batch", "max_waiting", "max_context", "prefill_chunk", "model_name")
+    options += ("default_max_tokens", "host", "port", "log_level", "compile")
+    serve(args.ckpt, device=device, **{k: getattr(args, k) for k in options})
     return 0
 
 

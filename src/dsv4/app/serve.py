@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
 from dsv4.infer.engine import BackgroundEngine
-from dsv4.infer.server import create_app
-from dsv4.run import STATE_FILE, RunDir
+from dsv4.infer.server import Server, create_app
+from dsv4.run import CheckpointError, RunDir
 
 API_KEY_ENV = "DSV4_API_KEY"
 
@@ -28,16 +29,13 @@ def resolve_api_key(api_key: str | None, environ: Mapping[str, str] | None = Non
 
 
 def train_seq_len(ckpt: str | Path) -> int | None:
-    """The training sequence length of a run (RUN/train_config.json "seq_len"; for a checkpoint folder
-    RUN/ckpt-N, its parent's), or None when there is none."""
-    path = Path(ckpt)
-    folders = [path, path.parent] if (path / STATE_FILE).exists() else [path]
-    for folder in folders:
-        run = RunDir(folder)
-        if run.is_run():
-            n = run.train_settings().get("seq_len")
-            return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-    return None
+    """The training sequence length of a run (train_config.json "seq_len" of the run folder that RunDir.of
+    finds for a run, checkpoint or model path), or None when there is none."""
+    try:
+        n = RunDir.of(ckpt).train_settings().get("seq_len")
+    except CheckpointError:
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def serving_context(ckpt: str | Path, model_limit: int, max_context: int | None = None) -> int:
@@ -72,7 +70,7 @@ def build(
     )
     bg = BackgroundEngine(engine, max_waiting=max_waiting)
     name = model_name or Path(ckpt).resolve().name
-    app = create_app(
+    srv = Server(
         bg,
         tok,
         name,
@@ -81,44 +79,21 @@ def build(
         chat_template=load_template(ckpt),
         default_max_tokens=default_max_tokens,
     )
+    app = create_app(srv)
     return app, bg, name
 
 
-def serve(
-    ckpt: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_batch: int = 8,
-    max_waiting: int = 64,
-    max_context: int | None = None,
-    prefill_chunk: int = 2048,
-    model_name: str | None = None,
-    default_max_tokens: int = 256,
-    log_level: str = "info",
-    device: str = "cpu",
-    compile: bool = False,
-) -> None:
-    """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise); api_key: default
-    $DSV4_API_KEY (none when unset)."""
+def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options: Any) -> None:
+    """Load a run and serve it until interrupted (binds 127.0.0.1 unless told otherwise); options: build()'s
+    keyword arguments (api_key: default $DSV4_API_KEY, none when unset)."""
     import uvicorn
 
-    app, bg, name = build(
-        ckpt,
-        resolve_api_key(api_key),
-        max_batch,
-        max_waiting,
-        max_context,
-        prefill_chunk,
-        model_name,
-        default_max_tokens,
-        device,
-        compile,
-    )
+    options["api_key"] = resolve_api_key(options.get("api_key"))
+    app, bg, name = build(ckpt, **options)
     srv = app.state.server
     print(
         f"dsv4: serving model '{name}' on {bg.engine.device} at http://{host}:{port}/v1 "
-        f"(max_batch {max_batch}, max_waiting {max_waiting}, context {srv.max_context} tokens"
+        f"(max_batch {bg.engine.max_batch}, max_waiting {bg.max_waiting}, context {srv.max_context} tokens"
         f"{', API key required' if srv.api_key else ''})",
         flush=True,
     )

@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -495,12 +495,26 @@ class Server:
             "max_model_len": self.max_context,
         }
 
-    async def completions(self, request: Request) -> dict | StreamingResponse:
+    def envelope(self, rid: str, obj: str, created: int, **fields: Any) -> dict:
+        """The fields every completion object and chunk opens with, then `fields`."""
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "system_fingerprint": None,
+        } | fields
+
+    async def read_request(self, request: Request) -> tuple[dict, bool, bool]:
+        """The checked body of a completion request -> (body, stream, include_usage)."""
         body = await self.read_json(request)
         self.check_model(body)
         self.check_unsupported(body)
         stream = _get_bool(body, "stream")
-        include_usage = self.stream_options(body, stream)
+        return body, stream, self.stream_options(body, stream)
+
+    async def completions(self, request: Request) -> dict | StreamingResponse:
+        body, stream, include_usage = await self.read_request(request)
         prompt = self.prompt_ids(body)
         self.check_prompt_len(len(prompt), "prompt")
         params = self.sampling(body, len(prompt), 16)
@@ -508,15 +522,8 @@ class Server:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str | None, reason: str | None, usage: dict | None = None) -> dict:
-            out = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "choices": []
-                if usage
-                else [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}],
-            }
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            out = self.envelope(rid, "text_completion", created, choices=[] if usage else [choice])
             if include_usage:
                 out["usage"] = usage
             return out
@@ -524,22 +531,11 @@ class Server:
         if stream:
             return self.sse(req, q, chunk, include_usage)
         text, reason = await self.collect(request, req, q)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": self.model_name,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": self.usage(req),
-        }
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return self.envelope(rid, "text_completion", created, choices=[choice], usage=self.usage(req))
 
     async def chat_completions(self, request: Request) -> dict | StreamingResponse:
-        body = await self.read_json(request)
-        self.check_model(body)
-        self.check_unsupported(body)
-        stream = _get_bool(body, "stream")
-        include_usage = self.stream_options(body, stream)
+        body, stream, include_usage = await self.read_request(request)
         messages = body.get("messages")
         try:
             self.check_text_len(self.template.render(messages), "messages")
@@ -555,14 +551,8 @@ class Server:
         def chunk(text: str | None, reason: str | None, usage: dict | None = None, delta: dict | None = None) -> dict:
             if delta is None:
                 delta = {"content": text} if text is not None else {}
-            out = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "system_fingerprint": None,
-                "choices": [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-            }
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            out = self.envelope(rid, "chat.completion.chunk", created, choices=[] if usage else [choice])
             if include_usage:
                 out["usage"] = usage
             return out
@@ -572,22 +562,9 @@ class Server:
                 req, q, chunk, include_usage, first=chunk(None, None, delta={"role": "assistant", "content": ""})
             )
         text, reason = await self.collect(request, req, q)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": self.model_name,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            ],
-            "usage": self.usage(req),
-        }
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        return self.envelope(rid, "chat.completion", created, choices=[choice], usage=self.usage(req))
 
 
 def model_not_found(model: str, served: str) -> APIError:
@@ -612,21 +589,8 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
         return None
 
 
-def create_app(
-    engine_bg: BackgroundEngine,
-    tokenizer: Tokenizer,
-    model_name: str,
-    api_key: str | None = None,
-    max_context: int | None = None,
-    chat_template: ChatTemplate | None = None,
-    default_max_tokens: int = 256,
-    retry_after_s: int = 1,
-) -> FastAPI:
-    """The FastAPI app. max_context: tokens per request (prompt + output; default the engine's);
-    default_max_tokens: chat answers' limit when the client gives none (completions: 16, as OpenAI)."""
-    srv = Server(
-        engine_bg, tokenizer, model_name, api_key, max_context, chat_template, default_max_tokens, retry_after_s
-    )
+def create_app(srv: Server) -> FastAPI:
+    """The FastAPI app over one Server (its engine, tokenizer, name, limits and key)."""
     app = FastAPI(title="dsv4", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
 
@@ -653,9 +617,9 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        load = engine_bg.load()
-        if engine_bg.error is not None:
-            return JSONResponse({"status": "error", "error": str(engine_bg.error), **load}, status_code=503)
+        load = srv.bg.load()
+        if srv.bg.error is not None:
+            return JSONResponse({"status": "error", "error": str(srv.bg.error), **load}, status_code=503)
         return {"status": "ok", **load}
 
     @app.get("/v1/models")

@@ -12,6 +12,9 @@ O(T (chunk + window + N)) instead of O(T (T + N)). Both take optional document i
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 
 
@@ -75,22 +78,17 @@ def attention_reference(
     return (o, probs) if return_entry_probs else o
 
 
-def attention_chunked(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    sink: torch.Tensor,
-    scale: float,
-    window: int,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
-    entries: torch.Tensor | None = None,
-    entry_mask: torch.Tensor | None = None,
-    return_entry_probs: bool = False,
-    q_seg: torch.Tensor | None = None,
-    kv_seg: torch.Tensor | None = None,
-    chunk: int = 128,
-):
-    """Same result as attention_reference; kv_pos must be increasing (it is: cache order)."""
+_REFERENCE = inspect.signature(attention_reference)
+
+
+def attention_chunked(*args: Any, chunk: int = 128, **kwargs: Any):
+    """attention_reference(*args, **kwargs) in query chunks of `chunk` (the same arguments and result); each
+    chunk reads only its window band and the entries some query of it may see. kv_pos must be increasing
+    (it is: cache order)."""
+    a = _REFERENCE.bind(*args, **kwargs)
+    a.apply_defaults()
+    q, kv, sink, scale, window, q_pos, kv_pos = a.args[:7]
+    entries, entry_mask, return_entry_probs, q_seg, kv_seg = a.args[7:]
     t = q.shape[1]
     outs, probs = [], []
     for s0 in range(0, t, chunk):

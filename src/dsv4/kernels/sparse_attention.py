@@ -261,21 +261,64 @@ def _run(q, kv, sink, entries, plan, return_entry_probs):
     return res
 
 
-def sparse_attention(
+def v4_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
     sink: torch.Tensor,
     scale: float,
     window: int,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
-    entries: torch.Tensor,
-    topk_idx: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    entries: torch.Tensor | None = None,
+    topk_idx: torch.Tensor | None = None,
+    *,
+    ratio: int = 1,
+    exclude_window: int = 0,
     chunk: int = 256,
     q_seg: torch.Tensor | None = None,
     kv_seg: torch.Tensor | None = None,
+    entry_seg: torch.Tensor | None = None,
     return_entry_probs: bool = False,
 ):
+    """The one banded kernel behind every layer kind: the window band of kv plus, with topk_idx, the
+    selected entries (sparse_attention) or, without, every causally complete entry (dense_entries_attention),
+    or nothing when there are no entries (window_attention). One softmax with the sink. positions: (q_pos [T],
+    kv_pos [S]); the keywords are the three wrappers' (see their docstrings)."""
+    q_pos, kv_pos = positions
+    ext = _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, return_entry_probs)
+    if ext is not None:
+        return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, topk_idx, ratio, exclude_window)
+    cd, acc = _dtypes(q, kv, entries)
+    n = 0 if entries is None else entries.shape[1]
+    sparse = topk_idx is not None
+    kind = "none" if n == 0 or (sparse and topk_idx.shape[-1] == 0) else ("sparse" if sparse else "dense")
+    chunks = _plan_chunks(q_pos, kv_pos, window, chunk, 0 if sparse else n, ratio, exclude_window)
+    plan = _Plan(
+        kind,
+        scale,
+        window,
+        q_pos,
+        kv_pos,
+        chunks,
+        q_seg,
+        kv_seg,
+        idx=topk_idx if kind == "sparse" else None,
+        ratio=ratio,
+        exclude_window=exclude_window,
+        entry_seg=entry_seg,
+        cdtype=cd,
+        acc=acc,
+    )
+    if kind != "none":
+        return _run(q, kv, sink, entries, plan, return_entry_probs)
+    res = _run(q, kv, sink, None, plan, False)
+    if not return_entry_probs:
+        return res
+    if sparse:
+        return res, torch.zeros(*topk_idx.shape, dtype=acc, device=q.device)
+    return res, (None if entries is None else torch.zeros(q.shape[0], q.shape[1], 0, dtype=acc, device=q.device))
+
+
+def sparse_attention(q, kv, sink, scale, window, q_pos, kv_pos, entries, topk_idx, **kw):
     """CSA / DSA attention over window keys + top-k selected entries, one softmax with the sink.
 
     o_th = sum_{s in win(t)} p_ts kv_s + sum_{i: idx_ti >= 0} p_ti entries[idx_ti]   (docs/spec.md section 2;
@@ -287,60 +330,10 @@ def sparse_attention(
     return_entry_probs: also return the attention mass (summed over heads) on each SELECTED slot,
     [B,T,k] aligned with topk_idx (0 on -1 slots), detached.
     """
-    ext = _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, return_entry_probs)
-    if ext is not None:
-        return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, topk_idx)
-    cd, acc = _dtypes(q, kv, entries)
-    if entries is None or entries.shape[1] == 0 or topk_idx.shape[-1] == 0:
-        plan = _Plan(
-            "none",
-            scale,
-            window,
-            q_pos,
-            kv_pos,
-            _plan_chunks(q_pos, kv_pos, window, chunk),
-            q_seg,
-            kv_seg,
-            cdtype=cd,
-            acc=acc,
-        )
-        res = _run(q, kv, sink, None, plan, False)
-        if return_entry_probs:
-            return res, torch.zeros(*topk_idx.shape, dtype=acc, device=q.device)
-        return res
-    plan = _Plan(
-        "sparse",
-        scale,
-        window,
-        q_pos,
-        kv_pos,
-        _plan_chunks(q_pos, kv_pos, window, chunk),
-        q_seg,
-        kv_seg,
-        idx=topk_idx,
-        cdtype=cd,
-        acc=acc,
-    )
-    return _run(q, kv, sink, entries, plan, return_entry_probs)
+    return v4_attention(q, kv, sink, scale, window, (q_pos, kv_pos), entries, topk_idx, **kw)
 
 
-def dense_entries_attention(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    sink: torch.Tensor,
-    scale: float,
-    window: int,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
-    entries: torch.Tensor | None = None,
-    ratio: int = 1,
-    exclude_window: int = 0,
-    chunk: int = 256,
-    q_seg: torch.Tensor | None = None,
-    kv_seg: torch.Tensor | None = None,
-    entry_seg: torch.Tensor | None = None,
-    return_entry_probs: bool = False,
-):
+def dense_entries_attention(q, kv, sink, scale, window, q_pos, kv_pos, entries=None, **kw):
     """HCA attention: window keys + every causally complete entry, one softmax with the sink.
 
     Entry j is visible to query t iff j < (t + 1 - exclude_window) // ratio (docs/spec.md section 2: HCA
@@ -351,50 +344,10 @@ def dense_entries_attention(
     return_entry_probs: also the detached per-entry mass summed over heads, [B,T,N] (O(T N): for the
     dense indexer warm-up only).
     """
-    ext = _native(q, kv, sink, entries, q_pos, kv_pos, q_seg, return_entry_probs)
-    if ext is not None:
-        return _native_call(ext, q, kv, sink, scale, window, q_pos, kv_pos, entries, None, ratio, exclude_window)
-    cd, acc = _dtypes(q, kv, entries)
-    n = 0 if entries is None else entries.shape[1]
-    kind = "dense" if n > 0 else "none"
-    plan = _Plan(
-        kind,
-        scale,
-        window,
-        q_pos,
-        kv_pos,
-        _plan_chunks(q_pos, kv_pos, window, chunk, n, ratio, exclude_window),
-        q_seg,
-        kv_seg,
-        ratio=ratio,
-        exclude_window=exclude_window,
-        entry_seg=entry_seg,
-        cdtype=cd,
-        acc=acc,
-    )
-    if kind == "none":
-        res = _run(q, kv, sink, None, plan, False)
-        if return_entry_probs:
-            zeros = None if entries is None else torch.zeros(q.shape[0], q.shape[1], 0, dtype=acc, device=q.device)
-            return res, zeros
-        return res
-    return _run(q, kv, sink, entries, plan, return_entry_probs)
+    return v4_attention(q, kv, sink, scale, window, (q_pos, kv_pos), entries, **kw)
 
 
-def window_attention(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    sink: torch.Tensor,
-    scale: float,
-    window: int,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
-    chunk: int = 256,
-    q_seg: torch.Tensor | None = None,
-    kv_seg: torch.Tensor | None = None,
-) -> torch.Tensor:
+def window_attention(q, kv, sink, scale, window, q_pos, kv_pos, **kw) -> torch.Tensor:
     """SWA attention: o_th = sum_{t - n_win < s <= t, same doc} p_ts kv_s, softmax with the sink
     (docs/spec.md section 2, m = 0). Banded chunks (memory O(chunk (chunk + window) H)), recomputing backward."""
-    return dense_entries_attention(
-        q, kv, sink, scale, window, q_pos, kv_pos, None, chunk=chunk, q_seg=q_seg, kv_seg=kv_seg
-    )
+    return v4_attention(q, kv, sink, scale, window, (q_pos, kv_pos), **kw)

@@ -11,7 +11,7 @@ The core softmax lives in dsv4.kernels.attention so faster kernels slot in there
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -38,6 +38,18 @@ class IndexerOut:
 
     loss: torch.Tensor | None = None  # indexer_kl(scores, attention mass, allowed entries): indexer_mode only
     record: dict | None = None  # collect: layer, scores, visible, idx, entry_mask, probs (all [B,T,...])
+
+
+class Projected(NamedTuple):
+    """One layer call's inputs and projections: x [B,T,d], c_q [B,T,q_lora], q [B,T,h,c], kv [B,T,c] (both
+    roped at cos/sin [T, r/2])."""
+
+    x: torch.Tensor
+    c_q: torch.Tensor
+    q: torch.Tensor
+    kv: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 INFER_CHUNK = 4096  # queries per indexer + attention call in inference (memory O(chunk * k), not O(T * k))
@@ -95,15 +107,27 @@ class Attention(KeepFP32):
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
         return self.wo_b(o)
 
-    def project_in(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Projected:
         """-> c_q = RMSNorm(x W_qa) [B,T,q_lora], q [B,T,h,c] and kv [B,T,c], both roped at cos/sin."""
         c_q = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
-        return c_q, q, kv
+        return Projected(x, c_q, q, kv, cos, sin)
+
+    def attend(
+        self,
+        kernel: Any,
+        q: torch.Tensor,
+        band: torch.Tensor,
+        q_pos: torch.Tensor,
+        kv_pos: torch.Tensor,
+        *rest: Any,
+        **kw: Any,
+    ) -> Any:
+        """kernel(q, band, sink, scale, window, q_pos, kv_pos, *rest, **kw): this layer's sink, scale and window
+        passed to one attention kernel of dsv4.kernels."""
+        return kernel(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, *rest, **kw)
 
     def forward(
         self,
@@ -118,17 +142,15 @@ class Attention(KeepFP32):
         ids for sample-level masking (None = one document per row). cache: a dsv4.infer.cache.LayerCache
         (positions [T] for a chunk of rows at one length, [B, 1] for a decode step). The uncached kernel
         is self.impl (Transformer.set_attention_impl)."""
-        c_q, q, kv = self.project_in(x, cos, sin)
+        p = self.project_in(x, cos, sin)
         if cache is not None and positions.dim() == 2:
-            o = self.step_core(x, c_q, q, kv, cos, sin, positions[:, 0], cache)
-            return self.project_out(apply_rope(o, cos, sin, inverse=True))
-        if cache is not None:
-            o = self.sparse_core(x, c_q, q, cos, sin, *self.cached_keys(x, kv, cos, sin, positions, cache), positions)
-            return self.project_out(apply_rope(o, cos, sin, inverse=True))
-        if self.impl == "sparse":
-            o = self.sparse_core(x, c_q, q, cos, sin, *self.keys(x, kv, cos, sin, positions), positions, segment_ids)
-            return self.project_out(apply_rope(o, cos, sin, inverse=True))
-        o, _ = self.masked_core(x, c_q, q, kv, cos, sin, positions, segment_ids, self.impl)
+            o = self.step_core(p, positions[:, 0], cache)
+        elif cache is not None:
+            o = self.sparse_core(p, *self.cached_keys(p, positions, cache), positions)
+        elif self.impl == "sparse":
+            o = self.sparse_core(p, *self.keys(p, positions), positions, segment_ids)
+        else:
+            o, _ = self.masked_core(p, positions, segment_ids, self.impl)
         return self.project_out(apply_rope(o, cos, sin, inverse=True))
 
     @property
@@ -139,20 +161,21 @@ class Attention(KeepFP32):
     def forward_indexer(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         indexer_mode: str | None = None,
         collect: bool = False,
     ) -> tuple[torch.Tensor, IndexerOut | None]:
-        """Uncached forward that exposes the indexer -> (out [B,T,d], IndexerOut for CSA/DSA, None otherwise).
+        """Uncached forward (rope = (cos, sin)) that exposes the indexer -> (out [B,T,d], IndexerOut for CSA/DSA,
+        None otherwise).
         The sparse stage (indexer_mode "sparse", impl "sparse", no collect) of a CSA/DSA layer with more than
         SPARSE_STAGE_MIN_ENTRIES x top-k entries runs sparse_indexer_core; everything else needs the
         attention mass on every entry, so it runs self.masked_impl. indexer_mode "dense" (warm-up:
         dense attention over every visible entry) or "sparse" (top-k attention) adds the KL loss on a
         detached indexer input; collect keeps the scores, selections and attention mass (IndexerOut.record)."""
-        c_q, q, kv = self.project_in(x, cos, sin)
+        cos, sin = rope
+        p = self.project_in(x, cos, sin)
         ix: IndexerOut | None
         if (
             indexer_mode == "sparse"
@@ -161,21 +184,14 @@ class Attention(KeepFP32):
             and self.kind in ("csa", "dsa")
             and x.shape[1] // self.ratio > SPARSE_STAGE_MIN_ENTRIES * self.indexer.topk
         ):
-            o, ix = self.sparse_indexer_core(x, c_q, q, kv, cos, sin, positions, segment_ids)
-            return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
-        o, ix = self.masked_core(
-            x, c_q, q, kv, cos, sin, positions, segment_ids, self.masked_impl, indexer_mode, collect
-        )
+            o, ix = self.sparse_indexer_core(p, positions, segment_ids)
+        else:
+            o, ix = self.masked_core(p, positions, segment_ids, self.masked_impl, indexer_mode, collect)
         return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
 
     def masked_core(
         self,
-        x: torch.Tensor,
-        c_q: torch.Tensor,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        p: Projected,
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None,
         impl: str,
@@ -184,6 +200,7 @@ class Attention(KeepFP32):
     ) -> tuple[torch.Tensor, IndexerOut | None]:
         """Keys through an explicit [B,T,N] entry mask and IMPLS[impl] -> (o [B,T,h,c], IndexerOut or None).
         The IndexerOut (CSA/DSA, when indexer_mode or collect is given) needs the entry probabilities."""
+        x, c_q, q, kv, cos, sin = p
         b, t, _ = x.shape
         entries: torch.Tensor | None = None
         entry_mask: torch.Tensor | None = None
@@ -207,20 +224,8 @@ class Attention(KeepFP32):
             idx, scores, visible = self.indexer(xi, cqi, cos, sin, positions, same_doc)
             entry_mask = visible if indexer_mode == "dense" else selection_mask(idx, entries.shape[1])
         want_probs = bool(indexer_mode or collect) and self.kind in ("csa", "dsa")
-        res = IMPLS[impl](
-            q,
-            kv,
-            self.attn_sink,
-            self.scale,
-            self.window,
-            positions,
-            positions,
-            entries,
-            entry_mask,
-            return_entry_probs=want_probs,
-            q_seg=segment_ids,
-            kv_seg=segment_ids,
-        )
+        seg = dict(q_seg=segment_ids, kv_seg=segment_ids)
+        res = self.attend(IMPLS[impl], q, kv, positions, positions, entries, entry_mask, want_probs, **seg)
         if not want_probs:
             return res, None
         o, probs = res
@@ -240,21 +245,14 @@ class Attention(KeepFP32):
         return o, ix
 
     def sparse_indexer_core(
-        self,
-        x: torch.Tensor,
-        c_q: torch.Tensor,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        segment_ids: torch.Tensor | None,
+        self, p: Projected, positions: torch.Tensor, segment_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, IndexerOut]:
         """Sparse-stage training of a CSA/DSA layer without any [B,T,N] tensor -> (o, IndexerOut with the KL).
         The indexer (on its detached input) picks the top-k; the gather kernel attends window + selection
         and returns its mass on each selected entry; the indexer's scores of the selected entries alone
         carry the KL's gradient. The same loss and output as masked_core(..., indexer_mode="sparse"), the
         reference twin (tests compare the two, forward and backward)."""
+        x, c_q, q, kv, cos, sin = p
         ix, xi, cqi = self.indexer, x.detach(), c_q.detach()
         entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
         ikeys = ix.compressor(xi, cos, sin)
@@ -263,29 +261,20 @@ class Attention(KeepFP32):
         same = None if segment_ids is None else segment_same_doc(segment_ids, cast(torch.Tensor, entry_seg))
         with torch.no_grad():
             idx = chunked_indexer_topk(qi, wi, ikeys, ix.topk, positions, ix.ratio, ix.exclude_window, same_doc_fn=same)
-        o, mass = sparse_attention(
-            q,
-            kv,
-            self.attn_sink,
-            self.scale,
-            self.window,
-            positions,
-            positions,
-            entries,
-            idx,
-            q_seg=segment_ids,
-            kv_seg=segment_ids,
-            return_entry_probs=True,
+        seg = dict(q_seg=segment_ids, kv_seg=segment_ids)
+        o, mass = self.attend(
+            sparse_attention, q, kv, positions, positions, entries, idx, return_entry_probs=True, **seg
         )
         selected = indexer_selected_scores(qi, wi, ikeys, idx)
         return o, IndexerOut(loss=indexer_kl(selected, mass.detach(), idx >= 0))
 
     # ------------------------------------------------------------------ key plans
     def keys(
-        self, x: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+        self, p: Projected, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Keys from the current tokens (uncached): (raw band [B,T,c], its positions [T], entries [B,N,c]
         or None, indexer keys [B,N_I,c_I] or None)."""
+        x, kv, cos, sin = p.x, p.kv, p.cos, p.sin
         if self.kind == "swa":
             return kv, positions, None, None
         entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
@@ -293,17 +282,12 @@ class Attention(KeepFP32):
         return kv, positions, entries, ikeys
 
     def cached_keys(
-        self,
-        x: torch.Tensor,
-        kv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        q_pos: torch.Tensor,
-        cache: LayerCache,
+        self, p: Projected, q_pos: torch.Tensor, cache: LayerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The same key plan for a chunk continuing cached rows (all at position start = q_pos[0]): the new
         kv, entries and indexer keys are stored first, then the keys are read back (window band: the ring's
         last n_win - 1 positions + the chunk; DSA: every raw position)."""
+        x, kv, cos, sin = p.x, p.kv, p.cos, p.sin
         rows, start, t = cache.rows, int(q_pos[0]), x.shape[1]
         assert rows is not None  # bound by ModelCache.begin
         if self.kind == "dsa":
@@ -339,11 +323,7 @@ class Attention(KeepFP32):
     # ------------------------------------------------------------------ cores
     def sparse_core(
         self,
-        x: torch.Tensor,
-        c_q: torch.Tensor,
-        q: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        p: Projected,
         band: torch.Tensor,
         kv_pos: torch.Tensor,
         entries: torch.Tensor | None,
@@ -353,25 +333,15 @@ class Attention(KeepFP32):
     ) -> torch.Tensor:
         """The long-context path for one key plan: banded window (SWA), dense entries (HCA), chunked
         indexer top-k + gather attention (CSA/DSA). No tensor is O(T^2) or O(T N)."""
+        x, c_q, q, _, cos, sin = p
         common: dict[str, Any] = dict(q_seg=segment_ids, kv_seg=segment_ids)
         if self.kind == "swa":
-            return window_attention(q, band, self.attn_sink, self.scale, self.window, q_pos, kv_pos, **common)
+            return self.attend(window_attention, q, band, q_pos, kv_pos, **common)
         assert entries is not None  # HCA / CSA / DSA key plans have entries
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         if self.kind == "hca":
-            return dense_entries_attention(
-                q,
-                band,
-                self.attn_sink,
-                self.scale,
-                self.window,
-                q_pos,
-                kv_pos,
-                entries,
-                ratio=self.ratio,
-                entry_seg=entry_seg,
-                **common,
-            )
+            kw = dict(ratio=self.ratio, entry_seg=entry_seg, **common)
+            return self.attend(dense_entries_attention, q, band, q_pos, kv_pos, entries, **kw)
         assert ikeys is not None  # CSA / DSA key plans have indexer keys
         ix = self.indexer
         qi, wi = ix.queries(x, c_q, cos, sin)
@@ -385,11 +355,7 @@ class Attention(KeepFP32):
             idx = chunked_indexer_topk(
                 qi[:, sl], wi[:, sl], ikeys, ix.topk, q_pos[sl], ix.ratio, ix.exclude_window, same_doc_fn=same
             )
-            outs.append(
-                sparse_attention(
-                    q[:, sl], band, self.attn_sink, self.scale, self.window, q_pos[sl], kv_pos, entries, idx, **common
-                )
-            )
+            outs.append(self.attend(sparse_attention, q[:, sl], band, q_pos[sl], kv_pos, entries, idx, **common))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     @staticmethod
@@ -400,21 +366,12 @@ class Attention(KeepFP32):
             return None
         return max(1, int(visible_count(pos.max() + 1, ratio, exclude_window)))
 
-    def step_core(
-        self,
-        x: torch.Tensor,
-        c_q: torch.Tensor,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        pos: torch.Tensor,
-        cache: LayerCache,
-    ) -> torch.Tensor:
+    def step_core(self, p: Projected, pos: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One decode token per row at per-row positions pos [B]; one kernel call attends the parts (window,
         entries). Under torch.compile the shapes are static: every store is read whole (its capacity, fixed
         between ModelCache.begin calls) under validity masks and the indexer's top-k is topk_static.
         Eagerly, only the prefix some row can see is read and topk_eager selects (the same set)."""
+        x, c_q, q, kv, cos, sin = p
         rows, view = cache.rows, cache.view
         assert rows is not None and view is not None  # bound by ModelCache.begin
         if self.kind == "dsa":

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -296,21 +296,9 @@ class Engram(KeepFP32):
             y = y + w[k] * tap
         return y
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LayerCache | None = None,
-        segment_ids: torch.Tensor | None = None,
-        prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """x [B,T,hc,d] streams, ids [B,T] canonical ids -> Y = SiLU(Conv1D(RMSNorm(U))) + U [B,T,hc,d].
-
-        cache: a LayerCache whose `engram` state holds the previous ids and conv inputs (positions [T] for
-        a chunk, [B, 1] for a decode step); prefetched: (sorted unique rows, values [N, dim]) covering the
-        rows of this batch (default: read from the table)."""
-        return self.forward_gated(x, ids, positions, cache, segment_ids, prefetched)[0]
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Y = forward_gated(...)[0] (the same arguments)."""
+        return self.forward_gated(*args, **kwargs)[0]
 
     def forward_gated(
         self,
@@ -321,7 +309,12 @@ class Engram(KeepFP32):
         segment_ids: torch.Tensor | None = None,
         prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward -> (Y, the gate alpha [B, T, hc])."""
+        """x [B,T,hc,d] streams, ids [B,T] canonical ids -> (Y = SiLU(Conv1D(RMSNorm(U))) + U [B,T,hc,d],
+        the gate alpha [B, T, hc]).
+
+        cache: a LayerCache whose `engram` state holds the previous ids and conv inputs (positions [T] for
+        a chunk, [B, 1] for a decode step); prefetched: (sorted unique rows, values [N, dim]) covering the
+        rows of this batch (default: read from the table)."""
         state = None if cache is None else cache.engram
         hist_ids: torch.Tensor | None = None
         hist_z: torch.Tensor | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ class Block(KeepFP32):
             x = x + e
         u, post, res_attn = self._hc("attn", x)
         if observe:
-            a, ix = self.attn.forward_indexer(self.attn_norm(u), *rope, positions, segment_ids, indexer_mode, collect)
+            a, ix = self.attn.forward_indexer(self.attn_norm(u), rope, positions, segment_ids, indexer_mode, collect)
         else:
             a, ix = self.attn(self.attn_norm(u), *rope, positions, segment_ids, cache), None
         x = hc_post(a, x, post, res_attn)
@@ -157,19 +157,12 @@ class MTPBlock(Block):
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
     def forward(  # type: ignore[override]  # an MTP block also takes the next tokens' embeddings
-        self,
-        x: torch.Tensor,
-        emb: torch.Tensor,
-        input_ids: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        reference: bool = False,
-        segment_ids: torch.Tensor | None = None,
-        cache: LayerCache | None = None,
+        self, x: torch.Tensor, emb: torch.Tensor, *block_args: Any, **block_kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]."""
+        """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]; block_args:
+        Block.forward's arguments after x -> (normed head input [B,T,d], new streams, balance loss or None)."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
-        x, aux, _ = super().forward(x, input_ids, rope, positions, reference, segment_ids, cache)
+        x, aux, _ = super().forward(x, *block_args, **block_kwargs)
         c = self.cfg
         h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
         return self.norm(h), x, aux

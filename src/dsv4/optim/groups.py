@@ -28,6 +28,7 @@ param group stores 'lr_mult' and dsv4.optim.schedule.set_lr sets lr = base lr * 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -106,19 +107,15 @@ def build_optimizer(
     model: nn.Module,
     lr: float,
     weight_decay: float = 0.1,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
     lr_mult: dict[str, float] | None = None,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    update_scale: float = 0.18,
     hc_fn: str = "muon",
-    ns_bf16: bool = False,
+    **hyper: Any,
 ) -> Muon:
     """One Optimizer for the whole model: Muon groups and AdamW groups (see module docstring).
 
     Groups are keyed by (algorithm, weight_decay, lr_mult, blocks); each has 'name', 'lr_mult' and
-    'param_names'. Initial group lr = lr * lr_mult.
+    'param_names'. Initial group lr = lr * lr_mult. hyper: Muon's other defaults (momentum, nesterov,
+    update_scale, ns_bf16, betas, eps).
     """
     plan = assign_param_groups(model, weight_decay, lr_mult, hc_fn)
     params = dict(model.named_parameters())
@@ -141,17 +138,7 @@ def build_optimizer(
                 blocks=a.blocks,
             )
         groups[key]["params"].append((name, params[name]))
-    return Muon(
-        list(groups.values()),
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        update_scale=update_scale,
-        ns_bf16=ns_bf16,
-        betas=betas,
-        eps=eps,
-    )
+    return Muon(list(groups.values()), lr=lr, weight_decay=weight_decay, **hyper)
 
 
 def format_assignment(plan: dict[str, Assignment]) -> str:

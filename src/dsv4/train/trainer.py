@@ -531,15 +531,7 @@ class Trainer:
                 if step % tc.eval_every == 0 and step != st["total_steps"]:
                     self.write(self.evaluate(step, tc.eval_batches))
                 if step % tc.ckpt_every == 0 and step != st["total_steps"]:
-                    save_checkpoint(
-                        self.run,
-                        step,
-                        self.model,
-                        self.optimizer,
-                        st,
-                        tc.keep_last,
-                        extra=self.engram.save if self.engram else None,
-                    )
+                    self.save(step, st)
                 if budget is not None and st["elapsed"] > budget * 1.05 and step < st["total_steps"]:
                     st["total_steps"] = step  # the plan overran the budget: stop here (the schedule is kept)
                 if self._pending_interrupt:
@@ -550,15 +542,7 @@ class Trainer:
             if self._in_update:  # raised inside the update itself: this state must not be saved
                 print(f"\ninterrupted during the update of step {step}; --resume continues from the last checkpoint")
                 raise
-            path = save_checkpoint(
-                self.run,
-                step,
-                self.model,
-                self.optimizer,
-                st,
-                tc.keep_last,
-                extra=self.engram.save if self.engram else None,
-            )
+            path = self.save(step, st)
             print(f"\ninterrupted: saved {path}; continue with --resume")
             raise
         finally:
@@ -566,16 +550,14 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
-        save_checkpoint(
-            self.run,
-            step,
-            self.model,
-            self.optimizer,
-            st,
-            tc.keep_last,
-            extra=self.engram.save if self.engram else None,
-        )
+        self.save(step, st)
         return self.finish(step)
+
+    def save(self, step: int, st: dict) -> Path:
+        """Write the checkpoint of `step` atomically (model, optimiser, train state, Engram tables)."""
+        tc = self.tc
+        extra = self.engram.save if self.engram else None
+        return save_checkpoint(self.run, step, self.model, self.optimizer, st, tc.keep_last, extra=extra)
 
     def _plan_steps(self, budget: float, elapsed: float, t_warm: float, t_sparse: float) -> int:
         """Steps of a --minutes run: the most whose indexer warm-up steps (t_warm s each) and LM steps
