@@ -623,6 +623,7 @@ def run(args=None) -> dict:
 
 
 def main(argv=None) -> int:
+    """Measure every variant and print the RESULT lines; exit status 0."""
     run(parse_args(argv))
     return 0
 
