@@ -1,4 +1,6 @@
 import importlib.util
+import shutil
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,20 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def small_config(**overrides) -> ModelConfig:
     """The micro preset (every main layer kind: swa, csa, hca m'=16, csa; both router kinds), overridden."""
     return ModelConfig.preset("micro").replace(**overrides)
+
+
+def copy_corpus(dst: Path, n: int = 30) -> Path:
+    """n small (1.5-5 KB) stdlib .py files, flattened into dst; sorted, so the same on every run."""
+    std = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    files = sorted(
+        p for p in std.rglob("*.py") if not skip & set(p.relative_to(std).parts) and 1500 < p.stat().st_size < 5000
+    )
+    assert len(files) >= n, f"only {len(files)} small stdlib files under {std}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in files[:n]:
+        shutil.copy(p, dst / "_".join(p.relative_to(std).parts))
+    return dst
 
 
 @pytest.fixture

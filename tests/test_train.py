@@ -15,12 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_corpus
 
 import dsv4.train.checkpoint as ckpt_mod
 import dsv4.train.trainer as trainer_mod
@@ -62,23 +62,9 @@ def _fast_cpu():
     torch.set_num_threads(threads)
 
 
-def _copy_corpus(dst: Path, n: int = 30) -> Path:
-    """n small (1.5-5 KB) stdlib .py files, flattened into dst; sorted, so the same on every run."""
-    std = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    files = sorted(
-        p for p in std.rglob("*.py") if not skip & set(p.relative_to(std).parts) and 1500 < p.stat().st_size < 5000
-    )
-    assert len(files) >= n, f"only {len(files)} small stdlib files under {std}"
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in files[:n]:
-        shutil.copy(p, dst / "_".join(p.relative_to(std).parts))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return _copy_corpus(tmp_path_factory.mktemp("corpus"))
+    return copy_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,8 @@ def cmd_train(args) -> int:
         _check_resume_flags(args)
     elif args.steps is None and args.minutes is None:
         raise ConfigError("give --steps N or --minutes M")
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     # --resume without --device continues on the run's own device ("" = keep it)
     device = args.device or ("" if args.resume else "cpu")
     tc = TrainConfig(
@@ -190,7 +192,30 @@ def cmd_train(args) -> int:
     if device:
         tc.validate_device()
     final = train(tc, args.overrides, resume=args.resume)
+    if final.get("xz_bpb") is None:  # another rank of a torchrun job: rank 0 prints the summary
+        return 0
     print(f"val bits/byte {final['val_bpb']:.3f} (xz -9 on the same bytes: {final['xz_bpb']:.3f}); run in {args.out}")
+    return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """`dsv4 train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m dsv4 train ...`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "dsv4", *rest])
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise RuntimeError(f"the torchrun job stopped: rank {rank} exited with status {failure.exitcode}") from None
     return 0
 
 
@@ -363,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=COUNT, default=None, help="optimiser steps")
     budget.add_argument("--minutes", type=MINUTES, default=None, help="wall-clock budget")
     tr.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
+    tr.add_argument(
+        "--nproc",
+        type=COUNT,
+        default=None,
+        metavar="N",
+        help="train with N processes on this machine (torchrun, FSDP2 data parallel; the global batch is "
+        "split across them); many machines: torchrun --nnodes ... -m dsv4.train ...",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.add_argument(
         "--device",
@@ -515,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status

@@ -23,7 +23,7 @@ from dsv4.kernels.indexer_topk import chunked_indexer_topk, indexer_selected_sco
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
 from dsv4.kernels.topk import topk_eager, topk_static
 from dsv4.model.compressor import Compressor
-from dsv4.model.indexer import Indexer, indexer_kl, visible_count, visible_entries
+from dsv4.model.indexer import Indexer, indexer_kl, kl_queries, visible_count, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
 from dsv4.model.precision import KeepFP32
 from dsv4.model.rope import Rotary, apply_rope
@@ -37,6 +37,7 @@ class IndexerOut:
     """The indexer's training outputs of one CSA/DSA layer (Attention.forward_indexer)."""
 
     loss: torch.Tensor | None = None  # indexer_kl(scores, attention mass, allowed entries): indexer_mode only
+    queries: torch.Tensor | None = None  # with loss: how many queries its mean is over (kl_queries), 0-dim
     record: dict | None = None  # collect: layer, scores, visible, idx, entry_mask, probs (all [B,T,...])
 
 
@@ -233,6 +234,7 @@ class Attention(KeepFP32):
         if indexer_mode:
             assert entry_mask is not None  # want_probs: a CSA/DSA layer, whose branch above set it
             ix.loss = indexer_kl(scores, probs.detach(), entry_mask)
+            ix.queries = kl_queries(entry_mask, torch.where(entry_mask, probs.detach(), 0.0).sum(-1)).sum()
         if collect:
             ix.record = dict(
                 layer=self.layer_id,
@@ -266,7 +268,9 @@ class Attention(KeepFP32):
             sparse_attention, q, kv, positions, positions, entries, idx, return_entry_probs=True, **seg
         )
         selected = indexer_selected_scores(qi, wi, ikeys, idx)
-        return o, IndexerOut(loss=indexer_kl(selected, mass.detach(), idx >= 0))
+        chosen = idx >= 0
+        n = kl_queries(chosen, torch.where(chosen, mass.detach(), 0.0).sum(-1)).sum()
+        return o, IndexerOut(loss=indexer_kl(selected, mass.detach(), chosen), queries=n)
 
     # ------------------------------------------------------------------ key plans
     def keys(

@@ -102,6 +102,12 @@ class Indexer(nn.Module):
         return topk_indices(scores, self.topk, visible), scores, visible
 
 
+def kl_queries(allowed: torch.Tensor, total_mass: torch.Tensor) -> torch.Tensor:
+    """The queries indexer_kl averages over: bool [B,T], those with an allowed entry that holds attention
+    mass (total_mass [B,T] = the mass on the allowed entries)."""
+    return allowed.any(-1) & (total_mass > 0)
+
+
 def indexer_kl(scores: torch.Tensor, attn_mass: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """DSA indexer loss (V3.2 report): mean over queries of KL(p_t || softmax(I_t)) on the allowed entries.
 
@@ -111,7 +117,7 @@ def indexer_kl(scores: torch.Tensor, attn_mass: torch.Tensor, allowed: torch.Ten
     """
     mass = torch.where(allowed, attn_mass.float(), 0.0)
     total = mass.sum(-1, keepdim=True)
-    has = allowed.any(-1) & (total.squeeze(-1) > 0)
+    has = kl_queries(allowed, total.squeeze(-1))
     if not has.any():
         return scores.sum() * 0.0
     p = mass / total.clamp_min(1e-30)

@@ -38,6 +38,7 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # final 4-stream state before the hc head
     h: torch.Tensor | None = None  # final normed hidden [B, T, d] (the LM head's input)
     mtp_h: list[torch.Tensor] = field(default_factory=list)  # the same for each MTP depth
+    indexers: list[IndexerOut] = field(default_factory=list)  # indexer_mode: each CSA/DSA layer's KL and count
 
 
 @dataclass
@@ -441,4 +442,5 @@ class Transformer(KeepFP32):
             x,
             out,
             mtp_h,
+            [ix for ix in ixs if ix.loss is not None],
         )

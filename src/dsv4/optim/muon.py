@@ -71,6 +71,11 @@ def hybrid_newton_schulz(
     return x.reshape(shape)
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2): its update needs the whole matrix from every rank."""
+    return type(p).__name__ == "DTensor"
+
+
 def _dense_grads(group: dict, algo: str):
     """(param, grad) of the group's parameters that have a gradient; sparse gradients are an error."""
     for p in group["params"]:
@@ -161,6 +166,7 @@ class Muon(Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         dtype = torch.bfloat16 if group["ns_bf16"] else torch.float32
         pending: dict[tuple[int, int], list] = {}
+        sharded: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
         for p, g in _dense_grads(group, "Muon"):
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -169,6 +175,9 @@ class Muon(Optimizer):
             buf.mul_(mu).add_(g)  # M_t = mu M_{t-1} + G_t
             u = g.add(buf, alpha=mu) if group["nesterov"] else buf
             rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
+            if _is_sharded(p):  # FSDP2: the owner rank orthogonalises the whole matrix (dsv4.parallel.muon)
+                sharded.append((p, u, (rows, cols)))
+                continue
             mats = u.reshape(-1, rows, cols)
             if p.numel() > BATCH_NUMEL:  # large enough to keep the matmul units busy on its own
                 self._apply(group, [p], hybrid_newton_schulz(mats, dtype=dtype), lr, wd)
@@ -177,6 +186,19 @@ class Muon(Optimizer):
         for items in pending.values():
             ps = [p for p, _ in items]
             self._apply(group, ps, hybrid_newton_schulz(torch.cat([m for _, m in items]), dtype=dtype), lr, wd)
+        if sharded:
+            from dsv4.parallel.muon import orthogonalize_sharded
+
+            shapes = [rc for _, _, rc in sharded]
+            outs = orthogonalize_sharded(
+                [u for _, u, _ in sharded], shapes, lambda m: hybrid_newton_schulz(m, dtype=dtype)
+            )
+            for (p, _, (rows, cols)), o in zip(sharded, outs):
+                local = p.to_local()
+                if wd:
+                    local.mul_(1 - lr * wd)
+                o = o.mul_(muon_scale(rows, cols, group["update_scale"]))  # as _apply, in the same order
+                local.add_(o.to(local.dtype), alpha=-lr)
 
     @staticmethod
     def _apply(group: dict, params: list, o: torch.Tensor, lr: float, wd: float) -> None:

@@ -83,17 +83,37 @@ def save_checkpoint(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write run_dir/ckpt-{step} atomically; prune to the newest keep_last checkpoints.
-    extra(tmp_dir): writes more files into the checkpoint before it is published (Engram tables)."""
+    extra(tmp_dir): writes more files into the checkpoint before it is published (Engram tables).
+    In a torchrun job (more than one rank) this is collective: every rank writes its shards of the model
+    and optimiser with DCP (dsv4.parallel.checkpoint) and rank 0 the rest and the rename."""
+    from dsv4.parallel import dist as pdist
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    env = pdist.env_from_environ() if torch.distributed.is_initialized() else pdist.SINGLE
     final = run_dir / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{PREFIX}{step:07d}-"))
+    if env.active:
+        tmp = run_dir / f".tmp-{PREFIX}{step:07d}-dcp"  # one name for every rank
+        if env.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        pdist.barrier()
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{PREFIX}{step:07d}-"))
     try:
-        save_state_dict(model.state_dict(), tmp)
+        if env.active:
+            from dsv4.parallel.checkpoint import save_tensors
+
+            save_tensors(tmp, model, optimizer)
+        else:
+            save_state_dict(model.state_dict(), tmp)
+            tensors, meta = _flatten_optim(optimizer.state_dict())
+            save_state_dict(tensors, tmp / "optim") if tensors else (tmp / "optim").mkdir()
+            (tmp / "optim.json").write_text(json.dumps(meta))
+        if env.active and not env.main:
+            pdist.barrier()  # rank 0 publishes
+            return final
         model.cfg.to_json(tmp / "config.json")
-        tensors, meta = _flatten_optim(optimizer.state_dict())
-        save_state_dict(tensors, tmp / "optim") if tensors else (tmp / "optim").mkdir()
-        (tmp / "optim.json").write_text(json.dumps(meta))
         rt, rm = rng_state()
         save_state_dict(rt, tmp / "rng")
         if extra is not None:
@@ -106,8 +126,11 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if env.active:
+            pdist.barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if env.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -119,6 +142,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
+        from dsv4.parallel.checkpoint import is_distributed, load_tensors
+
+        if is_distributed(path):  # saved by a torchrun job: DCP reshards it to this job (one process too)
+            load_tensors(path, model, optimizer)
+            set_rng_state(load_state_dict(path / "rng"), state["rng"])
+            return state
         weights = load_state_dict(path)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N (dtype=auto: fp32 on the CPU, bf16 autocast on a GPU that has it)
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
+    activation_checkpoint: bool = False  # torchrun jobs: recompute each block in the backward (FSDP2)
     # Engram tables (models with engram_layer_ids): where the rows live and how they are fed and trained
     engram_store: str = "ram"  # ram | mmap (a memory-mapped .npy per layer under engram_dir)
     engram_dir: str | None = None  # mmap table files; None = RUN/engram_tables

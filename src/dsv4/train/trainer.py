@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from dsv4.model.moe import MoE
 from dsv4.model.transformer import ModelOutput, Transformer
 from dsv4.optim.groups import build_optimizer
 from dsv4.optim.schedule import clip_grad_norm, lr_at, set_lr
+from dsv4.parallel import dist as pdist
 from dsv4.run import RunDir
 from dsv4.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv4.train.config import TrainConfig, apply_overrides
@@ -134,12 +136,16 @@ def step_loss(
     warmup: bool = False,
     mtp_weight: float = 0.3,
     engram_prefetched: dict | None = None,
+    job_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The loss one training step minimises, and its parts (0-dim tensors, for the log).
 
     Indexer warm-up (stage 1): the indexers' KL to dense attention alone. Otherwise (stage 2):
     LM + mtp_weight * MTP + MoE balance loss + the indexers' KL on their selected entries, with the LM
-    and MTP heads fused with their cross entropy (out.h / out.mtp_h, dsv4.kernels.loss)."""
+    and MTP heads fused with their cross entropy (out.h / out.mtp_h, dsv4.kernels.loss).
+    job_mean (data parallel): the mean of a tensor over the job's ranks. Each indexer KL is a mean over
+    the queries that have allowed entries, whose number differs between ranks; rescaled by
+    n_rank / mean_rank(n), the ranks' averaged gradients are those of the mean over all the job's queries."""
     mode = "dense" if warmup else ("sparse" if model.cfg.has_indexer else None)
     out = model(
         input_ids,
@@ -161,6 +167,13 @@ def step_loss(
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
             parts["aux_loss"] = out.aux_loss
+    if out.indexer_loss is not None and job_mean is not None:
+        ixs = out.indexers
+        n = torch.stack([ix.queries for ix in ixs]).float()
+        weight = n / job_mean(n.clone()).clamp_min(1e-30)
+        out.indexer_loss = (torch.stack([ix.loss for ix in ixs]) * weight.to(ixs[0].loss.device)).sum()
+        if warmup:
+            loss = out.indexer_loss
     if out.indexer_loss is not None:
         if not warmup:
             loss = loss + out.indexer_loss
@@ -198,6 +211,8 @@ class Trainer:
     flops_tok: float = 0.0  # FLOPs per token of an LM-stage step
     flops_warm: float = 0.0  # FLOPs per token of an indexer warm-up step
     moes: list = field(default_factory=list)  # the MoE layers (balancing-bias updates, load stats)
+    dist: pdist.DistEnv = pdist.SINGLE  # this process's place in a torchrun job
+    root: object = None  # torchrun jobs: the FSDP2 root (dsv4.parallel.fsdp.Root) that runs the model
     _in_update: bool = False  # inside optimizer.step: Ctrl-C is held until the step ends
     _pending_interrupt: bool = False
 
@@ -225,6 +240,9 @@ class Trainer:
                 )
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        env = pdist.init(resolve_device(tc.device or "cpu", "device="))
+        if env.active:
+            check_distributed(tc, mc, env)
         created = None  # the topmost folder this start creates, removed again if the start fails
         if not run.exists():
             created = run
@@ -232,26 +250,34 @@ class Trainer:
                 created = created.parent
         run.mkdir(parents=True, exist_ok=True)
         try:
-            t = cls(tc, mc, run, prepare_data(tc, mc, run))
+            if not env.main:  # rank 0 trains the tokenizer and tokenizes first; the others read its cache
+                pdist.barrier()
+            data = prepare_data(tc, mc, run, quiet=not env.main)
+            if env.main:
+                pdist.barrier()
+            t = cls(tc, mc, run, data, dist=env)
             t.build(resume)
         except BaseException:
-            if created is not None:
+            if created is not None and env.main:
                 shutil.rmtree(created, ignore_errors=True)
             raise
         return t
 
     def build(self, resume: bool) -> None:
         tc, mc = self.tc, self.mc
-        tc.to_json(RunDir(self.run).train_config)
-        mc.to_json(RunDir(self.run).model_config)
+        if self.dist.main:
+            tc.to_json(RunDir(self.run).train_config)
+            mc.to_json(RunDir(self.run).model_config)
         torch.manual_seed(tc.seed)
         self.device = resolve_device(tc.device, "device=")
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dtype = self.agreed_dtype(tc.dtype)
         self.model = Transformer(mc)
         self.model.init_weights(seed=tc.seed)  # on the CPU: the same weights on every device
         self.model.to(self.device)
-        self.optimizer = build_optimizer(
-            self.model, tc.lr, tc.weight_decay, ns_bf16=pick_dtype(tc.ns_dtype, self.device) == torch.bfloat16
-        )
+        ck = latest_checkpoint(self.run) if resume else None
+        saved = self.build_optimizer(ck)
         self.engram = None
         if mc.engram_layer_ids and self.device.type != "cpu":
             raise ConfigError(
@@ -274,35 +300,83 @@ class Trainer:
                 tc.engram_lr_mult,
                 tc.seed,
             )
-        self.dtype = pick_dtype(tc.dtype, self.device)
         long_run = (tc.minutes or 0) >= 2 or (tc.steps or 0) >= 200
         compiled.enable(tc.compile == "on" or (tc.compile == "auto" and long_run))
         self.has_indexer = mc.has_indexer
         self.state = {"step": 0, "total_steps": tc.steps, "bad_steps": 0, "skipped": 0, "elapsed": 0.0, "tokens": 0}
-        if resume:
-            ck = latest_checkpoint(self.run)
-            if ck is not None:
-                saved = load_checkpoint(ck, self.model, self.optimizer)
-                if self.engram is not None:
-                    self.engram.load(ck)
-                saved.pop("rng", None)
-                self.state.update(saved)
-                print(f"resumed from {ck} at step {self.state['step']}")
-        self._truncate_metrics(self.state["step"])  # also drops the records of a run restarted at step 0
+        if saved is not None:
+            if self.engram is not None:
+                self.engram.load(ck)
+            saved.pop("rng", None)
+            self.state.update(saved)
+            self.say(f"resumed from {ck} at step {self.state['step']}")
+        if self.dist.main:
+            self._truncate_metrics(self.state["step"])  # also drops the records of a run restarted at step 0
         self.warm, self.lr_warm = 0, 1
         if self.state["total_steps"] is not None:
             self.set_plan(self.state["total_steps"])
         # best of three short runs: one unlucky slice of a shared CPU must not inflate MFU
         self.peak = max(measure_matmul_peak(self.dtype, n=1024, seconds=0.3, device=self.device) for _ in range(3))
+        self.peak *= self.dist.world  # MFU of the job: its FLOP/s over the peak of all its ranks
         self.flops_tok = flops_per_token(mc, tc.seq_len)
         self.flops_warm = flops_per_token(mc, tc.seq_len, stage="warmup")  # an indexer warm-up step
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+
+    def agreed_dtype(self, choice: str) -> torch.dtype:
+        """pick_dtype(choice); in a torchrun job rank 0's pick, so that every rank computes alike."""
+        bf16 = pdist.broadcast_int(int(pick_dtype(choice, self.device) == torch.bfloat16))
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def build_optimizer(self, ck: Path | None) -> dict | None:
+        """The optimiser (after FSDP2 sharding in a torchrun job), loaded from checkpoint ck when given ->
+        the checkpoint's saved state (or None). A job resumes checkpoints of any world size: a one-process
+        checkpoint is loaded whole before sharding, a distributed one shard by shard after it."""
+        tc = self.tc
+
+        def make():
+            ns_bf16 = self.agreed_dtype(tc.ns_dtype) == torch.bfloat16
+            return build_optimizer(self.model, tc.lr, tc.weight_decay, ns_bf16=ns_bf16)
+
+        if not self.dist.active:
+            self.optimizer = make()
+            return None if ck is None else load_checkpoint(ck, self.model, self.optimizer)
+        from dsv4.parallel import checkpoint as pckpt
+        from dsv4.parallel.fsdp import shard_model
+
+        whole = None
+        if ck is not None and not pckpt.is_distributed(ck):
+            self.optimizer = make()
+            saved = load_checkpoint(ck, self.model, self.optimizer)
+            whole = pckpt.whole_tensors(self.model, self.optimizer)
+        cuda_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        self.root = shard_model(self.model, torch.bfloat16 if cuda_bf16 else None, tc.activation_checkpoint)
+        self.optimizer = make()
+        if whole is not None:
+            pckpt.load_whole(whole, self.model, self.optimizer)
+            return saved
+        return None if ck is None else load_checkpoint(ck, self.model, self.optimizer)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs), through the FSDP2 root in a torchrun job (its parameters gathered)."""
+        if self.root is not None:
+            return self.root(fn, *args, **kwargs)
+        return fn(self.model, *args, **kwargs)
+
+    @property
+    def job_mean(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The mean over the job's ranks (None in one process): step_loss's KL weighting."""
+        return functools.partial(pdist.all_reduce_, op="mean") if self.dist.active else None
+
+    def say(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.dist.main:
+            print(message, flush=True)
 
     def set_plan(self, total: int) -> None:
         """Fix the run's length and its two warm-ups (stage_plan); warn once when too short to train."""
         self.state["total_steps"] = total
         self.warm, self.lr_warm = stage_plan(total, self.tc, self.has_indexer)
-        if self.state["step"] == 0 and total - self.warm < MIN_LM_STEPS:
+        if self.state["step"] == 0 and total - self.warm < MIN_LM_STEPS and self.dist.main:
             budget = f"{self.tc.minutes:g} minutes" if self.tc.minutes else f"{total} steps"
             notice(
                 f"a budget of {budget} gives only {total - self.warm} language-model steps "
@@ -328,6 +402,8 @@ class Trainer:
         path.write_text("".join(x + "\n" for x in keep))
 
     def write(self, rec: dict) -> None:
+        if not self.dist.main:
+            return
         with open(RunDir(self.run).metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -348,7 +424,7 @@ class Trainer:
             else lr_at(step - self.warm, tc.lr, self.lr_warm, total - self.warm, tc.min_lr_ratio)
         )
         set_lr(self.optimizer, lr)
-        batch = self.data.batches.get(step).to(self.device, non_blocking=True)
+        batch = self.batch(step)
         seg = batch.segment_ids if tc.doc_mask else None
         model.train()
         pre = None
@@ -357,17 +433,21 @@ class Trainer:
             nxt = self.data.batches.get(step + 1)  # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            loss, parts = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight, pre)
+            loss, parts = self.call(
+                step_loss, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight, pre, self.job_mean
+            )
         rec = {"kind": "train", "step": step, "lr": lr, "stage": "indexer_warmup" if warmup else "sparse"}
-        rec.update({k: v.item() for k, v in parts.items()})
-        rec["loss"] = loss.item()
+        logged = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
+        logged = pdist.all_reduce_(logged, "mean").tolist()  # the job's mean: every rank decides alike
+        rec.update(zip(parts, logged[1:]))
+        rec["loss"] = logged[0]
         self.optimizer.zero_grad(set_to_none=True)
         ok = math.isfinite(rec["loss"])
         if ok:
             loss.backward()
             params = [p for p in model.parameters() if p.grad is not None]
             gn = clip_grad_norm(params, tc.grad_clip) if params else torch.tensor(0.0)
-            rec["grad_norm"] = gn.item()
+            rec["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             ok = math.isfinite(rec["grad_norm"])
         if ok:
             self._in_update = True  # an interrupt from here until the step ends would leave half-updated state
@@ -388,11 +468,23 @@ class Trainer:
                     f"(last at step {step}); stopping. Lower lr or check the data."
                 )
         rec["skipped"] = not ok
+        if self.dist.active and self.moes:  # the balancing biases follow the job's expert load
+            loads = pdist.all_reduce_(torch.stack([m.load for m in self.moes]))
+            for m, load in zip(self.moes, loads):
+                m.load.copy_(load)
         rec["maxvio"] = [m.max_violation() if m.load.sum() > 0 else 0.0 for m in self.moes]
         gamma = self.mc.bias_update_speed if tc.bias_update_speed is None else tc.bias_update_speed
         for m in self.moes:
             m.update_bias(gamma if ok and not warmup else 0.0)
         return rec
+
+    def batch(self, step: int):
+        """This rank's rows of the batch of `step` (the whole batch in one process), on the device."""
+        b = self.data.batches.get(step)
+        if self.dist.active:
+            rows = pdist.rank_rows(b.input_ids.shape[0], self.dist)
+            b = type(b)(b.input_ids[rows], b.targets[rows], b.segment_ids[rows], None)
+        return b.to(self.device, non_blocking=True)
 
     def probe_seconds(self, warmup: bool, repeats: int = 2) -> float:
         """Wall time of one training step of a stage (the last of `repeats`; the first one compiles), run on
@@ -405,7 +497,7 @@ class Trainer:
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         loads = [m.load.clone() for m in self.moes]
-        batch = self.data.batches.get(0).to(self.device)
+        batch = self.batch(0)
         seg = batch.segment_ids if tc.doc_mask else None
         self.set_stage(warmup)
         model.train()
@@ -414,11 +506,13 @@ class Trainer:
         for _ in range(repeats):
             t = time.perf_counter()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-                loss, _ = step_loss(model, batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight)
-            if math.isfinite(loss.item()):
+                args = (batch.input_ids, batch.targets, seg, warmup, self.mc.mtp_loss_weight, None, self.job_mean)
+                loss, _ = self.call(step_loss, *args)
+            if math.isfinite(pdist.all_reduce_(loss.detach().float().clone(), "mean").item()):
                 loss.backward()
                 params = [p for p in model.parameters() if p.grad is not None]
-                if params and math.isfinite(clip_grad_norm(params, tc.grad_clip).item()):
+                gn = clip_grad_norm(params, tc.grad_clip) if params else None
+                if gn is not None and math.isfinite(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)):
                     self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.engram is not None:
@@ -457,7 +551,7 @@ class Trainer:
         batches = val_batches(
             self.data.val_stream, tc.batch_size, tc.seq_len, max_batches, token_bytes=self.data.token_bytes
         )
-        nats, n_tok, n_bytes, first = score_batches(model, batches, tc.doc_mask, self.dtype)
+        nats, n_tok, n_bytes, first = self.call(score_batches, batches, tc.doc_mask, self.dtype)
         rec = {
             "kind": "val",
             "step": step,
@@ -468,11 +562,11 @@ class Trainer:
         ids = first.input_ids[:1].to(self.device)
         seg = first.segment_ids[:1].to(self.device) if tc.doc_mask else None
         if self.has_indexer:
-            rc = indexer_recall(model, ids, seg)
+            rc = self.call(indexer_recall, ids, seg)
             rec["indexer_layers"] = list(rc)
             rec["indexer_recall"] = [v["recall"] for v in rc.values()]
             rec["random_recall"] = [v["random"] for v in rc.values()]
-        stats = model(ids, segment_ids=seg, return_stats=True).stats
+        stats = self.call(lambda m: m(ids, segment_ids=seg, return_stats=True).stats)
         main_maps = stats["res_maps"][: 2 * self.mc.num_hidden_layers]
         fwd, bwd = composite_gain([r.flatten(0, 1) for r in main_maps])
         rec["mhc_gain_fwd"], rec["mhc_gain_bwd"] = fwd, bwd
@@ -489,13 +583,13 @@ class Trainer:
         if st["total_steps"] is None:  # a --minutes run: its length is planned before its first step
             t_sparse = self.probe_seconds(warmup=False)
             t_warm = self.probe_seconds(warmup=True) if self.has_indexer else t_sparse
-            self.set_plan(self._plan_steps(budget, time.perf_counter() - t0, t_warm, t_sparse))
-            print(
+            self.set_plan(pdist.broadcast_int(self._plan_steps(budget, time.perf_counter() - t0, t_warm, t_sparse)))
+            self.say(
                 f"planned {st['total_steps']} steps for {tc.minutes:g} minutes "
                 f"({t_sparse:.2f} s per step; {self.warm} of them indexer warm-up)"
             )
         bar = None
-        if tc.progress:
+        if tc.progress and self.dist.main:
             from tqdm import tqdm
 
             bar = tqdm(total=st["total_steps"], initial=start, unit="step", dynamic_ncols=True, desc="train")
@@ -532,7 +626,8 @@ class Trainer:
                     self.write(self.evaluate(step, tc.eval_batches))
                 if step % tc.ckpt_every == 0 and step != st["total_steps"]:
                     self.save(step, st)
-                if budget is not None and st["elapsed"] > budget * 1.05 and step < st["total_steps"]:
+                over = budget is not None and st["elapsed"] > budget * 1.05 and step < st["total_steps"]
+                if budget is not None and pdist.broadcast_int(int(over)):  # rank 0's clock decides for the job
                     st["total_steps"] = step  # the plan overran the budget: stop here (the schedule is kept)
                 if self._pending_interrupt:
                     raise KeyboardInterrupt
@@ -543,7 +638,7 @@ class Trainer:
                 print(f"\ninterrupted during the update of step {step}; --resume continues from the last checkpoint")
                 raise
             path = self.save(step, st)
-            print(f"\ninterrupted: saved {path}; continue with --resume")
+            self.say(f"\ninterrupted: saved {path}; continue with --resume")
             raise
         finally:
             if old_handler is not None:
@@ -590,6 +685,8 @@ class Trainer:
         n_batches = max(1, self.tc.final_eval_tokens // (self.tc.batch_size * self.tc.seq_len))
         rec = self.evaluate(step, n_batches)
         self.write(rec)
+        if not self.dist.main:  # the job's summary (xz baseline, speed) is rank 0's to write
+            return {"kind": "final", "step": step, "val_bpb": rec["val_bpb"], "val_loss": rec["val_loss"]}
         # xz on exactly the bytes the model was scored on: the targets of the evaluated windows
         toks = self.data.val_stream.tokens[1 : rec["val_tokens"] + 1]
         val_bytes = ids_to_bytes(self.data.tokenizer, toks)
@@ -615,6 +712,7 @@ class Trainer:
             "wall_s": self.state["elapsed"],
             "skipped": self.state["skipped"],
             "params": sum(p.numel() for p in self.model.parameters()),
+            "world_size": self.dist.world,
         }
         self.write(final)
         return final
@@ -640,10 +738,23 @@ def progress_fields(rec: dict) -> dict:
     return post
 
 
-def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
-    """Find files, split by path hash, train (or load) the tokenizer, tokenize both splits (cached)."""
+def check_distributed(tc: TrainConfig, mc: ModelConfig, env: pdist.DistEnv) -> None:
+    """What a torchrun job of env.world ranks cannot train, as one ConfigError."""
+    if tc.batch_size % env.world:
+        raise ConfigError(f"batch_size={tc.batch_size} (the global batch) must be a multiple of the {env.world} ranks")
+    if mc.engram_layer_ids:
+        raise ConfigError("Engram models train in one process for now; run without torchrun / --nproc")
+
+
+def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path, quiet: bool = False) -> RunData:
+    """Find files, split by path hash, train (or load) the tokenizer, tokenize both splits (cached).
+    quiet: no messages or progress bars (the other ranks of a torchrun job)."""
+    show = tc.progress and not quiet
     found = find_files(tc.data)
-    files = text_files(found)  # binary / non-UTF-8 files go first, in one warning
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        files = text_files(found)  # binary / non-UTF-8 files go first, in one warning
     where = tc.data or "the standard library"
     if not files:
         raise DataError(f"no text documents in {where}: none of its {len(found)} files is UTF-8 text")
@@ -661,14 +772,14 @@ def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path) -> RunData:
     else:
         print(f"training a {mc.vocab_size}-token byte-level BPE on {len(train_files)} files")
         tok = train_tokenizer(
-            (d.text for d in iter_documents(train_files)), mc.vocab_size, tok_path, show_progress=tc.progress
+            (d.text for d in iter_documents(train_files)), mc.vocab_size, tok_path, show_progress=show
         )
     if tok.get_vocab_size() > mc.vocab_size:
         raise ConfigError(f"vocab_size={mc.vocab_size}: the tokenizer has {tok.get_vocab_size()} tokens")
     cache = RunDir(run).cache
     cache.mkdir(exist_ok=True)
-    train_stream = tokenize_files_cached(train_files, tok, cache / "train.npz", show_progress=tc.progress)
-    val_stream = tokenize_files_cached(val_files, tok, cache / "val.npz", show_progress=tc.progress)
+    train_stream = tokenize_files_cached(train_files, tok, cache / "train.npz", show_progress=show)
+    val_stream = tokenize_files_cached(val_files, tok, cache / "val.npz", show_progress=show)
     tb = token_byte_lengths(tok)
     batches = Batches(train_stream, tc.batch_size, tc.seq_len, tc.seed, token_bytes=tb)
     return RunData(batches, val_stream, tb, tok)

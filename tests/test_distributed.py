@@ -1,0 +1,125 @@
+"""torchrun jobs (gloo on the CPU, 2 ranks) against one process, through the real `dsv4 train`.
+
+- Equivalence: a 2-rank FSDP2 run with Muon (indexer warm-up, then the LM stage with MTP and the MoE
+  balancing biases) and a 1-process run of the same global batch log the same losses, and end with the
+  same parameters (fp32, up to the order of the gradient sums).
+- Resharding: a checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on
+  2 ranks; the continued losses equal those of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_corpus
+
+from dsv4.config import ModelConfig
+from dsv4.data import find_files, iter_documents, split_files, train_tokenizer
+from dsv4.model.transformer import Transformer
+from dsv4.parallel.checkpoint import is_distributed
+from dsv4.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+STEPS, CKPT_AT = 4, 2
+LR = 2e-3
+RUN = [
+    "--preset", "micro", "--steps", str(STEPS), "--no-progress",
+    "seq_len=64", "batch_size=4", "dtype=fp32", "ns_dtype=fp32", "compile=off", "threads=1", "log_every=1",
+    "indexer_warmup_steps=1", f"ckpt_every={CKPT_AT}", "eval_every=1000", "eval_batches=1",
+    "final_eval_tokens=2048", f"lr={LR}",
+]  # fmt: skip
+
+
+def dsv4(*args: str, nproc: int = 1) -> None:
+    """`dsv4 train ...` in a fresh interpreter (with --nproc, torchrun's 2 processes)."""
+    cmd = [sys.executable, "-m", "dsv4", "train", *(["--nproc", str(nproc)] if nproc > 1 else []), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV4_DIST_TIMEOUT": "120"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def params(run: Path) -> dict[str, torch.Tensor]:
+    model = Transformer(ModelConfig.from_json(run / "model_config.json"))
+    load_checkpoint(latest_checkpoint(run), model)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for s in steps:
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Within 1e-5 relative over the whole model, and no element off by more than 5% of one learning-rate
+    step: Muon and Adam normalise their updates, so a gradient that is ~1e-9 at initialisation (mHC scales)
+    turns the last-bit differences of a different summation order into a small part of a step."""
+    num = sum(float((a[n] - b[n]).square().sum()) for n in a) ** 0.5
+    den = sum(float(a[n].square().sum()) for n in a) ** 0.5
+    assert num <= 1e-5 * den, num / den
+    worst = max(a, key=lambda n: float((a[n] - b[n]).abs().max()))
+    assert float((a[worst] - b[worst]).abs().max()) <= 0.05 * LR, worst
+
+
+def resume_from(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run src as it stood when checkpoint `step` was written."""
+    shutil.copytree(src, dst)
+    for ck in list_checkpoints(dst):
+        if int(ck.name.split("-")[1]) > step:
+            shutil.rmtree(ck)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    corpus = copy_corpus(root / "corpus")
+    tok = root / "tokenizer.json"
+    train_files, _ = split_files(find_files(corpus), 0.05)
+    train_tokenizer((d.text for d in iter_documents(train_files)), 512, tok, show_progress=False)
+    common = ["--data", str(corpus), "--tokenizer", str(tok), *RUN]
+    one, two = root / "one", root / "two"
+    dsv4("--out", str(one), *common)
+    dsv4("--out", str(two), *common, nproc=2)
+    two_to_one = resume_from(two, root / "two_to_one", CKPT_AT)
+    dsv4("--out", str(two_to_one), "--resume", "--no-progress")
+    one_to_two = resume_from(one, root / "one_to_two", CKPT_AT)
+    dsv4("--out", str(one_to_two), "--resume", "--no-progress", nproc=2)
+    return {"one": one, "two": two, "two_to_one": two_to_one, "one_to_two": one_to_two}
+
+
+def test_two_ranks_equal_one_process(runs):
+    one, two = runs["one"], runs["two"]
+    assert is_distributed(latest_checkpoint(two)) and not is_distributed(latest_checkpoint(one))
+    lo, lt = losses(one), losses(two)
+    assert sorted(lo) == sorted(lt) == list(range(STEPS))
+    assert_same_losses(lo, lt, range(STEPS))
+    assert_same_params(params(one), params(two))
+    final = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["kind"] == "final" and final["world_size"] == 2
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
+    resumed, straight = runs["two_to_one"], runs["two"]
+    assert not is_distributed(latest_checkpoint(resumed))  # the resumed part saved as one process does
+    assert sorted(losses(resumed)) == list(range(STEPS))
+    assert_same_losses(losses(straight), losses(resumed), range(STEPS))
+    assert_same_params(params(straight), params(resumed))
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
+    resumed, straight = runs["one_to_two"], runs["one"]
+    assert is_distributed(latest_checkpoint(resumed))
+    assert sorted(losses(resumed)) == list(range(STEPS))
+    assert_same_losses(losses(straight), losses(resumed), range(STEPS))
+    assert_same_params(params(straight), params(resumed))
