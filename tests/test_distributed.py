@@ -3,6 +3,8 @@
 - Equivalence: a 2-rank FSDP2 run with Muon (indexer warm-up, then the LM stage with MTP and the MoE
   balancing biases) and a 1-process run of the same global batch log the same losses, and end with the
   same parameters (fp32, up to the order of the gradient sums).
+- Expert parallelism (ep_size 2: each rank holds half of every layer's routed experts, tokens travel by
+  all-to-all) equals one process too, and its checkpoint resumes in one process.
 - Resharding: a checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on
   2 ranks; the continued losses equal those of the uninterrupted run.
 """
@@ -95,7 +97,18 @@ def runs(tmp_path_factory):
     dsv4("--out", str(two_to_one), "--resume", "--no-progress")
     one_to_two = resume_from(one, root / "one_to_two", CKPT_AT)
     dsv4("--out", str(one_to_two), "--resume", "--no-progress", nproc=2)
-    return {"one": one, "two": two, "two_to_one": two_to_one, "one_to_two": one_to_two}
+    ep = root / "ep"
+    dsv4("--out", str(ep), *common, "ep_size=2", nproc=2)
+    ep_to_one = resume_from(ep, root / "ep_to_one", CKPT_AT)
+    dsv4("--out", str(ep_to_one), "--resume", "--no-progress")
+    return {
+        "one": one,
+        "two": two,
+        "two_to_one": two_to_one,
+        "one_to_two": one_to_two,
+        "ep": ep,
+        "ep_to_one": ep_to_one,
+    }
 
 
 def test_two_ranks_equal_one_process(runs):
@@ -123,3 +136,12 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
     assert sorted(losses(resumed)) == list(range(STEPS))
     assert_same_losses(losses(straight), losses(resumed), range(STEPS))
     assert_same_params(params(straight), params(resumed))
+
+
+def test_expert_parallel_equals_one_process_and_resumes_in_one(runs):
+    one, ep, resumed = runs["one"], runs["ep"], runs["ep_to_one"]
+    assert json.loads((ep / "train_config.json").read_text())["ep_size"] == 2
+    assert_same_losses(losses(one), losses(ep), range(STEPS))
+    assert_same_params(params(one), params(ep))
+    assert_same_losses(losses(ep), losses(resumed), range(STEPS))
+    assert_same_params(params(ep), params(resumed))

@@ -76,6 +76,12 @@ def _is_sharded(p: torch.Tensor) -> bool:
     return type(p).__name__ == "DTensor"
 
 
+def _local_matrices(p: torch.Tensor) -> bool:
+    """A DTensor stack of matrices [E, n, m] sharded on the stack dimension only: each rank holds whole
+    matrices (FSDP2 and expert parallelism shard dim 0), so Newton-Schulz needs no communication."""
+    return p.ndim >= 3 and all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
+
+
 def _dense_grads(group: dict, algo: str):
     """(param, grad) of the group's parameters that have a gradient; sparse gradients are an error."""
     for p in group["params"]:
@@ -175,8 +181,12 @@ class Muon(Optimizer):
             buf.mul_(mu).add_(g)  # M_t = mu M_{t-1} + G_t
             u = g.add(buf, alpha=mu) if group["nesterov"] else buf
             rows, cols = p.shape[-2] // group["blocks"], p.shape[-1]
-            if _is_sharded(p):  # FSDP2: the owner rank orthogonalises the whole matrix (dsv4.parallel.muon)
+            if _is_sharded(p) and not _local_matrices(p):  # the owner rank orthogonalises whole matrices
                 sharded.append((p, u, (rows, cols)))
+                continue
+            if _is_sharded(p):  # a stack of matrices split between ranks along the stack: each has its own
+                o = hybrid_newton_schulz(u.to_local().reshape(-1, rows, cols), dtype=dtype)
+                self._apply(group, [p.to_local()], o, lr, wd)
                 continue
             mats = u.reshape(-1, rows, cols)
             if p.numel() > BATCH_NUMEL:  # large enough to keep the matmul units busy on its own

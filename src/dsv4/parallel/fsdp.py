@@ -11,7 +11,9 @@ Activation checkpointing (`checkpoint=True`) recomputes each block in the backwa
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -33,16 +35,29 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.layers, *model.mtp]
 
 
-def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None, checkpoint: bool = False) -> Root:
-    """Apply FSDP2 to `model` in place (the default process group is the data-parallel group) and return
-    its Root. param_dtype: the dtype of gathered parameters (None: as stored); gradients are reduced in fp32."""
+def job_mesh(device: torch.device) -> DeviceMesh:
+    """The 1-D mesh of the whole job (FSDP2's data-parallel dimension, and expert parallelism's)."""
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_model(
+    model: nn.Module,
+    param_dtype: torch.dtype | None = None,
+    checkpoint: bool = False,
+    mesh: DeviceMesh | None = None,
+    ignored: set[nn.Parameter] | None = None,
+) -> Root:
+    """Apply FSDP2 to `model` in place over `mesh` (default: the whole job) and return its Root.
+    param_dtype: the dtype of gathered parameters (None: as stored); gradients are reduced in fp32.
+    ignored: parameters sharded otherwise (expert parallelism), left to their owner."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    kw = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     for blk in blocks(model):
         if checkpoint:
             from torch.distributed._composable import checkpoint as activation_checkpoint
 
             activation_checkpoint(blk)
-        fully_shard(blk, mp_policy=mp)
+        fully_shard(blk, **kw)
     root = Root(model)
-    fully_shard(root, mp_policy=mp)
+    fully_shard(root, **kw)
     return root

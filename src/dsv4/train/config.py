@@ -50,6 +50,7 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
     activation_checkpoint: bool = False  # torchrun jobs: recompute each block in the backward (FSDP2)
+    ep_size: int = 1  # torchrun jobs: expert parallelism, 1 or the number of ranks (each holds E / ep_size experts)
     # Engram tables (models with engram_layer_ids): where the rows live and how they are fed and trained
     engram_store: str = "ram"  # ram | mmap (a memory-mapped .npy per layer under engram_dir)
     engram_dir: str | None = None  # mmap table files; None = RUN/engram_tables
@@ -73,6 +74,8 @@ class TrainConfig:
         for key in ("dtype", "ns_dtype"):
             if getattr(self, key) not in ("auto", "fp32", "bf16"):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be auto, fp32 or bf16")
+        if self.ep_size < 1:
+            raise ConfigError(f"ep_size={self.ep_size!r}: must be >= 1")
         if self.engram_store not in ("ram", "mmap"):
             raise ConfigError(f"engram_store={self.engram_store!r}: must be ram or mmap")
         if self.engram_hot_rows < 0 or self.engram_lr_mult < 0:

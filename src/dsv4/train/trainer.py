@@ -228,6 +228,9 @@ class Trainer:
             if tc.device:  # a run may continue on another device; "" keeps its own
                 saved.device = tc.device
             saved.validate_device()
+            world = pdist.env_from_environ().world
+            if saved.ep_size not in (1, world):  # the expert layout follows the job that continues the run
+                saved.ep_size = world if saved.ep_size > 1 and world > 1 else 1
             tc = saved
             mc = ModelConfig.from_json(RunDir(run).model_config)
         else:
@@ -243,6 +246,8 @@ class Trainer:
         env = pdist.init(resolve_device(tc.device or "cpu", "device="))
         if env.active:
             check_distributed(tc, mc, env)
+        elif tc.ep_size != 1:
+            raise ConfigError(f"ep_size={tc.ep_size} needs a torchrun job of {tc.ep_size} ranks (--nproc {tc.ep_size})")
         created = None  # the topmost folder this start creates, removed again if the start fails
         if not run.exists():
             created = run
@@ -341,7 +346,8 @@ class Trainer:
             self.optimizer = make()
             return None if ck is None else load_checkpoint(ck, self.model, self.optimizer)
         from dsv4.parallel import checkpoint as pckpt
-        from dsv4.parallel.fsdp import shard_model
+        from dsv4.parallel.expert import apply_expert_parallel, expert_params
+        from dsv4.parallel.fsdp import job_mesh, shard_model
 
         whole = None
         if ck is not None and not pckpt.is_distributed(ck):
@@ -349,7 +355,13 @@ class Trainer:
             saved = load_checkpoint(ck, self.model, self.optimizer)
             whole = pckpt.whole_tensors(self.model, self.optimizer)
         cuda_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
-        self.root = shard_model(self.model, torch.bfloat16 if cuda_bf16 else None, tc.activation_checkpoint)
+        mesh = job_mesh(self.device)
+        if tc.ep_size > 1:
+            apply_expert_parallel(self.model, mesh)
+        ignored = expert_params(self.model)
+        self.root = shard_model(
+            self.model, torch.bfloat16 if cuda_bf16 else None, tc.activation_checkpoint, mesh, ignored
+        )
         self.optimizer = make()
         if whole is not None:
             pckpt.load_whole(whole, self.model, self.optimizer)
@@ -361,6 +373,13 @@ class Trainer:
         if self.root is not None:
             return self.root(fn, *args, **kwargs)
         return fn(self.model, *args, **kwargs)
+
+    def after_backward(self) -> None:
+        """Expert parallelism: expert gradients to the job's mean (dsv4.parallel.expert)."""
+        if self.tc.ep_size > 1:
+            from dsv4.parallel.expert import scale_expert_grads
+
+            scale_expert_grads(self.model, self.dist.world)
 
     @property
     def job_mean(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -445,6 +464,7 @@ class Trainer:
         ok = math.isfinite(rec["loss"])
         if ok:
             loss.backward()
+            self.after_backward()
             params = [p for p in model.parameters() if p.grad is not None]
             gn = clip_grad_norm(params, tc.grad_clip) if params else torch.tensor(0.0)
             rec["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -510,6 +530,7 @@ class Trainer:
                 loss, _ = self.call(step_loss, *args)
             if math.isfinite(pdist.all_reduce_(loss.detach().float().clone(), "mean").item()):
                 loss.backward()
+                self.after_backward()
                 params = [p for p in model.parameters() if p.grad is not None]
                 gn = clip_grad_norm(params, tc.grad_clip) if params else None
                 if gn is not None and math.isfinite(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)):
@@ -744,6 +765,10 @@ def check_distributed(tc: TrainConfig, mc: ModelConfig, env: pdist.DistEnv) -> N
         raise ConfigError(f"batch_size={tc.batch_size} (the global batch) must be a multiple of the {env.world} ranks")
     if mc.engram_layer_ids:
         raise ConfigError("Engram models train in one process for now; run without torchrun / --nproc")
+    if tc.ep_size not in (1, env.world):
+        raise ConfigError(f"ep_size={tc.ep_size}: expert parallelism spans the whole job, give 1 or {env.world}")
+    if mc.n_routed_experts % tc.ep_size:
+        raise ConfigError(f"ep_size={tc.ep_size} does not divide n_routed_experts={mc.n_routed_experts}")
 
 
 def prepare_data(tc: TrainConfig, mc: ModelConfig, run: Path, quiet: bool = False) -> RunData:
