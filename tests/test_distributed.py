@@ -5,6 +5,8 @@
   same parameters (fp32, up to the order of the gradient sums).
 - Expert parallelism (ep_size 2: each rank holds half of every layer's routed experts, tokens travel by
   all-to-all) equals one process too, and its checkpoint resumes in one process.
+- Engram (its tables replicated on every rank, the row gradients gathered and averaged) equals one process:
+  the model and the tables with their Adam state.
 - Resharding: a checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on
   2 ranks; the continued losses equal those of the uninterrupted run.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import copy_corpus
+from safetensors import safe_open
 
 from dsv4.config import ModelConfig
 from dsv4.data import find_files, iter_documents, split_files, train_tokenizer
@@ -36,6 +39,9 @@ RUN = [
     "indexer_warmup_steps=1", f"ckpt_every={CKPT_AT}", "eval_every=1000", "eval_batches=1",
     "final_eval_tokens=2048", f"lr={LR}",
 ]  # fmt: skip
+
+
+ENGRAM = ["engram_layer_ids=[1]", "engram_rows_per_head=512", "engram_d_mem=64"]
 
 
 def dsv4(*args: str, nproc: int = 1) -> None:
@@ -101,7 +107,11 @@ def runs(tmp_path_factory):
     dsv4("--out", str(ep), *common, "ep_size=2", nproc=2)
     ep_to_one = resume_from(ep, root / "ep_to_one", CKPT_AT)
     dsv4("--out", str(ep_to_one), "--resume", "--no-progress")
+    for name, nproc in (("engram_one", 1), ("engram_two", 2)):
+        dsv4("--out", str(root / name), *common, *ENGRAM, nproc=nproc)
     return {
+        "engram_one": root / "engram_one",
+        "engram_two": root / "engram_two",
         "one": one,
         "two": two,
         "two_to_one": two_to_one,
@@ -145,3 +155,28 @@ def test_expert_parallel_equals_one_process_and_resumes_in_one(runs):
     assert_same_params(params(one), params(ep))
     assert_same_losses(losses(ep), losses(resumed), range(STEPS))
     assert_same_params(params(ep), params(resumed))
+
+
+def engram_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every Engram tensor of a checkpoint (tables and their Adam moments), by file stem and key."""
+    out = {}
+    for f in sorted((ckpt / "engram").rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({f"{f.parent.name}/{f.stem}/{k}": st.get_tensor(k).float() for k in st.keys()})  # noqa: SIM118
+    return out
+
+
+def test_engram_tables_are_replicated_and_trained_as_in_one_process(runs):
+    """After the first LM step the tables and their Adam moments agree to 1e-5 relative; at the end, the
+    tables are within 5% of one Engram Adam step (lr x engram_lr_mult 5), like the model's parameters."""
+    one, two = runs["engram_one"], runs["engram_two"]
+    assert_same_losses(losses(one), losses(two), range(STEPS))
+    assert_same_params(params(one), params(two))
+    first = f"ckpt-{CKPT_AT:07d}"  # step 0 is the indexer warm-up, step 1 the first LM step
+    ta, tb = engram_state(one / first), engram_state(two / first)
+    assert ta.keys() == tb.keys() and any("/table-" in k for k in ta)
+    for k in ta:
+        assert float((ta[k] - tb[k]).norm()) <= 1e-5 * float(ta[k].norm()), k
+    ta, tb = engram_state(latest_checkpoint(one)), engram_state(latest_checkpoint(two))
+    tables = [k for k in ta if "/table-" in k]
+    assert tables and all(float((ta[k] - tb[k]).abs().max()) <= 0.05 * 5 * LR for k in tables)

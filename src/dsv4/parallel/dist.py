@@ -106,3 +106,25 @@ def broadcast_int(value: int, src: int = 0) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=comm_device())
     dist.broadcast(t, src=src)
     return int(t.item())
+
+
+def all_gather_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (rows [n_r], values [n_r, dim]), concatenated in rank order; n_r may differ by rank
+    (the sparse row gradients of replicated Engram tables)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return rows, values
+    world, dev = dist.get_world_size(), comm_device()
+    n = torch.tensor([rows.numel()], dtype=torch.int64, device=dev)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(x.item()) for x in sizes]
+    top = max(counts)
+    r = torch.full((top,), -1, dtype=torch.int64, device=dev)
+    v = torch.zeros(top, values.shape[1], dtype=values.dtype, device=dev)
+    r[: rows.numel()], v[: rows.numel()] = rows.to(dev), values.to(dev)
+    rs, vs = [torch.empty_like(r) for _ in range(world)], [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(rs, r)
+    dist.all_gather(vs, v)
+    out_r = torch.cat([x[:c] for x, c in zip(rs, counts)]).to(rows.device)
+    out_v = torch.cat([x[:c] for x, c in zip(vs, counts)]).to(values.device)
+    return out_r, out_v

@@ -25,6 +25,7 @@ from dsv4.memory import (
     save_store,
 )
 from dsv4.model.transformer import Transformer
+from dsv4.parallel import dist as pdist
 
 
 class EngramTraining:
@@ -89,10 +90,18 @@ class EngramTraining:
         return out
 
     def step(self, lr: float, apply: bool = True) -> dict:
-        """Sparse Adam on the rows touched since the last call (grads are always collected)."""
+        """Sparse Adam on the rows touched since the last call (grads are always collected).
+
+        In a torchrun job every rank holds a whole replica of each table: the row gradients of all ranks
+        are gathered and averaged (the job's mean loss), and every rank applies the same update, so the
+        replicas stay equal."""
         grads = self.model.engram_table_grads()
+        world = pdist.env_from_environ().world if torch.distributed.is_initialized() else 1
         n = 0
         for i, (rows, g) in grads.items():
+            if world > 1 and apply:
+                rows, g = pdist.all_gather_rows(rows, g)
+                g = g / world
             if not apply or rows.numel() == 0:
                 continue
             rows, g = coalesce_rows(rows, g)

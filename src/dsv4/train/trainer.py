@@ -294,12 +294,13 @@ class Trainer:
             from dsv4.train.engram import EngramTraining
 
             cmap = canonical_map(self.data.tokenizer, mc.vocab_size)
-            save_canonical_map(cmap, RunDir(self.run).tokenizer)
+            if self.dist.main:
+                save_canonical_map(cmap, RunDir(self.run).tokenizer)
             self.model.set_canonical_map(cmap)
             self.engram = EngramTraining(
                 self.model,
                 tc.engram_store,
-                tc.engram_dir or RunDir(self.run).engram_tables,
+                self.engram_dir(),
                 tc.engram_prefetch,
                 tc.engram_hot_rows,
                 tc.engram_lr_mult,
@@ -373,6 +374,11 @@ class Trainer:
         if self.root is not None:
             return self.root(fn, *args, **kwargs)
         return fn(self.model, *args, **kwargs)
+
+    def engram_dir(self) -> Path:
+        """Where mmap Engram tables live; in a torchrun job each rank keeps its own replica (rank<r>/)."""
+        base = Path(self.tc.engram_dir) if self.tc.engram_dir else RunDir(self.run).engram_tables
+        return base / f"rank{self.dist.rank}" if self.dist.active else base
 
     def after_backward(self) -> None:
         """Expert parallelism: expert gradients to the job's mean (dsv4.parallel.expert)."""
@@ -449,7 +455,7 @@ class Trainer:
         pre = None
         if self.engram is not None:
             pre = self.engram.take_prefetched()
-            nxt = self.data.batches.get(step + 1)  # its rows are read while this step computes
+            nxt = self.batch(step + 1, on_device=False)  # its rows are read while this step computes
             self.engram.prefetch(nxt.input_ids, nxt.segment_ids if tc.doc_mask else None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             loss, parts = self.call(
@@ -498,13 +504,13 @@ class Trainer:
             m.update_bias(gamma if ok and not warmup else 0.0)
         return rec
 
-    def batch(self, step: int):
+    def batch(self, step: int, on_device: bool = True):
         """This rank's rows of the batch of `step` (the whole batch in one process), on the device."""
         b = self.data.batches.get(step)
         if self.dist.active:
             rows = pdist.rank_rows(b.input_ids.shape[0], self.dist)
             b = type(b)(b.input_ids[rows], b.targets[rows], b.segment_ids[rows], None)
-        return b.to(self.device, non_blocking=True)
+        return b.to(self.device, non_blocking=True) if on_device else b
 
     def probe_seconds(self, warmup: bool, repeats: int = 2) -> float:
         """Wall time of one training step of a stage (the last of `repeats`; the first one compiles), run on
@@ -763,8 +769,6 @@ def check_distributed(tc: TrainConfig, mc: ModelConfig, env: pdist.DistEnv) -> N
     """What a torchrun job of env.world ranks cannot train, as one ConfigError."""
     if tc.batch_size % env.world:
         raise ConfigError(f"batch_size={tc.batch_size} (the global batch) must be a multiple of the {env.world} ranks")
-    if mc.engram_layer_ids:
-        raise ConfigError("Engram models train in one process for now; run without torchrun / --nproc")
     if tc.ep_size not in (1, env.world):
         raise ConfigError(f"ep_size={tc.ep_size}: expert parallelism spans the whole job, give 1 or {env.world}")
     if mc.n_routed_experts % tc.ep_size:
