@@ -3,7 +3,7 @@
 - Equivalence: a 2-rank FSDP2 run with Muon (indexer warm-up, then the LM stage with MTP and the MoE
   balancing biases) and a 1-process run of the same global batch log the same losses, and end with the
   same parameters (fp32, up to the order of the gradient sums).
-- Expert parallelism (ep_size 2: each rank holds half of every layer's routed experts, tokens travel by
+- Expert parallelism with activation checkpointing (ep_size 2: each rank holds half of every layer's routed experts, tokens travel by
   all-to-all) equals one process too, and its checkpoint resumes in one process.
 - Engram (its tables replicated on every rank, the row gradients gathered and averaged) equals one process:
   the model and the tables with their Adam state.
@@ -104,7 +104,7 @@ def runs(tmp_path_factory):
     one_to_two = resume_from(one, root / "one_to_two", CKPT_AT)
     dsv4("--out", str(one_to_two), "--resume", "--no-progress", nproc=2)
     ep = root / "ep"
-    dsv4("--out", str(ep), *common, "ep_size=2", nproc=2)
+    dsv4("--out", str(ep), *common, "ep_size=2", "activation_checkpoint=true", nproc=2)
     ep_to_one = resume_from(ep, root / "ep_to_one", CKPT_AT)
     dsv4("--out", str(ep_to_one), "--resume", "--no-progress")
     for name, nproc in (("engram_one", 1), ("engram_two", 2)):
@@ -180,3 +180,21 @@ def test_engram_tables_are_replicated_and_trained_as_in_one_process(runs):
     ta, tb = engram_state(latest_checkpoint(one)), engram_state(latest_checkpoint(two))
     tables = [k for k in ta if "/table-" in k]
     assert tables and all(float((ta[k] - tb[k]).abs().max()) <= 0.05 * 5 * LR for k in tables)
+
+
+def test_a_sharded_checkpoint_converts_to_one_model_directory(runs, tmp_path):
+    """dsv4 convert --to-model: the job's DCP shards -> config.json + model.safetensors (official names) +
+    tokenizer, canonical map and Engram tables; the converted model computes what the checkpoint does."""
+    from dsv4.cli import main
+    from dsv4.run import load_run
+
+    src, out = runs["engram_two"], tmp_path / "model"
+    assert main(["convert", "--to-model", str(src), str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "canonical_map.json", "engram"} <= {
+        p.name for p in out.iterdir()
+    }
+    a, _ = load_run(src)
+    b, _ = load_run(out)
+    ids = torch.randint(0, a.cfg.vocab_size, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)

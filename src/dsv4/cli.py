@@ -2,7 +2,7 @@
 
   dsv4 --version
   dsv4 info --preset v4-flash | --config path/to/config.json (or a run / checkpoint / model directory)
-  dsv4 convert --from-transformers DIR OUT | --to-transformers RUN_DIR OUT
+  dsv4 convert --from-transformers DIR OUT | --to-transformers RUN_DIR OUT | --to-model RUN_DIR OUT
   dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--max-new-tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
@@ -97,6 +97,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.to_model is not None:  # a checkpoint (one process or torchrun's DCP shards) -> one model directory
+        from dsv4.convert.checkpoint import checkpoint_to_model_dir
+
+        print(f"wrote {checkpoint_to_model_dir(args.to_model, args.out)}")
+        return 0
     try:
         from dsv4.convert import transformers as conv
     except ModuleNotFoundError as e:
@@ -343,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--to-transformers",
         metavar="DIR",
         help="a dsv4 run directory (its newest checkpoint), checkpoint or model directory",
+    )
+    way.add_argument(
+        "--to-model",
+        metavar="RUN",
+        help="a run directory or checkpoint (also a torchrun job's sharded one) -> one dsv4 model directory",
     )
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)
