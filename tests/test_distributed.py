@@ -3,8 +3,9 @@
 - Equivalence: a 2-rank FSDP2 run with Muon (indexer warm-up, then the LM stage with MTP and the MoE
   balancing biases) and a 1-process run of the same global batch log the same losses, and end with the
   same parameters (fp32, up to the order of the gradient sums).
-- Expert parallelism with activation checkpointing (ep_size 2: each rank holds half of every layer's routed experts, tokens travel by
-  all-to-all) equals one process too, and its checkpoint resumes in one process.
+- Expert parallelism with activation checkpointing (ep_size 2: each rank holds half of every layer's
+  routed experts, tokens travel by all-to-all) equals one process too, and its checkpoint resumes in one
+  process.
 - Engram (its tables replicated on every rank, the row gradients gathered and averaged) equals one process:
   the model and the tables with their Adam state.
 - Resharding: a checkpoint saved by 2 ranks resumes in 1 process, and one saved by 1 process resumes on

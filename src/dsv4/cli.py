@@ -4,7 +4,8 @@
   dsv4 info --preset v4-flash | --config path/to/config.json (or a run / checkpoint / model directory)
   dsv4 convert --from-transformers DIR OUT | --to-transformers RUN_DIR OUT | --to-model RUN_DIR OUT
   dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--max-new-tokens 16]
-  dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [key=value ...]
+  dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [--nproc N] [key=value ...]
+  dsv4 plan --preset v4-flash --nodes N --gpus-per-node G [--ep E]
   dsv4 generate --ckpt RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --top-k K --seed S]
   dsv4 chat --ckpt RUN_DIR [--system TEXT ...]      (stdin: messages, /reset, /exit)
   dsv4 serve --ckpt RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8 --max-waiting 64]
@@ -93,6 +94,17 @@ def cmd_info(args) -> int:
 
     cfg, name = _load_config(args)
     print(format_info(cfg, name))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """`dsv4 plan`: per-rank memory and FLOPs of a torchrun job (dsv4.parallel.plan)."""
+    from dsv4.config import ModelConfig
+    from dsv4.parallel.plan import Layout, format_plan, plan
+
+    cfg = ModelConfig.preset(args.preset)
+    layout = Layout(args.nodes, args.gpus_per_node, args.ep)
+    print(format_plan(args.preset, plan(cfg, layout, args.seq_len, args.micro_batch, args.context)))
     return 0
 
 
@@ -340,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or a run directory (its newest checkpoint)",
     )
     info.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plan", help="per-rank memory and FLOPs of a torchrun training job of a preset")
+    pl.add_argument("--preset", default="v4-flash", metavar="NAME", help="model preset (default: v4-flash)")
+    pl.add_argument("--nodes", type=COUNT, default=1, help="machines (default 1)")
+    pl.add_argument("--gpus-per-node", type=COUNT, default=8, help="ranks per machine (default 8)")
+    pl.add_argument("--ep", type=COUNT, default=1, help="expert-parallel ranks per expert group (default 1)")
+    pl.add_argument("--seq-len", type=COUNT, default=4096, help="training sequence length (default 4096)")
+    pl.add_argument("--micro-batch", type=COUNT, default=1, help="sequences per rank per step (default 1)")
+    pl.add_argument("--context", type=COUNT, default=1 << 20, help="KV cache / decode context (default 1M)")
+    pl.set_defaults(func=cmd_plan)
 
     conv = sub.add_parser("convert", help="convert checkpoints to/from the transformers layout")
     way = conv.add_mutually_exclusive_group(required=True)
