@@ -232,7 +232,14 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "dsv4", *rest])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        raise RuntimeError(f"the torchrun job stopped: rank {rank} exited with status {failure.exitcode}") from None
+        how = (
+            f"was killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with status {failure.exitcode}"
+        )
+        raise RuntimeError(
+            f"the torchrun job stopped: rank {rank} {how}; continue from its last checkpoint with --resume"
+        ) from None
     return 0
 
 
