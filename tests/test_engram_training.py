@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train import SMALL, _copy_corpus, _fast_cpu, _metrics, _tc, _train_losses  # noqa: F401  (_fast_cpu: autouse)
+from conftest import copy_corpus
+from test_train import SMALL, _fast_cpu, _metrics, _tc, _train_losses  # noqa: F401  (_fast_cpu: autouse)
 
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
@@ -24,7 +25,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return _copy_corpus(tmp_path_factory.mktemp("ecorpus"), n=20)
+    return copy_corpus(tmp_path_factory.mktemp("ecorpus"), n=20)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Layout:
+    """A planned job: nodes x gpus_per_node ranks; ep ranks share each MoE layer's routed experts."""
+
     nodes: int = 1
     gpus_per_node: int = 8
     ep: int = 1
