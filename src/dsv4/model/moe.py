@@ -2,7 +2,8 @@
 
 Router scores s = f(x W_g^T) in fp32 with f in {sqrtsoftplus, sigmoid, softmax}. Learned layers select
 top-k of s + b (b = `gate.bias`, a non-gradient balancing bias); hash layers take tid2eid[token].
-Weights are the unbiased s of the chosen experts, normalised to sum 1, times routed_scaling_factor.
+Weights are the unbiased s of the chosen experts, normalised to sum 1 (not for softmax scores, as in the
+official code), times routed_scaling_factor.
 Experts: W2(silu(clamp(W1 x, max=L)) * clamp(W3 x, -L, L)); one shared expert is always added.
 Routed experts are stored stacked ([E, ...]) but the state dict uses the official per-expert names
 `experts.{e}.w1.weight`.
@@ -140,12 +141,37 @@ class Gate(KeepFP32):
     def __init__(self, cfg: ModelConfig, hash_routed: bool) -> None:
         super().__init__()
         self.topk, self.n, self.func = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.scoring_func
-        self.scale, self.norm, self.hash = cfg.routed_scaling_factor, cfg.norm_topk_prob, hash_routed
+        # the official rule: top-k weights are renormalised for sigmoid / sqrtsoftplus scores, never for softmax
+        # (whose scores already sum to 1 over all experts); norm_topk_prob=False (V3-style configs) turns it off
+        self.norm = cfg.norm_topk_prob and cfg.scoring_func != "softmax"
+        self.scale, self.hash = cfg.routed_scaling_factor, hash_routed
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if hash_routed:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long))
+            self.register_load_state_dict_pre_hook(Gate._check_hash_table)
         else:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    @staticmethod
+    def _check_hash_table(module: Gate, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        """A loaded tid2eid must name K distinct experts in [0, E) per token: the official indexed add counts a
+        repeated expert once where a sum counts it twice, so such a table is refused rather than misread."""
+        table = state_dict.get(prefix + "tid2eid")
+        if table is None:
+            return
+        t = table.long()
+        bad = (t < 0) | (t >= module.n)
+        if bad.any():
+            row = int(bad.any(-1).nonzero()[0])
+            raise ValueError(f"{prefix}tid2eid: row {row} names expert ids outside [0, {module.n}): {t[row].tolist()}")
+        srt = t.sort(-1).values
+        rep = (srt[:, 1:] == srt[:, :-1]).any(-1)
+        if rep.any():
+            row = int(rep.nonzero()[0])
+            raise ValueError(
+                f"{prefix}tid2eid: row {row} repeats an expert ({t[row].tolist()}); a hash table needs "
+                f"{t.shape[1]} distinct experts per token ({int(rep.sum())} rows repeat one)"
+            )
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())

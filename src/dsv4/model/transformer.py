@@ -190,10 +190,24 @@ class Transformer(KeepFP32):
         self.rope_compress = Rotary(r, cfg.compress_rope_theta, cfg.rope_scaling)
         if cfg.engram_layer_ids:  # canonical ids for the Engram hash (spec 4.1); identity until set
             self.register_buffer("canonical_ids", torch.arange(cfg.vocab_size), persistent=False)
+        self.register_load_state_dict_pre_hook(Transformer._shared_aliases)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     # ------------------------------------------------------------------ init
+    @staticmethod
+    def _shared_aliases(module: Transformer, state_dict: dict, prefix: str, *_: object) -> None:
+        """The official state dict also names the shared embedding and head under each MTP block
+        (`mtp.{k}.embed.weight`, `mtp.{k}.head.weight`): accept them when they equal the shared tensors."""
+        for k in range(len(module.mtp)):
+            for name in ("embed.weight", "head.weight"):
+                alias = state_dict.pop(f"{prefix}mtp.{k}.{name}", None)
+                if alias is None:
+                    continue
+                shared = state_dict.setdefault(prefix + name, alias)
+                if shared is not alias and not torch.equal(shared, alias):
+                    raise ValueError(f"{prefix}mtp.{k}.{name} differs from {prefix}{name}, which it must alias")
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Linear/embedding ~ N(0, initializer_range); norms 1; sinks, ape 0; mHC near a plain residual;

@@ -49,7 +49,9 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest e2m1 with per-32 power-of-two scales (amax/6 rounded up). Returns (packed, scale)."""
+    """Round-to-nearest-even e2m1 with per-32 power-of-two scales (amax/6 rounded up). Returns (packed, scale).
+    An exact tie goes to the even code, as the official quantiser does: 0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0,
+    2.5 -> 2.0, 5.0 -> 4.0."""
     _out, inp = w.shape
     if inp % 32:
         raise ValueError(f"MXFP4 needs the input dim to be a multiple of 32, got {inp}")
@@ -57,7 +59,10 @@ def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = pow2_ceil(blocks.abs().amax(-1) / 6.0)
     x = blocks / scale[..., None]
     grid = E2M1[:8]
-    code = (x.abs()[..., None] - grid).abs().argmin(-1) | ((x < 0).long() << 3)
+    dist = (x.abs()[..., None] - grid).abs()
+    nearest = dist == dist.amin(-1, keepdim=True)
+    even = torch.arange(8) % 2 == 0
+    code = (nearest * (1 + even)).argmax(-1) | ((x < 0).long() << 3)  # among the nearest, the even code
     code = code.flatten(-2)
     packed = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
     return packed, scale.to(torch.float8_e8m0fnu)
