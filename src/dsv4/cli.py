@@ -3,6 +3,7 @@
   dsv4 --version
   dsv4 info --preset v4-flash | --config path/to/config.json (or a run / checkpoint / model directory)
   dsv4 convert --from-transformers DIR OUT | --to-transformers RUN_DIR OUT | --to-model RUN_DIR OUT
+  dsv4 convert --to-official RUN_DIR OUT | --from-official DIR OUT [--dtype bf16|fp32]
   dsv4 demo [--steps N | --minutes M] [--out runs/demo] | dsv4 demo --random [--preset tiny] [--max-new-tokens 16]
   dsv4 train --preset tiny --data PATH --out runs/NAME [--minutes M | --steps N] [--nproc N] [key=value ...]
   dsv4 plan --preset v4-flash --nodes N --gpus-per-node G [--ep E]
@@ -109,6 +110,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.to_official is not None or args.from_official is not None:
+        from dsv4.convert.official import from_official_dir, to_official_dir
+
+        if args.to_official is not None:
+            to_official_dir(args.to_official, args.out)
+        else:
+            from_official_dir(args.from_official, args.out, args.dtype)
+        print(f"wrote {args.out}")
+        return 0
     if args.to_model is not None:  # a checkpoint (one process or torchrun's DCP shards) -> one model directory
         from dsv4.convert.checkpoint import checkpoint_to_model_dir
 
@@ -382,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--to-model",
         metavar="RUN",
         help="a run directory or checkpoint (also a torchrun job's sharded one) -> one dsv4 model directory",
+    )
+    way.add_argument(
+        "--to-official",
+        metavar="RUN",
+        help="a run, checkpoint or model directory -> DeepSeek's shipped layout (FP8 projections, MXFP4 experts)",
+    )
+    way.add_argument("--from-official", metavar="DIR", help="a directory in DeepSeek's shipped layout -> dsv4")
+    conv.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="bf16", help="--from-official: the weights' dtype (default bf16)"
     )
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)

@@ -102,22 +102,17 @@ def run_folder(path: str | Path) -> Path:
     return path.parent
 
 
-def load_run(run_dir: str | Path, device="cpu"):
-    """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
-    dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
-    ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
+def load_weights(path: str | Path):
+    """The model (eval, on the CPU) of a run directory (its newest checkpoint), a checkpoint dir (a torchrun
+    job's shards too) or a model dir (config.json + safetensors, plain or in the official FP8 / MXFP4
+    layout), with its Engram tables and canonical map."""
     from dsv4.config import ModelConfig
-    from dsv4.data import load_tokenizer
-    from dsv4.device import resolve_device
     from dsv4.model.transformer import Transformer
     from dsv4.train.checkpoint import load_checkpoint
     from dsv4.weights import load_model
 
-    device = resolve_device(device)
-    ckpt = find_checkpoint(run_dir)
+    ckpt = find_checkpoint(path)
     run = RunDir(run_folder(ckpt))
-    if not run.tokenizer.exists():
-        raise CheckpointError(f"no tokenizer.json in {run.path}")
     if (ckpt / STATE_FILE).exists():
         model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
         load_checkpoint(ckpt, model)
@@ -134,4 +129,18 @@ def load_run(run_dir: str | Path, device="cpu"):
             eng.set_table(load_store(ckpt / "engram" / f"layer{i}"))
         if canonical_map_path(run.tokenizer).exists():
             model.set_canonical_map(load_canonical_map(run.tokenizer))
-    return model.to(device).eval(), load_tokenizer(run.tokenizer)
+    return model.eval()
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
+    dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
+    ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
+    from dsv4.data import load_tokenizer
+    from dsv4.device import resolve_device
+
+    device = resolve_device(device)
+    run = RunDir(run_folder(find_checkpoint(run_dir)))
+    if not run.tokenizer.exists():
+        raise CheckpointError(f"no tokenizer.json in {run.path}")
+    return load_weights(run_dir).to(device).eval(), load_tokenizer(run.tokenizer)

@@ -92,20 +92,12 @@ def save_model(model, directory: str | Path) -> None:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None):
-    """Build a Transformer from config.json and copy its safetensors weights into it (strict names and shapes;
-    official FP8 / MXFP4 tensors dequantised). The model is built for real, not on the meta device, so the
-    buffers no checkpoint holds (rope frequencies of every rotary, canonical token ids, MoE loads) are the
-    model's own; weights stored in bf16 land in the fp32 model unless `dtype` says otherwise."""
-    from dsv4.config import ModelConfig
-    from dsv4.model.transformer import Transformer
-    from dsv4.quant.formats import dequantize_state_dict
+    """Build a Transformer from config.json and load its safetensors weights: one model.safetensors or
+    shards with an index, plain or in the official FP8 / MXFP4 layout (dequantised). Names and shapes are
+    checked before anything is read, with one error listing every problem (dsv4.convert.official); the
+    shards are read lazily, one block at a time. The model is built for real, so the buffers no checkpoint
+    holds (rope frequencies, canonical token ids, MoE loads) are the model's own; weights land in the fp32
+    model unless `dtype` says otherwise."""
+    from dsv4.convert.official import load_official
 
-    directory = Path(directory)
-    model = Transformer(ModelConfig.from_json(directory / "config.json"))
-    state = dequantize_state_dict(load_state_dict(directory))  # official FP8 / MXFP4 checkpoints
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {directory} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.to(dtype) if dtype is not None else model
+    return load_official(directory, dtype or torch.float32)
