@@ -11,6 +11,7 @@ Routed experts are stored stacked ([E, ...]) but the state dict uses the officia
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,6 +53,9 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+        # weight_transform(w) -> the tensor the forward multiplies by (identity; dsv4.quant.qat sets a
+        # fake quantiser with a straight-through gradient for FP4 quantisation-aware training)
+        self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.register_state_dict_post_hook(Experts._split_state)
         self.register_load_state_dict_pre_hook(Experts._stack_state)
 
@@ -78,14 +82,23 @@ class Experts(nn.Module):
             if all(k in state_dict for k in keys):
                 state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) as the forward uses them: the parameters, through weight_transform when it is set."""
+        ws = (self.w1, self.w2, self.w3)
+        if self.weight_transform is None:
+            return ws
+        f = self.weight_transform
+        return f(ws[0]), f(ws[1]), f(ws[2])
+
     def forward_reference(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Plain per-token loop over its k experts (test oracle)."""
+        w1, w2, w3 = self.weights()
         out = torch.zeros_like(x)
         for j in range(idx.shape[1]):
             for e in range(self.n):
                 sel = (idx[:, j] == e).nonzero().squeeze(-1)
                 if sel.numel():
-                    y = swiglu(x[sel], self.w1[e], self.w2[e], self.w3[e], self.limit)
+                    y = swiglu(x[sel], w1[e], w2[e], w3[e], self.limit)
                     out.index_add_(0, sel, y * weights[sel, j, None].to(y.dtype))
         return out
 
@@ -96,8 +109,9 @@ class Experts(nn.Module):
         the products' loads and it always wins. Otherwise every expert runs on every token (E N products)
         and the routing weights, zero off the chosen experts, mix them."""
         n_tok, k = idx.shape
+        e1, e2, e3 = self.weights()
         if n_tok * k <= self.n or torch.compiler.is_compiling():
-            w1, w2, w3 = self.w1[idx], self.w2[idx], self.w3[idx]  # [N, k, ., .]
+            w1, w2, w3 = e1[idx], e2[idx], e3[idx]  # [N, k, ., .]
             gate = torch.einsum("nd,nkid->nki", x, w1)
             up = torch.einsum("nd,nkid->nki", x, w3)
             if self.limit > 0:
@@ -105,11 +119,11 @@ class Experts(nn.Module):
             y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, w2)
             return (y * weights[..., None].to(y.dtype)).sum(1)
         dense = torch.zeros(n_tok, self.n, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
-        gate = torch.einsum("nd,eid->nei", x, self.w1)
-        up = torch.einsum("nd,eid->nei", x, self.w3)
+        gate = torch.einsum("nd,eid->nei", x, e1)
+        up = torch.einsum("nd,eid->nei", x, e3)
         if self.limit > 0:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        y = torch.einsum("nei,edi->ned", F.silu(gate) * up, self.w2)
+        y = torch.einsum("nei,edi->ned", F.silu(gate) * up, e2)
         return (y * dense[..., None].to(y.dtype)).sum(1)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -125,9 +139,10 @@ class Experts(nn.Module):
         xs = x.index_select(0, tok)  # backward is index_add (cheaper than advanced-index scatter)
         ws = weights.flatten().index_select(0, order).to(x.dtype)
         outs, start = [], 0
+        w1, w2, w3 = self.weights()
         for e, cnt in enumerate(counts):
             if cnt:
-                outs.append(swiglu(xs[start : start + cnt], self.w1[e], self.w2[e], self.w3[e], self.limit))
+                outs.append(swiglu(xs[start : start + cnt], w1[e], w2[e], w3[e], self.limit))
             start += cnt
         ys = torch.cat(outs) * ws[:, None]
         return torch.zeros_like(x).index_add_(0, tok, ys)

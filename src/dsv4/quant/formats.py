@@ -48,6 +48,28 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return (w * _scale_to_float(scale).repeat_interleave(32, -1)).to(dtype)
 
 
+def mxfp4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., in] (in a multiple of 32) -> (e2m1 codes [..., in/32, 32], sign in bit 3; fp32 power-of-two
+    scales [..., in/32] = amax/6 rounded up). Each value goes to the nearest e2m1 value, an exact tie to the
+    even code."""
+    blocks = w.float().unflatten(-1, (-1, 32))
+    scale = pow2_ceil(blocks.abs().amax(-1) / 6.0)
+    x = blocks / scale[..., None]
+    grid = E2M1[:8].to(w.device)
+    dist = (x.abs()[..., None] - grid).abs()
+    nearest = dist == dist.amin(-1, keepdim=True)
+    even = torch.arange(8, device=w.device) % 2 == 0
+    code = (nearest * (1 + even)).argmax(-1) | ((x < 0).long() << 3)  # among the nearest, the even code
+    return code, scale
+
+
+def fake_mxfp4(w: torch.Tensor) -> torch.Tensor:
+    """MXFP4-quantised-dequantised w (any shape, last dim a multiple of 32) in w's dtype:
+    dequant_mxfp4(quant_mxfp4(w)) computed without packing."""
+    code, scale = mxfp4_codes(w)
+    return (E2M1.to(w.device)[code] * scale[..., None]).flatten(-2).to(w.dtype)
+
+
 def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest-even e2m1 with per-32 power-of-two scales (amax/6 rounded up). Returns (packed, scale).
     An exact tie goes to the even code, as the official quantiser does: 0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0,
@@ -55,14 +77,7 @@ def quant_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _out, inp = w.shape
     if inp % 32:
         raise ValueError(f"MXFP4 needs the input dim to be a multiple of 32, got {inp}")
-    blocks = w.float().unflatten(-1, (-1, 32))
-    scale = pow2_ceil(blocks.abs().amax(-1) / 6.0)
-    x = blocks / scale[..., None]
-    grid = E2M1[:8]
-    dist = (x.abs()[..., None] - grid).abs()
-    nearest = dist == dist.amin(-1, keepdim=True)
-    even = torch.arange(8) % 2 == 0
-    code = (nearest * (1 + even)).argmax(-1) | ((x < 0).long() << 3)  # among the nearest, the even code
+    code, scale = mxfp4_codes(w)
     code = code.flatten(-2)
     packed = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
     return packed, scale.to(torch.float8_e8m0fnu)

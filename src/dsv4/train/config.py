@@ -50,6 +50,7 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the mHC maps: on | off | auto (on for runs >= 2 min or 200 steps)
     progress: bool = True
     activation_checkpoint: bool = False  # torchrun jobs: recompute each block in the backward (FSDP2)
+    fp4_qat: bool = False  # fake-quantise the routed experts to MXFP4 in the forward (straight-through backward)
     ep_size: int = 1  # torchrun jobs: expert parallelism, 1 or the number of ranks (each holds E / ep_size experts)
     # Engram tables (models with engram_layer_ids): where the rows live and how they are fed and trained
     engram_store: str = "ram"  # ram | mmap (a memory-mapped .npy per layer under engram_dir)

@@ -281,6 +281,10 @@ class Trainer:
         self.model = Transformer(mc)
         self.model.init_weights(seed=tc.seed)  # on the CPU: the same weights on every device
         self.model.to(self.device)
+        if tc.fp4_qat:
+            from dsv4.quant.qat import enable_fp4_qat
+
+            enable_fp4_qat(self.model)
         ck = latest_checkpoint(self.run) if resume else None
         saved = self.build_optimizer(ck)
         self.engram = None
@@ -771,6 +775,8 @@ def check_distributed(tc: TrainConfig, mc: ModelConfig, env: pdist.DistEnv) -> N
         raise ConfigError(f"batch_size={tc.batch_size} (the global batch) must be a multiple of the {env.world} ranks")
     if tc.ep_size not in (1, env.world):
         raise ConfigError(f"ep_size={tc.ep_size}: expert parallelism spans the whole job, give 1 or {env.world}")
+    if tc.fp4_qat and tc.ep_size > 1:
+        raise ConfigError("fp4_qat with expert parallelism (ep_size > 1) is not built; use ep_size=1")
     if mc.n_routed_experts % tc.ep_size:
         raise ConfigError(f"ep_size={tc.ep_size} does not divide n_routed_experts={mc.n_routed_experts}")
 
