@@ -277,7 +277,7 @@ def _engine(args):
     from dsv4.infer.engine import Engine
     from dsv4.run import load_run
 
-    model, tok = load_run(args.ckpt, device=_device(args))  # a run directory: its newest checkpoint
+    model, tok = load_run(args.ckpt, device=_device(args), keep_quantized=args.keep_quantized)
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
@@ -312,7 +312,7 @@ def cmd_serve(args) -> int:
     from dsv4.app.serve import serve
 
     options = ("api_key", "max_batch", "max_waiting", "max_context", "prefill_chunk", "model_name")
-    options += ("default_max_tokens", "host", "port", "log_level", "compile")
+    options += ("default_max_tokens", "host", "port", "log_level", "compile", "keep_quantized")
     serve(args.ckpt, device=device, **{k: getattr(args, k) for k in options})
     return 0
 
@@ -479,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="torch.compile the decode step (pays a compilation per batch size and store size; "
             "faster for long generations)",
+        )
+        sp.add_argument(
+            "--keep-quantized",
+            action="store_true",
+            help="a checkpoint in DeepSeek's layout keeps its FP8 / MXFP4 weights in memory (a quarter of the "
+            "bytes; dequantised per matmul)",
         )
 
     def sampling_options(sp, temperature: float, max_new: int):

@@ -196,6 +196,31 @@ def param_count(cfg: ModelConfig, model=None) -> ParamCount:
     )
 
 
+def resident_weight_bytes(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes of the model's state dict in memory: all fp32, all bf16 (buffers as they are), and kept in the
+    shipped format (dsv4.convert.official / dsv4.quant.execution: FP8 projections with one e8m0 byte per
+    128 x 128 block, MXFP4 experts at half a byte per value plus one byte per 32, the rest as written)."""
+    from dsv4.convert.official import KEEP_FP32, is_fp8, is_routed_expert
+
+    model = build_meta_model(cfg)
+    params = {n for n, _ in model.named_parameters()}
+    out = {"fp32": 0, "bf16": 0, "kept": 0}
+    for name, t in model.state_dict().items():
+        n, size = t.numel(), t.element_size()
+        float_param = name in params or (is_routed_expert(name) and t.is_floating_point())
+        out["fp32"] += n * (4 if float_param else size)
+        out["bf16"] += n * (2 if float_param else size)
+        if is_routed_expert(name):
+            out["kept"] += n // 2 + n // 32
+        elif is_fp8(name, tuple(t.shape)):
+            out["kept"] += n + math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128)
+        elif float_param and not any(k in name for k in KEEP_FP32):
+            out["kept"] += 2 * n
+        else:
+            out["kept"] += n * (4 if float_param else size)
+    return out
+
+
 # ------------------------------------------------------------------------------ KV cache
 def kv_entry_bytes(cfg: ModelConfig) -> int:
     """Bytes of one served kv entry: FP8 non-rope dims + e8m0 scales + BF16 rope dims, padded."""

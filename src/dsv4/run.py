@@ -102,10 +102,11 @@ def run_folder(path: str | Path) -> Path:
     return path.parent
 
 
-def load_weights(path: str | Path):
+def load_weights(path: str | Path, keep_quantized: bool = False):
     """The model (eval, on the CPU) of a run directory (its newest checkpoint), a checkpoint dir (a torchrun
     job's shards too) or a model dir (config.json + safetensors, plain or in the official FP8 / MXFP4
-    layout), with its Engram tables and canonical map."""
+    layout), with its Engram tables and canonical map. keep_quantized: an official-layout model keeps its
+    FP8 / MXFP4 weights in memory (dsv4.quant.execution)."""
     from dsv4.config import ModelConfig
     from dsv4.model.transformer import Transformer
     from dsv4.train.checkpoint import load_checkpoint
@@ -118,7 +119,7 @@ def load_weights(path: str | Path):
         load_checkpoint(ckpt, model)
     else:  # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
         try:
-            model = load_model(ckpt)
+            model = load_model(ckpt, keep_quantized=keep_quantized)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if model.engrams():  # Engram tables (chunked safetensors in the checkpoint) and the canonical map
@@ -132,7 +133,7 @@ def load_weights(path: str | Path):
     return model.eval()
 
 
-def load_run(run_dir: str | Path, device="cpu"):
+def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False):
     """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
     dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
     ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
@@ -143,4 +144,4 @@ def load_run(run_dir: str | Path, device="cpu"):
     run = RunDir(run_folder(find_checkpoint(run_dir)))
     if not run.tokenizer.exists():
         raise CheckpointError(f"no tokenizer.json in {run.path}")
-    return load_weights(run_dir).to(device).eval(), load_tokenizer(run.tokenizer)
+    return load_weights(run_dir, keep_quantized).to(device).eval(), load_tokenizer(run.tokenizer)

@@ -91,7 +91,7 @@ def save_model(model, directory: str | Path) -> None:
     model.cfg.to_json(directory / "config.json")
 
 
-def load_model(directory: str | Path, dtype: torch.dtype | None = None):
+def load_model(directory: str | Path, dtype: torch.dtype | None = None, keep_quantized: bool = False):
     """Build a Transformer from config.json and load its safetensors weights: one model.safetensors or
     shards with an index, plain or in the official FP8 / MXFP4 layout (dequantised). Names and shapes are
     checked before anything is read, with one error listing every problem (dsv4.convert.official); the
@@ -100,4 +100,4 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None):
     model unless `dtype` says otherwise."""
     from dsv4.convert.official import load_official
 
-    return load_official(directory, dtype or torch.float32)
+    return load_official(directory, dtype or torch.float32, keep_quantized=keep_quantized)

@@ -5,7 +5,7 @@ itself, with its conventions, is dsv4.flops; this module formats it.
 from __future__ import annotations
 
 from dsv4.config import ModelConfig
-from dsv4.flops import engram_tables, kv_cache_bytes, param_count
+from dsv4.flops import engram_tables, kv_cache_bytes, param_count, resident_weight_bytes
 
 
 def human(n: float) -> str:
@@ -91,6 +91,15 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
         f"  bf16_gqa8_bytes_per_token: {kv['baseline_per_token']}  (2 x 8 x 128 x 2 B x {cfg.num_hidden_layers} layers)"
     )
     out.append(f"  ratio_to_bf16_gqa8: {kv['ratio_to_baseline']:.4f}  ({100 * kv['ratio_to_baseline']:.2f}%)")
+    rb = resident_weight_bytes(cfg)
+    out.append("")
+    out.append("resident weights (state dict in memory, MTP included):")
+    out.append(f"  fp32: {rb['fp32']}  ({rb['fp32'] / 1e9:.3f} GB)")
+    out.append(f"  bf16: {rb['bf16']}  ({rb['bf16'] / 1e9:.3f} GB)")
+    out.append(
+        f"  kept_fp8_fp4: {rb['kept']}  ({rb['kept'] / 1e9:.3f} GB: the shipped layout kept in memory, FP8 "
+        "projections and MXFP4 routed experts dequantised per matmul)"
+    )
     eg = engram_tables(cfg)
     if eg["layers"]:
         out.append("")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.quant.formats import dequant_fp8_block, dequant_mxfp4, quant_fp8_block, quant_mxfp4
@@ -162,8 +163,10 @@ def _group(name: str) -> str:
     return ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else ""
 
 
-def load_official(directory: str | Path, dtype: torch.dtype = torch.float32):
-    """A Transformer from an official-layout directory, checked first, then loaded block by block."""
+def load_official(directory: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False):
+    """A Transformer from an official-layout directory, checked first, then loaded block by block.
+    keep_quantized: FP8 projections and MXFP4 experts stay in their format in memory and are dequantised
+    at matmul time (dsv4.quant.execution); the other weights load in `dtype`."""
     from dsv4.model.transformer import Transformer
 
     directory = Path(directory)
@@ -171,6 +174,8 @@ def load_official(directory: str | Path, dtype: torch.dtype = torch.float32):
     reader = OfficialReader(directory)
     storage = check_layout(reader, cfg)
     model = Transformer(cfg)
+    if keep_quantized:
+        storage = _keep_quantized(model, reader, storage)
     groups: dict[str, list[str]] = defaultdict(list)
     for name in storage:
         groups[_group(name)].append(name)
@@ -186,6 +191,41 @@ def load_official(directory: str | Path, dtype: torch.dtype = torch.float32):
 
 
 KEEP_FP32 = ("hc_", "attn_sink")  # parameters the model keeps in fp32 (mHC, sinks) stay fp32 when written
+
+
+def _keep_quantized(model, reader: OfficialReader, storage: dict[str, str]) -> dict[str, str]:
+    """Swap every FP8 nn.Linear for an FP8Linear and every all-MXFP4 Experts for MXFP4Experts holding the
+    shards' codes; returns the storage map of what is left to load as usual."""
+    from dsv4.model.moe import Experts
+    from dsv4.quant.execution import FP8Linear, MXFP4Experts
+
+    left = dict(storage)
+    modules = dict(model.named_modules())
+    for name, kind in storage.items():
+        mod_name = name[: -len(".weight")]
+        if kind == "fp8" and isinstance(modules.get(mod_name), nn.Linear):
+            codes, scale = reader.get(name), reader.get(mod_name + ".scale")
+            parent, _, leaf = mod_name.rpartition(".")
+            setattr(
+                modules[parent] if parent else model,
+                leaf,
+                FP8Linear(codes, scale, _fp8_block(codes.shape, scale.shape) or 128),
+            )
+            del left[name]
+    for mod_name, mod in modules.items():
+        if not isinstance(mod, Experts):
+            continue
+        keys = {w: [f"{mod_name}.{e}.{w}.weight" for e in range(mod.n)] for w in ("w1", "w2", "w3")}
+        if not all(storage.get(k) == "mxfp4" for ks in keys.values() for k in ks):
+            continue
+        packed = {w: torch.stack([reader.get(k) for k in ks]) for w, ks in keys.items()}
+        scales = {w: torch.stack([reader.get(k[: -len("weight")] + "scale") for k in ks]) for w, ks in keys.items()}
+        parent, _, leaf = mod_name.rpartition(".")
+        setattr(modules[parent], leaf, MXFP4Experts(mod.n, mod.limit, packed, scales))
+        for ks in keys.values():
+            for k in ks:
+                del left[k]
+    return left
 
 
 def official_state_dict(model, plain_dtype: torch.dtype = torch.bfloat16, fp8_block: int = 128) -> dict:

@@ -83,7 +83,9 @@ class Experts(nn.Module):
                 state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) as the forward uses them: the parameters, through weight_transform when it is set."""
+        """(w1, w2, w3) as the forward uses them: the parameters, through weight_transform when it is set.
+        (dsv4.quant.execution overrides it with stacks that stay quantised and dequantise the experts
+        they are indexed by; `.full()` gives the whole stack.)"""
         ws = (self.w1, self.w2, self.w3)
         if self.weight_transform is None:
             return ws
@@ -119,6 +121,7 @@ class Experts(nn.Module):
             y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, w2)
             return (y * weights[..., None].to(y.dtype)).sum(1)
         dense = torch.zeros(n_tok, self.n, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
+        e1, e2, e3 = (w if isinstance(w, torch.Tensor) else w.full() for w in (e1, e2, e3))  # kept (quantised) stacks
         gate = torch.einsum("nd,eid->nei", x, e1)
         up = torch.einsum("nd,eid->nei", x, e3)
         if self.limit > 0:

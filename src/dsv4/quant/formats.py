@@ -21,7 +21,11 @@ def dequant_fp8_block(
     w: torch.Tensor, scale: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     out, inp = w.shape
-    s = _scale_to_float(scale).repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
+    sf = _scale_to_float(scale)
+    if out % block == 0 and inp % block == 0:  # broadcast the scales over whole blocks: no [out, in] scale copy
+        blocks = w.to(dtype).view(out // block, block, inp // block, block)
+        return (blocks * sf.to(dtype)[:, None, :, None]).view(out, inp)
+    s = sf.repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
     return (w.float() * s).to(dtype)
 
 
