@@ -124,21 +124,33 @@ def validate_messages(messages: object) -> list[dict]:
     return out
 
 
-def load_template(run_dir: str | Path | None = None) -> ChatTemplate:
-    """The chat template of a run: chat_template.json beside its tokenizer.json when there is one (write it
-    there to change the format), else the default. Nothing is written into the run. None -> the default."""
+def load_template(run_dir: str | Path | None = None):
+    """The chat format of a run or model directory: chat_template.json beside its tokenizer.json when there is
+    one (write it there to change the format; {"format": "deepseek-v4", "thinking": true} selects DeepSeek-V4's
+    format in thinking mode), else DeepSeek-V4's format (dsv4.infer.chat_v4) for a directory with DeepSeek's
+    tokenizer, else the default template. Nothing is written. None -> the default."""
     if run_dir is None:
         return ChatTemplate()
+    from dsv4.infer.chat_v4 import V4ChatFormat, is_v4_tokenizer
     from dsv4.run import RunDir, run_folder
 
-    path = RunDir(run_folder(run_dir)).chat_template
+    run = RunDir(run_folder(run_dir))
+    path = run.chat_template
     if path.exists():
         try:
-            return ChatTemplate.from_dict(json.loads(path.read_text()))
+            d = json.loads(path.read_text())
+            if isinstance(d, dict) and d.get("format") == "deepseek-v4":
+                return V4ChatFormat(**{k: v for k, v in d.items() if k != "format"})
+            return ChatTemplate.from_dict(d)
         except json.JSONDecodeError as e:
             raise ChatError(f"{path}: not valid JSON ({e})") from None
         except TypeError as e:
             raise ChatError(f"{path}: {e}") from None
+    if run.tokenizer.exists():
+        from tokenizers import Tokenizer
+
+        if is_v4_tokenizer(Tokenizer.from_file(str(run.tokenizer))):
+            return V4ChatFormat()
     return ChatTemplate()
 
 
