@@ -146,11 +146,8 @@ def load_template(run_dir: str | Path | None = None):
             raise ChatError(f"{path}: not valid JSON ({e})") from None
         except TypeError as e:
             raise ChatError(f"{path}: {e}") from None
-    if run.tokenizer.exists():
-        from tokenizers import Tokenizer
-
-        if is_v4_tokenizer(Tokenizer.from_file(str(run.tokenizer))):
-            return V4ChatFormat()
+    if run.tokenizer.exists() and is_v4_tokenizer(run.tokenizer):
+        return V4ChatFormat()
     return ChatTemplate()
 
 

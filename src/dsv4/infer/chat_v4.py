@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsv4.infer.chat import ChatError
@@ -245,7 +246,11 @@ class V4ChatFormat:
         return {"reasoning_content": reasoning, "content": text, "tool_calls": calls}
 
 
-def is_v4_tokenizer(tokenizer: Tokenizer) -> bool:
-    """A tokenizer that knows V4's turn markers as tokens (DeepSeek's own tokenizer.json)."""
-    vocab = tokenizer.get_vocab()
-    return USER in vocab and ASSISTANT in vocab and EOS in vocab
+def is_v4_tokenizer(path: str | Path) -> bool:
+    """A tokenizer.json whose added tokens include V4's turn markers (DeepSeek's own); False for any other
+    file, readable or not."""
+    try:
+        added = {t.get("content") for t in json.loads(Path(path).read_text()).get("added_tokens", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+    return {USER, ASSISTANT, EOS} <= added
