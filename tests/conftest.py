@@ -32,6 +32,17 @@ def copy_corpus(dst: Path, n: int = 30) -> Path:
     return dst
 
 
+def corpus_and_tokenizer(root: Path, n: int = 30) -> tuple[Path, Path]:
+    """copy_corpus(root / "corpus", n) and a 512-token BPE trained on its training split (root / tokenizer.json)."""
+    from dsv4.data import find_files, iter_documents, split_files, train_tokenizer
+
+    corpus = copy_corpus(root / "corpus", n)
+    tok = root / "tokenizer.json"
+    train_files, _ = split_files(find_files(corpus), 0.05)
+    train_tokenizer((d.text for d in iter_documents(train_files)), 512, tok, show_progress=False)
+    return corpus, tok
+
+
 @pytest.fixture
 def small_cfg():
     return small_config()

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_corpus
+from conftest import corpus_and_tokenizer
 from safetensors import safe_open
 
 from dsv4.config import ModelConfig
-from dsv4.data import find_files, iter_documents, split_files, train_tokenizer
 from dsv4.model.transformer import Transformer
 from dsv4.parallel.checkpoint import is_distributed
 from dsv4.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -92,10 +91,7 @@ def resume_from(src: Path, dst: Path, step: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus = copy_corpus(root / "corpus")
-    tok = root / "tokenizer.json"
-    train_files, _ = split_files(find_files(corpus), 0.05)
-    train_tokenizer((d.text for d in iter_documents(train_files)), 512, tok, show_progress=False)
+    corpus, tok = corpus_and_tokenizer(root)
     common = ["--data", str(corpus), "--tokenizer", str(tok), *RUN]
     one, two = root / "one", root / "two"
     dsv4("--out", str(one), *common)

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import copy_corpus, randomize_, small_config
+from conftest import corpus_and_tokenizer, randomize_, small_config
 
 from dsv4.convert.official import OfficialReader, save_official
-from dsv4.data import find_files, iter_documents, split_files, train_tokenizer
 from dsv4.model.moe import Experts
 from dsv4.model.transformer import Transformer
 from dsv4.quant.formats import dequant_mxfp4, fake_mxfp4, quant_mxfp4
@@ -63,10 +62,7 @@ def test_gradients_pass_straight_through_the_quantiser(pair):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qat")
-    corpus = copy_corpus(root / "corpus")
-    tok = root / "tokenizer.json"
-    train_files, _ = split_files(find_files(corpus), 0.05)
-    train_tokenizer((d.text for d in iter_documents(train_files)), 512, tok, show_progress=False)
+    corpus, tok = corpus_and_tokenizer(root)
     torch.set_num_threads(1)
     out = {}
     for name, qat in (("plain", False), ("qat", True)):
