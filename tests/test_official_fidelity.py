@@ -60,3 +60,44 @@ def test_the_mtp_aliases_of_the_shared_embedding_and_head_load_when_equal(model)
     official["mtp.0.head.weight"] = state["head.weight"] + 1
     with pytest.raises(ValueError, match=r"mtp\.0\.head\.weight differs from head\.weight"):
         fresh.load_state_dict(official)
+
+
+def test_bf16_experts_round_where_the_official_code_does():
+    """The routing weight multiplies W2's input and the experts' outputs are summed in fp32 (then MoE casts
+    back), in the grouped, gathered (decode) and reference paths alike."""
+    import torch.nn.functional as F
+
+    from dsv4.model.moe import Experts
+
+    torch.manual_seed(0)
+    ex = Experts(4, 32, 64, 10.0)
+    with torch.no_grad():
+        for w in (ex.w1, ex.w2, ex.w3):
+            w.normal_(0, 0.1)
+    ex = ex.to(torch.bfloat16)
+    x = torch.randn(6, 32).bfloat16()
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [0, 2], [1, 3]])
+    wts = torch.rand(6, 2)
+    want = torch.zeros(6, 32)
+    for t in range(6):
+        for j in range(2):
+            e = int(idx[t, j])
+            h = F.silu(F.linear(x[t], ex.w1[e]).clamp(max=10)) * F.linear(x[t], ex.w3[e]).clamp(-10, 10)
+            want[t] += F.linear(h * wts[t, j].to(torch.bfloat16), ex.w2[e]).float()
+    with torch.enable_grad():
+        grouped = ex(x, idx, wts)
+    assert grouped.dtype == torch.float32 and torch.allclose(grouped, want, rtol=0, atol=1e-6)
+    assert torch.allclose(ex.forward_reference(x, idx, wts), want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(ex.forward_static(x[:2], idx[:2], wts[:2]), want[:2], atol=2e-2)
+
+
+def test_bf16_mhc_mixes_in_fp32():
+    from dsv4.model.mhc import hc_post
+
+    torch.manual_seed(0)
+    x, out = torch.randn(2, 3, 4, 16).bfloat16(), torch.randn(2, 3, 16).bfloat16()
+    post, res = torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4)
+    want = (post.unsqueeze(-1) * out.float().unsqueeze(-2) + torch.matmul(res.transpose(-1, -2), x.float())).bfloat16()
+    got = hc_post(out, x, post, res)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -46,9 +46,10 @@ def hc_pre(
 
 @fusable
 def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-    """X'_k = post_k * out + sum_j res[j, k] X_j  (res applied transposed, as the official code does)."""
-    dt = x.dtype
-    return post.to(dt).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(res.to(dt).transpose(-1, -2), x)
+    """X'_k = post_k * out + sum_j res[j, k] X_j  (res applied transposed, as the official code does), mixed in
+    fp32 with the fp32 maps (the official point; bf16 streams are cast back after the mix)."""
+    mixed = post.unsqueeze(-1) * out.float().unsqueeze(-2) + torch.matmul(res.transpose(-1, -2), x.float())
+    return mixed.to(x.dtype)
 
 
 @fusable

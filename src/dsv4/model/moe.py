@@ -22,12 +22,24 @@ from dsv4.config import ModelConfig
 from dsv4.model.precision import KeepFP32
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    limit: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W2(silu(clamp(W1 x)) * clamp(W3 x)); a routed expert's weight [N] multiplies W2's input, where the
+    official code applies it."""
     gate = F.linear(x, w1)
     up = F.linear(x, w3)
     if limit > 0:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return F.linear(F.silu(gate) * up, w2)
+    h = F.silu(gate) * up
+    if weight is not None:
+        h = h * weight[:, None].to(h.dtype)
+    return F.linear(h, w2)
 
 
 class Expert(nn.Module):
@@ -93,15 +105,14 @@ class Experts(nn.Module):
         return f(ws[0]), f(ws[1]), f(ws[2])
 
     def forward_reference(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Plain per-token loop over its k experts (test oracle)."""
+        """Plain per-token loop over its k experts (test oracle); the sum in fp32, as every path."""
         w1, w2, w3 = self.weights()
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in range(idx.shape[1]):
             for e in range(self.n):
                 sel = (idx[:, j] == e).nonzero().squeeze(-1)
                 if sel.numel():
-                    y = swiglu(x[sel], w1[e], w2[e], w3[e], self.limit)
-                    out.index_add_(0, sel, y * weights[sel, j, None].to(y.dtype))
+                    out.index_add_(0, sel, swiglu(x[sel], w1[e], w2[e], w3[e], self.limit, weights[sel, j]).float())
         return out
 
     def forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -118,20 +129,21 @@ class Experts(nn.Module):
             up = torch.einsum("nd,nkid->nki", x, w3)
             if self.limit > 0:
                 gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-            y = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, w2)
-            return (y * weights[..., None].to(y.dtype)).sum(1)
+            h = F.silu(gate) * up * weights[..., None].to(gate.dtype)
+            return torch.einsum("nki,nkdi->nkd", h, w2).float().sum(1)
         dense = torch.zeros(n_tok, self.n, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
         e1, e2, e3 = (w if isinstance(w, torch.Tensor) else w.full() for w in (e1, e2, e3))  # kept (quantised) stacks
         gate = torch.einsum("nd,eid->nei", x, e1)
         up = torch.einsum("nd,eid->nei", x, e3)
         if self.limit > 0:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        y = torch.einsum("nei,edi->ned", F.silu(gate) * up, e2)
-        return (y * dense[..., None].to(y.dtype)).sum(1)
+        h = F.silu(gate) * up * dense[..., None].to(gate.dtype)
+        return torch.einsum("nei,edi->ned", h, e2).float().sum(1)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], idx/weights [N, k] -> [N, d]. Tokens grouped by expert: one matmul per used expert;
-        without gradients and with at most E tokens (decode), forward_static."""
+        """x [N, d], idx/weights [N, k] -> [N, d] in fp32 (the official code sums the experts' outputs in
+        fp32; MoE.forward casts back). Tokens grouped by expert: one matmul per used expert; without
+        gradients and with at most E tokens (decode), forward_static."""
         if x.shape[0] <= self.n and not torch.is_grad_enabled():
             return self.forward_static(x, idx, weights)
         _n_tok, k = idx.shape
@@ -145,10 +157,10 @@ class Experts(nn.Module):
         w1, w2, w3 = self.weights()
         for e, cnt in enumerate(counts):
             if cnt:
-                outs.append(swiglu(xs[start : start + cnt], w1[e], w2[e], w3[e], self.limit))
+                outs.append(swiglu(xs[start : start + cnt], w1[e], w2[e], w3[e], self.limit, ws[start : start + cnt]))
             start += cnt
-        ys = torch.cat(outs) * ws[:, None]
-        return torch.zeros_like(x).index_add_(0, tok, ys)
+        ys = torch.cat(outs).float()
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, ys)
 
 
 class Gate(KeepFP32):
@@ -249,7 +261,7 @@ class MoE(KeepFP32):
         aux = None
         if self.training and not self.gate.hash and self.alpha > 0:
             aux = self.balance_loss(idx.view(b, t, -1), s.view(b, t, -1))
-        return y.view(b, t, d), aux
+        return y.to(x.dtype).view(b, t, d), aux  # routed (fp32) + shared, summed in fp32, then the model dtype
 
     def balance_loss(self, idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """L = alpha sum_i f_i P_i per sequence, f_i = E/(K T) #routed to i, P_i = mean_t s_it / sum_j s_jt."""

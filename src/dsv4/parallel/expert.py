@@ -5,12 +5,13 @@ A token's k routed (token, expert) pairs travel to the ranks that hold those exp
 
     1. sort the pairs by expert (so by owner rank), exchange the per-expert counts (one small all-to-all);
     2. send each owner its rows of x; it runs its experts on what it received, grouped by expert;
-    3. send the outputs back in the same order; weight them and add them into their tokens.
+    3. send the outputs back in the same order and add them into their tokens (in fp32).
 
 The backward runs the two exchanges in reverse (the gradient of an all-to-all is the all-to-all with the
 splits swapped), so each expert's gradient sums the contributions of every rank's tokens. The routing
-weights multiply on the token's own rank, so the router's gradient stays local. Hash routing needs
-nothing more: its expert ids come from the token ids, and travel like the learned ones.
+weights travel with the rows and multiply W2's input, as in one process; their gradient comes back
+through the same exchange. Hash routing needs nothing more: its expert ids come from the token ids, and
+travel like the learned ones.
 
 The expert weights are DTensors sharded on dim 0 (the expert index) over the job's mesh, so DCP saves
 and reshards them like every FSDP2 parameter, and the parameter names stay `...experts.w1` etc. Their
@@ -80,22 +81,24 @@ class ExpertParallel(nn.Module):
         got_by_src = got.view(self.world, self.local)
         recv = got_by_src.sum(1).tolist()
         xs = all_to_all(x.index_select(0, tok), send, recv)  # grouped by source rank, then by my expert
+        ws = weights.flatten().index_select(0, order).to(x.dtype)
+        wr = all_to_all(ws[:, None], send, recv)[:, 0]  # each pair's routing weight travels with it
         # regroup the received rows by my local expert (stable within each expert: source order)
         local_ids = torch.arange(self.local, device=x.device).repeat(self.world)
         expert_of_row = torch.repeat_interleave(local_ids, got_by_src.flatten())
         by_expert = expert_of_row.argsort(stable=True)
         per_expert = got_by_src.sum(0).tolist()
         w1, w2, w3 = self.w1.to_local(), self.w2.to_local(), self.w3.to_local()
-        outs, start, ys = [], 0, xs.index_select(0, by_expert)
+        outs, start, ys, yw = [], 0, xs.index_select(0, by_expert), wr.index_select(0, by_expert)
         for j, cnt in enumerate(per_expert):
             if cnt:
-                outs.append(swiglu(ys[start : start + cnt], w1[j], w2[j], w3[j], self.limit))
+                sl = slice(start, start + cnt)
+                outs.append(swiglu(ys[sl], w1[j], w2[j], w3[j], self.limit, yw[sl]))
             start += cnt
         y = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
         y = torch.empty_like(y).index_copy(0, by_expert, y)  # back to the received order
         back = all_to_all(y, recv, send)  # in this rank's sorted pair order
-        ws = weights.flatten().index_select(0, order).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, back * ws[:, None])
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, back.float())
 
     forward_reference = forward
 
