@@ -3,9 +3,11 @@ with a one-line error, and --resume continues it bit for bit as if nothing had h
 
 from __future__ import annotations
 
+import pytest
 from conftest import corpus_and_tokenizer, load_benchmark
 
 
+@pytest.mark.slow  # about 40 s: two torchrun jobs and a resume (make test-slow)
 def test_a_killed_rank_stops_the_job_and_resume_is_exact(tmp_path):
     corpus, tok = corpus_and_tokenizer(tmp_path)
     drill = load_benchmark("fault_drill")
