@@ -155,9 +155,14 @@ def step_loss(
         compute_logits=False,
         engram_prefetched=engram_prefetched,
     )
+    indexer_loss = out.indexer_loss
+    if indexer_loss is not None and job_mean is not None:
+        n = torch.stack([ix.queries for ix in out.indexers]).float()
+        weight = n / job_mean(n.clone()).clamp_min(1e-30)
+        indexer_loss = (torch.stack([ix.loss for ix in out.indexers]) * weight.to(indexer_loss.device)).sum()
     parts = {}
     if warmup:
-        loss = out.indexer_loss
+        loss = indexer_loss
     else:
         lm, mtp = lm_losses(out, targets, model.head.weight)
         loss = parts["lm_loss"] = lm
@@ -167,17 +172,10 @@ def step_loss(
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
             parts["aux_loss"] = out.aux_loss
-    if out.indexer_loss is not None and job_mean is not None:
-        ixs = out.indexers
-        n = torch.stack([ix.queries for ix in ixs]).float()
-        weight = n / job_mean(n.clone()).clamp_min(1e-30)
-        out.indexer_loss = (torch.stack([ix.loss for ix in ixs]) * weight.to(ixs[0].loss.device)).sum()
-        if warmup:
-            loss = out.indexer_loss
-    if out.indexer_loss is not None:
+    if indexer_loss is not None:
         if not warmup:
-            loss = loss + out.indexer_loss
-        parts["indexer_loss"] = out.indexer_loss
+            loss = loss + indexer_loss
+        parts["indexer_loss"] = indexer_loss
     return loss, parts
 
 
@@ -477,7 +475,7 @@ class Trainer:
             self.after_backward()
             params = [p for p in model.parameters() if p.grad is not None]
             gn = clip_grad_norm(params, tc.grad_clip) if params else torch.tensor(0.0)
-            rec["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            rec["grad_norm"] = norm_value(gn)
             ok = math.isfinite(rec["grad_norm"])
         if ok:
             self._in_update = True  # an interrupt from here until the step ends would leave half-updated state
@@ -543,7 +541,7 @@ class Trainer:
                 self.after_backward()
                 params = [p for p in model.parameters() if p.grad is not None]
                 gn = clip_grad_norm(params, tc.grad_clip) if params else None
-                if gn is not None and math.isfinite(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)):
+                if gn is not None and math.isfinite(norm_value(gn)):
                     self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.engram is not None:
@@ -767,6 +765,11 @@ def progress_fields(rec: dict) -> dict:
     if "tok_per_s" in rec:
         post["tok/s"] = f"{rec['tok_per_s']:.0f}"
     return post
+
+
+def norm_value(gn: torch.Tensor) -> float:
+    """clip_grad_norm's total norm as a float (a DTensor under FSDP2: its full value)."""
+    return float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
 
 
 def check_distributed(tc: TrainConfig, mc: ModelConfig, env: pdist.DistEnv) -> None:
