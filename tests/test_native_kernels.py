@@ -127,3 +127,48 @@ def test_topk_eager_equals_static():
             ka = [sorted(r[m].tolist()) for r, m in zip(a_i, a_v)]
             kb = [sorted(r[m].tolist()) for r, m in zip(b_i, b_v)]
             assert ka == kb
+
+
+def _chosen(ids, valid):
+    return [sorted(r[m].tolist()) for r, m in zip(ids, valid)]
+
+
+@pytest.mark.parametrize("mode", ["rand", "ties", "sparse"])
+@pytest.mark.parametrize("nh,c,k", [(4, 32, 16), (3, 20, 8), (8, 64, 40)])
+def test_native_decode_indexer_topk_equals_twin(monkeypatch, mode, nh, c, k):
+    """The decode indexer (one query per row, keys read in place from a store prefix) selects the set of
+    the reference (decode_scores + topk_eager), for rows with more, fewer and no visible entries."""
+    g = torch.Generator().manual_seed(nh + c + k + len(mode))
+    q, w, store = _inputs(4, 1, 700, nh, c, g, mode)
+    q, w = q[:, 0], w[:, 0]
+    keys = store[:, :600]  # a prefix view of a larger store: rows are 700 * c floats apart
+    limit = torch.tensor([600, 257, k - 3, 0])
+    got = it.decode_indexer_topk(q, w, keys, limit, k)
+    monkeypatch.setattr(it, "USE_NATIVE", False)
+    want = it.decode_indexer_topk(q, w, keys, limit, k)
+    assert got[0].shape == want[0].shape == (4, k)
+    assert _chosen(*got) == _chosen(*want)
+    assert [len(r) for r in _chosen(*got)] == [k, k, k - 3, 0]
+
+
+@pytest.mark.parametrize("h,c", [(4, 64), (3, 24), (8, 128)])
+def test_native_decode_attention_equals_twin(monkeypatch, h, c):
+    """decode_attention's C++ path (partial softmax statistics per part, merged with the sink) equals the
+    reference, with a long part, a short one, an empty one and a row with no valid key in a part."""
+    import dsv4.kernels.decode_attention as da
+
+    g = torch.Generator().manual_seed(h * c)
+    b = 3
+    q = torch.randn(b, h, c, generator=g)
+    long_keys = torch.randn(b, 3000, c, generator=g)[:, :2500]  # a store prefix (strided rows)
+    long_valid = torch.rand(b, 2500, generator=g) > 0.2
+    long_valid[1] = False
+    win = torch.randn(b, 35, c, generator=g)
+    parts = [(win, torch.rand(b, 35, generator=g) > 0.5), (long_keys, long_valid), (win[:, :0], long_valid[:, :0])]
+    sink = torch.randn(h, generator=g)
+    with torch.no_grad():
+        got = da.decode_attention(q, parts, sink, c**-0.5)
+        want = da.decode_attention_reference(q, parts, sink, c**-0.5)
+        monkeypatch.setattr(da, "NATIVE_MIN_KEYS", 10**9)
+        assert torch.equal(da.decode_attention(q, parts, sink, c**-0.5), want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -307,3 +307,61 @@ def indexer_selected_scores(
     if not outs:
         return q.new_zeros(idx.shape, dtype=torch.float32)
     return torch.cat(outs, 1)
+
+
+def decode_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One query per row: q [B,n,c], w [B,n], keys [B,N,c] -> Score [B,N] = sum_j w_j ReLU(q_j . k_s), as
+    keys @ q^T (streams the long key store once)."""
+    return (torch.einsum("bnc,bhc->bnh", keys.to(q.dtype), q).relu() * w[:, None, :]).sum(-1) + 0.0
+
+
+@torch.compiler.assume_constant_result
+def _decode_native_built() -> bool:
+    from dsv4.kernels import native
+
+    return native.ext() is not None
+
+
+@torch.library.custom_op("dsv4::indexer_decode_topk", mutates_args=())
+def _indexer_decode_topk_op(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor, k: int
+) -> torch.Tensor:
+    from dsv4.kernels import native
+
+    if keys.stride(-1) != 1 or keys.stride(-2) != keys.shape[-1]:
+        keys = keys.contiguous()
+    return native.ext().indexer_decode_topk(q.contiguous(), w.contiguous(), keys, limit.contiguous(), k)
+
+
+@_indexer_decode_topk_op.register_fake
+def _(q, w, keys, limit, k):
+    return q.new_empty((q.shape[0], min(k, keys.shape[1])), dtype=torch.long)
+
+
+def decode_indexer_topk(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's top-k for one decode query per row: q [B,n,c] (roped, fp32), w [B,n], keys [B,N,c] (a
+    store, whole or a prefix), limit [B] = entries visible to each row (entry s visible iff s < limit)
+    -> (ids [B, min(k, N)], valid [B, min(k, N)]), the set of topk_static (score descending, then position
+    ascending; fewer than k visible: all of them), in no particular order.
+
+    CPU inference with fp32 keys runs the fused C++ kernel (csrc: scores of the visible prefix of each row
+    read in place, split over the threads, no [B, N] tensor beyond one score buffer, then the exact
+    selection of indexer_topk_fwd), also inside a compiled step (a custom op). Elsewhere, and with
+    USE_NATIVE = False, the reference: decode_scores then topk_static (compiled) / topk_eager (eager)."""
+    from dsv4.kernels.topk import topk_eager, topk_static
+
+    native = (
+        USE_NATIVE
+        and q.device.type == "cpu"
+        and keys.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad))
+        and _decode_native_built()
+    )
+    if native:
+        ids = _indexer_decode_topk_op(q.float(), w.float(), keys, limit, k)
+        return ids.clamp_min(0), ids >= 0
+    scores = decode_scores(q, w, keys)
+    visible = torch.arange(keys.shape[1], device=keys.device) < limit[:, None]
+    return (topk_static if torch.compiler.is_compiling() else topk_eager)(scores, k, visible)

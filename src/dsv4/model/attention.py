@@ -19,9 +19,13 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.kernels.attention import IMPLS, selection_mask
 from dsv4.kernels.decode_attention import decode_attention
-from dsv4.kernels.indexer_topk import chunked_indexer_topk, indexer_selected_scores, segment_same_doc
+from dsv4.kernels.indexer_topk import (
+    chunked_indexer_topk,
+    decode_indexer_topk,
+    indexer_selected_scores,
+    segment_same_doc,
+)
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention, window_attention
-from dsv4.kernels.topk import topk_eager, topk_static
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer, indexer_kl, kl_queries, visible_count, visible_entries
 from dsv4.model.norm import RMSNorm, rms_norm
@@ -410,11 +414,8 @@ class Attention(KeepFP32):
                 cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
             qi, wi = ix.queries(x, c_q, cos, sin)
             keys = cache.ikeys.read(view, self._step_span(pos, ix.ratio, ix.exclude_window))
-            # Score(t, s) = sum_j w_j ReLU(q_j . k_s) as keys @ q^T (streams the long key store once)
-            scores = (torch.einsum("bnc,bhc->bnh", keys, qi[:, 0]).relu() * wi[:, 0, None, :]).sum(-1) + 0.0
-            visible = visible_entries(pos, keys.shape[1], ix.ratio, ix.exclude_window)
-            select = topk_static if torch.compiler.is_compiling() else topk_eager
-            idx, valid = select(scores, ix.topk, visible)
+            limit = visible_count(pos + 1, ix.ratio, ix.exclude_window)
+            idx, valid = decode_indexer_topk(qi[:, 0], wi[:, 0], keys, limit, ix.topk)
             store = cache.raw if self.kind == "dsa" else cache.entries
             assert store is not None
             parts.append((store.gather(rows, idx, q.dtype), valid))

@@ -348,7 +348,180 @@ torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor k
   return out;
 }
 
+// One decode query per row, keys read in place: q [B,n,c], w [B,n], keys [B,N,c] (rows of c contiguous,
+// any row stride), lim [B] = visible entries of each row -> ids [B,min(k,N)] (ascending position, -1 =
+// none). Scores go to a [B, N] buffer in key ranges split over the threads (each key row is read once,
+// for all heads), then each row selects exactly as indexer_topk_fwd does.
+torch::Tensor indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tensor keys, torch::Tensor lim,
+                                  int64_t k) {
+  const int64_t B = q.size(0), NH = q.size(1), C = q.size(2), N = keys.size(1), KK = std::min(k, N);
+  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == C, "indexer keys: rows of c contiguous floats expected");
+  auto out = torch::full({B, KK}, -1, q.options().dtype(torch::kLong));
+  if (KK == 0 || B == 0) return out;
+  const float* qp = q.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const int64_t kstride = keys.stride(0);
+  const int64_t* lp = lim.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  std::vector<int64_t> L(B);
+  int64_t top = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    L[b] = std::max<int64_t>(0, std::min<int64_t>(lp[b], N));
+    top = std::max(top, L[b]);
+  }
+  const bool vec = C % 16 == 0 && NH % 4 == 0 && NH <= 256;
+  std::vector<float> scores(B * top);
+  constexpr int64_t KB = 2048;
+  const int64_t blocks = (top + KB - 1) / KB;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t r0, int64_t r1) {
+    float dots[256];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / blocks, s0 = (r % blocks) * KB, s1 = std::min(s0 + KB, L[b]);
+      const float* qb = qp + b * NH * C;
+      const float* wb = wp + b * NH;
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* key = kp + b * kstride + s * C;
+        float sc = 0.f;
+        if (vec) {
+          logits_v16(qb, key, NH, C, 1.0f, dots, 1);
+          for (int64_t h = 0; h < NH; ++h) sc += wb[h] * std::max(dots[h], 0.f);
+        } else {
+          for (int64_t h = 0; h < NH; ++h) sc += wb[h] * std::max(dot(qb + h * C, key, C), 0.f);
+        }
+        scores[b * top + s] = sc;
+      }
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> sample;
+    std::vector<int64_t> buf;
+    std::vector<uint64_t> bits;
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t* o = op + b * KK;
+      if (L[b] <= KK) {
+        for (int64_t i = 0; i < L[b]; ++i) o[i] = i;
+      } else {
+        select_row(scores.data() + b * top, L[b], KK, sample, buf, bits, o);
+      }
+    }
+  });
+  return out;
+}
+
+// One decode query per row over one part of its keys, as partial softmax statistics (flash decoding):
+// q [B,H,D], keys [B,L,D] (rows of D contiguous, any row stride), valid [B,L] (uint8), scale ->
+// acc [B,H,D] = sum_l e^(scale q.k_l - m) k_l, m [B,H] = max_l scale q.k_l (-inf: no valid key),
+// den [B,H] = sum_l e^(scale q.k_l - m), over the valid keys. Key chunks are split over the threads and
+// merged here; the caller merges the parts and the sink (dsv4.kernels.decode_attention).
+std::vector<torch::Tensor> decode_attention_part(torch::Tensor q, torch::Tensor keys, torch::Tensor valid,
+                                                 double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), L = keys.size(1);
+  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D, "decode keys: rows of D contiguous floats expected");
+  constexpr int64_t CH = 512;
+  const int64_t chunks = std::max<int64_t>(1, (L + CH - 1) / CH);
+  // per chunk: acc [H, D], m [H], den [H]
+  std::vector<float> pacc(B * chunks * H * D, 0.f), pm(B * chunks * H, -INFINITY), pden(B * chunks * H, 0.f);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const uint8_t* vp = valid.data_ptr<uint8_t>();
+  const int64_t ks = keys.stride(0);
+  const bool vec = D % 16 == 0 && H % 4 == 0;
+  const float sc = float(scale);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> lg(CH * H);
+    std::vector<int64_t> rows(CH);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / chunks, l0 = (r % chunks) * CH, l1 = std::min(l0 + CH, L);
+      const float* qb = qp + b * H * D;
+      int64_t n = 0;
+      for (int64_t l = l0; l < l1; ++l)
+        if (vp[b * L + l]) rows[n++] = l;
+      if (n == 0) continue;
+      float* m = pm.data() + r * H;
+      float* den = pden.data() + r * H;
+      float* acc = pacc.data() + r * H * D;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* key = kp + b * ks + rows[j] * D;
+        if (vec) {
+          logits_v16(qb, key, H, D, sc, lg.data() + j, n);
+        } else {
+          for (int64_t h = 0; h < H; ++h) lg[h * n + j] = sc * dot(qb + h * D, key, D);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* x = lg.data() + h * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, x[j]);
+        float s = 0.f;
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+          v16 v;
+          std::memcpy(&v, x + j, 64);
+          v = vexp(v - mx);
+          std::memcpy(x + j, &v, 64);
+          s += hsum(v);
+        }
+        for (; j < n; ++j) {
+          x[j] = std::exp(x[j] - mx);
+          s += x[j];
+        }
+        m[h] = mx;
+        den[h] = s;
+      }
+      if (vec && D % 64 == 0) {  // 4 heads x 64 dims of accumulators stay in registers over the keys
+        for (int64_t h0 = 0; h0 < H; h0 += 4)
+          for (int64_t c0 = 0; c0 < D; c0 += 64) {
+            v16 a[4][4] = {};
+            for (int64_t j = 0; j < n; ++j) {
+              const float* key = kp + b * ks + rows[j] * D + c0;
+              v16 k[4];
+              std::memcpy(k, key, 256);
+#pragma GCC unroll 4
+              for (int h = 0; h < 4; ++h) {
+                const float p = lg[(h0 + h) * n + j];
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) a[h][c] += p * k[c];
+              }
+            }
+            for (int h = 0; h < 4; ++h) std::memcpy(acc + (h0 + h) * D + c0, a[h], 256);
+          }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* key = kp + b * ks + rows[j] * D;
+          for (int64_t h = 0; h < H; ++h) axpy(lg[h * n + j], key, acc + h * D, D);
+        }
+      }
+    }
+  });
+  auto opt = q.options().dtype(torch::kFloat);
+  auto acc = torch::zeros({B, H, D}, opt), m = torch::full({B, H}, -INFINITY, opt), den = torch::zeros({B, H}, opt);
+  float* ap = acc.data_ptr<float>();
+  float* mp = m.data_ptr<float>();
+  float* dp = den.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, pm[(b * chunks + c) * H + h]);
+      if (mx == -INFINITY) continue;
+      float d = 0.f;
+      float* o = ap + (b * H + h) * D;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float mc = pm[(b * chunks + c) * H + h];
+        if (mc == -INFINITY) continue;
+        const float f = std::exp(mc - mx);
+        d += f * pden[(b * chunks + c) * H + h];
+        axpy(f, pacc.data() + ((b * chunks + c) * H + h) * D, o, D);
+      }
+      mp[b * H + h] = mx;
+      dp[b * H + h] = d;
+    }
+  return {acc, m, den};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexer_topk_fwd", &indexer_topk_fwd, "lightning indexer top-k ids (fused score + selection)");
+  m.def("indexer_decode_topk", &indexer_decode_topk, "lightning indexer top-k of one decode query per row");
+  m.def("decode_attention_part", &decode_attention_part, "partial softmax attention of one decode query per row");
   m.def("v4_attention_fwd", &v4_attention_fwd, "V4 core attention forward (window band + entries, sink)");
 }
