@@ -4,7 +4,14 @@ import torch
 from conftest import small_config
 
 from dsv4.model.transformer import Transformer
-from dsv4.quant.formats import dequant_fp8_block, dequant_mxfp4, dequantize_state_dict, quant_fp8_block, quant_mxfp4
+from dsv4.quant.formats import (
+    dequant_fp8_block,
+    dequant_mxfp4,
+    dequant_mxfp4_reference,
+    dequantize_state_dict,
+    quant_fp8_block,
+    quant_mxfp4,
+)
 from dsv4.weights import load_model, save_state_dict
 
 
@@ -30,6 +37,19 @@ def test_mxfp4_nibble_order_and_values():
     w = dequant_mxfp4(packed, scale)
     assert w.shape == (1, 32)
     assert w[0, :4].tolist() == [1.0, -2.0, 12.0, 0.0]
+
+
+def test_mxfp4_table_lookup_equals_the_nibble_twin_bit_for_bit():
+    """Every byte value, signed zeros included, with scales from 2^-127 to 2^127, in fp32 and bf16."""
+    g = torch.Generator().manual_seed(0)
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (7 * 256,), generator=g).byte()])
+    packed = packed.view(4, 2, 256)
+    scale = torch.exp2(torch.randint(-127, 128, (4, 2, 16), generator=g).float()).to(torch.float8_e8m0fnu)
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = dequant_mxfp4(packed, scale, dtype), dequant_mxfp4_reference(packed, scale, dtype)
+        assert a.shape == b.shape == (4, 2, 512) and a.dtype == dtype
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(a.view(bits), b.view(bits))
 
 
 def test_mxfp4_round_trip_exact_on_grid():

@@ -277,7 +277,9 @@ def _engine(args):
     from dsv4.infer.engine import Engine
     from dsv4.run import load_run
 
-    model, tok = load_run(args.ckpt, device=_device(args), keep_quantized=args.keep_quantized)
+    model, tok = load_run(
+        args.ckpt, device=_device(args), keep_quantized=args.keep_quantized, max_resident_gb=args.max_resident_gb
+    )
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
 
@@ -312,7 +314,7 @@ def cmd_serve(args) -> int:
     from dsv4.app.serve import serve
 
     options = ("api_key", "max_batch", "max_waiting", "max_context", "prefill_chunk", "model_name")
-    options += ("default_max_tokens", "host", "port", "log_level", "compile", "keep_quantized")
+    options += ("default_max_tokens", "host", "port", "log_level", "compile", "keep_quantized", "max_resident_gb")
     serve(args.ckpt, device=device, **{k: getattr(args, k) for k in options})
     return 0
 
@@ -485,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="a checkpoint in DeepSeek's layout keeps its FP8 / MXFP4 weights in memory (a quarter of the "
             "bytes; dequantised per matmul)",
+        )
+        sp.add_argument(
+            "--max-resident-gb",
+            type=float,
+            default=None,
+            metavar="GB",
+            help="a checkpoint in DeepSeek's layout leaves its routed experts in the shards: each step reads the "
+            "experts it routes to (the next layer's guessed ahead) into a cache of at most GB; for models "
+            "larger than RAM",
         )
 
     def sampling_options(sp, temperature: float, max_new: int):

@@ -102,11 +102,12 @@ def run_folder(path: str | Path) -> Path:
     return path.parent
 
 
-def load_weights(path: str | Path, keep_quantized: bool = False):
+def load_weights(path: str | Path, keep_quantized: bool = False, max_resident_gb: float | None = None):
     """The model (eval, on the CPU) of a run directory (its newest checkpoint), a checkpoint dir (a torchrun
     job's shards too) or a model dir (config.json + safetensors, plain or in the official FP8 / MXFP4
     layout), with its Engram tables and canonical map. keep_quantized: an official-layout model keeps its
-    FP8 / MXFP4 weights in memory (dsv4.quant.execution)."""
+    FP8 / MXFP4 weights in memory (dsv4.quant.execution); max_resident_gb: its routed experts stay in the
+    shards, read on use into a cache of that many GB (dsv4.quant.streamed)."""
     from dsv4.config import ModelConfig
     from dsv4.model.transformer import Transformer
     from dsv4.train.checkpoint import load_checkpoint
@@ -115,11 +116,16 @@ def load_weights(path: str | Path, keep_quantized: bool = False):
     ckpt = find_checkpoint(path)
     run = RunDir(run_folder(ckpt))
     if (ckpt / STATE_FILE).exists():
+        if max_resident_gb is not None:
+            raise CheckpointError(
+                f"{ckpt}: --max-resident-gb streams the experts of a model directory in DeepSeek's layout "
+                "(dsv4 convert --to-official), not of a training checkpoint"
+            )
         model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
         load_checkpoint(ckpt, model)
     else:  # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
         try:
-            model = load_model(ckpt, keep_quantized=keep_quantized)
+            model = load_model(ckpt, keep_quantized=keep_quantized, max_resident_gb=max_resident_gb)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if model.engrams():  # Engram tables (chunked safetensors in the checkpoint) and the canonical map
@@ -133,7 +139,7 @@ def load_weights(path: str | Path, keep_quantized: bool = False):
     return model.eval()
 
 
-def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False):
+def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False, max_resident_gb: float | None = None):
     """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
     dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
     ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
@@ -144,4 +150,5 @@ def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False):
     run = RunDir(run_folder(find_checkpoint(run_dir)))
     if not run.tokenizer.exists():
         raise CheckpointError(f"no tokenizer.json in {run.path}")
-    return load_weights(run_dir, keep_quantized).to(device).eval(), load_tokenizer(run.tokenizer)
+    model = load_weights(run_dir, keep_quantized, max_resident_gb)
+    return model.to(device).eval(), load_tokenizer(run.tokenizer)

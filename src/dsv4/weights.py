@@ -91,13 +91,22 @@ def save_model(model, directory: str | Path) -> None:
     model.cfg.to_json(directory / "config.json")
 
 
-def load_model(directory: str | Path, dtype: torch.dtype | None = None, keep_quantized: bool = False):
+def load_model(
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    keep_quantized: bool = False,
+    max_resident_gb: float | None = None,
+):
     """Build a Transformer from config.json and load its safetensors weights: one model.safetensors or
     shards with an index, plain or in the official FP8 / MXFP4 layout (dequantised). Names and shapes are
     checked before anything is read, with one error listing every problem (dsv4.convert.official); the
     shards are read lazily, one block at a time. The model is built for real, so the buffers no checkpoint
     holds (rope frequencies, canonical token ids, MoE loads) are the model's own; weights land in the fp32
-    model unless `dtype` says otherwise."""
+    model unless `dtype` says otherwise. keep_quantized / max_resident_gb: FP8 / MXFP4 weights kept as
+    shipped, routed experts streamed from the shards (dsv4.convert.official.load_official)."""
     from dsv4.convert.official import load_official
 
-    return load_official(directory, dtype or torch.float32, keep_quantized=keep_quantized)
+    if max_resident_gb is not None and not max_resident_gb > 0:
+        raise ValueError(f"--max-resident-gb must be a positive number of GB, got {max_resident_gb}")
+    cap = None if max_resident_gb is None else int(max_resident_gb * 2**30)
+    return load_official(directory, dtype or torch.float32, keep_quantized=keep_quantized, max_resident_bytes=cap)

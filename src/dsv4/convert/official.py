@@ -163,25 +163,42 @@ def _group(name: str) -> str:
     return ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else ""
 
 
-def load_official(directory: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False):
+def load_official(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    keep_quantized: bool = False,
+    max_resident_bytes: int | None = None,
+):
     """A Transformer from an official-layout directory, checked first, then loaded block by block.
     keep_quantized: FP8 projections and MXFP4 experts stay in their format in memory and are dequantised
-    at matmul time (dsv4.quant.execution); the other weights load in `dtype`."""
+    at matmul time (dsv4.quant.execution); the other weights load in `dtype`. max_resident_bytes: the
+    routed experts stay in the shards and are read on use into a cache of at most that many bytes
+    (dsv4.quant.streamed). The model is built on the meta device and only what is loaded is allocated, so
+    nothing is held twice and streamed experts are never allocated at all."""
     from dsv4.model.transformer import Transformer
 
     directory = Path(directory)
     cfg = ModelConfig.from_json(directory / "config.json")
     reader = OfficialReader(directory)
     storage = check_layout(reader, cfg)
-    model = Transformer(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if max_resident_bytes is not None:
+        from dsv4.quant.streamed import stream_experts
+
+        storage = stream_experts(model, directory, reader.where, storage, max_resident_bytes)
     if keep_quantized:
         storage = _keep_quantized(model, reader, storage)
+    model.to_empty(device="cpu")  # kept and streamed modules keep their codes (their own _apply)
+    model.init_buffers()
     groups: dict[str, list[str]] = defaultdict(list)
     for name in storage:
         groups[_group(name)].append(name)
     for names in groups.values():
         part = {n: _read(reader, n, storage[n], torch.float32) for n in names}
-        model.load_state_dict(part, strict=False)
+        unexpected = model.load_state_dict(part, strict=False).unexpected_keys
+        if unexpected:  # check_layout matched every name to the model: this would be a bug, not bad input
+            raise LayoutError(f"{directory}: tensors the model did not take: {unexpected}")
     for k in range(cfg.num_nextn_predict_layers):  # the aliases must equal the shared tensors
         for a in MTP_ALIASES:
             alias = f"mtp.{k}.{a}"

@@ -138,6 +138,11 @@ class Engine:
         self.stats = dict(steps=0, decode_tokens=0, prefill_tokens=0, drafted=0, accepted=0)
         self.decoder: CompiledDecoder | None = None
         if compile:  # decode steps through torch.compile (one compilation per batch size and store size)
+            if any(getattr(m, "compile_safe", True) is False for m in model.modules()):
+                raise ValueError(
+                    "--compile cannot trace this model: its routed experts are streamed from the shards "
+                    "(--max-resident-gb) by Python reads"
+                )
             from dsv4.infer.compiled import CompiledDecoder
 
             self.decoder = CompiledDecoder(model)

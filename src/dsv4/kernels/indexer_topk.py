@@ -322,20 +322,26 @@ def _decode_native_built() -> bool:
     return native.ext() is not None
 
 
-@torch.library.custom_op("dsv4::indexer_decode_topk", mutates_args=())
-def _indexer_decode_topk_op(
-    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor, k: int
-) -> torch.Tensor:
+def _decode_native_call(q, w, keys, limit, k):
     from dsv4.kernels import native
 
     if keys.stride(-1) != 1 or keys.stride(-2) != keys.shape[-1]:
         keys = keys.contiguous()
-    return native.ext().indexer_decode_topk(q.contiguous(), w.contiguous(), keys, limit.contiguous(), k)
+    return native.ext().indexer_decode_topk(q.float().contiguous(), w.float().contiguous(), keys, limit.contiguous(), k)
+
+
+@torch.library.custom_op("dsv4::indexer_decode_topk", mutates_args=())
+def _indexer_decode_topk_op(
+    q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, valid = _decode_native_call(q, w, keys, limit, k)
+    return ids, valid
 
 
 @_indexer_decode_topk_op.register_fake
 def _(q, w, keys, limit, k):
-    return q.new_empty((q.shape[0], min(k, keys.shape[1])), dtype=torch.long)
+    shape = (q.shape[0], min(k, keys.shape[1]))
+    return q.new_empty(shape, dtype=torch.long), q.new_empty(shape, dtype=torch.bool)
 
 
 def decode_indexer_topk(
@@ -359,9 +365,11 @@ def decode_indexer_topk(
         and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad))
         and _decode_native_built()
     )
-    if native:
-        ids = _indexer_decode_topk_op(q.float(), w.float(), keys, limit, k)
-        return ids.clamp_min(0), ids >= 0
+    if native:  # through the custom op when compiled (inductor calls it), else straight (no dispatch cost)
+        if torch.compiler.is_compiling():
+            return _indexer_decode_topk_op(q, w, keys, limit, k)
+        ids, valid = _decode_native_call(q, w, keys, limit, k)
+        return ids, valid
     scores = decode_scores(q, w, keys)
     visible = torch.arange(keys.shape[1], device=keys.device) < limit[:, None]
     return (topk_static if torch.compiler.is_compiling() else topk_eager)(scores, k, visible)

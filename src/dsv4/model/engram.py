@@ -175,6 +175,7 @@ class Engram(KeepFP32):
         self.kernel, self.dilation = cfg.engram_conv_kernel, max(self.orders)
         self.pad_id = cfg.vocab_size  # ids are canonical ids < vocab_size: the pad never collides
         self.n_rows = sum(self.primes)
+        self.seed = cfg.engram_seed
         self.register_buffer(
             "multipliers", hash_multipliers(cfg.engram_seed, layer_id, max(self.orders), self.pad_id), persistent=False
         )
@@ -188,6 +189,10 @@ class Engram(KeepFP32):
         self.conv_weight = nn.Parameter(torch.zeros(self.kernel * hc * d, dtype=torch.float32))
         self._table: RowStore | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def init_buffers(self) -> None:
+        """The hash multipliers from (seed, layer, orders) (after a meta-device build)."""
+        self.multipliers.copy_(hash_multipliers(self.seed, self.layer_id, max(self.orders), self.pad_id))
 
     # ------------------------------------------------------------------ table
     @property

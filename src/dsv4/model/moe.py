@@ -245,6 +245,10 @@ class MoE(KeepFP32):
         self.alpha = cfg.seq_aux_loss_alpha
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
+    def init_buffers(self) -> None:
+        """The routing counts start at zero (after a meta-device build)."""
+        self.load.zero_()
+
     def forward(
         self, x: torch.Tensor, input_ids: torch.Tensor | None = None, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,7 +38,13 @@ class Rotary(KeepFP32):
 
     def __init__(self, dim: int, base: float, scaling: dict | None = None) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.base, self.scaling = dim, base, scaling
+        self.register_buffer("inv_freq", torch.empty(dim // 2, dtype=torch.float32), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """inv_freq from (dim, base, scaling): at construction, and after a meta-device build."""
+        dim, base, scaling = self.dim, self.base, self.scaling
         if scaling is not None and scaling.get("type", scaling.get("rope_type")) == "yarn":
             inv = yarn_inv_freq(
                 dim,
@@ -50,7 +56,7 @@ class Rotary(KeepFP32):
             )
         else:
             inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.inv_freq.copy_(inv)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)

@@ -246,6 +246,17 @@ class Transformer(KeepFP32):
         for eng in self.engrams().values():
             eng.conv_weight.zero_()  # the conv path starts as identity (spec 4.6); the table is a row store
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute every buffer no checkpoint holds (rotary frequencies, Engram hash multipliers, routing
+        counts, identity canonical ids): after a build on the meta device and `to_empty`, which leave them
+        uninitialised (dsv4.convert.official builds a model that way, so it is never allocated twice)."""
+        for mod in self.modules():
+            if mod is not self and hasattr(mod, "init_buffers"):
+                mod.init_buffers()
+        if self.cfg.engram_layer_ids:
+            self.canonical_ids.copy_(torch.arange(self.cfg.vocab_size))
+
     # ---------------------------------------------------------------- engram
     def engrams(self) -> dict[int, Engram]:
         """layer id -> Engram module (empty when engram_layer_ids is empty)."""

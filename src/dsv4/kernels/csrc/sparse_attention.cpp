@@ -349,15 +349,16 @@ torch::Tensor indexer_topk_fwd(torch::Tensor q, torch::Tensor w, torch::Tensor k
 }
 
 // One decode query per row, keys read in place: q [B,n,c], w [B,n], keys [B,N,c] (rows of c contiguous,
-// any row stride), lim [B] = visible entries of each row -> ids [B,min(k,N)] (ascending position, -1 =
-// none). Scores go to a [B, N] buffer in key ranges split over the threads (each key row is read once,
+// any row stride), lim [B] = visible entries of each row -> (ids [B,min(k,N)] in ascending position, 0
+// where none; valid [B,min(k,N)] bool). Scores go to a [B, N] buffer in key ranges split over the threads (each key row is read once,
 // for all heads), then each row selects exactly as indexer_topk_fwd does.
-torch::Tensor indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tensor keys, torch::Tensor lim,
-                                  int64_t k) {
+std::vector<torch::Tensor> indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tensor keys,
+                                               torch::Tensor lim, int64_t k) {
   const int64_t B = q.size(0), NH = q.size(1), C = q.size(2), N = keys.size(1), KK = std::min(k, N);
   TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == C, "indexer keys: rows of c contiguous floats expected");
-  auto out = torch::full({B, KK}, -1, q.options().dtype(torch::kLong));
-  if (KK == 0 || B == 0) return out;
+  auto out = torch::zeros({B, KK}, q.options().dtype(torch::kLong));
+  auto valid = torch::zeros({B, KK}, q.options().dtype(torch::kBool));
+  if (KK == 0 || B == 0) return {out, valid};
   const float* qp = q.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
@@ -374,7 +375,8 @@ torch::Tensor indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tenso
   std::vector<float> scores(B * top);
   constexpr int64_t KB = 2048;
   const int64_t blocks = (top + KB - 1) / KB;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t r0, int64_t r1) {
+  // a thread takes at least 16 blocks (32K keys): fewer keys are faster on one thread than waking another
+  at::parallel_for(0, B * blocks, 16, [&](int64_t r0, int64_t r1) {
     float dots[256];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / blocks, s0 = (r % blocks) * KB, s1 = std::min(s0 + KB, L[b]);
@@ -393,7 +395,8 @@ torch::Tensor indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tenso
       }
     }
   });
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  bool* vp = valid.data_ptr<bool>();
+  at::parallel_for(0, B, B * top < (int64_t(1) << 16) ? B : 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> sample;
     std::vector<int64_t> buf;
     std::vector<uint64_t> bits;
@@ -404,9 +407,10 @@ torch::Tensor indexer_decode_topk(torch::Tensor q, torch::Tensor w, torch::Tenso
       } else {
         select_row(scores.data() + b * top, L[b], KK, sample, buf, bits, o);
       }
+      for (int64_t i = 0; i < std::min(L[b], KK); ++i) vp[b * KK + i] = true;
     }
   });
-  return out;
+  return {out, valid};
 }
 
 // One decode query per row over one part of its keys, as partial softmax statistics (flash decoding):
@@ -428,7 +432,7 @@ std::vector<torch::Tensor> decode_attention_part(torch::Tensor q, torch::Tensor 
   const int64_t ks = keys.stride(0);
   const bool vec = D % 16 == 0 && H % 4 == 0;
   const float sc = float(scale);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * chunks, 16, [&](int64_t r0, int64_t r1) {  // >= 8K keys per thread
     std::vector<float> lg(CH * H);
     std::vector<int64_t> rows(CH);
     for (int64_t r = r0; r < r1; ++r) {
