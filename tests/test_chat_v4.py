@@ -135,3 +135,42 @@ def test_a_directory_with_deepseeks_tokenizer_chats_in_the_v4_format(tmp_path):
     assert ids[0] == vocab[B] and ids[1] == vocab[U] and ids[-2:] == [vocab[A], vocab["</think>"]]
     (real / "chat_template.json").write_text(json.dumps({"format": "deepseek-v4", "thinking": True}))
     assert load_template(real).thinking
+
+
+COMPLETIONS = [
+    f"I should look it up.</think>Let me check.{CALL_MARKUP}{E}",
+    f"Short.</think>No tools needed, 5 < 6 and </thin is not a marker.{E}",
+    "No end of thinking at all",
+    f"</think>{CALL_MARKUP}",
+]
+
+
+@pytest.mark.parametrize("completion", COMPLETIONS)
+@pytest.mark.parametrize("thinking", [True, False])
+def test_streamed_deltas_add_up_to_the_parsed_completion(completion, thinking):
+    """However the text is cut into pieces (one character at a time, or chunks), the streamed deltas add up
+    to what parse() reads from the whole completion, and no marker text leaks into them."""
+    import random
+
+    from dsv4.infer.chat_v4 import V4StreamSplitter
+
+    fmt = V4ChatFormat(thinking=thinking)
+    want = fmt.parse(completion)
+    rng = random.Random(len(completion))
+    cuts = [[1] * len(completion), [rng.randint(1, 9) for _ in completion], [len(completion)]]
+    for sizes in cuts:
+        split, deltas, i = V4StreamSplitter(fmt), [], 0
+        for n in sizes:
+            if i >= len(completion):
+                break
+            deltas += split.feed(completion[i : i + n])
+            i += n
+        deltas += split.finish()
+        reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+        content = "".join(d.get("content", "") for d in deltas)
+        calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert (reasoning or None) == (want["reasoning_content"] or None)
+        assert content == want["content"]
+        assert [{k: c[k] for k in ("type", "function")} for c in calls] == want["tool_calls"]
+        assert all(c["id"].startswith("call_") and c["index"] == j for j, c in enumerate(calls))
+        assert not any("｜" in d.get("content", "") + d.get("reasoning_content", "") for d in deltas)

@@ -172,3 +172,22 @@ def test_native_decode_attention_equals_twin(monkeypatch, h, c):
         monkeypatch.setattr(da, "NATIVE_MIN_KEYS", 10**9)
         assert torch.equal(da.decode_attention(q, parts, sink, c**-0.5), want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,out,inp", [(1, 40, 64), (5, 33, 96), (19, 16, 32)])
+def test_native_mxfp4_linear_equals_dequantise_then_linear(n, out, inp):
+    """x W^T straight from the MXFP4 codes equals dequant_mxfp4 + F.linear (its twin), for every byte value,
+    several rows of x (more than one register pass of 16) and scales from 2^-20 to 2^4."""
+    from dsv4.quant.execution import MXFP4Matrix
+
+    g = torch.Generator().manual_seed(n * out)
+    packed = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8, generator=g)
+    packed.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scale = torch.randint(107, 132, (out, inp // 32), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
+    x = torch.randn(n, inp, generator=g)
+    m = MXFP4Matrix(packed, scale, torch.float32)
+    with torch.no_grad():
+        got, want = m.linear(x), m.linear_reference(x)
+        assert torch.equal(m.linear(x[None])[0], got)  # leading dims are kept
+    # the sums differ in order only: compare against the size of the terms (outputs can cancel to ~0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

@@ -206,12 +206,14 @@ class V4ChatFormat:
                 out.append(ASSISTANT + (THINK if self.thinking and (not drop or i >= last_user) else END_THINK))
         return "".join(out)
 
-    def encode(self, tokenizer: Tokenizer, messages: object, add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: object, add_generation_prompt: bool = True, tools: list | None = None
+    ) -> list[int]:
         """Token ids: each marker the tokenizer holds as a token (DeepSeek's tokenizer.json holds them all) is
         its one id, and the text between markers is encoded as text, as DeepSeek's own encoding of the
         prompt string does (dsv4's loader makes tokenizers encode special-token text as plain bytes, so the
         markers are matched here)."""
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, tools)
         vocab = tokenizer.get_vocab()
         markers = [m for m in (BOS, EOS, USER, ASSISTANT, THINK, END_THINK) if m in vocab]
         ids: list[int] = []
@@ -224,11 +226,12 @@ class V4ChatFormat:
 
     def parse(self, completion: str) -> dict:
         """A completion (the text after the prompt) -> {"reasoning_content", "content", "tool_calls"}: the
-        reasoning before `</think>` (thinking mode), the text, the calls as OpenAI tool_calls."""
+        reasoning before `</think>` (thinking mode; all of the text when it never ends), the text, the
+        calls as OpenAI tool_calls."""
         text = completion.split(EOS, 1)[0]
         reasoning = None
-        if self.thinking and END_THINK in text:
-            reasoning, text = text.split(END_THINK, 1)
+        if self.thinking:  # no `</think>` yet (a cut-off answer): all of it is reasoning
+            reasoning, _, text = text.partition(END_THINK) if END_THINK in text else (text, "", "")
         calls = []
         if CALLS_OPEN in text:
             text, block = text.split(CALLS_OPEN, 1)
@@ -244,6 +247,73 @@ class V4ChatFormat:
                         args[key] = value
                 calls.append({"type": "function", "function": {"name": name, "arguments": _json(args)}})
         return {"reasoning_content": reasoning, "content": text, "tool_calls": calls}
+
+
+class V4StreamSplitter:
+    """Splits a streamed V4 completion into OpenAI deltas as its text arrives: `reasoning_content` until
+    `</think>` (thinking mode), then `content`; once the tool-call block opens, its text is held back and
+    `finish` returns the parsed calls. Text that could still become a marker is held until it cannot.
+    feed(text) -> list of deltas; finish() -> the last deltas (the tool calls, if any)."""
+
+    def __init__(self, fmt: V4ChatFormat) -> None:
+        self.fmt = fmt
+        self.state = "reasoning" if fmt.thinking else "content"
+        self.pending = ""  # text not yet sent (a possible marker prefix)
+        self.calls = ""  # the tool-call block, from its opening marker
+
+    def _markers(self) -> list[str]:
+        return [END_THINK] if self.state == "reasoning" else [CALLS_OPEN, EOS]
+
+    def feed(self, text: str) -> list[dict]:
+        out: list[dict] = []
+        if self.state == "calls":
+            self.calls += text
+            return out
+        self.pending += text
+        while self.state != "calls":
+            hits = [(self.pending.find(m), m) for m in self._markers() if m in self.pending]
+            if not hits:
+                break
+            at, marker = min(hits)
+            head = self.pending[:at].rstrip("\n") if marker == CALLS_OPEN else self.pending[:at]
+            if head:  # the blank lines before a tool-call block are not content (parse drops them too)
+                out.append({"reasoning_content" if self.state == "reasoning" else "content": head})
+            rest = self.pending[at + len(marker) :]
+            if marker == END_THINK:
+                self.state, self.pending = "content", rest
+            elif marker == CALLS_OPEN:
+                self.state, self.calls, self.pending = "calls", CALLS_OPEN + rest, ""
+            else:  # EOS: nothing after it is part of the answer
+                self.state, self.pending = "calls", ""
+        if self.state == "calls":
+            return out
+        keep = max((k for m in self._markers() for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
+        if self.state == "content":  # trailing newlines wait: they may precede a tool-call block
+            keep += len(self.pending[: len(self.pending) - keep]) - len(
+                self.pending[: len(self.pending) - keep].rstrip("\n")
+            )
+        send, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        if send:
+            out.append({"reasoning_content" if self.state == "reasoning" else "content": send})
+        return out
+
+    def finish(self) -> list[dict]:
+        """The held-back text and the tool calls (OpenAI delta form, with ids and indices)."""
+        out = []
+        if self.pending and self.state != "calls":
+            out.append({"reasoning_content" if self.state == "reasoning" else "content": self.pending})
+        self.pending = ""
+        calls = V4ChatFormat(thinking=False).parse(self.calls)["tool_calls"] if self.calls else []
+        if calls:
+            out.append({"tool_calls": [{"index": j, **with_call_id(c)} for j, c in enumerate(calls)]})
+        return out
+
+
+def with_call_id(call: dict) -> dict:
+    """An OpenAI tool call with a fresh id."""
+    import uuid
+
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", **call}
 
 
 def is_v4_tokenizer(path: str | Path) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
@@ -36,6 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.infer.chat import ChatError, ChatTemplate
+from dsv4.infer.chat_v4 import V4ChatFormat, V4StreamSplitter, with_call_id
 from dsv4.infer.engine import BackgroundEngine, Event, QueueFull
 from dsv4.infer.sampling import BIAS_LIMIT, PENALTY_LIMIT, ParamError, SamplingParams
 
@@ -213,7 +215,7 @@ class Server:
         model_name: str,
         api_key: str | None = None,
         max_context: int | None = None,
-        chat_template: ChatTemplate | None = None,
+        chat_template: ChatTemplate | V4ChatFormat | None = None,
         default_max_tokens: int = 256,
         retry_after_s: int = 1,
     ) -> None:
@@ -221,7 +223,7 @@ class Server:
         eng = engine_bg.engine
         self.max_context = min(max_context or eng.max_context, eng.max_context)
         self.vocab_size = eng.cfg.vocab_size
-        self.template = chat_template or ChatTemplate()
+        self.template: ChatTemplate | V4ChatFormat = chat_template or ChatTemplate()
         self.default_max_tokens, self.retry_after_s = default_max_tokens, retry_after_s
         self.created = int(time.time())
         self.max_token_bytes = max_token_bytes(tokenizer)
@@ -255,15 +257,16 @@ class Server:
         if model != self.model_name:
             raise model_not_found(model, self.model_name)
 
-    @staticmethod
-    def check_unsupported(body: dict) -> None:
-        """400 for the OpenAI fields this server does not implement (rather than ignoring them)."""
+    def check_unsupported(self, body: dict, chat: bool = False) -> None:
+        """400 for the OpenAI fields this server does not implement (rather than ignoring them). Tools are
+        implemented by chat requests to a model with DeepSeek-V4's chat format."""
         rf = body.get("response_format")
         if rf is not None and rf != {"type": "text"}:
             raise _bad('response_format is not supported (only {"type": "text"})', "response_format")
+        tools_ok = chat and isinstance(self.template, V4ChatFormat)
         for name in ("tools", "functions"):
-            if body.get(name):
-                raise _bad(f"{name} are not supported", name)
+            if body.get(name) and not (tools_ok and name == "tools"):
+                raise _bad(f"{name} are not supported" + (" by this model's chat format" if chat else ""), name)
         if body.get("suffix"):
             raise _bad("suffix is not supported", "suffix")
 
@@ -442,8 +445,10 @@ class Server:
         chunk: Callable[..., dict],
         include_usage: bool,
         first: dict | None = None,
+        split: V4StreamSplitter | None = None,
     ) -> StreamingResponse:
-        """Server-sent events: chunk(text, finish_reason) -> dict; abort the request if the client leaves."""
+        """Server-sent events: chunk(text, finish_reason) -> dict; abort the request if the client leaves.
+        split: the text goes out as the splitter's deltas (reasoning, content, then tool calls at the end)."""
 
         def data(obj: object) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -460,10 +465,17 @@ class Server:
                         msg = "the request was aborted by the engine" + (f" ({self.bg.error})" if self.bg.error else "")
                         yield data(error_body(msg, "server_error", None, "engine_error"))
                         break
-                    if ev.text:
+                    if ev.text and split is None:
                         yield data(chunk(ev.text, None))
+                    elif ev.text and split is not None:
+                        for delta in split.feed(ev.text):
+                            yield data(chunk(None, None, delta=delta))
                     if reason is not None:
-                        yield data(chunk(None, reason))
+                        tail = split.finish() if split is not None else []
+                        for delta in tail:
+                            yield data(chunk(None, None, delta=delta))
+                        called = any("tool_calls" in d for d in tail) and reason == "stop"
+                        yield data(chunk(None, "tool_calls" if called else reason))
                 if include_usage and reason != "abort":
                     yield data(chunk(None, None, usage=self.usage(req)))
                 yield "data: [DONE]\n\n"
@@ -505,11 +517,11 @@ class Server:
             "system_fingerprint": None,
         } | fields
 
-    async def read_request(self, request: Request) -> tuple[dict, bool, bool]:
+    async def read_request(self, request: Request, chat: bool = False) -> tuple[dict, bool, bool]:
         """The checked body of a completion request -> (body, stream, include_usage)."""
         body = await self.read_json(request)
         self.check_model(body)
-        self.check_unsupported(body)
+        self.check_unsupported(body, chat)
         stream = _get_bool(body, "stream")
         return body, stream, self.stream_options(body, stream)
 
@@ -534,12 +546,50 @@ class Server:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return self.envelope(rid, "text_completion", created, choices=[choice], usage=self.usage(req))
 
+    def v4_request(self, body: dict) -> tuple[V4ChatFormat, list | None]:
+        """(the format of this request, its tools) for a V4-format model: `chat_template_kwargs` {"thinking":
+        bool} picks the mode; `tools` (OpenAI function tools) are written into the system prompt unless
+        `tool_choice` is "none"."""
+        fmt = self.template
+        assert isinstance(fmt, V4ChatFormat)
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None:
+            if not isinstance(kwargs, dict) or set(kwargs) - {"thinking"}:
+                raise _bad('chat_template_kwargs takes only {"thinking": true|false}', "chat_template_kwargs")
+            fmt = dataclasses.replace(fmt, thinking=_get_bool(kwargs, "thinking", fmt.thinking))
+        tools = body.get("tools")
+        if tools is None:
+            return fmt, None
+        if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools
+        ):  # fmt: skip
+            raise _bad('tools must be a list of {"type": "function", "function": {"name": ...}} objects', "tools")
+        choice = body.get("tool_choice", "auto")
+        if choice not in ("auto", "none"):
+            raise _bad('tool_choice must be "auto" or "none" (forced calls are not supported)', "tool_choice")
+        return fmt, (tools or None) if choice == "auto" else None
+
+    def v4_message(self, fmt: V4ChatFormat, text: str, reason: str) -> tuple[dict, str]:
+        """A V4 completion as an OpenAI message (reasoning_content, content, tool_calls) and finish_reason."""
+        parsed = fmt.parse(text)
+        calls = [with_call_id(c) for c in parsed["tool_calls"]]
+        message: dict[str, Any] = {"role": "assistant", "content": parsed["content"], "refusal": None}
+        if fmt.thinking:
+            message["reasoning_content"] = parsed["reasoning_content"]
+        if calls:
+            message["tool_calls"] = calls
+            message["content"] = parsed["content"] or None
+        return message, "tool_calls" if calls and reason == "stop" else reason
+
     async def chat_completions(self, request: Request) -> dict | StreamingResponse:
-        body, stream, include_usage = await self.read_request(request)
+        body, stream, include_usage = await self.read_request(request, chat=True)
         messages = body.get("messages")
+        fmt, tools = self.v4_request(body) if isinstance(self.template, V4ChatFormat) else (self.template, None)
+        extra = {"tools": tools} if isinstance(fmt, V4ChatFormat) else {}
         try:
-            self.check_text_len(self.template.render(messages), "messages")
-            prompt = self.template.encode(self.tok, messages)
+            self.check_text_len(fmt.render(messages, **extra), "messages")
+            prompt = fmt.encode(self.tok, messages, **extra)
         except ChatError as e:
             raise _bad(str(e), "messages") from None
         self.check_prompt_len(len(prompt), "messages")
@@ -558,11 +608,13 @@ class Server:
             return out
 
         if stream:
-            return self.sse(
-                req, q, chunk, include_usage, first=chunk(None, None, delta={"role": "assistant", "content": ""})
-            )
+            split = V4StreamSplitter(fmt) if isinstance(fmt, V4ChatFormat) else None
+            first = chunk(None, None, delta={"role": "assistant", "content": ""})
+            return self.sse(req, q, chunk, include_usage, first=first, split=split)
         text, reason = await self.collect(request, req, q)
-        message = {"role": "assistant", "content": text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if isinstance(fmt, V4ChatFormat):
+            message, reason = self.v4_message(fmt, text, reason)
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         return self.envelope(rid, "chat.completion", created, choices=[choice], usage=self.usage(req))
 

@@ -3,7 +3,9 @@ cached per source and CPU under ~/.cache/torch_extensions).
 
 `ext()` returns the compiled module or None: when the build fails (no compiler), when DSV4_NATIVE=0 is
 set, or on non-x86/ARM oddities, callers fall back to their PyTorch twins, which stay the reference
-(tests compare the two). Kernels: csrc/sparse_attention.cpp (inference forward of the V4 core attention).
+(tests compare the two). Kernels: csrc/sparse_attention.cpp (inference forward of the V4 core attention,
+the indexer's top-k, decode attention) and csrc/mxfp4.cpp (products with MXFP4 weights read from their
+packed codes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).parent / "csrc" / "sparse_attention.cpp"
+_SRCS = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 _EXT = None
 _TRIED = False
 
@@ -30,7 +32,8 @@ def _cpu_tag() -> str:
             flags += next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(_SRC.read_bytes() + flags.encode() + torch.__version__.encode()).hexdigest()[:12]
+    src = b"".join(p.read_bytes() for p in _SRCS)
+    return hashlib.sha1(src + flags.encode() + torch.__version__.encode()).hexdigest()[:12]
 
 
 def enabled() -> bool:
@@ -51,7 +54,7 @@ def ext():
         ldflags = [f"-L{lib}", f"-l:{Path(gomp[0]).name}", f"-Wl,-rpath,{lib}"] if gomp else ["-fopenmp"]
         _EXT = load(
             name=f"dsv4_native_{_cpu_tag()}",
-            sources=[str(_SRC)],
+            sources=[str(p) for p in _SRCS],
             verbose=False,
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=ldflags,

@@ -31,15 +31,20 @@ def swiglu(
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W2(silu(clamp(W1 x)) * clamp(W3 x)); a routed expert's weight [N] multiplies W2's input, where the
-    official code applies it."""
-    gate = F.linear(x, w1)
-    up = F.linear(x, w3)
+    official code applies it. A weight may also be any object with .linear(x) = x W^T (weights kept in a
+    quantised format, dsv4.quant.execution)."""
+    gate = _linear(x, w1)
+    up = _linear(x, w3)
     if limit > 0:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
     h = F.silu(gate) * up
     if weight is not None:
         h = h * weight[:, None].to(h.dtype)
-    return F.linear(h, w2)
+    return _linear(h, w2)
+
+
+def _linear(x: torch.Tensor, w: Any) -> torch.Tensor:
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)
 
 
 class Expert(nn.Module):
@@ -62,6 +67,7 @@ class Experts(nn.Module):
     def __init__(self, n: int, dim: int, inter: int, limit: float) -> None:
         super().__init__()
         self.n, self.limit = n, limit
+        self.gather_experts = True  # decode gathers each token's experts (forward_static); False: grouped loop
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
@@ -144,7 +150,7 @@ class Experts(nn.Module):
         """x [N, d], idx/weights [N, k] -> [N, d] in fp32 (the official code sums the experts' outputs in
         fp32; MoE.forward casts back). Tokens grouped by expert: one matmul per used expert; without
         gradients and with at most E tokens (decode), forward_static."""
-        if x.shape[0] <= self.n and not torch.is_grad_enabled():
+        if x.shape[0] <= self.n and not torch.is_grad_enabled() and self.gather_experts:
             return self.forward_static(x, idx, weights)
         _n_tok, k = idx.shape
         flat = idx.flatten()

@@ -58,14 +58,44 @@ class FP8Linear(nn.Module):
         return torch.cat(outs, -1)
 
 
+class MXFP4Matrix:
+    """One matrix kept in MXFP4 (packed [out, in/2], scales [out, in/32]); linear(x) = x W^T. fp32 inference
+    on the CPU multiplies straight from the codes (C++ kernel, csrc/mxfp4.cpp); otherwise, and as its twin,
+    the matrix is dequantised and F.linear runs (linear_reference)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        self.packed, self.scale, self.dtype = packed, scale, dtype
+
+    def linear_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequant_mxfp4(self.packed, self.scale, dtype=x.dtype))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        fast = x.dtype == torch.float32 and self.dtype == torch.float32 and x.device.type == "cpu"
+        fast = fast and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+        ext = native_ext() if fast else None
+        if ext is None:
+            return self.linear_reference(x)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        packed, scale = self.packed.view(torch.uint8).contiguous(), self.scale.view(torch.uint8).contiguous()
+        return ext.mxfp4_linear(flat, packed, scale).view(*x.shape[:-1], -1)
+
+
+def native_ext():
+    from dsv4.kernels import native
+
+    return native.ext()
+
+
 class MXFP4Stack:
     """E expert matrices kept in MXFP4 (packed [E, out, in/2], scales [E, out, in/32]); indexing by an expert
-    id (or a tensor of ids) dequantises just those experts."""
+    id gives an MXFP4Matrix, by a tensor of ids the dequantised experts."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         self.packed, self.scale, self.dtype = packed, scale, dtype
 
     def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return MXFP4Matrix(self.packed[idx], self.scale[idx], self.dtype)
         return dequant_mxfp4(self.packed[idx], self.scale[idx], dtype=self.dtype)
 
     def full(self) -> torch.Tensor:
@@ -78,6 +108,7 @@ class MXFP4Experts(Experts):
     def __init__(self, n: int, limit: float, packed: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]):
         nn.Module.__init__(self)
         self.n, self.limit, self.weight_transform = n, limit, None
+        self.gather_experts = False  # decode runs the grouped loop: each used expert straight from its codes
         self.dtype = torch.float32
         for name in ("w1", "w2", "w3"):
             self.register_buffer(f"{name}_packed", packed[name])

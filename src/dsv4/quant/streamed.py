@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dsv4.model.moe import Experts
+from dsv4.quant.execution import MXFP4Matrix
 from dsv4.quant.formats import dequant_mxfp4
 
 _DTYPES = {
@@ -203,10 +204,11 @@ class StreamedStack:
             return w.to(self.owner.dtype)
         return dequant_mxfp4(w, scale, dtype=self.owner.dtype)
 
-    def __getitem__(self, idx) -> torch.Tensor:
+    def __getitem__(self, idx):
         o = self.owner
-        if isinstance(idx, int):
-            return self._mat(o.store.get(o.key, [idx])[0])
+        if isinstance(idx, int):  # one expert: multiplied straight from its codes (MXFP4Matrix)
+            w, scale = o.store.get(o.key, [idx])[0][self.j]
+            return w.to(o.dtype) if scale is None else MXFP4Matrix(w, scale, o.dtype)
         uniq, inv = idx.unique(return_inverse=True)
         mats = torch.stack([self._mat(e) for e in o.store.get(o.key, uniq.tolist())])
         return mats[inv]
@@ -223,6 +225,7 @@ class StreamedExperts(Experts):
     def __init__(self, n: int, limit: float, store: ExpertStore, key: str) -> None:
         nn.Module.__init__(self)
         self.n, self.limit, self.weight_transform = n, limit, None
+        self.gather_experts = False  # the grouped loop reads each used expert once
         self.store, self.key, self.dtype = store, key, torch.float32
 
     def weights(self):  # type: ignore[override]  # lazy stacks, indexable like the weight tensors

@@ -523,9 +523,12 @@ std::vector<torch::Tensor> decode_attention_part(torch::Tensor q, torch::Tensor 
   return {acc, m, den};
 }
 
+torch::Tensor mxfp4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale);  // mxfp4.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexer_topk_fwd", &indexer_topk_fwd, "lightning indexer top-k ids (fused score + selection)");
   m.def("indexer_decode_topk", &indexer_decode_topk, "lightning indexer top-k of one decode query per row");
   m.def("decode_attention_part", &decode_attention_part, "partial softmax attention of one decode query per row");
+  m.def("mxfp4_linear", &mxfp4_linear, "x W^T with W in MXFP4 (packed codes + e8m0 scales)");
   m.def("v4_attention_fwd", &v4_attention_fwd, "V4 core attention forward (window band + entries, sink)");
 }
