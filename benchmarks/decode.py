@@ -79,6 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation happens here)")
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--eager", action="store_true", help="time the eager step instead of the compiled one")
+    p.add_argument(
+        "--twin-kernels",
+        action="store_true",
+        help="the decode step's PyTorch twins instead of its C++ kernels (indexer top-k, long attention parts): an A/B",
+    )
     p.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp8"], default="fp32")
     p.add_argument("--ckpt", help="a training run (model + tokenizer); default: the tiny preset, random weights")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' DeepseekV4")
@@ -369,6 +374,11 @@ def main(argv=None) -> int:
             print(f"plot: {make_plot(json.load(f), args.plot or 'decode.png')}")
         return 0
     fmt = {"fp32": None, "bf16": torch.bfloat16, "fp8": "fp8"}[args.cache_dtype]
+    if args.twin_kernels:
+        import dsv4.kernels.decode_attention as decode_attention
+        import dsv4.kernels.indexer_topk as indexer_topk
+
+        indexer_topk.USE_NATIVE = decode_attention.USE_NATIVE = False
     cmd = sys.argv if argv is None else ["decode.py", *argv]
     res = dict(command="python " + " ".join(shlex.quote(a) for a in cmd), hardware=hardware_info(), cases=[], notes=[])
     notes = res["notes"]

@@ -375,8 +375,8 @@ std::vector<torch::Tensor> indexer_decode_topk(torch::Tensor q, torch::Tensor w,
   std::vector<float> scores(B * top);
   constexpr int64_t KB = 2048;
   const int64_t blocks = (top + KB - 1) / KB;
-  // a thread takes at least 16 blocks (32K keys): fewer keys are faster on one thread than waking another
-  at::parallel_for(0, B * blocks, 16, [&](int64_t r0, int64_t r1) {
+  // a thread takes at least 4 blocks (8K keys): fewer keys are faster on one thread than waking another
+  at::parallel_for(0, B * blocks, 4, [&](int64_t r0, int64_t r1) {
     float dots[256];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / blocks, s0 = (r % blocks) * KB, s1 = std::min(s0 + KB, L[b]);
