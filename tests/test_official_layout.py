@@ -102,6 +102,15 @@ def test_the_commands_write_and_read_the_layout(model, official, tmp_path, capsy
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "back").eval()(ids).logits, plain.eval()(ids).logits)
         assert torch.equal(load_model(official).eval()(ids).logits, plain(ids).logits)
+    # V4.1's 32 x 32 FP8 blocks: written on request, read back by the block size of their scales
+    assert main(["convert", "--to-official", str(tmp_path / "plain"), str(tmp_path / "v41"), "--fp8-block", "32"]) == 0
+    from dsv4.convert.official import OfficialReader
+
+    w, sc = (OfficialReader(tmp_path / "v41").shape(f"layers.1.attn.wq_b.{p}") for p in ("weight", "scale"))
+    assert sc == (-(-w[0] // 32), -(-w[1] // 32))
+    with torch.no_grad():
+        rel = (load_model(tmp_path / "v41").eval()(ids).logits - plain(ids).logits).norm() / plain(ids).logits.norm()
+    assert rel < 0.05  # requantised in finer blocks: close to the plain model, not equal
 
 
 def test_transformers_reads_the_converted_checkpoint(tmp_path):

@@ -114,7 +114,7 @@ def cmd_convert(args) -> int:
         from dsv4.convert.official import from_official_dir, to_official_dir
 
         if args.to_official is not None:
-            to_official_dir(args.to_official, args.out)
+            to_official_dir(args.to_official, args.out, args.fp8_block)
         else:
             from_official_dir(args.from_official, args.out, args.dtype)
         print(f"wrote {args.out}")
@@ -278,7 +278,11 @@ def _engine(args):
     from dsv4.run import load_run
 
     model, tok = load_run(
-        args.ckpt, device=_device(args), keep_quantized=args.keep_quantized, max_resident_gb=args.max_resident_gb
+        args.ckpt,
+        device=_device(args),
+        keep_quantized=args.keep_quantized,
+        max_resident_gb=args.max_resident_gb,
+        official_quant=args.official_quant,
     )
     return Engine(model, tok, max_batch=1, max_context=args.max_context, compile=args.compile), tok
 
@@ -315,6 +319,7 @@ def cmd_serve(args) -> int:
 
     options = ("api_key", "max_batch", "max_waiting", "max_context", "prefill_chunk", "model_name")
     options += ("default_max_tokens", "host", "port", "log_level", "compile", "keep_quantized", "max_resident_gb")
+    options += ("official_quant",)
     serve(args.ckpt, device=device, **{k: getattr(args, k) for k in options})
     return 0
 
@@ -403,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--from-official", metavar="DIR", help="a directory in DeepSeek's shipped layout -> dsv4")
     conv.add_argument(
         "--dtype", choices=("bf16", "fp32"), default="bf16", help="--from-official: the weights' dtype (default bf16)"
+    )
+    conv.add_argument(
+        "--fp8-block",
+        type=int,
+        choices=(128, 32),
+        default=128,
+        help="--to-official: FP8 weight blocks, 128 x 128 (V4, default) or 32 x 32 (V4.1)",
     )
     conv.add_argument("out", metavar="OUT", help="output directory")
     conv.set_defaults(func=cmd_convert)
@@ -496,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="a checkpoint in DeepSeek's layout leaves its routed experts in the shards: each step reads the "
             "experts it routes to (the next layer's guessed ahead) into a cache of at most GB; for models "
             "larger than RAM",
+        )
+        sp.add_argument(
+            "--official-quant",
+            action="store_true",
+            help="compute as DeepSeek's own inference does: FP8 activations before FP8/FP4 products, Hadamard + FP4 "
+            "indexer queries and keys, FP8 kv round trips",
         )
 
     def sampling_options(sp, temperature: float, max_new: int):

@@ -139,7 +139,13 @@ def load_weights(path: str | Path, keep_quantized: bool = False, max_resident_gb
     return model.eval()
 
 
-def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False, max_resident_gb: float | None = None):
+def load_run(
+    run_dir: str | Path,
+    device="cpu",
+    keep_quantized: bool = False,
+    max_resident_gb: float | None = None,
+    official_quant: bool = False,
+):
     """(model, tokenizer) from a training run directory (its newest checkpoint), a checkpoint dir or a model
     dir (config.json + safetensors + tokenizer.json); the model is on `device` ("cpu", "cuda", "cuda:1", ...;
     ValueError when this machine has no such device). The one loader of every command, eval and benchmark."""
@@ -151,4 +157,8 @@ def load_run(run_dir: str | Path, device="cpu", keep_quantized: bool = False, ma
     if not run.tokenizer.exists():
         raise CheckpointError(f"no tokenizer.json in {run.path}")
     model = load_weights(run_dir, keep_quantized, max_resident_gb)
+    if official_quant:  # FP8 activations, FP4 indexer, FP8 kv round trips (dsv4.quant.official_quant)
+        from dsv4.quant.official_quant import enable_official_quant
+
+        enable_official_quant(model)
     return model.to(device).eval(), load_tokenizer(run.tokenizer)

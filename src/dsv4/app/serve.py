@@ -58,6 +58,7 @@ def build(
     compile: bool = False,
     keep_quantized: bool = False,
     max_resident_gb: float | None = None,
+    official_quant: bool = False,
 ) -> tuple[FastAPI, BackgroundEngine, str]:
     """(app, BackgroundEngine, model_name) for a run directory; the model runs on `device`; compile: decode
     steps through torch.compile; max_context: default serving_context (the run's training seq_len)."""
@@ -65,7 +66,13 @@ def build(
     from dsv4.infer.engine import Engine
     from dsv4.run import load_run
 
-    model, tok = load_run(ckpt, device=device, keep_quantized=keep_quantized, max_resident_gb=max_resident_gb)
+    model, tok = load_run(
+        ckpt,
+        device=device,
+        keep_quantized=keep_quantized,
+        max_resident_gb=max_resident_gb,
+        official_quant=official_quant,
+    )
     max_context = serving_context(ckpt, model.cfg.max_position_embeddings, max_context)
     engine = Engine(
         model, tok, max_batch=max_batch, max_context=max_context, prefill_chunk=prefill_chunk, compile=compile

@@ -264,23 +264,30 @@ def official_state_dict(model, plain_dtype: torch.dtype = torch.bfloat16, fp8_bl
 
 
 def save_official(
-    model, out: str | Path, max_shard_bytes: int = 4 << 30, plain_dtype: torch.dtype = torch.bfloat16
+    model,
+    out: str | Path,
+    max_shard_bytes: int = 4 << 30,
+    plain_dtype: torch.dtype = torch.bfloat16,
+    fp8_block: int = 128,
 ) -> Path:
-    """Write `model` in the official layout: config.json, shards and their index."""
+    """Write `model` in the official layout: config.json, shards and their index (FP8 blocks of fp8_block)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_state_dict(official_state_dict(model, plain_dtype), out, max_shard_bytes=max_shard_bytes)
+    save_state_dict(official_state_dict(model, plain_dtype, fp8_block), out, max_shard_bytes=max_shard_bytes)
     model.cfg.to_json(out / "config.json")
     return out
 
 
-def to_official_dir(src: str | Path, out: str | Path) -> Path:
+def to_official_dir(src: str | Path, out: str | Path, fp8_block: int = 128) -> Path:
     """A run (its newest checkpoint, a torchrun job's shards too), checkpoint or model directory -> the
-    shipped layout, with the tokenizer files and any Engram tables beside it."""
+    shipped layout, with the tokenizer files and any Engram tables beside it. fp8_block: 128 (V4) or 32
+    (V4.1's FP8 blocks)."""
     from dsv4.convert.checkpoint import copy_side_files
     from dsv4.run import load_weights
 
-    out = save_official(load_weights(src), out)
+    if fp8_block not in FP8_BLOCKS:
+        raise ValueError(f"FP8 blocks must be one of {FP8_BLOCKS} (V4, V4.1), got {fp8_block}")
+    out = save_official(load_weights(src), out, fp8_block=fp8_block)
     copy_side_files(src, out)
     return out
 

@@ -10,6 +10,7 @@ The core softmax lives in dsv4.kernels.attention so faster kernels slot in there
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -90,6 +91,11 @@ class Attention(KeepFP32):
         # core kernel: "sparse" (gather / banded kernels, never O(T^2)), or a key of
         # dsv4.kernels.attention.IMPLS ("chunked", "reference": the masked dense oracle)
         self.impl = "sparse"
+        # None: as computed. dsv4.quant.official_quant sets kv_transform (the FP8 kv round trip, so the keys
+        # a chunk attends are what a later step reads from the cache) and act_transform (FP8 activations
+        # before the grouped output projection's einsum)
+        self.kv_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.act_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def entry_segments(self, segment_ids: torch.Tensor, n: int) -> torch.Tensor:
         """Document id of the FIRST token each entry pools ([B, N]); an entry is visible to a query only
@@ -108,6 +114,8 @@ class Attention(KeepFP32):
         """Grouped output projection: group g's heads -> W_oa[g] (o_lora_rank each), concat -> W_ob."""
         b, t = o.shape[:2]
         o = o.reshape(b, t, self.groups, -1)
+        if self.act_transform is not None:
+            o = self.act_transform(o)
         w = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
         o = torch.einsum("btgi,goi->btgo", o, w).flatten(2)
         return self.wo_b(o)
@@ -118,6 +126,8 @@ class Attention(KeepFP32):
         q = rms_norm(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        if self.kv_transform is not None:
+            kv = self.kv_transform(kv)
         return Projected(x, c_q, q, kv, cos, sin)
 
     def attend(

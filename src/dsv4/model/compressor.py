@@ -13,6 +13,7 @@ pos)`, `write(rows, start, vals)`, `write_at(rows, pos, vals)`); the caller stor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,6 +40,9 @@ class Compressor(KeepFP32):
             self.wgate = nn.Linear(dim, width, bias=False)
             self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
+        # out_transform(entries) -> what is stored and attended (None: as computed); dsv4.quant.official_quant
+        # sets the FP8 kv round trip (attention entries) or Hadamard + FP4 (indexer keys)
+        self.out_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def pool(
         self,
@@ -77,8 +81,10 @@ class Compressor(KeepFP32):
         return kv, gate + self.ape.float()[slots]
 
     def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions)."""
-        return apply_rope(self.norm(pooled), cos, sin).to(dtype)
+        """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions), then
+        out_transform if set."""
+        out = apply_rope(self.norm(pooled), cos, sin).to(dtype)
+        return out if self.out_transform is None else self.out_transform(out)
 
     def _prev_block(
         self, state: CompressorState, rows: torch.Tensor, first: torch.Tensor

@@ -10,6 +10,7 @@ visible_count / window_count below are the one statement of these counts (masks,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import overload
 
 import numpy as np
@@ -67,6 +68,9 @@ class Indexer(nn.Module):
         self.compressor = Compressor(
             cfg.hidden_size, self.head_dim, ratio, overlap=ratio == CSA_RATIO, eps=cfg.rms_norm_eps
         )
+        # q_transform(q) -> the queries scored (None: as computed); with compressor.out_transform on the keys
+        # it carries dsv4.quant.official_quant's Hadamard + FP4
+        self.q_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def queries(
         self, h: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -74,6 +78,8 @@ class Indexer(nn.Module):
         """-> q [B, T, n_I, c_I] (roped, fp32), head weights [B, T, n_I] (fp32, scaled)."""
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin).float()
+        if self.q_transform is not None:
+            q = self.q_transform(q)
         w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q, w
 

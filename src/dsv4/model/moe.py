@@ -29,10 +29,14 @@ def swiglu(
     w3: torch.Tensor,
     limit: float,
     weight: torch.Tensor | None = None,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """W2(silu(clamp(W1 x)) * clamp(W3 x)); a routed expert's weight [N] multiplies W2's input, where the
     official code applies it. A weight may also be any object with .linear(x) = x W^T (weights kept in a
-    quantised format, dsv4.quant.execution)."""
+    quantised format, dsv4.quant.execution). act(input) is applied to each product's input when given (the
+    official FP8 activation quantisation, dsv4.quant.official_quant)."""
+    if act is not None:
+        x = act(x)
     gate = _linear(x, w1)
     up = _linear(x, w3)
     if limit > 0:
@@ -40,7 +44,7 @@ def swiglu(
     h = F.silu(gate) * up
     if weight is not None:
         h = h * weight[:, None].to(h.dtype)
-    return _linear(h, w2)
+    return _linear(h if act is None else act(h), w2)
 
 
 def _linear(x: torch.Tensor, w: Any) -> torch.Tensor:
@@ -56,9 +60,10 @@ class Expert(nn.Module):
         self.w1 = nn.Linear(dim, inter, bias=False)
         self.w2 = nn.Linear(inter, dim, bias=False)
         self.w3 = nn.Linear(dim, inter, bias=False)
+        self.act_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # see swiglu's act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit, act=self.act_transform)
 
 
 class Experts(nn.Module):
@@ -74,6 +79,7 @@ class Experts(nn.Module):
         # weight_transform(w) -> the tensor the forward multiplies by (identity; dsv4.quant.qat sets a
         # fake quantiser with a straight-through gradient for FP4 quantisation-aware training)
         self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.act_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # see swiglu's act
         self.register_state_dict_post_hook(Experts._split_state)
         self.register_load_state_dict_pre_hook(Experts._stack_state)
 
@@ -118,7 +124,8 @@ class Experts(nn.Module):
             for e in range(self.n):
                 sel = (idx[:, j] == e).nonzero().squeeze(-1)
                 if sel.numel():
-                    out.index_add_(0, sel, swiglu(x[sel], w1[e], w2[e], w3[e], self.limit, weights[sel, j]).float())
+                    y = swiglu(x[sel], w1[e], w2[e], w3[e], self.limit, weights[sel, j], self.act_transform)
+                    out.index_add_(0, sel, y.float())
         return out
 
     def forward_static(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -129,13 +136,15 @@ class Experts(nn.Module):
         and the routing weights, zero off the chosen experts, mix them."""
         n_tok, k = idx.shape
         e1, e2, e3 = self.weights()
+        act = self.act_transform or (lambda t: t)
+        x = act(x)
         if n_tok * k <= self.n or torch.compiler.is_compiling():
             w1, w2, w3 = e1[idx], e2[idx], e3[idx]  # [N, k, ., .]
             gate = torch.einsum("nd,nkid->nki", x, w1)
             up = torch.einsum("nd,nkid->nki", x, w3)
             if self.limit > 0:
                 gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-            h = F.silu(gate) * up * weights[..., None].to(gate.dtype)
+            h = act(F.silu(gate) * up * weights[..., None].to(gate.dtype))
             return torch.einsum("nki,nkdi->nkd", h, w2).float().sum(1)
         dense = torch.zeros(n_tok, self.n, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
         e1, e2, e3 = (w if isinstance(w, torch.Tensor) else w.full() for w in (e1, e2, e3))  # kept (quantised) stacks
@@ -143,7 +152,7 @@ class Experts(nn.Module):
         up = torch.einsum("nd,eid->nei", x, e3)
         if self.limit > 0:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        h = F.silu(gate) * up * dense[..., None].to(gate.dtype)
+        h = act(F.silu(gate) * up * dense[..., None].to(gate.dtype))
         return torch.einsum("nei,edi->ned", h, e2).float().sum(1)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -163,7 +172,8 @@ class Experts(nn.Module):
         w1, w2, w3 = self.weights()
         for e, cnt in enumerate(counts):
             if cnt:
-                outs.append(swiglu(xs[start : start + cnt], w1[e], w2[e], w3[e], self.limit, ws[start : start + cnt]))
+                xe, we = xs[start : start + cnt], ws[start : start + cnt]
+                outs.append(swiglu(xe, w1[e], w2[e], w3[e], self.limit, we, self.act_transform))
             start += cnt
         ys = torch.cat(outs).float()
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, ys)
