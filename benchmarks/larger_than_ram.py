@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import hardware_info
+from _common import drop_page_cache, hardware_info
 
 from dsv4.config import ModelConfig
 
@@ -134,15 +134,6 @@ def write_checkpoint(cfg: ModelConfig, out: Path) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     cfg.to_json(out / "config.json")
-
-
-def drop_page_cache(directory: Path) -> None:
-    for f in directory.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def disk_read_bytes() -> int:

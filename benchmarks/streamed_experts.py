@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
-from _common import hardware_info, randomize_
+from _common import drop_page_cache, hardware_info, randomize_
 
 from dsv4.config import ModelConfig
 from dsv4.convert.official import load_official, save_official, to_official_dir
@@ -71,16 +71,6 @@ def config(args) -> ModelConfig:
         n_routed_experts=args.experts,
         num_experts_per_tok=args.topk,
     )
-
-
-def drop_page_cache(directory: Path) -> None:
-    """Ask the kernel to forget the shards' cached pages (clean pages: no privilege needed)."""
-    for f in directory.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def token_ids(args, vocab: int) -> torch.Tensor:

@@ -101,3 +101,22 @@ def test_bf16_mhc_mixes_in_fp32():
     want = (post.unsqueeze(-1) * out.float().unsqueeze(-2) + torch.matmul(res.transpose(-1, -2), x.float())).bfloat16()
     got = hc_post(out, x, post, res)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_bf16_compressor_pool_rounds_before_its_norm():
+    """In a bf16 model the fp32 pool is cast to bf16 and then normalised, as the official code does; in fp32
+    nothing changes."""
+    from dsv4.model.compressor import Compressor
+
+    torch.manual_seed(0)
+    comp = Compressor(32, 16, 4, overlap=False, eps=1e-6)
+    h, cos, sin = torch.randn(2, 8, 32), torch.ones(8, 4), torch.zeros(8, 4)  # rope on 8 dims: the identity
+    with torch.no_grad():
+        kv, gate = comp.project(h)
+        pooled = comp.pool(kv.unflatten(1, (2, 4)), gate.unflatten(1, (2, 4)))
+        assert torch.equal(comp(h, cos, sin), comp.norm(pooled))  # fp32: as before
+        comp = comp.to(torch.bfloat16)
+        kv, gate = comp.project(h.bfloat16())
+        pooled = comp.pool(kv.unflatten(1, (2, 4)), gate.unflatten(1, (2, 4)))
+        got = comp(h.bfloat16(), cos, sin)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, comp.norm(pooled.bfloat16()))

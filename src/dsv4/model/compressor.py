@@ -82,8 +82,9 @@ class Compressor(KeepFP32):
 
     def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions), then
-        out_transform if set."""
-        out = apply_rope(self.norm(pooled), cos, sin).to(dtype)
+        out_transform if set. The fp32 pool is cast to the compressor's weight dtype before the norm, where
+        the official code casts it (a no-op in fp32; in bf16 the entries round there first)."""
+        out = apply_rope(self.norm(pooled.to(self.wkv.weight.dtype)), cos, sin).to(dtype)
         return out if self.out_transform is None else self.out_transform(out)
 
     def _prev_block(
