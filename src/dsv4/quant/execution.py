@@ -107,7 +107,7 @@ class MXFP4Experts(Experts):
 
     def __init__(self, n: int, limit: float, packed: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]):
         nn.Module.__init__(self)
-        self.n, self.limit, self.weight_transform = n, limit, None
+        self.n, self.limit, self.weight_transform, self.act_transform = n, limit, None, None
         self.gather_experts = False  # decode runs the grouped loop: each used expert straight from its codes
         self.dtype = torch.float32
         for name in ("w1", "w2", "w3"):

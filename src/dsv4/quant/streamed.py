@@ -224,7 +224,7 @@ class StreamedExperts(Experts):
 
     def __init__(self, n: int, limit: float, store: ExpertStore, key: str) -> None:
         nn.Module.__init__(self)
-        self.n, self.limit, self.weight_transform = n, limit, None
+        self.n, self.limit, self.weight_transform, self.act_transform = n, limit, None, None
         self.gather_experts = False  # the grouped loop reads each used expert once
         self.store, self.key, self.dtype = store, key, torch.float32
 
