@@ -299,7 +299,7 @@ class V4StreamSplitter:
 
     def finish(self) -> list[dict]:
         """The held-back text and the tool calls (OpenAI delta form, with ids and indices)."""
-        out = []
+        out: list[dict[str, Any]] = []
         if self.pending and self.state != "calls":
             out.append({"reasoning_content" if self.state == "reasoning" else "content": self.pending})
         self.pending = ""

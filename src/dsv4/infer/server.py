@@ -586,10 +586,13 @@ class Server:
         body, stream, include_usage = await self.read_request(request, chat=True)
         messages = body.get("messages")
         fmt, tools = self.v4_request(body) if isinstance(self.template, V4ChatFormat) else (self.template, None)
-        extra = {"tools": tools} if isinstance(fmt, V4ChatFormat) else {}
         try:
-            self.check_text_len(fmt.render(messages, **extra), "messages")
-            prompt = fmt.encode(self.tok, messages, **extra)
+            if isinstance(fmt, V4ChatFormat):
+                self.check_text_len(fmt.render(messages, tools=tools), "messages")
+                prompt = fmt.encode(self.tok, messages, tools=tools)
+            else:
+                self.check_text_len(fmt.render(messages), "messages")
+                prompt = fmt.encode(self.tok, messages)
         except ChatError as e:
             raise _bad(str(e), "messages") from None
         self.check_prompt_len(len(prompt), "messages")

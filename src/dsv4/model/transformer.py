@@ -252,8 +252,9 @@ class Transformer(KeepFP32):
         counts, identity canonical ids): after a build on the meta device and `to_empty`, which leave them
         uninitialised (dsv4.convert.official builds a model that way, so it is never allocated twice)."""
         for mod in self.modules():
-            if mod is not self and hasattr(mod, "init_buffers"):
-                mod.init_buffers()
+            init = getattr(mod, "init_buffers", None) if mod is not self else None
+            if callable(init):
+                init()
         if self.cfg.engram_layer_ids:
             self.canonical_ids.copy_(torch.arange(self.cfg.vocab_size))
 
