@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--keep-quantized",
             action="store_true",
             help="a checkpoint in DeepSeek's layout keeps its FP8 / MXFP4 weights in memory (a quarter of the "
-            "bytes; dequantised per matmul)",
+            "bytes; FP8 dequantised per matmul, MXFP4 experts multiplied from their codes)",
         )
         sp.add_argument(
             "--max-resident-gb",
