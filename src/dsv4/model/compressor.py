@@ -84,7 +84,9 @@ class Compressor(KeepFP32):
         """RMSNorm, then RoPE at each entry's first position (cos/sin given at those positions), then
         out_transform if set. The fp32 pool is cast to the compressor's weight dtype before the norm, where
         the official code casts it (a no-op in fp32; in bf16 the entries round there first)."""
-        out = apply_rope(self.norm(pooled.to(self.wkv.weight.dtype)), cos, sin).to(dtype)
+        # the model's dtype: the weight's, or the dtype a kept FP8 projection dequantises to (no dequantisation)
+        model_dtype = getattr(self.wkv, "dtype", None) or self.wkv.weight.dtype
+        out = apply_rope(self.norm(pooled.to(model_dtype)), cos, sin).to(dtype)
         return out if self.out_transform is None else self.out_transform(out)
 
     def _prev_block(
