@@ -264,6 +264,9 @@ class V4StreamSplitter:
     def _markers(self) -> list[str]:
         return [END_THINK] if self.state == "reasoning" else [CALLS_OPEN, EOS]
 
+    def _delta(self, text: str) -> dict[str, Any]:
+        return {"reasoning_content" if self.state == "reasoning" else "content": text}
+
     def feed(self, text: str) -> list[dict]:
         out: list[dict] = []
         if self.state == "calls":
@@ -277,7 +280,7 @@ class V4StreamSplitter:
             at, marker = min(hits)
             head = self.pending[:at].rstrip("\n") if marker == CALLS_OPEN else self.pending[:at]
             if head:  # the blank lines before a tool-call block are not content (parse drops them too)
-                out.append({"reasoning_content" if self.state == "reasoning" else "content": head})
+                out.append(self._delta(head))
             rest = self.pending[at + len(marker) :]
             if marker == END_THINK:
                 self.state, self.pending = "content", rest
@@ -288,20 +291,19 @@ class V4StreamSplitter:
         if self.state == "calls":
             return out
         keep = max((k for m in self._markers() for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
+        send = self.pending[: len(self.pending) - keep]
         if self.state == "content":  # trailing newlines wait: they may precede a tool-call block
-            keep += len(self.pending[: len(self.pending) - keep]) - len(
-                self.pending[: len(self.pending) - keep].rstrip("\n")
-            )
-        send, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+            send = send.rstrip("\n")
+        self.pending = self.pending[len(send) :]
         if send:
-            out.append({"reasoning_content" if self.state == "reasoning" else "content": send})
+            out.append(self._delta(send))
         return out
 
     def finish(self) -> list[dict]:
         """The held-back text and the tool calls (OpenAI delta form, with ids and indices)."""
         out: list[dict[str, Any]] = []
         if self.pending and self.state != "calls":
-            out.append({"reasoning_content" if self.state == "reasoning" else "content": self.pending})
+            out.append(self._delta(self.pending))
         self.pending = ""
         calls = V4ChatFormat(thinking=False).parse(self.calls)["tool_calls"] if self.calls else []
         if calls:

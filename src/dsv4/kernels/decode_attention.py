@@ -61,11 +61,11 @@ def decode_attention(
     if ext is None or q.device.type != "cpu" or q.dtype != torch.float32 or any(p[0].dtype != q.dtype for p in parts):
         return decode_attention_reference(q, parts, sink, scale)
     z = sink.float().view(1, -1).expand(q.shape[0], -1)
-    stats = []
+    stats, q = [], q.contiguous()
     for keys, valid in parts:
         if keys.stride(-1) != 1 or keys.stride(-2) != keys.shape[-1]:
             keys = keys.contiguous()
-        stats.append(ext.decode_attention_part(q.contiguous(), keys, valid.to(torch.uint8).contiguous(), scale))
+        stats.append(ext.decode_attention_part(q, keys, valid.to(torch.uint8).contiguous(), scale))
     top = z
     for _, m, _ in stats:
         top = torch.maximum(top, m)

@@ -72,18 +72,14 @@ class MXFP4Matrix:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         fast = x.dtype == torch.float32 and self.dtype == torch.float32 and x.device.type == "cpu"
         fast = fast and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-        ext = native_ext() if fast else None
+        from dsv4.kernels import native
+
+        ext = native.ext() if fast else None
         if ext is None:
             return self.linear_reference(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         packed, scale = self.packed.view(torch.uint8).contiguous(), self.scale.view(torch.uint8).contiguous()
         return ext.mxfp4_linear(flat, packed, scale).view(*x.shape[:-1], -1)
-
-
-def native_ext():
-    from dsv4.kernels import native
-
-    return native.ext()
 
 
 class MXFP4Stack:

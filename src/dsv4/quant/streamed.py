@@ -1,11 +1,11 @@
-"""Routed experts streamed from the checkpoint shards: models larger than RAM (docs/quantization.md).
+"""Routed experts streamed from the checkpoint shards: models larger than RAM (docs/inference.md).
 
 A V4 model's routed experts are almost all of its bytes, and a decode token uses k of the E experts of
 a layer. `StreamedExperts` holds none of them: a forward reads the experts its tokens route to from the
 safetensors shards (one os.pread per tensor of the byte range the shard's header gives: MXFP4 codes and
 scales as shipped, or plain weights) into an LRU cache bounded in bytes (`--max-resident-gb`), then
-dequantises them per matmul exactly as `dsv4.quant.execution.MXFP4Experts` does, so a streamed model
-computes what a kept one computes (tests compare the logits). The dense parts and the KV cache stay
+multiplies them exactly as `dsv4.quant.execution.MXFP4Experts` does, so a streamed model computes what
+a kept one computes (tests compare the logits). The dense parts and the KV cache stay
 resident.
 
 Read-ahead. The router of layer l + 1 reads layer l's output, so its experts are known only after layer
@@ -113,9 +113,8 @@ class ExpertStore:
             entry.append(
                 (self.read_tensor(f"{prefix}.{w}.weight"), self.read_tensor(scale) if scale in self.where else None)
             )
-        n = sum(t.nbytes for pair in entry for t in pair if t is not None)
         with self._lock:
-            self.stats["read_bytes"] += n
+            self.stats["read_bytes"] += _nbytes(tuple(entry))
             self.stats["reads"] += 1
             self.stats["read_seconds"] += time.perf_counter() - t0
         return tuple(entry)
