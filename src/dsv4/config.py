@@ -1,4 +1,9 @@
-"""One flat model configuration whose field names follow the official DeepSeek-V4 config.json.
+"""One flat model configuration whose field names follow the official DeepSeek-V4 and V3.2 config.json.
+
+`model_type` names the family: "deepseek_v4" (default) or "deepseek_v32" (MLA + the V3.2 lightning indexer
+on every layer, V3 group-limited routing, dense first layers; dsv4.model.v32). The fields of one family that
+the other lacks keep their defaults and are left out of to_dict(). A V3.2 config.json names
+qk_nope_head_dim; here head_dim = qk_nope_head_dim + qk_rope_head_dim for both families.
 
 Layer kinds come from ``compress_ratios`` as in the official inference code (model.py):
 0 = sliding window only (SWA), 4 = CSA (overlapped compressor + lightning indexer),
@@ -26,8 +31,26 @@ class ConfigError(ValueError):
     """An impossible configuration: the message names the field and the rule."""
 
 
+V32_ONLY = ("kv_lora_rank", "v_head_dim", "intermediate_size", "n_group", "topk_group")
+V4_ONLY = (
+    "o_groups",
+    "o_lora_rank",
+    "num_hash_layers",
+    "swiglu_limit",
+    "sliding_window",
+    "compress_ratios",
+    "compress_rope_theta",
+    "hc_mult",
+    "hc_sinkhorn_iters",
+    "hc_eps",
+)
+# what a V3.2 config.json (or transformers' DeepseekV32Config, which has no scoring_func) leaves implicit
+V32_DEFAULTS = {"swiglu_limit": 0.0, "num_hash_layers": 0, "scoring_func": "sigmoid"}
+
+
 @dataclass
 class ModelConfig:
+    model_type: str = "deepseek_v4"
     # sizes
     vocab_size: int = 129280
     hidden_size: int = 4096
@@ -37,6 +60,8 @@ class ModelConfig:
     head_dim: int = 512
     qk_rope_head_dim: int = 64
     q_lora_rank: int = 1024
+    kv_lora_rank: int = 512  # V3.2 MLA: the cached latent width
+    v_head_dim: int = 128  # V3.2 MLA: value width per head
     o_groups: int = 8
     o_lora_rank: int = 1024
     # MoE
@@ -50,6 +75,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     num_hash_layers: int = 3
     first_k_dense_replace: int = 0
+    intermediate_size: int = 18432  # dense FFN width of the first_k_dense_replace layers (V3.2)
+    n_group: int = 1  # expert groups for group-limited routing (V3.2: 8)
+    topk_group: int = 1  # groups a token may route to (V3.2: 4)
     swiglu_limit: float = 10.0
     hidden_act: str = "silu"
     # attention
@@ -99,8 +127,22 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.is_v32:  # every layer (and MTP layer) is a V3.2 DSA layer: ratio 1, no window
+            self.compress_ratios = [1] * (self.num_hidden_layers + self.num_nextn_predict_layers)
+            self.sliding_window = 0
         self.compress_ratios = [int(r) for r in self.compress_ratios]
         self.validate()
+
+    @property
+    def is_v32(self) -> bool:
+        """The DeepSeek-V3.2 family (MLA + V3.2 DSA on every layer)."""
+        return self.model_type == "deepseek_v32"
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one cached kv row and of the attention core: head_dim (V4), latent + rope key (V3.2 MLA,
+        attended in the absorbed form)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_v32 else self.head_dim
 
     # ------------------------------------------------------------------ derived
     @property
@@ -114,7 +156,7 @@ class ModelConfig:
         return 0
 
     def layer_kind(self, layer_id: int) -> str:
-        m = self.compress_ratio(layer_id)
+        m = self.compress_ratio(layer_id)  # V3.2: 1 everywhere (its DSA: no window, every s <= t a candidate)
         if m == 0:
             return "swa"
         if m == 1:
@@ -157,8 +199,18 @@ class ModelConfig:
             "index_head_dim",
             "max_position_embeddings",
         ):
+            if self.is_v32 and name in V4_ONLY:
+                continue
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
         need(self.index_topk > 0, "index_topk", "must be >= 1 (the indexer selects at least one entry)")
+        need(
+            self.model_type in ("deepseek_v4", "deepseek_v32"),
+            "model_type",
+            "must be deepseek_v4 or deepseek_v32",
+        )
+        if self.is_v32:
+            self._validate_v32(need)
+            return
         need(self.num_key_value_heads == 1, "num_key_value_heads", "V4 attention is single-KV-head MQA; must be 1")
         need(
             self.num_attention_heads % self.o_groups == 0,
@@ -209,6 +261,45 @@ class ModelConfig:
             need(kind in ("yarn", "default", None), "rope_scaling", "only yarn rope scaling is supported")
         self._validate_engram(need)
 
+    def _validate_v32(self, need) -> None:
+        for name in ("kv_lora_rank", "v_head_dim", "intermediate_size", "n_group", "topk_group"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(
+            0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            "must be even and below head_dim = qk_nope_head_dim + qk_rope_head_dim",
+        )
+        need(
+            self.index_head_dim % 2 == 0 and self.index_head_dim >= self.qk_rope_head_dim,
+            "index_head_dim",
+            f"must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})",
+        )
+        need(
+            self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"must divide n_routed_experts ({self.n_routed_experts})",
+        )
+        need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+        need(
+            self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
+            "num_experts_per_tok",
+            "cannot exceed the experts of topk_group groups",
+        )
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func", "V3.2 routing uses sigmoid or softmax")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.num_hash_layers == 0, "num_hash_layers", "V3.2 has no hash-routed layers; must be 0")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(not self.engram_layer_ids, "engram_layer_ids", "Engram is a V4-family module; must be empty")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind in ("yarn", "default", None), "rope_scaling", "only yarn rope scaling is supported")
+
     def _validate_engram(self, need) -> None:
         ids, orders = self.engram_layer_ids, self.engram_orders
         need(
@@ -251,7 +342,22 @@ class ModelConfig:
             d = transformers_config_dict_to_ours(d)
         if "text_config" in d and isinstance(d["text_config"], dict):
             d = {**d["text_config"], **{k: v for k, v in d.items() if k == "quantization_config"}}
+        if d.get("model_type") == "deepseek_v32":
+            from dsv4.convert.v32 import config_dict_from_transformers, is_transformers_v32_config
+
+            if is_transformers_v32_config(d):  # the one mapping: convert/
+                d = config_dict_from_transformers(d)
+            d = {**V32_DEFAULTS, **d}
+            d.pop("compress_ratios", None)
+            if "qk_nope_head_dim" in d:  # head_dim = nope + rope here; transformers writes head_dim = rope
+                d["head_dim"] = int(d.pop("qk_nope_head_dim")) + int(d.get("qk_rope_head_dim", 64))
+            if d.get("first_k_dense_replace") is None:
+                d["first_k_dense_replace"] = 0
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if d.get("model_type", "deepseek_v4") not in ("deepseek_v4", "deepseek_v32"):
+            raise ConfigError(f"model_type={d['model_type']!r}: must be deepseek_v4 or deepseek_v32")
+        if d.get("model_type") != "deepseek_v32":  # a V4 config.json's model_type and V3-era keys (n_group,
+            names -= {"model_type", *V32_ONLY}  # topk_group: V4 ignores them) are kept as read, in extra
         known = {k: v for k, v in d.items() if k in names}
         extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names and k != "extra"}}
         key = tuple(sorted(extra))
@@ -282,6 +388,14 @@ class ModelConfig:
                 if f.name.startswith("engram_")
             }
             d = {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
+        if self.is_v32:  # the V3.2 config.json names: qk_nope_head_dim, no V4-only fields
+            d["qk_nope_head_dim"] = d.pop("head_dim") - self.qk_rope_head_dim
+            for k in V4_ONLY:
+                d.pop(k, None)
+        else:
+            d.pop("model_type")  # V4 configs are written as before (a read model_type stays in extra)
+            for k in V32_ONLY:
+                d.pop(k)
         extra = d.pop("extra")
         d.update(extra)
         return d

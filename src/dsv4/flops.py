@@ -76,10 +76,10 @@ GQA_BASELINE = dict(kv_heads=8, head_dim=128, bytes_per_value=2)  # BF16 GQA-8, 
 
 def build_meta_model(cfg: ModelConfig):
     """The full Transformer with every parameter on the meta device (no storage, no init)."""
-    from dsv4.model.transformer import Transformer
+    from dsv4.model import build_model
 
     with torch.device("meta"):
-        return Transformer(cfg)
+        return build_model(cfg)
 
 
 def _classify(name: str, norm_params: set[str]) -> str:
@@ -102,6 +102,11 @@ def _classify(name: str, norm_params: set[str]) -> str:
             "wq_a": "attention.q_proj",
             "wq_b": "attention.q_proj",
             "wkv": "attention.kv_proj",
+            "wkv_a": "attention.kv_proj",
+            "wkv_b": "attention.kv_proj",
+            "kv_norm": "norms",
+            "q_norm": "norms",
+            "wo": "attention.out_proj",
             "wo_a": "attention.out_proj",
             "wo_b": "attention.out_proj",
             "attn_sink": "attention.sinks",
@@ -114,7 +119,9 @@ def _classify(name: str, norm_params: set[str]) -> str:
         return "routed_experts"
     if ".ffn.shared_experts." in name:
         return "shared_experts"
-    if ".e_proj." in name or ".h_proj." in name:
+    if ".ffn.w" in name:
+        return "dense_ffn"  # V3.2's first_k_dense_replace layers
+    if ".e_proj." in name or ".h_proj." in name or ".eh_proj." in name:
         return "mtp_proj"
     return "other"
 
@@ -199,7 +206,8 @@ def param_count(cfg: ModelConfig, model=None) -> ParamCount:
 def resident_weight_bytes(cfg: ModelConfig) -> dict[str, int]:
     """Bytes of the model's state dict in memory: all fp32, all bf16 (buffers as they are), and kept in the
     shipped format (dsv4.convert.official / dsv4.quant.execution: FP8 projections with one e8m0 byte per
-    128 x 128 block, MXFP4 experts at half a byte per value plus one byte per 32, the rest as written)."""
+    128 x 128 block, MXFP4 experts at half a byte per value plus one byte per 32, the rest as written).
+    V3.2 ships its routed experts in FP8 too, with an fp32 scale per 128 x 128 block."""
     from dsv4.convert.official import KEEP_FP32, is_fp8, is_routed_expert
 
     model = build_meta_model(cfg)
@@ -210,10 +218,13 @@ def resident_weight_bytes(cfg: ModelConfig) -> dict[str, int]:
         float_param = name in params or (is_routed_expert(name) and t.is_floating_point())
         out["fp32"] += n * (4 if float_param else size)
         out["bf16"] += n * (2 if float_param else size)
-        if is_routed_expert(name):
+        blocks = math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128) if t.dim() == 2 else 0
+        if is_routed_expert(name) and cfg.is_v32:
+            out["kept"] += n + 4 * blocks
+        elif is_routed_expert(name):
             out["kept"] += n // 2 + n // 32
         elif is_fp8(name, tuple(t.shape)):
-            out["kept"] += n + math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128)
+            out["kept"] += n + (4 if cfg.is_v32 else 1) * blocks
         elif float_param and not any(k in name for k in KEEP_FP32):
             out["kept"] += 2 * n
         else:
@@ -223,14 +234,20 @@ def resident_weight_bytes(cfg: ModelConfig) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ KV cache
 def kv_entry_bytes(cfg: ModelConfig) -> int:
-    """Bytes of one served kv entry: FP8 non-rope dims + e8m0 scales + BF16 rope dims, padded."""
+    """Bytes of one served kv entry: FP8 non-rope dims + e8m0 scales + BF16 rope dims, padded. V3.2 as served:
+    the FP8 latent with one fp32 scale per 128 values + the BF16 rope key (512 + 16 + 128 = 656)."""
+    if cfg.is_v32:
+        return cfg.kv_lora_rank + 4 * math.ceil(cfg.kv_lora_rank / 128) + 2 * cfg.qk_rope_head_dim
     nope = cfg.head_dim - cfg.qk_rope_head_dim
     raw = nope + math.ceil(nope / FP8_SCALE_BLOCK) + 2 * cfg.qk_rope_head_dim
     return math.ceil(raw / ENTRY_ALIGN) * ENTRY_ALIGN
 
 
 def indexer_key_bytes(cfg: ModelConfig) -> int:
-    """Bytes of one FP4 (MXFP4) indexer key: two values per byte + one e8m0 scale per 32."""
+    """Bytes of one FP4 (MXFP4) indexer key: two values per byte + one e8m0 scale per 32. V3.2: an FP8 key
+    with one fp32 scale per 128 values (128 + 4)."""
+    if cfg.is_v32:
+        return cfg.index_head_dim + 4 * math.ceil(cfg.index_head_dim / 128)
     return cfg.index_head_dim // 2 + math.ceil(cfg.index_head_dim / FP4_SCALE_BLOCK)
 
 
@@ -335,7 +352,7 @@ def flops_breakdown(
     # active params without the input embedding (a row lookup), LM head included; the MTP blocks
     # add their per-token share and run the shared LM head once more per depth.
     n_active = pc["active"] + (pc["mtp_active"] + n_mtp * pc["components"].get("head", 0) if n_mtp else 0)
-    h, c = cfg.num_attention_heads, cfg.head_dim
+    h, c = cfg.num_attention_heads, cfg.kv_dim  # V3.2: the absorbed row (latent + rope key) is attended
     attn, index = 0.0, 0.0
     cache: dict[tuple[str, int], tuple[float, float]] = {}
     for i in range(cfg.num_hidden_layers + n_mtp):

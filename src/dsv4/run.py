@@ -109,7 +109,7 @@ def load_weights(path: str | Path, keep_quantized: bool = False, max_resident_gb
     FP8 / MXFP4 weights in memory (dsv4.quant.execution); max_resident_gb: its routed experts stay in the
     shards, read on use into a cache of that many GB (dsv4.quant.streamed)."""
     from dsv4.config import ModelConfig
-    from dsv4.model.transformer import Transformer
+    from dsv4.model import build_model
     from dsv4.train.checkpoint import load_checkpoint
     from dsv4.weights import load_model
 
@@ -121,7 +121,7 @@ def load_weights(path: str | Path, keep_quantized: bool = False, max_resident_gb
                 f"{ckpt}: --max-resident-gb streams the experts of a model directory in DeepSeek's layout "
                 "(dsv4 convert --to-official), not of a training checkpoint"
             )
-        model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
+        model = build_model(ModelConfig.from_json(ckpt / "config.json"))
         load_checkpoint(ckpt, model)
     else:  # weights only (a converted model), copied into the fp32 model whatever dtype they were stored in
         try:

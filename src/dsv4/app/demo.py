@@ -30,7 +30,7 @@ def run_demo(
     temperature: float = 0.0,
     print_fn=print,
 ) -> dict:
-    from dsv4.model.transformer import Transformer
+    from dsv4.model import build_model
 
     cfg = ModelConfig.preset(preset)
     torch.manual_seed(seed)
@@ -44,7 +44,7 @@ def run_demo(
         f"active per token; MTP block +{pc['mtp']:,}"
     )
     t0 = time.perf_counter()
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     print_fn(f"built and randomly initialised in {time.perf_counter() - t0:.2f}s (seed {seed})")
 
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))

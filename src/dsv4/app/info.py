@@ -25,7 +25,9 @@ def layer_schedule(cfg: ModelConfig) -> list[dict]:
                 "mtp": mtp,
                 "kind": cfg.layer_kind(i),
                 "ratio": cfg.compress_ratio(i),
-                "routing": "hash" if i < cfg.num_hash_layers else "learned",
+                "routing": "hash"
+                if i < cfg.num_hash_layers
+                else ("dense" if i < cfg.first_k_dense_replace else "learned"),
             }
         )
     return rows
@@ -40,6 +42,12 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
         out.append(f"model: {name}")
     kinds = cfg.layer_kinds
     summary = ", ".join(f"{kinds.count(k)} {k}" for k in ("swa", "csa", "hca", "dsa") if kinds.count(k))
+    if cfg.is_v32:
+        out.append(
+            f"family: deepseek_v32 (MLA, latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}; the V3.2 "
+            f"indexer's top-{cfg.index_topk} of every earlier token; {cfg.first_k_dense_replace} dense FFN layers, "
+            f"{cfg.n_group} expert groups, top-{cfg.topk_group})"
+        )
     out.append(
         f"layers: {cfg.num_hidden_layers} ({summary}) + {cfg.num_nextn_predict_layers} MTP; "
         f"hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}x{cfg.head_dim}, "
@@ -64,6 +72,17 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
         f"(with MTP: {human(pc.total_with_mtp)} / {human(pc.active_with_mtp)}); "
         "totals exclude MTP, active counts exclude the input embedding"
     )
+    if cfg.is_v32:
+        ix = pc.components.get("attention.indexer", 0)
+        out.append(
+            f"indexer_params: {ix}  ({human(ix)}; MTP's indexer: {pc.mtp_components.get('attention.indexer', 0)})"
+        )
+        out.append(f"total_params_without_indexer: {pc.total - ix}")
+        out.append(f"active_params_without_indexer: {pc.active - ix}")
+        out.append(
+            f"summary without the indexers: {human(pc.total - ix)} total / {human(pc.active - ix)} active (V3's "
+            "counts, which DeepSeek publishes for V3.2)"
+        )
     out.append("")
     out.append("components (main model; sums to total_params):")
     out.append(f"  {'component':<24} {'params':>16} {'human':>9} {'share':>7}")
@@ -75,18 +94,26 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
     for key, n in sorted(pc.mtp_components.items(), key=lambda kv_: -kv_[1]):
         out.append(f"    {'mtp.' + key:<22} {n:>16} {human(n):>9}")
     out.append("")
-    out.append(
-        f"kv cache (served layout: {kv['entry_bytes']} B per entry, "
-        f"{kv['indexer_key_bytes']} B per FP4 indexer key; main layers, MTP excluded):"
-    )
+    if cfg.is_v32:
+        out.append(
+            f"kv cache (served layout: {kv['entry_bytes']} B per token per layer = {cfg.kv_lora_rank} FP8 latent "
+            f"values + fp32 scales per 128 + {cfg.qk_rope_head_dim} BF16 rope values, plus "
+            f"{kv['indexer_key_bytes']} B per FP8 indexer key; main layers, MTP excluded):"
+        )
+    else:
+        out.append(
+            f"kv cache (served layout: {kv['entry_bytes']} B per entry, "
+            f"{kv['indexer_key_bytes']} B per FP4 indexer key; main layers, MTP excluded):"
+        )
     out.append(
         f"  kv_bytes_per_token: {kv['per_token']:.2f}  ({kv['per_token'] / 1000:.2f} KB, "
         f"{kv['per_token'] / 1024:.2f} KiB per token of context)"
     )
-    out.append(
-        f"  kv_fixed_bytes: {kv['fixed']}  ({human(kv['fixed'])}B: sliding windows, "
-        f"{cfg.sliding_window} x {kv['entry_bytes']} B per non-DSA layer)"
-    )
+    if not cfg.is_v32:
+        out.append(
+            f"  kv_fixed_bytes: {kv['fixed']}  ({human(kv['fixed'])}B: sliding windows, "
+            f"{cfg.sliding_window} x {kv['entry_bytes']} B per non-DSA layer)"
+        )
     out.append(
         f"  bf16_gqa8_bytes_per_token: {kv['baseline_per_token']}  (2 x 8 x 128 x 2 B x {cfg.num_hidden_layers} layers)"
     )
@@ -96,9 +123,10 @@ def format_info(cfg: ModelConfig, name: str | None = None) -> str:
     out.append("resident weights (state dict in memory, MTP included):")
     out.append(f"  fp32: {rb['fp32']}  ({rb['fp32'] / 1e9:.3f} GB)")
     out.append(f"  bf16: {rb['bf16']}  ({rb['bf16'] / 1e9:.3f} GB)")
+    shipped = "FP8 projections and experts" if cfg.is_v32 else "FP8 projections and MXFP4 routed experts"
     out.append(
-        f"  kept_fp8_fp4: {rb['kept']}  ({rb['kept'] / 1e9:.3f} GB: the shipped layout kept in memory, FP8 "
-        "projections and MXFP4 routed experts dequantised per matmul)"
+        f"  kept_fp8_fp4: {rb['kept']}  ({rb['kept'] / 1e9:.3f} GB: the shipped layout kept in memory, "
+        f"{shipped} dequantised per matmul)"
     )
     eg = engram_tables(cfg)
     if eg["layers"]:

@@ -175,14 +175,20 @@ def load_official(
     routed experts stay in the shards and are read on use into a cache of at most that many bytes
     (dsv4.quant.streamed). The model is built on the meta device and only what is loaded is allocated, so
     nothing is held twice and streamed experts are never allocated at all."""
-    from dsv4.model.transformer import Transformer
+    from dsv4.model import build_model
 
     directory = Path(directory)
     cfg = ModelConfig.from_json(directory / "config.json")
+    if cfg.is_v32:  # the V3.2 family ships Hub names with FP8 experts (dsv4.convert.v32)
+        from dsv4.convert.v32 import load_hub
+
+        if keep_quantized or max_resident_bytes is not None:
+            raise ValueError(f"{directory}: --keep-quantized and --max-resident-gb are V4-layout options")
+        return load_hub(directory, dtype)
     reader = OfficialReader(directory)
     storage = check_layout(reader, cfg)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     if max_resident_bytes is not None:
         from dsv4.quant.streamed import stream_experts
 
@@ -271,6 +277,10 @@ def save_official(
     fp8_block: int = 128,
 ) -> Path:
     """Write `model` in the official layout: config.json, shards and their index (FP8 blocks of fp8_block)."""
+    if model.cfg.is_v32:
+        from dsv4.convert.v32 import save_hub
+
+        return save_hub(model, out, max_shard_bytes, fp8_block)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(official_state_dict(model, plain_dtype, fp8_block), out, max_shard_bytes=max_shard_bytes)

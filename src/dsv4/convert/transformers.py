@@ -270,7 +270,8 @@ def transformers_config_dict_to_ours(d: dict) -> dict:
 
 
 def is_transformers_config(d) -> bool:
-    """Whether a config dict is transformers' DeepseekV4Config (layer_types, no compress_ratios)."""
+    """Whether a config dict is transformers' DeepseekV4Config or DeepseekV32Config (layer_types, no
+    compress_ratios)."""
     return isinstance(d, dict) and "layer_types" in d and "compress_ratios" not in d
 
 
@@ -330,7 +331,12 @@ def convert_from_transformers_dir(src: str | Path, out: str | Path) -> ModelConf
             raise ConfigError(f"{src} is not a transformers model folder (no config.json with layer_types)") from None
         raise ConfigError(f"{src} is a dsv4 checkpoint, not a transformers model folder; use --to-transformers")
     mapped = from_transformers_config(json.loads((src / "config.json").read_text()))
-    sd = from_transformers_state_dict(load_state_dict(src), mapped)
+    if mapped.is_v32:
+        from dsv4.convert.v32 import from_hub_state_dict
+
+        sd = from_hub_state_dict(load_state_dict(src), mapped)
+    else:
+        sd = from_transformers_state_dict(load_state_dict(src), mapped)
     cfg = _saved_dsv4_config(src, mapped)
     if cfg is None:
         cfg = mapped
@@ -352,9 +358,16 @@ def convert_to_transformers_dir(src: str | Path, out: str | Path) -> Path | None
     ckpt = find_checkpoint(src)
     cfg = ModelConfig.from_json(ckpt / "config.json")
     weights = load_state_dict(ckpt)
-    hf = to_transformers_config(cfg, dtype=weights_dtype(weights))
-    hf.architectures = ["DeepseekV4ForCausalLM"]
-    sd = to_transformers_state_dict(weights, cfg)
+    if cfg.is_v32:  # the V3.2 family: DeepseekV32ForCausalLM (dsv4.convert.v32)
+        from dsv4.convert import v32
+
+        hf = v32.to_transformers_config(cfg, dtype=weights_dtype(weights))
+        hf.architectures = ["DeepseekV32ForCausalLM"]
+        sd = v32.to_hub_state_dict(weights, cfg, fuse_experts=True)
+    else:
+        hf = to_transformers_config(cfg, dtype=weights_dtype(weights))
+        hf.architectures = ["DeepseekV4ForCausalLM"]
+        sd = to_transformers_state_dict(weights, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_state_dict(sd, out)

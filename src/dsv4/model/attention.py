@@ -166,6 +166,10 @@ class Attention(KeepFP32):
             o = self.sparse_core(p, *self.keys(p, positions), positions, segment_ids)
         else:
             o, _ = self.masked_core(p, positions, segment_ids, self.impl)
+        return self.finish(o, cos, sin)
+
+    def finish(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Core output o [B,T,h,c] -> [B,T,d]: de-rotate the rope dims at -t, then the grouped projection."""
         return self.project_out(apply_rope(o, cos, sin, inverse=True))
 
     @property
@@ -202,7 +206,7 @@ class Attention(KeepFP32):
             o, ix = self.sparse_indexer_core(p, positions, segment_ids)
         else:
             o, ix = self.masked_core(p, positions, segment_ids, self.masked_impl, indexer_mode, collect)
-        return self.project_out(apply_rope(o, cos, sin, inverse=True)), ix
+        return self.finish(o, cos, sin), ix
 
     def masked_core(
         self,
@@ -271,7 +275,7 @@ class Attention(KeepFP32):
         x, c_q, q, kv, cos, sin = p
         ix, xi, cqi = self.indexer, x.detach(), c_q.detach()
         entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
-        ikeys = ix.compressor(xi, cos, sin)
+        ikeys = ix.keys(xi, cos, sin)
         qi, wi = ix.queries(xi, cqi, cos, sin)
         entry_seg = None if segment_ids is None else self.entry_segments(segment_ids, entries.shape[1])
         same = None if segment_ids is None else segment_same_doc(segment_ids, cast(torch.Tensor, entry_seg))
@@ -296,7 +300,7 @@ class Attention(KeepFP32):
         if self.kind == "swa":
             return kv, positions, None, None
         entries = kv if self.kind == "dsa" else self.compressor(x, cos, sin)
-        ikeys = self.indexer.compressor(x, cos, sin) if self.kind in ("csa", "dsa") else None
+        ikeys = self.indexer.keys(x, cos, sin) if self.kind in ("csa", "dsa") else None
         return kv, positions, entries, ikeys
 
     def cached_keys(
@@ -323,7 +327,7 @@ class Attention(KeepFP32):
         n = (start + t) // self.ratio
         if self.kind == "dsa":
             assert cache.ikeys is not None
-            cache.ikeys.write(rows, start, self.indexer.compressor(x, cos, sin))
+            cache.ikeys.write(rows, start, self.indexer.keys(x, cos, sin))
             return band, kv_pos, band, cache.ikeys.read(rows, n)
         assert cache.comp is not None and cache.entries is not None  # CSA / HCA stores
         j0, new = self.compressor.chunk(x, start, cache.comp, rows, self.entry_rope)
@@ -421,7 +425,7 @@ class Attention(KeepFP32):
                     rows, pos // self.ratio, ix.compressor.step(x, pos, cache.icomp, rows, self.entry_rope)
                 )
             else:
-                cache.ikeys.write_at(rows, pos, ix.compressor(x, cos, sin)[:, 0])
+                cache.ikeys.write_at(rows, pos, ix.keys(x, cos, sin)[:, 0])
             qi, wi = ix.queries(x, c_q, cos, sin)
             keys = cache.ikeys.read(view, self._step_span(pos, ix.ratio, ix.exclude_window))
             limit = visible_count(pos + 1, ix.ratio, ix.exclude_window)

@@ -83,6 +83,10 @@ class Indexer(nn.Module):
         w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q, w
 
+    def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """-> indexer keys [B, N, c_I]: the indexer's compressed entries (CSA) or per-token keys (DSA)."""
+        return self.compressor(h, cos, sin)
+
     @staticmethod
     def score(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [B,T,n,c], w [B,T,n], keys [B,N,c] -> scores [B,T,N] (fp32)."""
@@ -100,12 +104,54 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (top-k entry ids [B,T,k] with -1 for none, scores [B,T,N], visible [B,T,N]).
         same_doc [B,T,N] (optional) restricts visibility to entries of the query's document."""
-        keys = self.compressor(h, cos, sin)
+        keys = self.keys(h, cos, sin)
         q, w = self.queries(h, c_q, cos, sin)
         scores = self.score(q, w, keys)
         visible = visible_entries(positions, keys.shape[1], self.ratio, self.exclude_window)
         visible = visible.expand(scores.shape) if same_doc is None else visible & same_doc
         return topk_indices(scores, self.topk, visible), scores, visible
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on the FIRST 2 cos.shape[-1] dims of x [B, T, (H,) D] (the V3.2 indexer's layout):
+    dims i and i + r/2 of that slice rotate together by angle theta_i. cos/sin [T, r/2]."""
+    r = 2 * cos.shape[-1]
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    rope, rest = x[..., :r].float(), x[..., r:]
+    a, b = rope[..., : r // 2], rope[..., r // 2 :]
+    rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)
+    return torch.cat([rot, rest], dim=-1)
+
+
+class V32Indexer(Indexer):
+    """The DeepSeek-V3.2 lightning indexer (docs/architecture.md, "V3.2 DSA"): the same score as Indexer,
+    sum_j w_tj ReLU(q_tj . k_s) with w scaled by n_I^-1/2 c_I^-1/2, but keys k_s = LayerNorm(h_s W_k) (with a
+    bias), RoPE half-split on the first qk_rope_head_dim dims of q and k, and every s <= t a candidate
+    (no window is excluded). Parameter names: wq_b, wk, k_norm, weights_proj (the official V3.2 names)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.exclude_window, self.ratio = 0, 1
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.q_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        k = F.layer_norm(self.wk(h).float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float())
+        return apply_rope_half(k, cos, sin).to(h.dtype)
+
+    def queries(
+        self, h: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = apply_rope_half(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).float()
+        if self.q_transform is not None:
+            q = self.q_transform(q)
+        w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        return q, w
 
 
 def kl_queries(allowed: torch.Tensor, total_mass: torch.Tensor) -> torch.Tensor:

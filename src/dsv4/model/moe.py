@@ -191,6 +191,8 @@ class Gate(KeepFP32):
         # (whose scores already sum to 1 over all experts); norm_topk_prob=False (V3-style configs) turns it off
         self.norm = cfg.norm_topk_prob and cfg.scoring_func != "softmax"
         self.scale, self.hash = cfg.routed_scaling_factor, hash_routed
+        # V3 group-limited routing, V3.2 family only (V4 ignores the n_group / topk_group its config.json carries)
+        self.groups, self.topk_groups = (cfg.n_group, cfg.topk_group) if cfg.is_v32 else (1, 1)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if hash_routed:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long))
@@ -227,6 +229,17 @@ class Gate(KeepFP32):
             return logits.sigmoid()
         return logits.softmax(-1)
 
+    def limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
+        """V3 group-limited routing (official V3.2 model.py `Gate`): experts form n_group equal groups, each
+        scored by the sum of its two highest biased scores; only the topk_group best groups stay candidates
+        (the others are set to -inf). Identity when n_group == 1."""
+        if self.groups <= 1:
+            return biased
+        g = biased.unflatten(-1, (self.groups, -1))
+        keep = g.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices
+        off = torch.ones(g.shape[:-1], dtype=torch.bool, device=g.device).scatter_(-1, keep, False)
+        return g.masked_fill(off[..., None], float("-inf")).flatten(-2)
+
     def forward(
         self, x: torch.Tensor, input_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +250,7 @@ class Gate(KeepFP32):
                 raise ValueError("hash-routed MoE layer needs input_ids")
             idx = self.tid2eid[input_ids.reshape(-1)].long()
         else:
-            idx = torch.topk(s + self.bias, self.topk, dim=-1).indices
+            idx = torch.topk(self.limit_groups(s + self.bias), self.topk, dim=-1).indices
         w = s.gather(1, idx)
         if self.norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)

@@ -159,18 +159,19 @@ class MTPBlock(Block):
 
     def forward(  # type: ignore[override]  # an MTP block also takes the next tokens' embeddings
         self, x: torch.Tensor, emb: torch.Tensor, *block_args: Any, **block_kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LayerStats | None]:
         """x: main streams [B,T,hc,d] at positions i; emb: embeddings of tokens i+1 [B,T,d]; block_args:
-        Block.forward's arguments after x -> (normed head input [B,T,d], new streams, balance loss or None)."""
+        Block.forward's arguments after x -> (normed head input [B,T,d], new streams, balance loss or None,
+        LayerStats or None)."""
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
-        x, aux, _ = super().forward(x, *block_args, **block_kwargs)
+        x, aux, st = super().forward(x, *block_args, **block_kwargs)
         c = self.cfg
         h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
-        return self.norm(h), x, aux
+        return self.norm(h), x, aux, st
 
 
 class Transformer(KeepFP32):
-    fp32_names = HC_HEAD
+    fp32_names: tuple[str, ...] = HC_HEAD
     canonical_ids: torch.Tensor  # buffer [vocab_size] (Engram models): canonical id of each token id
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -319,7 +320,7 @@ class Transformer(KeepFP32):
         MTP cache has not seen, next_ids [B,T] = the tokens one ahead -> logits of the token after those."""
         rows = cache.rows_of(rows)
         positions = cache.begin(rows, x.shape[1], mtp=True)
-        h, _, _ = self.mtp[depth](
+        h, _, _, _ = self.mtp[depth](
             x, self.embed(next_ids), next_ids, self.ropes(positions)["main"], positions, cache=cache.mtp_layers[depth]
         )
         cache.advance(rows, x.shape[1], mtp=True)
@@ -436,7 +437,9 @@ class Transformer(KeepFP32):
                 emb = self.embed(input_ids[:, k:])
                 cos, sin = ropes["main"]
                 seg = None if segment_ids is None else segment_ids[:, : t - k]
-                hk, xk, a = blk(
+                # an MTP block with an indexer (V3.2's) trains it as the main layers do
+                mode = indexer_mode if getattr(blk.attn, "indexer", None) is not None else None
+                hk, xk, a, st = blk(
                     xk[:, : t - k],
                     emb,
                     input_ids[:, k:],
@@ -444,9 +447,12 @@ class Transformer(KeepFP32):
                     positions[: t - k],
                     reference,
                     seg,
+                    indexer_mode=mode,
                 )
                 if a is not None:
                     aux.append(a)
+                if st is not None:
+                    layers.append(st)
                 mtp_h.append(hk)
                 if compute_logits:
                     mtp_logits.append(self.head(hk))

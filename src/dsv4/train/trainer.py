@@ -49,6 +49,7 @@ from dsv4.eval.text_bpb import score_batches
 from dsv4.flops import flops_per_token, measure_matmul_peak
 from dsv4.kernels import compiled
 from dsv4.kernels.loss import linear_cross_entropy
+from dsv4.model import build_model
 from dsv4.model.mhc import composite_gain
 from dsv4.model.moe import MoE
 from dsv4.model.transformer import ModelOutput, Transformer
@@ -276,7 +277,7 @@ class Trainer:
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = self.agreed_dtype(tc.dtype)
-        self.model = Transformer(mc)
+        self.model = build_model(mc)
         self.model.init_weights(seed=tc.seed)  # on the CPU: the same weights on every device
         self.model.to(self.device)
         if tc.fp4_qat:
