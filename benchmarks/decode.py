@@ -33,6 +33,11 @@ The script ends with (nan where a part was skipped):
   RESULT decode_b8_over_b1 X (goal 4)           batch-8 / batch-1 tok/s at 1K
   RESULT decode_mbu X (goal 0.6)                wide preset, batch 1
 
+--preset tiny-v3.2 runs the V3.2 family instead (MLA in the absorbed form, the official decode path: the
+cache holds one [latent, rope key] row per token and layer and the query absorbs W_UK, the output W_UV;
+transformers' DeepseekV32ForCausalLM is the baseline) and prints the cache bytes per token, held here
+and in the served layout, beside the V4 presets'.
+
 Usage
   .venv/bin/python benchmarks/decode.py                          # 1K/32K/128K, batch 1 and 8, all parts (./decode.png)
   .venv/bin/python benchmarks/decode.py --contexts 1024 --batches 1 --ckpt runs/mtp    # real MTP numbers
@@ -40,6 +45,8 @@ Usage
   .venv/bin/python benchmarks/decode.py --replot docs/decode.json --plot docs/img/decode.png   # redraw only
   .venv/bin/python benchmarks/decode.py --contexts 256 --batches 1 2 --steps 3 --warmup 1 \\
       --wide-context 64 --wide-steps 2 --no-mtp --no-transformers                   # smoke run, seconds
+  .venv/bin/python benchmarks/decode.py --preset tiny-v3.2 --wide-context 0 --json docs/decode_v32.json \
+      --plot docs/img/decode_v32.png                                                # the V3.2 family
 """
 
 from __future__ import annotations
@@ -60,11 +67,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 from _common import LoadMeter, fmt_tokens, hardware_info
 
 from dsv4.config import ModelConfig
-from dsv4.flops import count_params
+from dsv4.flops import count_params, kv_cache_bytes
 from dsv4.infer.cache import ModelCache
 from dsv4.infer.engine import Engine
 from dsv4.infer.sampling import SamplingParams
-from dsv4.model.transformer import Transformer
+from dsv4.model import build_model
 from dsv4.quant.kv import KVCodec
 
 REF_CONTEXT = 1024
@@ -85,7 +92,8 @@ def parse_args(argv=None):
         help="the decode step's PyTorch twins instead of its C++ kernels (indexer top-k, long attention parts): an A/B",
     )
     p.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp8"], default="fp32")
-    p.add_argument("--ckpt", help="a training run (model + tokenizer); default: the tiny preset, random weights")
+    p.add_argument("--ckpt", help="a training run (model + tokenizer); default: the preset, random weights")
+    p.add_argument("--preset", default="tiny", help="model preset with random weights: tiny (V4) or tiny-v3.2")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' DeepseekV4")
     p.add_argument(
         "--hf-contexts",
@@ -139,12 +147,12 @@ def weight_bytes(model, batch: int) -> float:
 
 def cache_bytes(cfg: ModelConfig, context: int, fmt) -> float:
     """Cache bytes one decode step reads per row at `context` tokens (main layers)."""
-    kv = entry_bytes(cfg.head_dim, cfg.qk_rope_head_dim, fmt)
+    kv = entry_bytes(cfg.kv_dim, cfg.qk_rope_head_dim, fmt)  # V3.2: the [latent, rope key] row
     ik = entry_bytes(cfg.index_head_dim, cfg.qk_rope_head_dim, fmt)
     total = 0
     for i in range(cfg.num_hidden_layers):
         kind, m = cfg.layer_kind(i), cfg.compress_ratio(i)
-        total += min(context, cfg.sliding_window) * kv  # the window (raw tokens)
+        total += min(context, cfg.window_of(i)) * kv  # the window (raw tokens; none in V3.2)
         n = context // m if m else 0
         if kind == "hca":
             total += n * kv  # every compressed entry
@@ -234,21 +242,29 @@ def decode_case(model, step, context: int, batch: int, steps: int, args, ids, fm
 
 
 def build_transformers(model):
-    """transformers' DeepseekV4ForCausalLM with the dsv4 model's config and weights (eager attention),
-    or (None, reason)."""
+    """transformers' DeepseekV4ForCausalLM (DeepseekV32ForCausalLM for the V3.2 family) with the dsv4 model's
+    config and weights (eager attention), or (None, reason)."""
     try:
         import transformers
     except ImportError:
         return None, "transformers is not installed"
-    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
-        return None, f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM"
+    arch = "DeepseekV32ForCausalLM" if model.cfg.is_v32 else "DeepseekV4ForCausalLM"
+    if not hasattr(transformers, arch):
+        return None, f"transformers {transformers.__version__} has no {arch}"
+    from dsv4.convert import v32
     from dsv4.convert.transformers import to_transformers_config, to_transformers_state_dict
 
     try:
-        hf_cfg = to_transformers_config(model.cfg)
-        hf_cfg._attn_implementation = "eager"  # (it has no SDPA path)
-        hf = transformers.DeepseekV4ForCausalLM(hf_cfg).eval()
-        missing, _ = hf.load_state_dict(to_transformers_state_dict(model.state_dict(), model.cfg), strict=False)
+        if model.cfg.is_v32:
+            hf_cfg = v32.to_transformers_config(model.cfg)
+            sd = v32.to_hub_state_dict(model.state_dict(), model.cfg, fuse_experts=True)
+        else:
+            hf_cfg = to_transformers_config(model.cfg)
+            sd = to_transformers_state_dict(model.state_dict(), model.cfg)
+        hf_cfg._attn_implementation = "eager"  # (V4 has no SDPA path; the same path for both)
+        hf = getattr(transformers, arch)(hf_cfg).eval()
+        missing, _ = hf.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if "rotary" not in k]
     except Exception as e:  # e.g. an Engram config, which transformers does not have
         return None, f"transformers cannot build this config: {' '.join(str(e).split())[:200]}"
     if missing:
@@ -307,6 +323,24 @@ def mtp_case(model, tok, args) -> dict:
         identical=out["plain"]["tokens"] == out["mtp"]["tokens"],
         trained=tok is not None,
     )
+
+
+def cache_report(model, fmt) -> dict:
+    """Cache bytes per token of context: held by this model's ModelCache (storage format fmt, growing stores
+    only) and in the served layout (dsv4.flops.kv_cache_bytes), with the V4 and V3.2 presets beside it."""
+    cfg = model.cfg
+    cache = ModelCache(model, batch=1, capacity=64, dtype=fmt)
+    model(torch.zeros(1, 32, dtype=torch.long), cache=cache, last_only=True)
+    presets = {}
+    for p_name in ("v4-flash", "v4-pro", "v3.2"):
+        kv = kv_cache_bytes(ModelConfig.preset(p_name))
+        per_layer = (
+            f"{kv['entry_bytes']} B latent row + {kv['indexer_key_bytes']} B indexer key per layer"
+            if p_name == "v3.2"
+            else f"{kv['entry_bytes']} B entries over m, {kv['indexer_key_bytes']} B indexer keys"
+        )
+        presets[p_name] = dict(per_token=kv["per_token"], per_layer=per_layer)
+    return dict(held=cache.used_bytes(0)["per_token"], served=kv_cache_bytes(cfg)["per_token"], presets=presets)
 
 
 # ------------------------------------------------------------------------------ report
@@ -389,13 +423,14 @@ def main(argv=None) -> int:
         model, tok = load_run(args.ckpt)
     else:
         torch.manual_seed(0)
-        model = Transformer(ModelConfig.preset("tiny")).eval()
+        model = build_model(ModelConfig.preset(args.preset)).eval()
+    name = "run" if args.ckpt else args.preset
     step, label, note = make_step(model, args.eager)
     if note:
         notes.append(note)
     res["step"] = label
     print(
-        f"dsv4 decode benchmark: {'run ' + args.ckpt if args.ckpt else 'tiny preset, random weights'}, "
+        f"dsv4 decode benchmark: {'run ' + args.ckpt if args.ckpt else args.preset + ' preset, random weights'}, "
         f"{label} step, cache {args.cache_dtype}, {res['hardware']['cpu']}, {torch.get_num_threads()} threads",
         flush=True,
     )
@@ -421,7 +456,7 @@ def main(argv=None) -> int:
         for b in args.batches:
             prof = not args.no_profile and ctx == ref_ctx and b == min(args.batches)
             r = decode_case(model, step, ctx, b, args.steps, args, ids, fmt, profile_ops=prof)
-            r["model"] = "dsv4 " + ("run" if args.ckpt else "tiny")
+            r["model"] = "dsv4 " + name
             res["cases"].append(r)
             print(row(f"{r['model']} ({label})", r, bw), flush=True)
     hf_cases = []
@@ -432,7 +467,7 @@ def main(argv=None) -> int:
         else:
             for ctx in sorted({ref_ctx, *args.hf_contexts}):
                 r = hf_decode_case(hf, ctx, args.steps, args, ids)
-                r["model"] = "transformers DeepseekV4"
+                r["model"] = "transformers " + ("DeepseekV32" if model.cfg.is_v32 else "DeepseekV4")
                 hf_cases.append(r)
                 print(row("transformers (eager)", r, bw), flush=True)
             del hf
@@ -441,7 +476,7 @@ def main(argv=None) -> int:
     if args.wide_context > 0:
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        wmodel = Transformer(ModelConfig.preset("wide")).eval()
+        wmodel = build_model(ModelConfig.preset("wide")).eval()
         build_s = time.perf_counter() - t0
         wstep, wlabel, _ = make_step(wmodel, args.eager)
         wide = decode_case(
@@ -461,7 +496,7 @@ def main(argv=None) -> int:
     if largest != 131072:
         notes.append(f"flatness: 128K not run, the largest context run is {fmt_tokens(largest)}")
     comp = {
-        **{f"tiny: {fmt_bucket(k)}": v for k, v in step.compile_seconds.items()},
+        **{f"{name}: {fmt_bucket(k)}": v for k, v in step.compile_seconds.items()},
         **({f"wide: {k}": v for k, v in wide["compile_seconds"].items()} if wide else {}),
     }
     res["compile_seconds"] = comp
@@ -501,6 +536,13 @@ def main(argv=None) -> int:
             f"{m['identical']}"
             + ("" if m["trained"] else "  [random weights: the MTP head is untrained, pass --ckpt RUN]")
         )
+    res["cache_bytes"] = cb = cache_report(model, fmt)
+    print(
+        f"cache bytes per token of context ({name}, main layers): {cb['held']:.0f} B held here "
+        f"({args.cache_dtype}), {cb['served']:.0f} B in the served layout"
+    )
+    for p_name, v in cb["presets"].items():
+        print(f"  {p_name:<9} served layout: {v['per_token']:>9,.0f} B per token ({v['per_layer']})")
     res["other_load"] = load.other_cores()
     print(f"other processes used {res['other_load'] or 0:.2f} cores on average")
 

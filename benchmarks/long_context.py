@@ -17,6 +17,13 @@ run with its default impl "sparse", the long-context path):
   dsa    compress ratio 1, index_topk 2048, window 128 (indexer ranks every raw token outside the window)
   csa    ratio 4 (overlapped compressor), index_topk 512, window 128
   hca    ratio 128, window 128 (all complete entries attended densely)
+The V3.2 family (ModelConfig.preset('tiny-v3.2') with index_topk 2048: hidden 256, 4 heads, MLA latent 64 +
+rope key 16, nope 32, v 32, q LoRA 128, indexer 4 x 32), compared with its own dense baseline:
+  mla    dense MLA prefill as the official code and transformers do it: the latent expanded into per-head
+         keys [k_nope, k_pe] and values, causal SDPA over ALL previous tokens (the V3.2 dense baseline);
+  v32    the V3.2 DSA layer (dsv4.model.mla): the V3.2 indexer ranks every raw token s <= t, top-2048,
+         attention in the absorbed form over the selected latent rows only (no window, no sink).
+  "vs dense" of v32 is mla's time / v32's time.
 
 (a) Prefill: forward of the whole layer (no grad, B=1, fp32) at T = --sizes (default 4K 16K 64K 128K).
     Time = median of the runs (one run for cases over --min-time s, else up to --repeats); "vs dense"
@@ -36,7 +43,10 @@ run with its default impl "sparse", the long-context path):
             (gather of the selected entries + the raw window);
       dsa   the same over all S raw tokens, top-2048, ratio 1, window excluded from the ranking;
       hca   dense_entries_attention over the S/128 entries + the raw window;
-      dense SDPA of the 4 query heads over all S keys (reference).
+      dense SDPA of the 4 query heads over all S keys (reference);
+      v32   the V3.2 indexer over all S raw tokens, top-2048, + sparse_attention over the selected latent rows
+            (the absorbed query against [c_kv, k_pe], the official decode form);
+      mla   dense absorbed MLA decode: SDPA of the absorbed queries over all S latent rows (its baseline).
     The context (raw kv [S,c], compressed entries, indexer keys) is precomputed as RANDOM tensors of
     the right shapes: no KV cache is involved (the cache is another issue), and the per-token projections
     and compressor update (O(1) per token) are not included. Time = median over repeated calls.
@@ -54,6 +64,9 @@ Usage
   .venv/bin/python benchmarks/long_context.py                       # defaults (~5 min on 2 idle cores)
   .venv/bin/python benchmarks/long_context.py --sizes 4096 16384 --decode-sizes 4096 65536 --kinds csa hca
   .venv/bin/python benchmarks/long_context.py --skip-dense-above 65536 --json out.json
+  .venv/bin/python benchmarks/long_context.py --kinds mla v32 --sizes 4096 16384 65536 131072 \
+      --decode-sizes 4096 16384 65536 262144 1048576 --json docs/long_context_v32.json \
+      --plot docs/img/long_context_v32.png                          # the V3.2 family (~2 min)
 
 From Python (used by tests/test_benchmarks_long_context_smoke.py):
   from long_context import run, parse_args
@@ -103,18 +116,24 @@ from dsv4.config import ModelConfig
 from dsv4.kernels.indexer_topk import chunked_indexer_topk
 from dsv4.kernels.sparse_attention import dense_entries_attention, sparse_attention
 from dsv4.model.attention import Attention
+from dsv4.model.mla import MLAttention
 from dsv4.model.norm import rms_norm
 from dsv4.model.rope import Rotary, apply_rope
 
-ALL_KINDS = ("dense", "dsa", "csa", "hca")
-RATIO = {"dense": 0, "dsa": 1, "csa": 4, "hca": 128}
-TOPK = {"dsa": 2048, "csa": 512}
+ALL_KINDS = ("dense", "dsa", "csa", "hca", "mla", "v32")
+RATIO = {"dense": 0, "dsa": 1, "csa": 4, "hca": 128, "mla": 1, "v32": 1}
+TOPK = {"dsa": 2048, "csa": 512, "v32": 2048, "mla": 2048}
+BASELINE = {"v32": "mla"}  # the dense baseline of each kind ("dense" unless named here)
+V32_KINDS = ("mla", "v32")
 MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------- memory helpers
 # ---------------------------------------------------------------------------------- model pieces
 def make_config(args, kind: str) -> ModelConfig:
+    if kind in V32_KINDS:
+        topk = TOPK[kind] if args.topk is None else args.topk
+        return ModelConfig.preset("tiny-v3.2").replace(num_hidden_layers=1, num_nextn_predict_layers=0, index_topk=topk)
     over = dict(
         num_hidden_layers=1, num_nextn_predict_layers=0, compress_ratios=[RATIO[kind]], sliding_window=args.window
     )
@@ -138,6 +157,8 @@ def make_layer(args, kind: str):
     """-> (Attention module, Rotary): dense uses an SWA layer's projections and the main rope."""
     cfg = make_config(args, kind)
     torch.manual_seed(0)
+    if kind in V32_KINDS:
+        return MLAttention(cfg, 0).eval(), Rotary(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
     attn = Attention(cfg, 0).eval()
     assert attn.kind == ("swa" if kind == "dense" else kind), (attn.kind, kind)
     r = cfg.qk_rope_head_dim
@@ -158,23 +179,38 @@ def dense_sdpa_forward(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin:
     return attn.project_out(o)
 
 
+def mla_sdpa_forward(attn: MLAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Dense MLA prefill (the V3.2 baseline): the latent expanded into per-head keys and values, causal SDPA."""
+    _, q, kv = attn.latent_projections(x, cos, sin)
+    kvb = attn.wkv_b(kv[..., : attn.rank]).unflatten(-1, (attn.n_heads, -1))
+    k = torch.cat([kvb[..., : attn.nope], kv[:, :, None, attn.rank :].expand(-1, -1, attn.n_heads, -1)], -1)
+    v = kvb[..., attn.nope :]
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=attn.scale
+    )
+    return attn.wo(o.transpose(1, 2).flatten(2))
+
+
 def layer_forward(kind: str, attn: Attention, x, cos, sin, positions):
     if kind == "dense":
         return dense_sdpa_forward(attn, x, cos, sin)
+    if kind == "mla":
+        assert isinstance(attn, MLAttention)
+        return mla_sdpa_forward(attn, x, cos, sin)
     return attn(x, cos, sin, positions)
 
 
 def kv_bytes(args, kind: str, t: int) -> int:
     """Bytes of raw kv + compressed entries + indexer keys for a T-token context (fp32)."""
     cfg = make_config(args, kind)
-    c, ci = cfg.head_dim, cfg.index_head_dim
+    c, ci = cfg.kv_dim, cfg.index_head_dim
     n = t * c
     if kind == "csa":
         n += (t // 4) * (c + ci)
     elif kind == "hca":
         n += (t // 128) * c
-    elif kind == "dsa":
-        n += t * ci  # entries = the raw kv itself
+    elif kind in ("dsa", "v32"):
+        n += t * ci  # entries = the raw kv itself (v32: the latent rows)
     return 4 * n
 
 
@@ -247,8 +283,8 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
     q_pos = torch.tensor([s - 1])
     kv_pos = torch.arange(s)
     sink = attn.attn_sink
-    if kind == "dense":
-        qd = q.view(1, 1, h, c)  # MQA decode: 4 query rows against the one kv head
+    if kind in ("dense", "mla"):
+        qd = q.view(1, 1, h, c)  # MQA decode: 4 query rows against the one kv head (mla: absorbed, latent rows)
         k = kv.view(1, 1, s, c)
 
         def step():
@@ -261,7 +297,7 @@ def decode_case(args, kind: str, attn: Attention, s: int) -> dict:
     else:
         ix = attn.indexer
         n = s // ix.ratio
-        ent = kv if kind == "dsa" else torch.randn(1, n, c, generator=g)
+        ent = kv if kind in ("dsa", "v32") else torch.randn(1, n, c, generator=g)
         keys = torch.randn(1, n, ix.head_dim, generator=g)
         qi = torch.randn(1, 1, ix.n_heads, ix.head_dim, generator=g)
         wi = torch.randn(1, 1, ix.n_heads, generator=g) * (ix.n_heads**-0.5 * ix.head_dim**-0.5)
@@ -387,6 +423,33 @@ def check_targets(res: dict) -> list[dict]:
             )
         )
     dec = res["decode"]
+    # the V3.2 family (issue 18 asks for the numbers, with no goal): v32 against dense MLA, same run
+    for t in sorted((int(t) for t, r in pre.get("v32", {}).items() if "dense_over_kind" in r), reverse=True)[:1]:
+        ratio = pre["v32"][str(t)]["dense_over_kind"]
+        out.append(
+            dict(
+                target=f"v32 prefill at {_fmt_t(t)} vs dense MLA (reported, no goal)",
+                value=ratio,
+                met="report",
+                result=f"v32_prefill_{_fmt_t(t).lower()}_vs_dense_mla",
+                goal="report",
+                text=f"{ratio:.2f}x",
+            )
+        )
+    both = sorted(set(dec.get("v32", {})) & set(dec.get("mla", {})), key=int)
+    if both:
+        s = both[-1]
+        ratio = dec["mla"][s]["time_s"] / dec["v32"][s]["time_s"]
+        out.append(
+            dict(
+                target=f"v32 decode at {_fmt_t(int(s))} vs dense absorbed MLA (reported, no goal)",
+                value=ratio,
+                met="report",
+                result=f"v32_decode_{_fmt_t(int(s)).lower()}_vs_dense_mla",
+                goal="report",
+                text=f"{ratio:.2f}x faster",
+            )
+        )
     for kind in ("csa", "hca"):
         r = dec.get(kind, {}).get(str(1 << 20))
         ratio = None if r is None else r["ratio_to_first"]
@@ -411,7 +474,14 @@ def make_plot(res: dict, path: str) -> str | None:
         import matplotlib.ticker
     except ImportError:
         return None
-    colors = {"dense": "black", "dsa": "tab:blue", "csa": "tab:orange", "hca": "tab:green"}
+    colors = {
+        "dense": "black",
+        "dsa": "tab:blue",
+        "csa": "tab:orange",
+        "hca": "tab:green",
+        "mla": "tab:gray",
+        "v32": "tab:purple",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     hw = res["hardware"]
     fig.suptitle(
@@ -435,6 +505,8 @@ def make_plot(res: dict, path: str) -> str | None:
                 "dsa": "DSA (m=1, top-2048)",
                 "csa": "CSA (m=4, top-512)",
                 "hca": "HCA (m=128)",
+                "mla": "V3.2 dense MLA (SDPA)",
+                "v32": "V3.2 DSA (top-2048 of all)",
             }[kind]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[kind], label=label)
         if part == "prefill" and key == "peak_bytes":
@@ -488,7 +560,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[4096, 16384, 65536, 262144, 1048576],
         help="decode context lengths S (none: skip decode)",
     )
-    p.add_argument("--kinds", nargs="+", default=list(ALL_KINDS), choices=ALL_KINDS, help="prefill kinds")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["dense", "dsa", "csa", "hca"],
+        choices=ALL_KINDS,
+        help="prefill kinds (default: the V4 ones; mla v32: the V3.2 family)",
+    )
     p.add_argument(
         "--decode-kinds", nargs="*", default=None, choices=ALL_KINDS, help="decode kinds (default: the --kinds)"
     )
@@ -563,6 +641,14 @@ def run(args=None) -> dict:
             f"{cfg0.index_n_heads} x {cfg0.index_head_dim}, window {args.window}; fp32, B=1, no grad"
             + ("" if _LIBC is not None else "; WARNING: no glibc malloc_trim, RSS peaks may undercount")
         )
+        if set(kinds + decode_kinds) & set(V32_KINDS):
+            v = make_config(args, "v32")
+            say(
+                f"V3.2 layer (mla, v32): hidden {v.hidden_size}, {v.num_attention_heads} heads, latent "
+                f"{v.kv_lora_rank} + rope key {v.qk_rope_head_dim}, nope {v.qk_nope_head_dim}, v {v.v_head_dim}, "
+                f"q lora {v.q_lora_rank}, indexer {v.index_n_heads} x {v.index_head_dim}, top-{v.index_topk} of "
+                "every earlier token, no window"
+            )
         layers = {k: make_layer(args, k) for k in sorted(set(kinds) | set(decode_kinds))}
         res = dict(
             config=dict(
@@ -639,7 +725,7 @@ def run(args=None) -> dict:
                 )
         for kind in kinds:
             for t, r in res["prefill"][kind].items():
-                d = res["prefill"].get("dense", {}).get(t)
+                d = res["prefill"].get(BASELINE.get(kind, "dense"), {}).get(t)
                 if "skipped" not in r and d is not None and "skipped" not in d:
                     r["dense_over_kind"] = d["time_s"] / r["time_s"]
 
@@ -673,7 +759,7 @@ def run(args=None) -> dict:
             say(format_decode(res))
         say("\ntargets:")
         for tg in res["targets"]:
-            mark = "not measured" if tg["met"] is None else ("MET" if tg["met"] else "NOT MET")
+            mark = {None: "not measured", "report": "reported", True: "MET", False: "NOT MET"}[tg["met"]]
             say(f"  [{mark}] {tg['target']}: {tg['text']}")
         other = res["other_cpu_load"]
         if other is not None:
@@ -694,7 +780,8 @@ def run(args=None) -> dict:
             say(f"wrote {args.json}")
         for tgt in res.get("targets", []):  # one line per issue target that this run measured
             if tgt.get("result") and tgt["value"] is not None:
-                say(f"RESULT {tgt['result']} {tgt['value']:.3f} (goal {tgt['goal']:g})")
+                goal = tgt["goal"] if isinstance(tgt["goal"], str) else f"{tgt['goal']:g}"
+                say(f"RESULT {tgt['result']} {tgt['value']:.3f} (goal {goal})")
         return res
     finally:
         torch.set_num_threads(prev_threads)

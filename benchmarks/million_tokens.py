@@ -1,6 +1,6 @@
-"""A real million-token run: a tiny-preset dsv4 model prefills a 1,048,576-token context on this machine
-in chunks (the cache carries the window, compressor and indexer state between them), then decodes 32
-tokens. Not a test: it takes tens of minutes on 2 cores.
+"""A real million-token run: a tiny-preset dsv4 model (V4's tiny, or --preset tiny-v3.2) prefills a
+1,048,576-token context on this machine in chunks (the cache carries the window, compressor and indexer
+state between them), then decodes 32 tokens. Not a test: it takes tens of minutes on 2 cores.
 
 What it reports:
 - prefill wall time (and time per chunk as the context grows), tokens/s;
@@ -12,7 +12,8 @@ What it reports:
   served-layout formula (FP8 non-rope + BF16 rope entries, FP4 indexer keys: dsv4.flops.kv_cache_bytes)
   for the same config and for V4-Flash (the numbers `dsv4 info --preset v4-flash` prints).
 
-Model: the tiny preset with random weights (seed 0); tokens: uniform random ids (the cost of every
+Model: the tiny preset (or --preset tiny-v3.2: the V3.2 family, whose indexer ranks every raw token,
+the most demanding indexer of the family) with random weights (seed 0); tokens: uniform random ids (the cost of every
 kernel depends on lengths, not on token values).
 
 Usage
@@ -20,6 +21,8 @@ Usage
                                                                        # plot: ./million_tokens.png
   .venv/bin/python benchmarks/million_tokens.py --tokens 65536 --probe-at 4096 65536
   .venv/bin/python benchmarks/million_tokens.py --json docs/million_tokens.json --plot docs/img/million_tokens.png
+  .venv/bin/python benchmarks/million_tokens.py --preset tiny-v3.2 --json docs/million_tokens_v32.json \
+      --plot docs/img/million_tokens_v32.png
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ from _common import LoadMeter, fmt_tokens, hardware_info, status_kb
 from dsv4.config import ModelConfig
 from dsv4.flops import kv_cache_bytes
 from dsv4.infer.cache import ModelCache
-from dsv4.model.transformer import Transformer
+from dsv4.model import build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset: tiny (V4) or tiny-v3.2 (default tiny)")
     p.add_argument("--tokens", type=int, default=1 << 20, help="context length to prefill (default 1,048,576)")
     p.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward)")
     p.add_argument("--decode", type=int, default=32, help="tokens to decode after the prefill")
@@ -69,12 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    cfg = ModelConfig.preset("tiny")
+    cfg = ModelConfig.preset(args.preset)
     need = args.tokens + args.decode + args.probe_steps + 1
     if need > cfg.max_position_embeddings:  # a full 1M context + decoded tokens: positions past 2^20
         cfg = cfg.replace(max_position_embeddings=need)
     torch.manual_seed(args.seed)
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(2, cfg.vocab_size, (1, args.tokens + args.decode + args.probe_steps), generator=g)
     return model, ids
@@ -107,7 +111,7 @@ def run(args) -> dict:
     model, ids = build(args)
     cfg = model.cfg
     res["model"] = dict(
-        preset="tiny",
+        preset=args.preset,
         params=sum(p.numel() for p in model.parameters()),
         layers=[
             cfg.layer_kind(i) + (f"(m={cfg.compress_ratio(i)})" if cfg.compress_ratio(i) else "")
@@ -122,7 +126,7 @@ def run(args) -> dict:
         f"{res['hardware']['cpu']}, {torch.get_num_threads()} threads"
     )
     say(
-        f"model: tiny preset, {res['model']['params'] / 1e6:.1f}M params, layers {res['model']['layers']}, "
+        f"model: {args.preset} preset, {res['model']['params'] / 1e6:.1f}M params, layers {res['model']['layers']}, "
         f"window {cfg.sliding_window}, top-k {cfg.index_topk}; RSS with the model {rss_model / 1024:.0f} MB"
     )
     # the stores start small and double as the context grows: a decode step reads whole stores (static
@@ -215,7 +219,8 @@ def report(res: dict) -> str:
             f"target: decode at the last probe within 2x of the first: {r:.2f}x -> {'MET' if r <= 2 else 'NOT MET'}"
         )
     out.append(
-        f"cache held here ({res['cache_dtype']}, tiny shape, MTP excluded): {c['held_bytes_per_token']:.1f} B per "
+        f"cache held here ({res['cache_dtype']}, {res['model']['preset']} shape, MTP excluded): "
+        f"{c['held_bytes_per_token']:.1f} B per "
         f"token of context + {c['fixed_bytes'] / 1024:.0f} KiB fixed (windows, compressor states); "
         f"served-layout formula for the same config: {c['served_formula_bytes_per_token']:.1f} B/token"
     )
@@ -251,7 +256,8 @@ def make_plot(res: dict, path: str) -> str | None:
     b.set_xlabel("context (tokens)")
     b.set_ylabel("decode ms / token (whole model)")
     b.set_title("decode cost vs context")
-    fig.suptitle(f"dsv4 tiny, {fmt_tokens(res['tokens'])} tokens, {res['hardware']['torch_threads']} threads")
+    threads = res["hardware"]["torch_threads"]
+    fig.suptitle(f"dsv4 {res['model']['preset']}, {fmt_tokens(res['tokens'])} tokens, {threads} threads")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

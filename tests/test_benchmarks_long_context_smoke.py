@@ -59,3 +59,18 @@ def test_long_context_smoke(tmp_path):
     assert any("dsa prefill at 64K" in t["target"] and t["met"] is None for t in res["targets"])
     assert json.loads(out.read_text())["config"]["sizes"] == [512, 1024]
     assert png.stat().st_size > 1000
+
+
+def test_long_context_v32_smoke(tmp_path):
+    """The V3.2 kinds: dense MLA (the baseline) and the V3.2 DSA layer, with their reported RESULT ratios."""
+    bench = load_benchmark("long_context")
+    args = bench.parse_args(
+        ["--kinds", "mla", "v32", "--sizes", "512", "--decode-sizes", "1024", "--threads", "1", "--min-time", "0"]
+        + ["--repeats", "1", "--decode-time", "0.02", "--decode-min-reps", "2", "--quiet", "--plot", ""]
+    )
+    res = bench.run(args)
+    assert set(res["prefill"]) == {"mla", "v32"} and res["config"]["topk"]["v32"] == 2048
+    assert res["prefill"]["v32"]["512"]["dense_over_kind"] > 0  # against mla, not V4's dense
+    reported = {t["result"]: t for t in res["targets"] if t["met"] == "report"}
+    assert set(reported) == {"v32_prefill_512_vs_dense_mla", "v32_decode_1k_vs_dense_mla"}
+    assert all(t["value"] > 0 for t in reported.values())

@@ -177,6 +177,47 @@ def test_dsa_attention_matches_bruteforce(t_len):
     assert err < 2e-5, err
 
 
+@pytest.mark.parametrize("t_len", [1, 6, 13, 24])
+def test_dsa_v32_rule_matches_bruteforce(t_len):
+    """dsa_rule="v3.2": no window, the indexer's top-k of every s <= t (V3.2's selection rule), the sink kept;
+    the brute-force reference with window 0 says exactly that."""
+    cfg = dsa_config(dsa_rule="v3.2")
+    attn = make_attention(cfg, seed=t_len)
+    assert attn.window == 0 and attn.indexer.exclude_window == 0
+    x = torch.randn(2, t_len, cfg.hidden_size, generator=torch.Generator().manual_seed(200 + t_len))
+    rot = Rotary(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
+    cos, sin = rot.cos_sin(torch.arange(t_len))
+    y, y_plain, _, visible, entry_mask = run_module(attn, x, cos, sin)
+    ref, key_sets, _ = reference_dsa(attn, x, cos, sin, 0, TOPK)
+    for bi in range(2):
+        for t in range(t_len):
+            assert visible[bi, t].tolist() == [s <= t for s in range(t_len)]
+            assert sorted(entry_mask[bi, t].nonzero().flatten().tolist()) == key_sets[bi][t]
+            assert len(key_sets[bi][t]) == min(TOPK, t + 1)
+    assert torch.allclose(y, y_plain, rtol=1e-5, atol=1e-6)
+    assert (y.double() - ref).abs().max().item() < 2e-5
+    assert cfg.to_dict()["dsa_rule"] == "v3.2" and "dsa_rule" not in dsa_config().to_dict()
+
+
+def test_dsa_v32_rule_cached_decode_equals_forward():
+    from conftest import randomize_, small_config
+
+    from dsv4.infer.cache import ModelCache
+    from dsv4.model.transformer import Transformer
+
+    cfg = small_config(num_hidden_layers=3, compress_ratios=[1, 4, 1, 0], sliding_window=8, index_topk=6)
+    torch.manual_seed(0)
+    model = Transformer(cfg.replace(dsa_rule="v3.2")).eval()
+    randomize_(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = ModelCache(model, batch=2, capacity=16, page=16)
+        parts = [model(ids[:, :19], cache=cache).logits]
+        parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(19, 40)]
+    assert ((torch.cat(parts, 1) - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
 def test_dsa_topk_beyond_context_is_dense_causal():
     """index_topk >= T: every past token is attended exactly once (a double-counted window key
     would change the softmax), i.e. DSA == dense causal attention with the sink."""

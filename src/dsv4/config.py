@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 V32_ONLY = ("kv_lora_rank", "v_head_dim", "intermediate_size", "n_group", "topk_group")
 V4_ONLY = (
+    "dsa_rule",
     "o_groups",
     "o_lora_rank",
     "num_hash_layers",
@@ -82,6 +83,9 @@ class ModelConfig:
     hidden_act: str = "silu"
     # attention
     sliding_window: int = 128
+    # DSA (ratio 1) layers of a V4 model: "v4" = window + the indexer's top-k of the tokens outside it (the
+    # default, with the sink); "v3.2" = V3.2's selection rule, the top-k of every s <= t and no window
+    dsa_rule: str = "v4"
     compress_ratios: list[int] = field(default_factory=lambda: [0, 0] + [4, 128] * 20 + [4, 0])
     compress_rope_theta: float = 160000.0
     rope_theta: float = 10000.0
@@ -154,6 +158,12 @@ class ModelConfig:
         if layer_id < len(self.compress_ratios):
             return self.compress_ratios[layer_id]
         return 0
+
+    def window_of(self, layer_id: int) -> int:
+        """Raw window of a layer: sliding_window, but 0 for a DSA layer under the V3.2 rule (and V3.2 models)."""
+        if self.layer_kind(layer_id) == "dsa" and (self.dsa_rule == "v3.2" or self.is_v32):
+            return 0
+        return self.sliding_window
 
     def layer_kind(self, layer_id: int) -> str:
         m = self.compress_ratio(layer_id)  # V3.2: 1 everywhere (its DSA: no window, every s <= t a candidate)
@@ -255,6 +265,7 @@ class ModelConfig:
         for k in range(n, len(self.compress_ratios)):
             need(self.compress_ratios[k] == 0, "compress_ratios", f"MTP entry {k} must be 0 (MTP blocks are SWA)")
         need(self.hc_eps > 0, "hc_eps", "must be > 0")
+        need(self.dsa_rule in ("v4", "v3.2"), "dsa_rule", "must be v4 (window + top-k outside it) or v3.2")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -394,6 +405,8 @@ class ModelConfig:
                 d.pop(k, None)
         else:
             d.pop("model_type")  # V4 configs are written as before (a read model_type stays in extra)
+            if self.dsa_rule == "v4":
+                d.pop("dsa_rule")
             for k in V32_ONLY:
                 d.pop(k)
         extra = d.pop("extra")

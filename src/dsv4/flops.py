@@ -354,11 +354,11 @@ def flops_breakdown(
     n_active = pc["active"] + (pc["mtp_active"] + n_mtp * pc["components"].get("head", 0) if n_mtp else 0)
     h, c = cfg.num_attention_heads, cfg.kv_dim  # V3.2: the absorbed row (latent + rope key) is attended
     attn, index = 0.0, 0.0
-    cache: dict[tuple[str, int], tuple[float, float]] = {}
+    cache: dict[tuple[str, int, int], tuple[float, float]] = {}
     for i in range(cfg.num_hidden_layers + n_mtp):
-        key = (cfg.layer_kind(i), cfg.compress_ratio(i))
+        key = (cfg.layer_kind(i), cfg.compress_ratio(i), cfg.window_of(i))
         if key not in cache:
-            cache[key] = _avg_keys(seq_len, key[0], key[1], cfg.sliding_window, cfg.index_topk, dense=warm)
+            cache[key] = _avg_keys(seq_len, key[0], key[1], key[2], cfg.index_topk, dense=warm)
         keys, scored = cache[key]
         attn += 2 * 2 * h * c * keys  # q.k and p.v, 2 FLOPs per MAC
         index += 2 * cfg.index_n_heads * cfg.index_head_dim * scored  # q_I.k_I per indexer head

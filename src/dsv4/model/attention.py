@@ -3,7 +3,8 @@
 q = RoPE(rms(RMSNorm(h W_qa) W_qb)) per head; kv = RoPE(RMSNorm(h W_kv)) is key AND value (MQA).
 Keys of query t: the raw window (t - n_win, t] plus, per layer kind,
   swa: nothing more;  hca: all complete compressed entries;  csa: indexer top-k compressed entries;
-  dsa (ratio 1): indexer top-k of the raw tokens outside the window (disjoint from it).
+  dsa (ratio 1): indexer top-k of the raw tokens outside the window (disjoint from it); with
+       dsa_rule="v3.2": no window, the top-k of every s <= t (V3.2's selection rule).
 Output: de-rotate the rope dims at -t, then grouped projection W_oa (per group) and W_ob.
 The core softmax lives in dsv4.kernels.attention so faster kernels slot in there.
 """
@@ -72,7 +73,7 @@ class Attention(KeepFP32):
         super().__init__()
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
         self.layer_id, self.kind, self.ratio = layer_id, cfg.layer_kind(layer_id), cfg.compress_ratio(layer_id)
-        self.n_heads, self.head_dim, self.window, self.groups = h, c, cfg.sliding_window, cfg.o_groups
+        self.n_heads, self.head_dim, self.window, self.groups = h, c, cfg.window_of(layer_id), cfg.o_groups
         self.eps, self.scale = cfg.rms_norm_eps, c**-0.5
         self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
@@ -85,7 +86,7 @@ class Attention(KeepFP32):
         if self.kind in ("csa", "hca"):
             self.compressor = Compressor(d, c, self.ratio, overlap=self.kind == "csa", eps=cfg.rms_norm_eps)
         if self.kind in ("csa", "dsa"):
-            self.indexer = Indexer(cfg, self.ratio)
+            self.indexer = Indexer(cfg, self.ratio, self.window)
         if self.kind in ("csa", "hca"):  # cached inference rotates each new entry at its block's first position
             self.entry_rope = Rotary(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
         # core kernel: "sparse" (gather / banded kernels, never O(T^2)), or a key of

@@ -54,9 +54,10 @@ def visible_entries(positions: torch.Tensor, n_entries: int, ratio: int, exclude
 
 
 class Indexer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int) -> None:
+    def __init__(self, cfg: ModelConfig, ratio: int, window: int = 0) -> None:
+        """window: the layer's raw window, which a DSA indexer (ratio 1) does not rank (0: every s <= t)."""
         super().__init__()
-        self.exclude_window = cfg.sliding_window if ratio == 1 else 0
+        self.exclude_window = window if ratio == 1 else 0
         self.ratio, self.n_heads, self.head_dim, self.topk = (
             ratio,
             cfg.index_n_heads,

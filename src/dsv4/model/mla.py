@@ -55,7 +55,7 @@ class MLAttention(Attention):
         KeepFP32.__init__(self)
         d, h = cfg.hidden_size, cfg.num_attention_heads
         self.layer_id, self.kind, self.ratio = layer_id, "dsa", 1
-        self.n_heads, self.window, self.eps = h, 0, cfg.rms_norm_eps
+        self.n_heads, self.window, self.eps, self.groups = h, 0, cfg.rms_norm_eps, 1  # one output projection
         self.nope, self.rope_dim, self.v_dim, self.rank = (
             cfg.qk_nope_head_dim,
             cfg.qk_rope_head_dim,
@@ -89,10 +89,10 @@ class MLAttention(Attention):
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _q_latent(
+    def latent_projections(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> c_q [B,T,q_lora], q [B,T,h,d_n+d_r] with q_pe roped; and kv rows [B,T,rank+d_r] = [c_kv, k_pe]."""
+        """-> c_q [B,T,q_lora], q [B,T,h,d_n+d_r] with q_pe roped, kv rows [B,T,rank+d_r] = [c_kv, k_pe] roped."""
         c_q = self.q_norm(self.wq_a(x))
         q = apply_rope(self.wq_b(c_q).unflatten(-1, (self.n_heads, -1)), cos, sin)
         kv = self.wkv_a(x)
@@ -103,7 +103,7 @@ class MLAttention(Attention):
 
     def project_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Projected:
         """-> Projected(x, c_q, q_abs [B,T,h,rank+d_r] = [q_nope W_UK, q_pe], kv rows [B,T,rank+d_r], cos, sin)."""
-        c_q, q, kv = self._q_latent(x, cos, sin)
+        c_q, q, kv = self.latent_projections(x, cos, sin)
         w_uk, _ = self._uk_uv()
         q_abs = torch.einsum("bthn,hnc->bthc", q[..., : self.nope], w_uk.to(q.dtype))
         return Projected(x, c_q, torch.cat([q_abs, q[..., self.nope :]], -1), kv, cos, sin)
@@ -122,7 +122,7 @@ class MLAttention(Attention):
         """The plain twin (uncached, one document per row): the official prefill. The latent is expanded into
         per-head keys [k_nope, k_pe] and values, the indexer's top-k masks a dense causal softmax."""
         t = x.shape[1]
-        c_q, q, kv = self._q_latent(x, cos, sin)
+        c_q, q, kv = self.latent_projections(x, cos, sin)
         kvb = self.wkv_b(kv[..., : self.rank]).unflatten(-1, (self.n_heads, -1))
         k = torch.cat([kvb[..., : self.nope], kv[:, :, None, self.rank :].expand(-1, -1, self.n_heads, -1)], -1)
         v = kvb[..., self.nope :]

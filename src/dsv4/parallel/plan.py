@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv4.config import ModelConfig
+from dsv4.config import ConfigError, ModelConfig
 from dsv4.flops import build_meta_model, flops_per_token, kv_cache_bytes, param_count
 
 GB = 1e9
@@ -109,6 +109,8 @@ def plan(
     context: int = 1 << 20,
 ) -> dict:
     """The numbers `dsv4 plan` prints (bytes per rank; FLOPs per token)."""
+    if cfg.is_v32:  # the activation model is fitted to V4's blocks (mHC streams, grouped output)
+        raise ConfigError("dsv4 plan models the V4 family; its activation model has no V3.2 (MLA) blocks yet")
     layout.check(cfg)
     world = layout.world
     pc = param_count(cfg)

@@ -596,10 +596,11 @@ class Trainer:
             rec["indexer_layers"] = list(rc)
             rec["indexer_recall"] = [v["recall"] for v in rc.values()]
             rec["random_recall"] = [v["random"] for v in rc.values()]
-        stats = self.call(lambda m: m(ids, segment_ids=seg, return_stats=True).stats)
-        main_maps = stats["res_maps"][: 2 * self.mc.num_hidden_layers]
-        fwd, bwd = composite_gain([r.flatten(0, 1) for r in main_maps])
-        rec["mhc_gain_fwd"], rec["mhc_gain_bwd"] = fwd, bwd
+        if not self.mc.is_v32:  # the V3.2 family has a plain residual: no mHC maps
+            stats = self.call(lambda m: m(ids, segment_ids=seg, return_stats=True).stats)
+            main_maps = stats["res_maps"][: 2 * self.mc.num_hidden_layers]
+            fwd, bwd = composite_gain([r.flatten(0, 1) for r in main_maps])
+            rec["mhc_gain_fwd"], rec["mhc_gain_bwd"] = fwd, bwd
         model.train()
         return rec
 
