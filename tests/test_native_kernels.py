@@ -61,12 +61,14 @@ def test_native_indexer_topk_equals_twin(monkeypatch, mode, t, ratio, k, excl, n
     assert (got >= 0).any() and (want < 0).sum() == (got < 0).sum()
 
 
-def _attention_case(kind, t, start, g):
-    b, h, c, win = 2, 4, 24, 8
+def _attention_case(kind, t, start, g, c=24):
+    b, h, win = 2, 4, 8
     s = start + t
     q = torch.randn(b, t, h, c, generator=g)
     kv = torch.randn(b, s, c, generator=g)
     sink = torch.randn(h, generator=g)
+    if kind == "v32":  # V3.2's DSA layer: no window, a sink whose exp is 0 (dsv4.model.mla)
+        kind, win, sink = "dsa", 0, torch.full((h,), -1e30)
     q_pos, kv_pos = start + torch.arange(t), torch.arange(s)
     if kind == "swa":
         return lambda: sa.window_attention(q, kv, sink, 0.2, win, q_pos, kv_pos)
@@ -80,10 +82,11 @@ def _attention_case(kind, t, start, g):
     return lambda: sa.sparse_attention(q, kv, sink, 0.2, win, q_pos, kv_pos, ent, idx)
 
 
-@pytest.mark.parametrize("kind", ["swa", "hca", "csa", "dsa"])
+@pytest.mark.parametrize("kind", ["swa", "hca", "csa", "dsa", "v32"])
 @pytest.mark.parametrize("t,start", [(37, 0), (5, 60), (1, 33)])
-def test_native_attention_equals_twin(monkeypatch, kind, t, start):
-    fn = _attention_case(kind, t, start, torch.Generator().manual_seed(t + start))
+@pytest.mark.parametrize("c", [24, 64, 80])  # scalar path; register blocks of 64; 64 + a 16-dim tail
+def test_native_attention_equals_twin(monkeypatch, kind, t, start, c):
+    fn = _attention_case(kind, t, start, torch.Generator().manual_seed(t + start), c)
     with torch.no_grad():
         got = fn()
         monkeypatch.setattr(sa, "USE_NATIVE", False)
@@ -151,7 +154,7 @@ def test_native_decode_indexer_topk_equals_twin(monkeypatch, mode, nh, c, k):
     assert [len(r) for r in _chosen(*got)] == [k, k, k - 3, 0]
 
 
-@pytest.mark.parametrize("h,c", [(4, 64), (3, 24), (8, 128)])
+@pytest.mark.parametrize("h,c", [(4, 64), (3, 24), (8, 128), (4, 80)])
 def test_native_decode_attention_equals_twin(monkeypatch, h, c):
     """decode_attention's C++ path (partial softmax statistics per part, merged with the sink) equals the
     reference, with a long part, a short one, an empty one and a row with no valid key in a part."""

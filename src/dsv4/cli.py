@@ -12,6 +12,7 @@
   dsv4 serve --ckpt RUN_DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-batch 8 --max-waiting 64]
   (generate, chat and serve take --device cpu | cuda | cuda:N; default cpu)
   dsv4 eval indexer-recall --ckpt RUN_DIR | dsv4 eval bpb --ckpt RUN_DIR --data PATH
+  dsv4 eval retrieval | needle-recall --ckpt RUN_DIR | dsv4 eval loss-vs-position --ckpt RUN_DIR --data PATH
   dsv4 report RUN_DIR | --ckpt RUN_DIR
 
 Wherever a checkpoint is taken, a run directory means its newest checkpoint. Bad input (an unknown
@@ -341,6 +342,24 @@ def cmd_eval_bpb(args) -> int:
     return run(args)
 
 
+def cmd_eval_retrieval(args) -> int:
+    from dsv4.eval.retrieval import cmd_eval_retrieval as run
+
+    return run(args)
+
+
+def cmd_eval_loss_vs_position(args) -> int:
+    from dsv4.eval.position import cmd_eval_loss_vs_position as run
+
+    return run(args)
+
+
+def cmd_eval_needle_recall(args) -> int:
+    from dsv4.eval.needle import cmd_eval_needle_recall as run
+
+    return run(args)
+
+
 def cmd_report(args) -> int:
     """`dsv4 report RUN_DIR`, or `--ckpt RUN_DIR` like the other commands."""
     from dsv4.eval.report import main_report
@@ -607,6 +626,51 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     bp.add_argument("--quiet", action="store_true", help="no progress bars")
     bp.set_defaults(func=cmd_eval_bpb)
+    rt = ev_sub.add_parser(
+        "retrieval",
+        help="synthetic long-context retrieval (passkey, multi-key needles, variable tracking, MQAR) by "
+        "context length and needle depth, with a heat map",
+    )
+    rt.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    rt.add_argument("--tasks", nargs="+", default=["passkey", "niah", "vartrack", "mqar"], metavar="TASK")
+    rt.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], metavar="N")
+    rt.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D")
+    rt.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) (default: 2)")
+    rt.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
+    rt.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    rt.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    rt.add_argument("--plot", default="retrieval.png", metavar="PNG", help="heat maps (default: ./retrieval.png)")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    rt.set_defaults(func=cmd_eval_retrieval)
+    lp = ev_sub.add_parser(
+        "loss-vs-position",
+        help="mean loss by token position over long documents (the files at PATH joined in order)",
+    )
+    lp.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    lp.add_argument("--data", required=True, metavar="PATH", help="a file, folder or glob (as dsv4 train --data)")
+    lp.add_argument("--seq-len", type=int, default=4096, help="window length (default: 4096)")
+    lp.add_argument("--windows", type=int, default=4, help="windows to average over (default: 4)")
+    lp.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
+    lp.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    lp.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    lp.add_argument("--plot", default="loss_vs_position.png", metavar="PNG", help="(default: ./loss_vs_position.png)")
+    lp.add_argument("--quiet", action="store_true", help="no progress bars")
+    lp.set_defaults(func=cmd_eval_loss_vs_position)
+    nr = ev_sub.add_parser(
+        "needle-recall",
+        help="whether each indexer layer's top-k at the question selected the needle, by length and depth",
+    )
+    nr.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    nr.add_argument("--tasks", nargs="+", default=["passkey", "niah"], metavar="TASK")
+    nr.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], metavar="N")
+    nr.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D")
+    nr.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) (default: 2)")
+    nr.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
+    nr.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    nr.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    nr.add_argument("--plot", default="needle_recall.png", metavar="PNG", help="(default: ./needle_recall.png)")
+    nr.add_argument("--quiet", action="store_true", help="no progress bars")
+    nr.set_defaults(func=cmd_eval_needle_recall)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")
     rep.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")

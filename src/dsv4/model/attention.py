@@ -97,6 +97,10 @@ class Attention(KeepFP32):
         # before the grouped output projection's einsum)
         self.kv_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.act_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # observe_selection(layer_id, q_pos, idx) (None: off): shown every top-k the indexer picks in inference:
+        # a chunk's q_pos [t] with idx [B, t, k], a decode step's row positions [B] with idx [B, 1, k] (-1: none);
+        # dsv4.eval.needle records what was chosen
+        self.observe_selection: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     def entry_segments(self, segment_ids: torch.Tensor, n: int) -> torch.Tensor:
         """Document id of the FIRST token each entry pools ([B, N]); an entry is visible to a query only
@@ -378,6 +382,8 @@ class Attention(KeepFP32):
             idx = chunked_indexer_topk(
                 qi[:, sl], wi[:, sl], ikeys, ix.topk, q_pos[sl], ix.ratio, ix.exclude_window, same_doc_fn=same
             )
+            if self.observe_selection is not None:
+                self.observe_selection(self.layer_id, q_pos[sl], idx)
             outs.append(self.attend(sparse_attention, q[:, sl], band, q_pos[sl], kv_pos, entries, idx, **common))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
@@ -431,6 +437,8 @@ class Attention(KeepFP32):
             keys = cache.ikeys.read(view, self._step_span(pos, ix.ratio, ix.exclude_window))
             limit = visible_count(pos + 1, ix.ratio, ix.exclude_window)
             idx, valid = decode_indexer_topk(qi[:, 0], wi[:, 0], keys, limit, ix.topk)
+            if self.observe_selection is not None:  # one query per row: q_pos = the rows' positions [B]
+                self.observe_selection(self.layer_id, pos, torch.where(valid, idx, -1)[:, None])
             store = cache.raw if self.kind == "dsa" else cache.entries
             assert store is not None
             parts.append((store.gather(rows, idx, q.dtype), valid))

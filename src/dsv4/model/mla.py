@@ -76,6 +76,7 @@ class MLAttention(Attention):
         self.impl = "sparse"
         self.kv_transform = None
         self.act_transform = None
+        self.observe_selection = None
 
     def init_buffers(self) -> None:
         self.attn_sink.fill_(NO_SINK)

@@ -70,7 +70,7 @@ static inline void hsum4(const v16* a, float* out) {
   std::memcpy(out, &h, 16);
 }
 
-// Logits of one key for the query's heads, with the D dims in 16-lane vectors (H % 4 == 0, D % 64 == 0):
+// Logits of one key for the query's heads, with the D dims in 16-lane vectors (H % 4 == 0, D % 16 == 0):
 // the key row is read once per group of 4 heads; fixed trip counts keep the accumulators in registers.
 static inline void logits_v16(const float* q, const float* key, int64_t H, int64_t D, float sc, float* lg,
                               int64_t stride) {
@@ -90,6 +90,39 @@ static inline void logits_v16(const float* q, const float* key, int64_t H, int64
     hsum4(acc, out4);
 #pragma GCC unroll 4
     for (int h = 0; h < 4; ++h) lg[(h0 + h) * stride] = sc * out4[h];
+  }
+}
+
+// o_h += p_hj k_j for the 4 heads of p (rows of pstride) over n keys (key_of(j) -> its D floats), D % 16 == 0:
+// 4 heads x 64 dims of accumulators held in registers over the keys, then 16-dim blocks for the rest.
+// Writes (does not add to) out [4, D] (rows of ostride).
+template <typename KeyOf>
+static inline void pv_4heads(const float* p, int64_t pstride, KeyOf key_of, int64_t n, int64_t D, float* out,
+                             int64_t ostride) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= D; c0 += 64) {
+    v16 a[4][4] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      v16 k[4];
+      std::memcpy(k, key_of(j) + c0, 256);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const float pj = p[h * pstride + j];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a[h][c] += pj * k[c];
+      }
+    }
+    for (int h = 0; h < 4; ++h) std::memcpy(out + h * ostride + c0, a[h], 256);
+  }
+  for (; c0 < D; c0 += 16) {
+    v16 a[4] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      v16 k;
+      std::memcpy(&k, key_of(j) + c0, 64);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) a[h] += p[h * pstride + j] * k;
+    }
+    for (int h = 0; h < 4; ++h) std::memcpy(out + h * ostride + c0, &a[h], 64);
   }
 }
 
@@ -125,7 +158,7 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
   const float* zp = sink.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const bool vec = D % 64 == 0 && H % 4 == 0;
+  const bool vec = D % 16 == 0 && H % 4 == 0;  // V3.2's absorbed rows: 576 (and the tiny preset's 80)
   at::parallel_for(0, B * T, 8, [&](int64_t r0, int64_t r1) {
     std::vector<const float*> keys;
     std::vector<float> logit;
@@ -193,24 +226,9 @@ torch::Tensor v4_attention_fwd(torch::Tensor q, torch::Tensor kv, torch::Tensor 
           for (int64_t j = 0; j < L; ++j) lg[j] /= den;
         }
       }
-      if (vec) {   // o_h += p_hj k_j: 4 heads x 64 dims of accumulators held in registers
-        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-          const float* pr = logit.data() + h0 * L;
-          for (int64_t c0 = 0; c0 < D; c0 += 64) {
-            v16 acc[4][4] = {};
-            for (int64_t j = 0; j < L; ++j) {
-              v16 k[4];
-              std::memcpy(&k, keys[j] + c0, 256);
-#pragma GCC unroll 4
-              for (int h = 0; h < 4; ++h) {
-                const float p = pr[h * L + j];
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; ++c) acc[h][c] += p * k[c];
-              }
-            }
-            for (int h = 0; h < 4; ++h) std::memcpy(orow + (h0 + h) * D + c0, &acc[h][0], 256);
-          }
-        }
+      if (vec) {   // o_h += p_hj k_j, 4 heads at a time
+        for (int64_t h0 = 0; h0 < H; h0 += 4)
+          pv_4heads(logit.data() + h0 * L, L, [&](int64_t j) { return keys[j]; }, L, D, orow + h0 * D, D);
       } else {
         for (int64_t h = 0; h < H; ++h)
           for (int64_t j = 0; j < L; ++j) axpy(logit[h * L + j], keys[j], orow + h * D, D);
@@ -473,23 +491,10 @@ std::vector<torch::Tensor> decode_attention_part(torch::Tensor q, torch::Tensor 
         m[h] = mx;
         den[h] = s;
       }
-      if (vec && D % 64 == 0) {  // 4 heads x 64 dims of accumulators stay in registers over the keys
+      if (vec) {  // o_h += p_hj k_j, 4 heads at a time
+        const float* kb = kp + b * ks;
         for (int64_t h0 = 0; h0 < H; h0 += 4)
-          for (int64_t c0 = 0; c0 < D; c0 += 64) {
-            v16 a[4][4] = {};
-            for (int64_t j = 0; j < n; ++j) {
-              const float* key = kp + b * ks + rows[j] * D + c0;
-              v16 k[4];
-              std::memcpy(k, key, 256);
-#pragma GCC unroll 4
-              for (int h = 0; h < 4; ++h) {
-                const float p = lg[(h0 + h) * n + j];
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; ++c) a[h][c] += p * k[c];
-              }
-            }
-            for (int h = 0; h < 4; ++h) std::memcpy(acc + (h0 + h) * D + c0, a[h], 256);
-          }
+          pv_4heads(lg.data() + h0 * n, n, [&](int64_t j) { return kb + rows[j] * D; }, n, D, acc + h0 * D, D);
       } else {
         for (int64_t j = 0; j < n; ++j) {
           const float* key = kp + b * ks + rows[j] * D;
