@@ -360,6 +360,20 @@ def cmd_eval_needle_recall(args) -> int:
     return run(args)
 
 
+def _grid_args(p: argparse.ArgumentParser, tasks: list[str], png: str) -> None:
+    """The options of the long-context grid commands (`eval retrieval`, `eval needle-recall`)."""
+    p.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    p.add_argument("--tasks", nargs="+", default=tasks, metavar="TASK", help=f"(default: {' '.join(tasks)})")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], metavar="N")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D")
+    p.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) (default: 2)")
+    p.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--plot", default=png, metavar="PNG", help=f"heat maps (default: ./{png})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def cmd_report(args) -> int:
     """`dsv4 report RUN_DIR`, or `--ckpt RUN_DIR` like the other commands."""
     from dsv4.eval.report import main_report
@@ -631,16 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic long-context retrieval (passkey, multi-key needles, variable tracking, MQAR) by "
         "context length and needle depth, with a heat map",
     )
-    rt.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
-    rt.add_argument("--tasks", nargs="+", default=["passkey", "niah", "vartrack", "mqar"], metavar="TASK")
-    rt.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], metavar="N")
-    rt.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D")
-    rt.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) (default: 2)")
-    rt.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
-    rt.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
-    rt.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    rt.add_argument("--plot", default="retrieval.png", metavar="PNG", help="heat maps (default: ./retrieval.png)")
-    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    _grid_args(rt, ["passkey", "niah", "vartrack", "mqar"], "retrieval.png")
     rt.set_defaults(func=cmd_eval_retrieval)
     lp = ev_sub.add_parser(
         "loss-vs-position",
@@ -660,16 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         "needle-recall",
         help="whether each indexer layer's top-k at the question selected the needle, by length and depth",
     )
-    nr.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
-    nr.add_argument("--tasks", nargs="+", default=["passkey", "niah"], metavar="TASK")
-    nr.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], metavar="N")
-    nr.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D")
-    nr.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) (default: 2)")
-    nr.add_argument("--chunk", type=int, default=4096, help="tokens per cached forward (default: 4096)")
-    nr.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
-    nr.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    nr.add_argument("--plot", default="needle_recall.png", metavar="PNG", help="(default: ./needle_recall.png)")
-    nr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _grid_args(nr, ["passkey", "niah"], "needle_recall.png")
     nr.set_defaults(func=cmd_eval_needle_recall)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from dsv4.eval.cached import chunk_logits
-from dsv4.eval.retrieval import TASKS, make_sample
+from dsv4.eval.plots import heat_maps
+from dsv4.eval.retrieval import load_for_grid, make_sample
 
 
 def entry_tokens(kind: str, ratio: int, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +75,7 @@ def run_needle_recall(
     """{"recall": {layer: {length: {depth: fraction selected}}}, "window": same for in-window, ...}."""
     from tqdm.auto import tqdm
 
-    from dsv4.run import load_run
-
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or samples < 1 or not lengths or not depths:
-        raise ValueError(f"tasks {bad} unknown (choose from {TASKS}), or no lengths / depths / samples")
-    model, tok = load_run(run, device=device)
+    model, tok = load_for_grid(run, tasks, samples, lengths, depths, device)
     if not model.cfg.has_indexer:
         raise ValueError(f"{run}: the model has no CSA or DSA layer, so no indexer to check")
     cells = [(n, d) for n in sorted(lengths) for d in sorted(depths)]
@@ -129,33 +125,8 @@ def format_table(res: dict) -> str:
 
 
 def plot(res: dict, path: str | Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    layers = list(res["recall"])
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
-    depths = [f"{d:g}" for d in res["depths"]]
-    im = None
-    for ax, layer in zip(axes[0], layers):
-        per = res["recall"][layer]
-        lengths = list(per)
-        im = ax.imshow([[per[n][d] for n in lengths] for d in depths], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}K" if int(n) >= 1024 else n for n in lengths])
-        ax.set_yticks(range(len(depths)), depths)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"layer {layer} ({res['kinds'][layer]})")
-    if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), label="needle selected")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = {f"layer {layer} ({res['kinds'][layer]})": per for layer, per in res["recall"].items()}
+    return heat_maps(panels, res["depths"], path, "needle selected")
 
 
 def cmd_eval_needle_recall(args) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv4.eval.cached import position_losses
+from dsv4.eval.plots import pyplot, save
 
 
 def bins_of(losses: torch.Tensor) -> list[dict]:
@@ -82,12 +83,8 @@ def format_table(res: dict) -> str:
 
 
 def plot(res: dict, path: str | Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ys = res["mean_loss"]
@@ -99,12 +96,8 @@ def plot(res: dict, path: str | Path) -> Path | None:
     ax.set_ylabel("mean next-token loss (nats)")
     ax.set_title(f"loss vs position, {res['windows']} window(s) of {res['seq_len']}")
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def cmd_eval_loss_vs_position(args) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dsv4.eval.cached import greedy_matches
+from dsv4.eval.plots import heat_maps
 
 TASKS = ("passkey", "niah", "vartrack", "mqar")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -135,15 +136,7 @@ def run_retrieval(
     """{"results": {task: {length: {depth: accuracy}}}, ...} of the run's model, `samples` prompts per cell."""
     from tqdm.auto import tqdm
 
-    from dsv4.run import load_run
-
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or samples < 1 or not lengths or not depths:
-        raise ValueError(f"tasks {bad} unknown (choose from {TASKS}), or no lengths / depths / samples")
-    model, tok = load_run(run, device=device)
-    limit = model.cfg.max_position_embeddings
-    if max(lengths) > limit:
-        raise ValueError(f"length {max(lengths)} exceeds the model's max_position_embeddings ({limit})")
+    model, tok = load_for_grid(run, tasks, samples, lengths, depths, device)
     cells = [(t, n, d) for t in tasks for n in sorted(lengths) for d in sorted(depths)]
     results: dict = {t: {} for t in tasks}
     bar = tqdm(total=len(cells) * samples, unit="prompt", desc="retrieval", disable=not progress)
@@ -171,32 +164,21 @@ def format_table(res: dict) -> str:
 
 def plot_heatmaps(res: dict, path: str | Path) -> Path | None:
     """One depth x length heat map per task (the long-context literature's picture)."""
-    try:
-        import matplotlib
+    return heat_maps(res["results"], res["depths"], path, "accuracy")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    tasks = list(res["results"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    depths = [f"{d:g}" for d in res["depths"]]
-    for ax, task in zip(axes[0], tasks):
-        per = res["results"][task]
-        lengths = list(per)
-        grid = [[per[n][d] for n in lengths] for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}K" if int(n) >= 1024 else n for n in lengths])
-        ax.set_yticks(range(len(depths)), depths)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(task)
-    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def load_for_grid(run: str | Path, tasks, samples: int, lengths, depths, device: str):
+    """(model, tokenizer) of the run, after the one check of a (tasks, lengths, depths, samples) grid."""
+    from dsv4.run import load_run
+
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or samples < 1 or not lengths or not depths:
+        raise ValueError(f"tasks {bad} unknown (choose from {TASKS}), or no lengths / depths / samples")
+    model, tok = load_run(run, device=device)
+    limit = model.cfg.max_position_embeddings
+    if max(lengths) > limit:
+        raise ValueError(f"length {max(lengths)} exceeds the model's max_position_embeddings ({limit})")
+    return model, tok
 
 
 def cmd_eval_retrieval(args) -> int:
