@@ -182,9 +182,7 @@ def dense_sdpa_forward(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin:
 def mla_sdpa_forward(attn: MLAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Dense MLA prefill (the V3.2 baseline): the latent expanded into per-head keys and values, causal SDPA."""
     _, q, kv = attn.latent_projections(x, cos, sin)
-    kvb = attn.wkv_b(kv[..., : attn.rank]).unflatten(-1, (attn.n_heads, -1))
-    k = torch.cat([kvb[..., : attn.nope], kv[:, :, None, attn.rank :].expand(-1, -1, attn.n_heads, -1)], -1)
-    v = kvb[..., attn.nope :]
+    k, v = attn.expand(kv)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=attn.scale
     )

@@ -78,7 +78,7 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q [B, T, n_I, c_I] (roped, fp32), head weights [B, T, n_I] (fp32, scaled)."""
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).float()
+        q = self.rope(q, cos, sin).float()
         if self.q_transform is not None:
             q = self.q_transform(q)
         w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
@@ -87,6 +87,11 @@ class Indexer(nn.Module):
     def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """-> indexer keys [B, N, c_I]: the indexer's compressed entries (CSA) or per-token keys (DSA)."""
         return self.compressor(h, cos, sin)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The queries' RoPE: interleaved pairs on the last dims (V4)."""
+        return apply_rope(x, cos, sin)
 
     @staticmethod
     def score(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -143,16 +148,12 @@ class V32Indexer(Indexer):
 
     def keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         k = F.layer_norm(self.wk(h).float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float())
-        return apply_rope_half(k, cos, sin).to(h.dtype)
+        return self.rope(k, cos, sin).to(h.dtype)
 
-    def queries(
-        self, h: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q = apply_rope_half(self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).float()
-        if self.q_transform is not None:
-            q = self.q_transform(q)
-        w = F.linear(h.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return q, w
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """V3.2's indexer RoPE: half-split on the first dims (queries and keys)."""
+        return apply_rope_half(x, cos, sin)
 
 
 def kl_queries(allowed: torch.Tensor, total_mass: torch.Tensor) -> torch.Tensor:

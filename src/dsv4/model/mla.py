@@ -117,6 +117,12 @@ class MLAttention(Attention):
             v = self.act_transform(v)
         return self.wo(v.flatten(2))
 
+    def expand(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv rows [B,T,rank+d_r] -> per-head keys [k_nope, k_pe] [B,T,h,d_n+d_r] and values [B,T,h,d_v]."""
+        kvb = self.wkv_b(kv[..., : self.rank]).unflatten(-1, (self.n_heads, -1))
+        k_pe = kv[:, :, None, self.rank :].expand(-1, -1, self.n_heads, -1)
+        return torch.cat([kvb[..., : self.nope], k_pe], -1), kvb[..., self.nope :]
+
     def forward_expanded(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
@@ -124,9 +130,7 @@ class MLAttention(Attention):
         per-head keys [k_nope, k_pe] and values, the indexer's top-k masks a dense causal softmax."""
         t = x.shape[1]
         c_q, q, kv = self.latent_projections(x, cos, sin)
-        kvb = self.wkv_b(kv[..., : self.rank]).unflatten(-1, (self.n_heads, -1))
-        k = torch.cat([kvb[..., : self.nope], kv[:, :, None, self.rank :].expand(-1, -1, self.n_heads, -1)], -1)
-        v = kvb[..., self.nope :]
+        k, v = self.expand(kv)
         idx, _, visible = self.indexer(x, c_q, cos, sin, positions)
         mask = selection_mask(idx, t) & visible
         logits = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * self.scale
