@@ -69,8 +69,7 @@ from _common import LoadMeter, fmt_tokens, hardware_info
 from dsv4.config import ModelConfig
 from dsv4.flops import count_params, kv_cache_bytes
 from dsv4.infer.cache import ModelCache
-from dsv4.infer.engine import Engine
-from dsv4.infer.sampling import SamplingParams
+from dsv4.infer.speculative import compare_speculative
 from dsv4.model import build_model
 from dsv4.quant.kv import KVCodec
 
@@ -304,25 +303,7 @@ def mtp_case(model, tok, args) -> dict:
         prompt = tok.encode("def main():\n    import os\n    for name in os.listdir('.'):\n").ids
     else:
         prompt = torch.randint(2, model.cfg.vocab_size, (64,), generator=g).tolist()
-    sp = SamplingParams(max_tokens=args.mtp_tokens, temperature=0, ignore_eos=True)
-    out = {}
-    for name, spec in (("plain", False), ("mtp", True)):
-        eng = Engine(model, max_batch=1, speculative=spec)
-        eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
-        eng = Engine(model, max_batch=1, speculative=spec)
-        t0 = time.perf_counter()
-        r = eng.generate([prompt], sp)[0]
-        dt = time.perf_counter() - t0
-        out[name] = dict(tok_s=len(r.output) / dt, tokens=r.output, stats=dict(eng.stats))
-    st = out["mtp"]["stats"]
-    return dict(
-        acceptance=st["accepted"] / max(st["drafted"], 1),
-        speedup=out["mtp"]["tok_s"] / out["plain"]["tok_s"],
-        plain_tok_s=out["plain"]["tok_s"],
-        mtp_tok_s=out["mtp"]["tok_s"],
-        identical=out["plain"]["tokens"] == out["mtp"]["tokens"],
-        trained=tok is not None,
-    )
+    return dict(compare_speculative(model, prompt, args.mtp_tokens), trained=tok is not None)
 
 
 def cache_report(model, fmt) -> dict:

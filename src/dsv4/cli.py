@@ -360,6 +360,20 @@ def cmd_eval_needle_recall(args) -> int:
     return run(args)
 
 
+def cmd_eval_lm_eval(args) -> int:
+    try:
+        from dsv4.eval.harness import cmd_eval_lm_eval as run
+    except ImportError as e:
+        raise ConfigError(f"dsv4 eval lm-eval needs lm_eval: pip install -e '.[eval]' ({e})") from None
+    return run(args)
+
+
+def cmd_ablate(args) -> int:
+    from dsv4.ablate import cmd_ablate as run
+
+    return run(args)
+
+
 def _grid_args(p: argparse.ArgumentParser, tasks: list[str], png: str) -> None:
     """The options of the long-context grid commands (`eval retrieval`, `eval needle-recall`)."""
     p.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
@@ -667,6 +681,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _grid_args(nr, ["passkey", "niah"], "needle_recall.png")
     nr.set_defaults(func=cmd_eval_needle_recall)
+
+    ab = sub.add_parser(
+        "ablate",
+        help="a controlled study at equal active parameters and tokens (sparse, mhc, mtp, muon, engram)",
+        description="Train every arm of the study once per seed, evaluate each run, and print mean +- std "
+        "with a verdict against twice the standard error (docs/reproductions.md).",
+    )
+    ab.add_argument(
+        "study",
+        choices=["sparse", "mhc", "mtp", "muon", "engram"],
+        metavar="NAME",
+        help="sparse | mhc | mtp | muon | engram",
+    )
+    ab.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="wall-clock budget of the whole study (default: the study's documented one)",
+    )
+    ab.add_argument("--steps", type=int, default=None, help="train every run this many steps (overrides the budget)")
+    ab.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="(default: 0 1 2)")
+    ab.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
+    ab.add_argument("--seq-len", type=int, default=256, help="training length (default: 256)")
+    ab.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3; mhc: also 10x it)")
+    ab.add_argument("--data", default=None, metavar="PATH", help="corpus (default: the standard library)")
+    ab.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per run (default: 65536)")
+    ab.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ab.add_argument("--out", default=None, metavar="DIR", help="(default: runs/ablate_NAME)")
+    ab.add_argument("--quiet", action="store_true", help="no progress bars")
+    ab.set_defaults(func=cmd_ablate)
+
+    le = ev_sub.add_parser(
+        "lm-eval",
+        help="any lm-evaluation-harness task against a run (needs the optional extra: pip install -e '.[eval]')",
+    )
+    le.add_argument("--ckpt", required=True, metavar="RUN_DIR", help=CKPT_HELP)
+    le.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="lm-eval task names")
+    le.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra task YAML files")
+    le.add_argument("--limit", type=int, default=None, metavar="N", help="at most N documents per task")
+    le.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="(default: the task's)")
+    le.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default: 8)")
+    le.add_argument("--max-length", type=int, default=4096, help="longest sequence scored (default: 4096)")
+    le.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, cuda:N, ...")
+    le.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    le.set_defaults(func=cmd_eval_lm_eval)
 
     rep = sub.add_parser("report", help="plots and a markdown summary of a run from RUN_DIR/metrics.jsonl")
     rep.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")

@@ -42,6 +42,7 @@ V4_ONLY = (
     "compress_ratios",
     "compress_rope_theta",
     "hc_mult",
+    "hc_mode",
     "hc_sinkhorn_iters",
     "hc_eps",
 )
@@ -104,6 +105,9 @@ class ModelConfig:
     index_topk: int = 512
     # mHC
     hc_mult: int = 4
+    # residual streams (dsv4 ablation control, not an official field): "mhc" (the default; V4), "hc" =
+    # unconstrained hyper-connections, "residual" = a plain residual (hc_mult 1); dsv4.model.mhc
+    hc_mode: str = "mhc"
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     # misc
@@ -265,6 +269,8 @@ class ModelConfig:
         for k in range(n, len(self.compress_ratios)):
             need(self.compress_ratios[k] == 0, "compress_ratios", f"MTP entry {k} must be 0 (MTP blocks are SWA)")
         need(self.hc_eps > 0, "hc_eps", "must be > 0")
+        need(self.hc_mode in ("mhc", "hc", "residual"), "hc_mode", "must be mhc, hc or residual")
+        need(self.hc_mode != "residual" or self.hc_mult == 1, "hc_mode", "residual needs hc_mult=1 (one stream)")
         need(self.dsa_rule in ("v4", "v3.2"), "dsa_rule", "must be v4 (window + top-k outside it) or v3.2")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
@@ -405,8 +411,9 @@ class ModelConfig:
                 d.pop(k, None)
         else:
             d.pop("model_type")  # V4 configs are written as before (a read model_type stays in extra)
-            if self.dsa_rule == "v4":
-                d.pop("dsa_rule")
+            for k, default in (("dsa_rule", "v4"), ("hc_mode", "mhc")):
+                if d[k] == default:
+                    d.pop(k)
             for k in V32_ONLY:
                 d.pop(k)
         extra = d.pop("extra")

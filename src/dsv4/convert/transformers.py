@@ -184,6 +184,8 @@ def to_transformers_config(cfg: ModelConfig, dtype: str | None = None):
         raise ConfigError("compress_ratios: DSA layers (ratio 1) have no transformers equivalent")
     if cfg.engram_layer_ids:
         raise ConfigError("engram_layer_ids: Engram layers have no transformers equivalent")
+    if cfg.hc_mode != "mhc":
+        raise ConfigError(f"hc_mode={cfg.hc_mode!r}: only mHC residual streams have a transformers equivalent")
     hca = {cfg.compress_ratio(i) for i, k in enumerate(kinds) if k == "hca"}
     if len(hca) > 1:
         raise ConfigError(f"compress_ratios: transformers needs one HCA ratio for all layers, got {sorted(hca)}")

@@ -82,6 +82,29 @@ def _needles(task: str, rng: random.Random) -> tuple[list[str], int, str, list[t
     raise ValueError(f"unknown retrieval task {task!r}; choose from {', '.join(TASKS)}")
 
 
+def _slots(task: str, n_needles: int, n_para: int, depth: float, rng: random.Random) -> list[int]:
+    """The paragraph index each needle stands before: the queried one (first) after round(depth * n_para)."""
+    at = round(depth * n_para)
+    if task == "vartrack":  # the chain's later hops after the first assignment, in order
+        return [at] + sorted(rng.randint(at, n_para) for _ in range(n_needles - 1))
+    return [at] + [rng.randint(0, n_para) for _ in range(n_needles - 1)]  # distractors anywhere
+
+
+def document(task: str, paragraphs: int, seed: int) -> str:
+    """A training document of the task: the same layout as make_sample's prompts (needles in `paragraphs`
+    filler paragraphs at a random depth, then the questions and their answers), as text; its values come
+    from a different random stream from the evaluation prompts' (seeded "doc/...")."""
+    rng = random.Random(f"doc/{task}/{paragraphs}/{seed}")
+    texts, _, _, qa = _needles(task, rng)
+    slots = _slots(task, len(texts), paragraphs, rng.random(), rng)
+    parts: list[str] = []
+    for p in range(paragraphs + 1):
+        parts += [t for t, s in zip(texts, slots) if s == p]
+        if p < paragraphs:
+            parts.append(FILLER)
+    return "".join(parts + [q + a for q, a in qa]).lstrip()
+
+
 def make_sample(task: str, tok, length: int, depth: float, seed: int) -> Sample:
     """A prompt of about `length` tokens (never more) with the queried needle at `depth`."""
     if not 0.0 <= depth <= 1.0:
@@ -95,11 +118,7 @@ def make_sample(task: str, tok, length: int, depth: float, seed: int) -> Sample:
     n_para = room // len(para)
     if n_para < 1:
         raise ValueError(f"length={length} is too short for a {task} prompt ({length - room} tokens of needles)")
-    at = round(depth * n_para)
-    if task == "vartrack":  # the chain's later hops after the first assignment, in order
-        slots = [at] + sorted(rng.randint(at, n_para) for _ in needles[1:])
-    else:  # distractors anywhere
-        slots = [at] + [rng.randint(0, n_para) for _ in needles[1:]]
+    slots = _slots(task, len(needles), n_para, depth, rng)
     ids: list[int] = []
     needle = (0, 0)
     for p in range(n_para + 1):

@@ -109,3 +109,31 @@ class MTPSpeculator:
             e.accept(req, new, events)
             if req.finished:
                 self.pending_x.pop(req.id, None)
+
+
+def compare_speculative(model, prompt: list[int], max_tokens: int = 64) -> dict:
+    """Greedy generation of max_tokens from one prompt, plain and with MTP drafts (batch 1, after a short
+    warm-up of each): acceptance = accepted drafts / drafts, speed-up = speculative tok/s / plain tok/s."""
+    import time
+
+    from dsv4.infer.engine import Engine
+    from dsv4.infer.sampling import SamplingParams
+
+    out: dict[str, dict] = {}
+    for name, spec in (("plain", False), ("mtp", True)):
+        Engine(model, max_batch=1, speculative=spec).generate(
+            [prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        )
+        eng = Engine(model, max_batch=1, speculative=spec)
+        t0 = time.perf_counter()
+        r = eng.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0]
+        dt = time.perf_counter() - t0
+        out[name] = dict(tok_s=len(r.output) / dt, tokens=r.output, stats=dict(eng.stats))
+    st = out["mtp"]["stats"]
+    return dict(
+        acceptance=st["accepted"] / max(st["drafted"], 1),
+        speedup=out["mtp"]["tok_s"] / out["plain"]["tok_s"],
+        plain_tok_s=out["plain"]["tok_s"],
+        mtp_tok_s=out["mtp"]["tok_s"],
+        identical=out["plain"]["tokens"] == out["mtp"]["tokens"],
+    )

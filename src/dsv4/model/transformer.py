@@ -90,6 +90,7 @@ class Block(KeepFP32):
             c.hc_sinkhorn_iters,
             c.hc_eps,
             c.rms_norm_eps,
+            c.hc_mode,
         )
 
     def forward(
@@ -166,7 +167,7 @@ class MTPBlock(Block):
         x = self.e_proj(self.enorm(emb)).unsqueeze(-2) + self.h_proj(self.hnorm(x))
         x, aux, st = super().forward(x, *block_args, **block_kwargs)
         c = self.cfg
-        h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps)
+        h = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps, c.hc_mode)
         return self.norm(h), x, aux, st
 
 
@@ -236,6 +237,7 @@ class Transformer(KeepFP32):
                     getattr(blk, f"hc_{unit}_base"),
                     hc,
                     std,
+                    self.cfg.hc_mode,
                 )
             gate = blk.ffn.gate
             if gate.hash:
@@ -243,7 +245,7 @@ class Transformer(KeepFP32):
             else:
                 gate.bias.zero_()
         for o in owners:
-            init_hc_head(o.hc_head_fn, o.hc_head_scale, o.hc_head_base, hc, std)
+            init_hc_head(o.hc_head_fn, o.hc_head_scale, o.hc_head_base, hc, std, self.cfg.hc_mode)
         for eng in self.engrams().values():
             eng.conv_weight.zero_()  # the conv path starts as identity (spec 4.6); the table is a row store
 
@@ -369,7 +371,9 @@ class Transformer(KeepFP32):
             if st is not None:
                 layers.append(st)
         c = self.cfg
-        out = self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps))
+        out = self.norm(
+            hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c.hc_eps, c.rms_norm_eps, c.hc_mode)
+        )
         return Trunk(x, out, aux, ropes, layers)
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ModelCache) -> torch.Tensor:

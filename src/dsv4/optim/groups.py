@@ -21,6 +21,9 @@ Decision on wo_a: the grouped output projection stores o_groups independent [o_l
 maps stacked along the rows (the operator is block-diagonal), so its Muon group has blocks=o_groups
 and each block is orthogonalised and scaled on its own, as the experts are.
 
+`matrices="adamw"` (TrainConfig.optimizer; the Muon vs AdamW ablation) gives every Muon matrix above to AdamW
+with wd instead, so the whole model trains with AdamW at the same learning rate and schedule.
+
 `lr_mult` maps name prefixes to lr multipliers (longest prefix wins; e.g. {"engram.": 5.0}); each
 param group stores 'lr_mult' and dsv4.optim.schedule.set_lr sets lr = base lr * lr_mult.
 """
@@ -64,11 +67,16 @@ def _row_blocks(model: nn.Module) -> dict[str, int]:
 
 
 def assign_param_groups(
-    model: nn.Module, weight_decay: float = 0.1, lr_mult: dict[str, float] | None = None, hc_fn: str = "muon"
+    model: nn.Module,
+    weight_decay: float = 0.1,
+    lr_mult: dict[str, float] | None = None,
+    hc_fn: str = "muon",
+    matrices: str = "muon",
 ) -> dict[str, Assignment]:
     """name -> Assignment for every trainable parameter of `model` (in named_parameters order)."""
-    if hc_fn not in ("muon", "adamw"):
-        raise ValueError(f"hc_fn must be 'muon' or 'adamw', got {hc_fn!r}")
+    for key, val in (("hc_fn", hc_fn), ("matrices", matrices)):
+        if val not in ("muon", "adamw"):
+            raise ValueError(f"{key} must be 'muon' or 'adamw', got {val!r}")
     embeddings = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules() if isinstance(mod, nn.Embedding)}
     blocks = _row_blocks(model)
     out: dict[str, Assignment] = {}
@@ -99,6 +107,8 @@ def assign_param_groups(
             a = adamw(False, "compressor position bias")
         else:
             a = Assignment("muon", weight_decay, mult, blocks.get(name, 1), "matrix")
+        if a.algorithm == "muon" and matrices == "adamw":
+            a = adamw(True, f"{a.reason} (matrices='adamw')")
         out[name] = a
     return out
 
@@ -109,6 +119,7 @@ def build_optimizer(
     weight_decay: float = 0.1,
     lr_mult: dict[str, float] | None = None,
     hc_fn: str = "muon",
+    matrices: str = "muon",
     **hyper: Any,
 ) -> Muon:
     """One Optimizer for the whole model: Muon groups and AdamW groups (see module docstring).
@@ -117,7 +128,7 @@ def build_optimizer(
     'param_names'. Initial group lr = lr * lr_mult. hyper: Muon's other defaults (momentum, nesterov,
     update_scale, ns_bf16, betas, eps).
     """
-    plan = assign_param_groups(model, weight_decay, lr_mult, hc_fn)
+    plan = assign_param_groups(model, weight_decay, lr_mult, hc_fn, matrices)
     params = dict(model.named_parameters())
     groups: dict[tuple, dict] = {}
     for name, a in plan.items():

@@ -26,6 +26,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # LR warm-up of the LM stage; None = min(20, 10% of its steps)
     weight_decay: float = 0.1
+    optimizer: str = "muon"  # muon (Muon on matrices, AdamW on the rest; V4) | adamw (AdamW on everything)
     grad_clip: float = 1.0
     seed: int = 0
     val_fraction: float = 0.05
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ConfigError(f"steps={self.steps!r}: must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ConfigError(f"minutes={self.minutes!r}: must be > 0")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"optimizer={self.optimizer!r}: must be muon or adamw")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile={self.compile!r}: must be auto, on or off")
         self.validate_device()

@@ -344,7 +344,7 @@ class Trainer:
 
         def make():
             ns_bf16 = self.agreed_dtype(tc.ns_dtype) == torch.bfloat16
-            return build_optimizer(self.model, tc.lr, tc.weight_decay, ns_bf16=ns_bf16)
+            return build_optimizer(self.model, tc.lr, tc.weight_decay, matrices=tc.optimizer, ns_bf16=ns_bf16)
 
         if not self.dist.active:
             self.optimizer = make()
