@@ -243,6 +243,7 @@ def _last_loss(run: Run) -> float:
 
 # ---------------------------------------------------------------------------------------------------- engram
 def run_engram(s: Settings) -> dict:
+    s.train_share = 1.0  # no evaluation beyond the trainer's closing one, which its plan already counts
     arms = [Arm("engram", "tiny-engram"), Arm("baseline", "tiny")]  # slowest first: it plans the step count
     arms[0] = match_active(arms[0], arms[1].active_params())
     base = TrainConfig(lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32")
@@ -299,7 +300,7 @@ STUDIES = {
     "mhc": Study(
         "mhc",
         "Does mHC keep training stable where unconstrained hyper-connections do not?",
-        25,
+        20,
         "micro",
         {"val_bpb": True, "max_gain": True, "spikes": True, "diverged": True},
         run_mhc,
@@ -307,7 +308,7 @@ STUDIES = {
     "mtp": Study(
         "mtp",
         "Does the MTP block draft tokens the model accepts, and what does its loss cost the main model?",
-        15,
+        12,
         "micro",
         {"val_bpb": True, "acceptance": False, "speedup": False},
         run_mtp,
@@ -315,7 +316,7 @@ STUDIES = {
     "muon": Study(
         "muon",
         "Does Muon beat AdamW at equal tokens?",
-        12,
+        10,
         "micro",
         {"val_bpb": True, "final_train_loss": True},
         run_muon,
