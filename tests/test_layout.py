@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dsv4"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
-APP = {"cli", "app"}  # the application layer: dsv4/app/ and the argument parser
+APP = {"cli", "app", "ablate"}  # the application layer: dsv4/app/, dsv4/ablate/ and the argument parser
 BANNED = {
     "model": {"infer", "train", "eval", "parallel", *APP},
     "infer": {"train", "eval", *APP},
