@@ -80,7 +80,7 @@ def test_lm_eval_runs_end_to_end_offline(run, tmp_path, monkeypatch, capsys):
 
     docs = tmp_path / "docs"
     docs.mkdir()
-    mc = [{"q": "The sky is", "choices": [" blue.", " green.", " Paris."], "label": i % 3} for i in range(4)]
+    mc = [{"q": "The sky is", "choices": ["blue.", "green.", "Paris."], "label": i % 3} for i in range(4)]
     (docs / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
     text = [{"text": "The capital of France is Paris. The sky is blue. 1 2 3 4 5"} for _ in range(2)]
     (docs / "ppl.jsonl").write_text("".join(json.dumps(d) + "\n" for d in text))
@@ -128,6 +128,7 @@ def test_lm_eval_runs_end_to_end_offline(run, tmp_path, monkeypatch, capsys):
     lm = DSV4LM(str(run))
     right = 0
     for d in mc:
-        scores = [s for s, _ in lm.loglikelihood([Req(d["q"], c) for c in d["choices"]], disable_tqdm=True)]
+        reqs = [Req(d["q"], " " + c) for c in d["choices"]]  # the harness's target delimiter is one space
+        scores = [s for s, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
         right += max(range(3), key=lambda i: scores[i]) == d["label"]
     assert res["toy_mc"]["acc,none"] == pytest.approx(right / len(mc))

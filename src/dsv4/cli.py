@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--seq-len", type=int, default=256, help="training length (default: 256)")
     ab.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3; mhc: also 10x it)")
     ab.add_argument("--data", default=None, metavar="PATH", help="corpus (default: the standard library)")
-    ab.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per run (default: 65536)")
+    ab.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per run (default: 16384)")
     ab.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ab.add_argument("--out", default=None, metavar="DIR", help="(default: runs/ablate_NAME)")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")

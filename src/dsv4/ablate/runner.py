@@ -76,7 +76,7 @@ class Settings:
     lr: float | None = None  # None = the study's default
     data: str | None = None
     threads: int = 0
-    eval_tokens: int = 65536
+    eval_tokens: int = 16384
     progress: bool = True
 
 

@@ -159,6 +159,7 @@ def mhc_eval(arm: Arm, run: Run) -> dict:
 
 def run_mhc(s: Settings) -> dict:
     preset = STUDIES["mhc"].preset
+    s.train_share = 0.9  # the evaluations are the trainer's own (val loss and the composite gain)
     lrs = [s.lr or 2e-3, 10 * (s.lr or 2e-3)]
     arms = []
     for lr in lrs:
@@ -222,6 +223,7 @@ def run_mtp(s: Settings) -> dict:
 # ------------------------------------------------------------------------------------------------------ muon
 def run_muon(s: Settings) -> dict:
     preset = STUDIES["muon"].preset
+    s.train_share = 0.95  # no evaluation beyond the trainer's closing one
     arms = [Arm("muon", preset), Arm("adamw", preset, ["optimizer=adamw"])]
     base = TrainConfig(
         lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32", log_every=1
@@ -300,7 +302,7 @@ STUDIES = {
     "mhc": Study(
         "mhc",
         "Does mHC keep training stable where unconstrained hyper-connections do not?",
-        20,
+        22,
         "micro",
         {"val_bpb": True, "max_gain": True, "spikes": True, "diverged": True},
         run_mhc,
@@ -308,7 +310,7 @@ STUDIES = {
     "mtp": Study(
         "mtp",
         "Does the MTP block draft tokens the model accepts, and what does its loss cost the main model?",
-        12,
+        10,
         "micro",
         {"val_bpb": True, "acceptance": False, "speedup": False},
         run_mtp,
@@ -316,7 +318,7 @@ STUDIES = {
     "muon": Study(
         "muon",
         "Does Muon beat AdamW at equal tokens?",
-        10,
+        8,
         "micro",
         {"val_bpb": True, "final_train_loss": True},
         run_muon,

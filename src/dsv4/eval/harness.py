@@ -37,7 +37,7 @@ class DSV4LM(TemplateLM):
 
         self.model, self.tokenizer = load_run(pretrained, device=device)
         self.model.eval()
-        self.device = next(self.model.parameters()).device
+        self._device = next(self.model.parameters()).device
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = min(int(max_length), self.model.cfg.max_position_embeddings)
         if self.batch_size < 1 or self.max_length < 2:
@@ -65,7 +65,7 @@ class DSV4LM(TemplateLM):
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, (inp, _) in enumerate(rows):
             ids[i, : len(inp)] = torch.tensor(inp)
-        logp = self.model(ids.to(self.device)).logits.float().log_softmax(-1).cpu()
+        logp = self.model(ids.to(self._device)).logits.float().log_softmax(-1).cpu()
         out = []
         for i, ((_, cont), (inp, n)) in enumerate(zip(pairs, rows)):
             lp = logp[i, len(inp) - n : len(inp)]

@@ -28,6 +28,21 @@ def entry_tokens(kind: str, ratio: int, j: torch.Tensor) -> tuple[torch.Tensor, 
     return ((j - 1) * ratio).clamp_min(0), (j + 1) * ratio
 
 
+def selection_chance(kind: str, ratio: int, window: int, topk: int, query: int, needle: tuple[int, int]) -> float:
+    """The chance that k entries drawn uniformly from the query's candidates (CSA: every complete compressed
+    entry; DSA: every raw token outside the window) include one holding the needle: 1 - C(M - h, k) / C(M, k)
+    for M candidates, h of them needle entries, k = min(topk, M). The baseline of needle_selected's verdict."""
+    from dsv4.model.indexer import visible_count
+
+    m = int(visible_count(query + 1, ratio, window if kind == "dsa" else 0))
+    first, end = entry_tokens(kind, ratio, torch.arange(m))
+    h = int(((first < needle[1]) & (end > needle[0])).sum())
+    miss = 1.0
+    for i in range(min(topk, m)):
+        miss *= max(0, m - h - i) / (m - i)
+    return 1.0 - miss if h else 0.0
+
+
 @torch.no_grad()
 def needle_selected(model, ids: list[int], needle: tuple[int, int], query: int, chunk: int = 4096) -> dict:
     """{layer: "selected" | "window" | "missed"} for the query at position `query` of ids (its prefix is run)."""
@@ -72,7 +87,8 @@ def run_needle_recall(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """{"recall": {layer: {length: {depth: fraction selected}}}, "window": same for in-window, ...}."""
+    """{"recall": {layer: {length: {depth: fraction selected}}}, "window": same for in-window, "chance": the
+    mean selection_chance (what a random top-k would select), ...}."""
     from tqdm.auto import tqdm
 
     model, tok = load_for_grid(run, tasks, samples, lengths, depths, device)
@@ -85,12 +101,15 @@ def run_needle_recall(
         for t in tasks:
             for i in range(samples):
                 s = make_sample(t, tok, n, d, i)
-                res = needle_selected(model, s.ids, s.needle, s.answers[0][0] - 1, chunk)
+                query = s.answers[0][0] - 1
+                res = needle_selected(model, s.ids, s.needle, query, chunk)
                 for layer, what in res.items():
-                    c = counts.setdefault(layer, {}).setdefault(str(n), {}).setdefault(f"{d:g}", [0, 0, 0])
+                    c = counts.setdefault(layer, {}).setdefault(str(n), {}).setdefault(f"{d:g}", [0, 0, 0, 0.0])
                     c[0] += what == "selected"
                     c[1] += what == "window"
                     c[2] += 1
+                    a = model.layers[layer].attn
+                    c[3] += selection_chance(a.kind, a.ratio, a.window, model.cfg.index_topk, query, s.needle)
                 bar.update(1)
     bar.close()
 
@@ -110,6 +129,7 @@ def run_needle_recall(
         kinds=kinds,
         recall=frac(0),
         window=frac(1),
+        chance=frac(3),
     )
 
 
@@ -120,7 +140,12 @@ def format_table(res: dict) -> str:
         out.append(f"layer {layer} ({res['kinds'][layer]}): needle selected, by length (rows) and depth (columns)")
         out.append(f"  {'length':>7}  " + "  ".join(f"{d:>5}" for d in depths))
         for n, row in per.items():
-            out.append(f"  {int(n):>7}  " + "  ".join(f"{row[d]:5.2f}" for d in depths))
+            chance = res["chance"][layer][n]
+            out.append(
+                f"  {int(n):>7}  "
+                + "  ".join(f"{row[d]:5.2f}" for d in depths)
+                + f"   (random top-k: {sum(chance.values()) / len(chance):.2f})"
+            )
     return "\n".join(out)
 
 
