@@ -144,4 +144,20 @@ def test_eval_needle_recall_command(run, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res["kinds"].values()) <= {"csa", "dsa"} and res["recall"]
     assert all(0 <= v <= 1 for per in res["recall"].values() for row in per.values() for v in row.values())
-    assert (tmp_path / "n.png").stat().st_size > 0 and "needle selected" in capsys.readouterr().out
+    assert set(res["chance"]) == set(res["recall"])
+    assert all(0 <= v <= 1 for per in res["chance"].values() for row in per.values() for v in row.values())
+    out = capsys.readouterr().out
+    assert (tmp_path / "n.png").stat().st_size > 0 and "needle selected" in out and "random top-k" in out
+
+
+def test_selection_chance_is_the_random_top_k_baseline():
+    from math import comb
+
+    from dsv4.eval.needle import selection_chance
+
+    # CSA, m = 4: query 15 sees entries 0..3; entries 1 ([0, 8)) and 2 ([4, 12)) hold token 5
+    assert selection_chance("csa", 4, 0, 2, 15, (5, 6)) == pytest.approx(1 - comb(2, 2) / comb(4, 2))
+    # DSA, window 4: query 11 ranks the tokens 0..7; the needle [2, 4) is two of them
+    assert selection_chance("dsa", 1, 4, 3, 11, (2, 4)) == pytest.approx(1 - comb(6, 3) / comb(8, 3))
+    assert selection_chance("dsa", 1, 4, 3, 11, (9, 11)) == 0.0  # inside the window: never a candidate
+    assert selection_chance("csa", 4, 0, 8, 15, (5, 6)) == 1.0  # top-k covers every entry
