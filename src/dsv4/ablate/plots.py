@@ -11,7 +11,8 @@ from dsv4.eval.plots import pyplot, save
 CURVES = {  # run extra key -> (x of a point, y of a point, x label, y label, log x)
     "loss_vs_position": (lambda p: max(1, p["start"]), lambda p: p["loss"], "token position", "mean loss (nats)", True),
     "lm_loss": (lambda p: p[0], lambda p: p[1], "step", "training loss (nats)", False),
-    "acceptance_curve": (lambda p: p["step"], lambda p: p["acceptance"], "step", "MTP draft acceptance", False),
+    "acceptance_curve": (lambda p: p["step"], lambda p: p["acceptance"], "step", "MTP acceptance (generated)", False),
+    "text_acceptance": (lambda p: p["step"], lambda p: p["text_acceptance"], "step", "MTP acceptance (text)", False),
 }
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dsv4.ablate.runner import Arm, Run, Settings, match_active, records, summarise, train_runs, write_results
 from dsv4.train.config import TrainConfig
 
@@ -184,6 +186,26 @@ PROMPTS = (  # the MTP study's generation prompts (greedy, 64 tokens each)
 )
 
 
+@torch.no_grad()
+def draft_agreement(model, ids: torch.Tensor) -> float:
+    """Teacher-forced acceptance on text ids [B, T]: the fraction of positions i where the MTP draft of token
+    i + 2 (the MTP head at i, given the true token i + 1) is the main model's greedy choice for it (the head at
+    i + 1). Greedy speculative decoding accepts a draft exactly then; on real text, not the model's own."""
+    out = model(ids, return_mtp=True)
+    draft = out.mtp_logits[0].argmax(-1)  # [B, T - 1]: position i predicts token i + 2
+    main = out.logits[:, 1:].argmax(-1)  # position i + 1 predicts token i + 2
+    return float((draft == main).float().mean())
+
+
+def held_out_windows(data: str | None, tok, seq_len: int, n: int = 4) -> torch.Tensor:
+    """n windows of seq_len tokens from the validation files of `data` (the training run's own split)."""
+    from dsv4.data.corpus import find_files, iter_documents, split_files
+
+    _, val = split_files(find_files(data), 0.05)
+    ids = tok.encode("\n\n".join(d.text for d in iter_documents(val))).ids[: n * seq_len]
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+
 def mtp_eval(s: Settings) -> Callable[[Arm, Run], dict]:
     def evaluate(arm: Arm, run: Run) -> dict:
         from dsv4.infer.speculative import compare_speculative
@@ -200,10 +222,12 @@ def mtp_eval(s: Settings) -> Callable[[Arm, Run], dict]:
                     step=int(ck.name.split("-")[-1]),
                     acceptance=statistics.fmean(r["acceptance"] for r in rs),
                     speedup=statistics.fmean(r["speedup"] for r in rs),
+                    text_acceptance=draft_agreement(model, held_out_windows(s.data, tok, s.seq_len)),
                 )
             )
-        run.extra["acceptance_curve"] = curve
-        return dict(acceptance=curve[-1]["acceptance"], speedup=curve[-1]["speedup"])
+        run.extra["acceptance_curve"] = run.extra["text_acceptance"] = curve  # two panels of one curve
+        last = curve[-1]
+        return dict(text_acceptance=last["text_acceptance"], acceptance=last["acceptance"], speedup=last["speedup"])
 
     return evaluate
 
@@ -312,7 +336,7 @@ STUDIES = {
         "Does the MTP block draft tokens the model accepts, and what does its loss cost the main model?",
         10,
         "micro",
-        {"val_bpb": True, "acceptance": False, "speedup": False},
+        {"val_bpb": True, "text_acceptance": False, "acceptance": False, "speedup": False},
         run_mtp,
     ),
     "muon": Study(
