@@ -167,3 +167,4 @@ def test_every_study_runs_at_toy_size(study, tmp_path, capsys):
         assert {"retrieval_16x", "needle_recall_16x", "loss_16x"} <= set(res["runs"][0])
     if study == "mtp":
         assert res["extra"]["mtp-seed0"]["acceptance_curve"][-1]["step"] == 2
+        assert 0 <= res["runs"][0]["text_acceptance"] <= 1 and "text_acceptance" not in res["runs"][1]
