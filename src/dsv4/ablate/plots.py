@@ -1,5 +1,6 @@
-"""The figure of a `dsv4 ablate` study: one panel per summarised metric (every seed as a dot, the mean and
-standard deviation as a bar) and one panel per curve the study kept (mean over seeds, per arm)."""
+"""The figure of a `dsv4 ablate` study: one panel per summarised metric (every seed as a dot, a grey line
+joining one seed's arms, the mean and standard deviation as a bar) and one panel per curve the study kept
+(mean over seeds, per arm)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ def study_figure(res: dict, path: str | Path) -> Path | None:
     flat = axes.ravel()
     for ax, (ref, metric, table) in zip(flat, panels):
         names = list(table)
+        by_seed = [dict(zip(table[a].get("seeds", []), table[a]["values"])) for a in names]
+        for seed in {k for d in by_seed for k in d}:  # one grey line per seed: the arms pair by seed
+            xs = [i for i, d in enumerate(by_seed) if seed in d]
+            if len(xs) > 1:
+                ax.plot(xs, [by_seed[i][seed] for i in xs], color="0.8", lw=0.7, zorder=0)
         for i, arm in enumerate(names):
             row = table[arm]
             ax.scatter([i] * len(row["values"]), row["values"], s=12, alpha=0.6)
