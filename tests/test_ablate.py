@@ -164,7 +164,7 @@ def test_every_study_runs_at_toy_size(study, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val_bpb (mean +- std" in out and "results:" in out
     if study == "sparse":
-        assert {"retrieval_16x", "needle_recall_16x", "loss_16x"} <= set(res["runs"][0])
+        assert {"retrieval_16x", "needle_recall_16x", "needle_chance_16x", "loss_16x"} <= set(res["runs"][0])
     if study == "mtp":
         assert res["extra"]["mtp-seed0"]["acceptance_curve"][-1]["step"] == 2
         assert 0 <= res["runs"][0]["text_acceptance"] <= 1 and "text_acceptance" not in res["runs"][1]

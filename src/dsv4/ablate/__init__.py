@@ -20,6 +20,7 @@ def cmd_ablate(args) -> int:
         seeds=args.seeds or [0, 1, 2],
         steps=args.steps,
         budget_minutes=args.budget_minutes or st.budget_minutes,
+        train_share=st.train_share,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,

@@ -68,9 +68,9 @@ class Settings:
 
     out: Path
     seeds: list[int]
-    steps: int | None = None  # None = planned from budget_minutes by the first run
+    steps: int | None = None  # None = planned from budget_minutes once, before any run (plan_steps)
     budget_minutes: float = 30.0
-    train_share: float = 0.75  # of the budget; the rest is the studies' evaluations
+    train_share: float = 0.75  # of the budget for training (the study's Study.train_share)
     batch_size: int = 8
     seq_len: int = 256
     lr: float | None = None  # None = the study's default
@@ -129,9 +129,9 @@ def train_runs(
     quarter: tuple[str, ...] = (),
 ) -> list[Run]:
     """Train and evaluate every (seed, arm); runs land in s.out/ARM-seedN. `base` holds the study's training
-        fields (lr, eval cadence, ...); the fields named in `quarter` (eval_every, ckpt_every) are set to a quarter
-    of the planned steps. A run that diverges (the trainer's TrainingError: max_bad_steps non-finite
-        losses in a row) is kept with val_bpb = inf and metric "diverged" = 1."""
+    fields (lr, eval cadence, ...); the fields named in `quarter` (eval_every, ckpt_every) are set to a quarter
+    of the planned steps. A run that diverges (the trainer's TrainingError: max_bad_steps non-finite losses
+    in a row) is kept with val_bpb = inf and metric "diverged" = 1."""
     from dsv4.train.trainer import TrainingError, train
 
     runs: list[Run] = []
@@ -154,7 +154,7 @@ def train_runs(
                 final = train(tc, arm.overrides)
             except TrainingError as e:
                 print(f"  {arm.name} seed {seed}: diverged ({e})", flush=True)
-                final = {"step": steps or 0, "val_bpb": math.inf, "diverged": True}
+                final = {"step": steps, "val_bpb": math.inf, "diverged": True}
             run = Run(arm.name, seed, path, final, time.perf_counter() - t0)
             run.metrics = {"val_bpb": final["val_bpb"], "diverged": int(bool(final.get("diverged")))}
             if not final.get("diverged"):

@@ -39,6 +39,14 @@ class Study:
     preset: str
     lower_is_better: dict[str, bool]  # the metrics summarised, in table order
     run: Callable[[Settings], dict]
+    train_share: float = 0.75  # of the budget for training; the rest is the study's own evaluations
+
+
+def base_config(s: Settings, **fields) -> TrainConfig:
+    """The training fields every run of a study shares: the study's learning rate (2e-3 unless --lr), no
+    periodic evaluation or checkpoint, one checkpoint kept, eager fp32; `fields` change any of them."""
+    kw = dict(lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32")
+    return TrainConfig(**{**kw, **fields})
 
 
 # ---------------------------------------------------------------------------------------------------- sparse
@@ -122,8 +130,9 @@ def sparse_eval(s: Settings, held: Path) -> Callable[[Arm, Run], dict]:
         if arm.configs(TrainConfig())[1].has_indexer:
             nr = run_needle_recall(run.path, ("passkey",), (4 * L, 16 * L), depths, 2, progress=False)
             for k in (4, 16):
-                rec = nr["recall"].values()  # {layer: {length: {depth: fraction selected}}}
-                m[f"needle_recall_{k}x"] = statistics.fmean(v for per in rec for v in per[str(k * L)].values())
+                for key in ("recall", "chance"):  # {layer: {length: {depth: fraction}}}; chance: a random top-k's
+                    per_layer = nr[key].values()
+                    m[f"needle_{key}_{k}x"] = statistics.fmean(v for per in per_layer for v in per[str(k * L)].values())
         lp = loss_vs_position(run.path, held, seq_len=16 * L, windows=2, progress=False)
         loss = lp["mean_loss"]
         for a, b, name in ((0, L, "1x"), (L, 4 * L, "4x"), (4 * L, 16 * L, "16x")):
@@ -138,8 +147,7 @@ def run_sparse(s: Settings) -> dict:
     data, held = mixed_corpus(s.out, code_bytes=2_000_000, share=0.3, seq_len=s.seq_len, code=s.data)
     s.data = str(data)
     arms = sparse_arms(STUDIES["sparse"].preset, s.seq_len)
-    base = TrainConfig(lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32")
-    runs = train_runs(arms, s, base, sparse_eval(s, held))
+    runs = train_runs(arms, s, base_config(s), sparse_eval(s, held))
     return finish(s, "sparse", arms, runs)
 
 
@@ -161,7 +169,6 @@ def mhc_eval(arm: Arm, run: Run) -> dict:
 
 def run_mhc(s: Settings) -> dict:
     preset = STUDIES["mhc"].preset
-    s.train_share = 0.9  # the evaluations are the trainer's own (val loss and the composite gain)
     lrs = [s.lr or 2e-3, 10 * (s.lr or 2e-3)]
     arms = []
     for lr in lrs:
@@ -173,8 +180,7 @@ def run_mhc(s: Settings) -> dict:
         ]
     target = arms[0].active_params()
     arms = [a if a.name.startswith("mhc") else match_active(a, target) for a in arms]
-    base = TrainConfig(ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32", log_every=1)
-    runs = train_runs(arms, s, base, mhc_eval, quarter=("eval_every",))
+    runs = train_runs(arms, s, base_config(s, log_every=1), mhc_eval, quarter=("eval_every",))
     return finish(s, "mhc", arms, runs, refs={f"-lr{lr:g}": f"mhc-lr{lr:g}" for lr in lrs})
 
 
@@ -213,16 +219,18 @@ def mtp_eval(s: Settings) -> Callable[[Arm, Run], dict]:
 
         if arm.name != "mtp":
             return {}
-        curve = []
+        curve, text = [], None
         for ck in list_checkpoints(run.path):
             model, tok = load_run(ck)
+            if text is None:  # one tokenizer for every checkpoint of the run
+                text = held_out_windows(s.data, tok, s.seq_len)
             rs = [compare_speculative(model, tok.encode(p).ids, max_tokens=64) for p in PROMPTS]
             curve.append(
                 dict(
                     step=int(ck.name.split("-")[-1]),
                     acceptance=statistics.fmean(r["acceptance"] for r in rs),
                     speedup=statistics.fmean(r["speedup"] for r in rs),
-                    text_acceptance=draft_agreement(model, held_out_windows(s.data, tok, s.seq_len)),
+                    text_acceptance=draft_agreement(model, text),
                 )
             )
         run.extra["acceptance_curve"] = run.extra["text_acceptance"] = curve  # two panels of one curve
@@ -239,20 +247,15 @@ def run_mtp(s: Settings) -> dict:
     cfg = ModelConfig.preset(preset)
     main = cfg.compress_ratios[: cfg.num_hidden_layers]  # the MTP layer's entry goes with it
     arms = [Arm("mtp", preset), Arm("no-mtp", preset, ["num_nextn_predict_layers=0", f"compress_ratios={main}"])]
-    base = TrainConfig(lr=s.lr or 2e-3, eval_every=10**6, keep_last=8, compile="off", dtype="fp32")
-    runs = train_runs(arms, s, base, mtp_eval(s), quarter=("ckpt_every",))
+    runs = train_runs(arms, s, base_config(s, keep_last=8), mtp_eval(s), quarter=("ckpt_every",))
     return finish(s, "mtp", arms, runs)
 
 
 # ------------------------------------------------------------------------------------------------------ muon
 def run_muon(s: Settings) -> dict:
     preset = STUDIES["muon"].preset
-    s.train_share = 0.95  # no evaluation beyond the trainer's closing one
     arms = [Arm("muon", preset), Arm("adamw", preset, ["optimizer=adamw"])]
-    base = TrainConfig(
-        lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32", log_every=1
-    )
-    runs = train_runs(arms, s, base, lambda arm, run: {"final_train_loss": _last_loss(run)})
+    runs = train_runs(arms, s, base_config(s, log_every=1), lambda arm, run: {"final_train_loss": _last_loss(run)})
     return finish(s, "muon", arms, runs)
 
 
@@ -269,17 +272,15 @@ def _last_loss(run: Run) -> float:
 
 # ---------------------------------------------------------------------------------------------------- engram
 def run_engram(s: Settings) -> dict:
-    s.train_share = 1.0  # no evaluation beyond the trainer's closing one, which its plan already counts
     arms = [Arm("engram", "tiny-engram"), Arm("baseline", "tiny")]  # slowest first: it plans the step count
     arms[0] = match_active(arms[0], arms[1].active_params())
-    base = TrainConfig(lr=s.lr or 2e-3, eval_every=10**6, ckpt_every=10**6, keep_last=1, compile="off", dtype="fp32")
-    runs = train_runs(arms, s, base, lambda arm, run: {})
+    runs = train_runs(arms, s, base_config(s), lambda arm, run: {})
     return finish(s, "engram", arms, runs, refs={"": "baseline"})
 
 
 # ---------------------------------------------------------------------------------------------------- common
 def finish(s: Settings, study: str, arms: list[Arm], runs: list[Run], refs: dict[str, str] | None = None) -> dict:
-    """Summaries (against each reference arm: refs maps an arm-name substring to its reference), the paired
+    """Summaries (against each reference arm: refs maps an arm-name suffix to its reference), the paired
     differences by seed, results.json and the figure."""
     from dsv4.ablate.plots import study_figure
     from dsv4.ablate.runner import format_summary
@@ -317,6 +318,8 @@ STUDIES = {
             "retrieval_16x": False,
             "needle_recall_4x": False,
             "needle_recall_16x": False,
+            "needle_chance_4x": False,
+            "needle_chance_16x": False,
             "loss_1x": True,
             "loss_4x": True,
             "loss_16x": True,
@@ -330,6 +333,7 @@ STUDIES = {
         "micro",
         {"val_bpb": True, "max_gain": True, "spikes": True, "diverged": True},
         run_mhc,
+        train_share=0.9,  # its evaluations are the trainer's own (val loss and the composite gain)
     ),
     "mtp": Study(
         "mtp",
@@ -346,6 +350,7 @@ STUDIES = {
         "micro",
         {"val_bpb": True, "final_train_loss": True},
         run_muon,
+        train_share=0.95,  # no evaluation beyond the trainer's closing one
     ),
     "engram": Study(
         "engram",
@@ -354,5 +359,6 @@ STUDIES = {
         "tiny",
         {"val_bpb": True},
         run_engram,
+        train_share=1.0,  # only the trainer's closing evaluation, which its plan already counts
     ),
 }
