@@ -316,13 +316,16 @@ def test_aborted_requests_free_their_admission_slots(tok):
     bg, gate = paused_engine(tok, 1, 1)
     try:
         sp = SamplingParams(max_tokens=2, temperature=0)
-        a, _ = bg.submit([5], sp, None), bg.submit([6], sp, None)
+        # `a` must outlive one step: if the engine thread took it before the gate closed, the first step
+        # admits it, prefills and decodes (two tokens), and only then reads the abort from its inbox
+        a = bg.submit([5], SamplingParams(max_tokens=16, temperature=0), None)
+        bg.submit([6], sp, None)
         with pytest.raises(QueueFull):
             bg.submit([7], sp, None)
         bg.abort(a.id)
         gate.set()
         t0 = time.time()
-        while bg.load()["active"] and time.time() - t0 < 30:
+        while bg.load()["active"] and time.time() - t0 < 120:
             time.sleep(0.01)
         assert a.finish_reason == "abort" and bg.load()["active"] == 0
         bg.submit([7], sp, None)
