@@ -72,8 +72,8 @@ def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     """Within 3e-5 relative over the whole model, and no element off by more than 5% of one learning-rate
     step: Muon and Adam normalise their updates, so a gradient that is ~1e-9 at initialisation (mHC scales)
     turns the last-bit differences of a different summation order into a small part of a step. The drift is
-    CPU-dependent (1.03e-5 after 4 steps on one AMD EPYC, below 1e-5 on others); an averaging bug (a missing 1/world
-    size, a rank's gradient dropped) is off by 1e-2 or more."""
+    CPU-dependent (1.03e-5 after 4 steps on one AMD EPYC, below 1e-5 on others); an averaging bug (a missing
+    1/world size, a rank's gradient dropped) is off by 1e-2 or more."""
     num = sum(float((a[n] - b[n]).square().sum()) for n in a) ** 0.5
     den = sum(float(a[n].square().sum()) for n in a) ** 0.5
     assert num <= 3e-5 * den, num / den
